@@ -1,0 +1,65 @@
+"""Config schema: presets load, overrides apply, bad keys and types name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from wm_jax import config as config_lib
+from wm_jax.cli import main
+
+PRESET = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny_cpu.yaml"
+
+
+def test_preset_loads_and_round_trips(tmp_path):
+    cfg = config_lib.load(PRESET)
+    assert cfg.model.image_size == 32
+    config_lib.dump(cfg, tmp_path / "c.yaml")
+    assert config_lib.load(tmp_path / "c.yaml") == cfg
+
+
+def test_overrides_are_typed():
+    cfg = config_lib.load(PRESET, ["train.steps=7", "model.tokenizer.fsq_levels=[4, 4]", "train.learning_rate=1"])
+    assert cfg.train.steps == 7
+    assert cfg.model.tokenizer.fsq_levels == (4, 4)
+    assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.step=5", ["train.step", "train.steps"]),
+        ("model.tokenizer.embed_dm=3", ["model.tokenizer.embed_dm", "model.tokenizer.embed_dim"]),
+        ("train.steps=many", ["train.steps", "int"]),
+        ("data.batch_size=true", ["data.batch_size", "int"]),
+        ("train.stage=dynamic", ["train.stage", "dynamics"]),
+        ("model.image_size=30", ["model.image_size", "patch_size"]),
+        ("trainsteps", ["key=value"]),
+    ],
+)
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load(PRESET, [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_key_in_yaml_names_file_and_close_match(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  stpes: 3\n")
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load(path)
+    assert "train.stpes" in str(e.value) and "train.steps" in str(e.value) and "bad.yaml" in str(e.value)
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "child.yaml").write_text(f"base: {PRESET}\ntrain:\n  steps: 3\n")
+    cfg = config_lib.load(tmp_path / "child.yaml")
+    assert cfg.train.steps == 3 and cfg.model.image_size == 32
+
+
+def test_cli_exits_2_on_config_typo(tmp_path, capsys):
+    code = main(["train", "--config", str(PRESET), "--set", "train.stpes=3", "--workdir", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train.stpes" in err and "train.steps" in err
+    assert not (tmp_path / "run").exists()

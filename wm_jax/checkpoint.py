@@ -1,0 +1,121 @@
+"""Orbax checkpoints of a run: train state + data iterator state + config.
+
+Layout: `RUN/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a
+temporary directory and renames it when complete, and `all_steps()` lists only finished
+steps, so a checkpoint that did not finish is never restored. Restore takes an abstract
+state (shapes, dtypes and shardings for the *current* mesh), so the saved layout does not
+have to match the devices at hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from wm_jax import config as config_lib
+from wm_jax.config import CheckpointConfig, Config, ConfigError
+
+ITEMS = ("state", "data", "config")
+
+
+class CheckpointError(RuntimeError):
+    """A missing or unusable checkpoint; the message names the directory."""
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+    return Path(workdir).resolve() / "checkpoints"
+
+
+def make_manager(workdir: str | Path, cfg: CheckpointConfig, *, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.max_to_keep,
+        enable_async_checkpointing=cfg.async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict, cfg: Config) -> bool:
+    """Starts an (async) save; returns whether the manager saved at this step."""
+    return manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config_lib.to_dict(cfg)),
+        ),
+        force=True,
+    )
+
+
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def model_mismatch(saved: dict, current: Config) -> list[str]:
+    """Dotted `model.*` keys whose saved value differs from the current config."""
+    current_model = config_lib.to_dict(current)["model"]
+    saved_model = saved.get("model", {})
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = sorted(set(a) | set(b))
+            return [k for key in keys for k in walk(a.get(key), b.get(key), f"{prefix}.{key}")]
+        return [] if a == b else [f"{prefix} (checkpoint: {a!r}, config: {b!r})"]
+
+    return walk(saved_model, current_model, "model")
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, cfg: Config, workdir: str | Path) -> None:
+    """Refuses to resume a checkpoint whose model config differs from `cfg` (exit 2 in the CLI)."""
+    diffs = model_mismatch(saved_config(manager, step), cfg)
+    if diffs:
+        raise ConfigError(
+            f"checkpoint {checkpoint_dir(workdir)}/{step} was written by a different model; "
+            "differing keys: " + "; ".join(diffs) + ". Use a new --workdir or the same model config."
+        )
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores (state, data iterator state) at `step` onto the shardings of `abstract_state`."""
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+        ),
+    )
+    return restored["state"], restored["data"]
+
+
+def latest_step(workdir: str | Path) -> int | None:
+    """The newest finished checkpoint step of a run, or None."""
+    if not checkpoint_dir(workdir).is_dir():
+        return None
+    manager = make_manager(workdir, CheckpointConfig(async_save=False), read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def require_step(workdir: str | Path, step: int | None) -> int:
+    """`step` if given and present, else the latest; a clear error when there is none."""
+    ckpt = checkpoint_dir(workdir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"no checkpoints in {workdir} (missing {ckpt})")
+    manager = make_manager(workdir, CheckpointConfig(async_save=False), read_only=True)
+    try:
+        steps = manager.all_steps()
+    finally:
+        manager.close()
+    if not steps:
+        raise CheckpointError(f"no finished checkpoint in {ckpt}")
+    if step is None:
+        return max(steps)
+    if step not in steps:
+        raise CheckpointError(f"checkpoint step {step} not in {ckpt}; available: {sorted(steps)}")
+    return step

@@ -1,0 +1,167 @@
+"""`wm` command line: data, train, eval, demo.
+
+Exit codes (DESIGN.md §6): 0 ok; 2 bad usage, config or input (the message names the
+key or file); 3 numerics guard; 42 preempted after a successful save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_NUMERICS = 3
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRESETS = REPO_ROOT / "experiments" / "configs"
+
+
+def _preset_path(name_or_path: str) -> Path:
+    """A config path, or the name of a preset in experiments/configs/."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    return PRESETS / f"{name_or_path}.yaml"
+
+
+def cmd_data_make(args: argparse.Namespace) -> int:
+    from data_pipelines.datasets import make_dataset
+
+    manifest = make_dataset(
+        args.source, args.out, episodes=args.episodes, frames=args.frames, size=args.size, seed=args.seed
+    )
+    counts = {split: len(info["episodes"]) for split, info in manifest["splits"].items()}
+    print(f"wrote {args.out}: episodes per split {counts}, content hash {manifest['content_hash'][:16]}…")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from data_pipelines.datasets import dataset_stats
+
+    stats = dataset_stats(args.dir)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from wm_jax import config as config_lib
+    from wm_jax.train.loop import Preempted, train
+
+    cfg = config_lib.load(_preset_path(args.config), args.set)
+    try:
+        train(cfg, args.workdir)
+    except Preempted:
+        return 42
+    except FloatingPointError as e:
+        print(f"error: numerics guard: {e}", file=sys.stderr)
+        return EXIT_NUMERICS
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from wm_jax.eval.evaluate import evaluate
+
+    result = evaluate(args.workdir, step=args.step, data_dir=args.data, out_dir=args.out)
+    out = Path(args.out) if args.out else Path(args.workdir) / "eval"
+    print(json.dumps({k: result[k] for k in result if k in ("step", "tokenizer", "controllability")}, indent=2))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def run_demo(out: str | Path, config: str = "tiny_cpu", overrides: list[str] = ()) -> dict:
+    """data → tokenizer → dynamics → eval with a preset; returns the eval metrics."""
+    from data_pipelines.datasets import make_dataset
+    from wm_jax import config as config_lib
+    from wm_jax import telemetry
+    from wm_jax.eval.evaluate import evaluate
+    from wm_jax.train.loop import train
+
+    out = Path(out)
+    base = config_lib.load(_preset_path(config), overrides)
+    data_dir = Path(base.data.dir) if base.data.dir else out / "data"
+    t0 = time.time()
+    if not (data_dir / "manifest.json").exists():
+        telemetry.info(f"[1/4] procedural dataset → {data_dir}")
+        make_dataset("procedural", str(data_dir), episodes=DEMO_EPISODES, frames=DEMO_FRAMES, size=base.model.image_size, seed=base.seed)
+    tok_cfg = config_lib.replace(base, [f"data.dir={data_dir}", "train.stage=tokenizer", f"train.steps={base.train.steps}"])
+    telemetry.info(f"[2/4] tokenizer → {out / 'tokenizer'}")
+    train(tok_cfg, out / "tokenizer")
+    dyn_cfg = config_lib.replace(
+        tok_cfg, ["train.stage=dynamics", f"train.tokenizer_workdir={out / 'tokenizer'}", f"train.steps={DEMO_DYNAMICS_STEPS_FACTOR * base.train.steps}"]
+    )
+    telemetry.info(f"[3/4] dynamics → {out / 'dynamics'}")
+    train(dyn_cfg, out / "dynamics")
+    telemetry.info(f"[4/4] eval → {out / 'dynamics' / 'eval'}")
+    result = evaluate(out / "dynamics")
+    telemetry.info(f"demo finished in {time.time() - t0:.0f} s")
+    return result
+
+
+DEMO_EPISODES = 96
+DEMO_FRAMES = 64
+DEMO_DYNAMICS_STEPS_FACTOR = 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    result = run_demo(args.out, args.config, args.set)
+    report = Path(args.out) / "dynamics" / "eval" / "report.md"
+    print(json.dumps({k: result[k] for k in ("tokenizer", "controllability")}, indent=2))
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wm", description="wm_jax: pretrain and evaluate video world models")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make or inspect datasets").add_subparsers(dest="data_command", required=True)
+    make = data.add_parser("make", help="write a dataset (ArrayRecord shards + manifest)")
+    make.add_argument("--source", required=True, choices=["procedural"])
+    make.add_argument("--out", required=True)
+    make.add_argument("--episodes", type=int, default=64)
+    make.add_argument("--frames", type=int, default=64)
+    make.add_argument("--size", type=int, default=64)
+    make.add_argument("--seed", type=int, default=0)
+    make.set_defaults(fn=cmd_data_make)
+    inspect = data.add_parser("inspect", help="verify hashes and print statistics")
+    inspect.add_argument("dir")
+    inspect.set_defaults(fn=cmd_data_inspect)
+
+    train = sub.add_parser("train", help="train a stage; resumes if the workdir has checkpoints")
+    train.add_argument("--config", required=True, help="YAML file or preset name (experiments/configs)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    train.add_argument("--workdir", required=True)
+    train.set_defaults(fn=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint on held-out episodes")
+    ev.add_argument("--workdir", required=True)
+    ev.add_argument("--step", type=int)
+    ev.add_argument("--data")
+    ev.add_argument("--out")
+    ev.set_defaults(fn=cmd_eval)
+
+    demo = sub.add_parser("demo", help="data → tokenizer → dynamics → eval on CPU")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--config", default="tiny_cpu")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_pipelines.writer import DatasetError
+    from wm_jax.checkpoint import CheckpointError
+    from wm_jax.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DatasetError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

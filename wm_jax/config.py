@@ -1,0 +1,351 @@
+"""Typed experiment configuration: dataclass schema, YAML presets, `--set` overrides.
+
+A config is a tree of frozen dataclasses. YAML files and `--set a.b=value` overrides are
+checked against the schema: an unknown key or a value of the wrong type raises
+`ConfigError`, whose message names the key and the closest valid key. The CLI turns a
+`ConfigError` into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = ""  # dataset directory written by `wm data make`
+    frames_per_clip: int = 8  # T: consecutive steps per training window
+    batch_size: int = 8  # global batch (all processes together)
+    window_stride: int = 1  # step between window starts inside an episode
+    worker_count: int = 0  # grain worker processes (0: decode in the main process)
+    split: str = "train"
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    patch_size: int = 4
+    embed_dim: int = 64
+    num_layers: int = 2  # encoder layers; the decoder has as many
+    num_heads: int = 4
+    mlp_dim: int = 256
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
+
+
+@dataclass(frozen=True)
+class DynamicsConfig:
+    embed_dim: int = 64
+    num_layers: int = 2  # each layer: spatial block + causal temporal block
+    num_heads: int = 4
+    mlp_dim: int = 256
+    num_actions: int = 5
+    use_actions: bool = True  # ablation switch: False masks the action input
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = 32  # must match the dataset's frame size
+    dtype: str = "float32"  # activation dtype; parameters stay float32
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "tokenizer"  # tokenizer | dynamics
+    steps: int = 100
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    end_learning_rate_fraction: float = 0.1  # cosine decays to lr * this
+    weight_decay: float = 1e-4
+    grad_clip_norm: float = 1.0
+    log_every_steps: int = 10
+    tokenizer_workdir: str = ""  # dynamics stage: run directory of a trained tokenizer
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: the devices left over by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    sequence: int = 1
+    # logical axis -> mesh axes; an empty list means replicated
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("batch", ("data", "fsdp")),
+        ("time", ("sequence",)),
+        ("tokens", ()),
+        ("embed", ("fsdp",)),
+        ("mlp", ("tensor",)),
+        ("heads", ("tensor",)),
+        ("kv", ()),
+        ("vocab", ("tensor",)),
+        ("codebook", ()),
+        ("patch", ()),
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 50
+    max_to_keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    split: str = "test"
+    context_frames: int = 4  # C ground-truth frames before the rollout
+    horizon: int = 8  # H generated frames
+    num_clips: int = 32
+    batch_size: int = 16
+    video_clips: int = 4  # clips shown in the truth | generated grid
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+STAGES = ("tokenizer", "dynamics")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema rooted at `cls`, sections included."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], key + "."))
+    return keys
+
+
+def _closest(key: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`, converting lists to tuples."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section; got {type(value).__name__} {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a bool; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an int; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a float; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string; got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list; got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"config key '{key}' must have {len(args)} items; got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' has a bad value {value!r}")
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in values.items():
+        if name not in names:
+            raise ConfigError(
+                f"unknown config key '{prefix}{name}'"
+                + _closest(f"{prefix}{name}", _all_keys(Config))
+            )
+        kwargs[name] = _coerce(value, hints[name], prefix + name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML/JSON-friendly data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Builds and validates a `Config` from nested plain data."""
+    cfg = _build(Config, values or {})
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], value); the value is parsed as YAML (safe)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. train.steps=100")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from e
+    return key.split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies `a.b=value` overrides to nested plain data (validated later by `from_dict`)."""
+    all_keys = _all_keys(Config)
+    for text in overrides:
+        path, value = parse_override(text)
+        dotted = ".".join(path)
+        if dotted not in all_keys:
+            raise ConfigError(f"unknown config key '{dotted}'" + _closest(dotted, all_keys))
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+        node[path[-1]] = value
+    return values
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: sections merge key by key, other values in `top` win."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Reads a YAML preset; a top-level `base: other.yaml` (relative to this file) is
+    loaded first and this file's keys override it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: 'base' must be a file name; got {base!r}")
+    return _merge(load_yaml(path.parent / base, _seen + (path.resolve(),)), values)
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Loads a YAML preset (or the defaults), applies overrides, validates."""
+    values = load_yaml(path) if path else {}
+    try:
+        return from_dict(apply_overrides(values, list(overrides)))
+    except ConfigError as e:
+        raise ConfigError(f"{e} [in {path}]" if path else str(e)) from None
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of `cfg` with dotted overrides applied and validated."""
+    return from_dict(apply_overrides(to_dict(cfg), list(overrides)))
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks the type system cannot express."""
+    if cfg.train.stage not in STAGES:
+        raise ConfigError(
+            f"config key 'train.stage' must be one of {STAGES}; got '{cfg.train.stage}'"
+            + _closest(cfg.train.stage, list(STAGES))
+        )
+    positive = {
+        "data.frames_per_clip": cfg.data.frames_per_clip,
+        "data.batch_size": cfg.data.batch_size,
+        "data.window_stride": cfg.data.window_stride,
+        "train.steps": cfg.train.steps,
+        "train.log_every_steps": cfg.train.log_every_steps,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.max_to_keep": cfg.checkpoint.max_to_keep,
+        "model.image_size": cfg.model.image_size,
+        "model.tokenizer.patch_size": cfg.model.tokenizer.patch_size,
+        "eval.horizon": cfg.eval.horizon,
+        "eval.context_frames": cfg.eval.context_frames,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0; got {v}")
+    if cfg.model.image_size % cfg.model.tokenizer.patch_size:
+        raise ConfigError(
+            f"config key 'model.image_size' ({cfg.model.image_size}) must be divisible by "
+            f"'model.tokenizer.patch_size' ({cfg.model.tokenizer.patch_size})"
+        )
+    for key, sub in (("model.tokenizer", cfg.model.tokenizer), ("model.dynamics", cfg.model.dynamics)):
+        if sub.embed_dim % sub.num_heads:
+            raise ConfigError(
+                f"config key '{key}.embed_dim' ({sub.embed_dim}) must be divisible by "
+                f"'{key}.num_heads' ({sub.num_heads})"
+            )
+    if any(level < 2 for level in cfg.model.tokenizer.fsq_levels) or not cfg.model.tokenizer.fsq_levels:
+        raise ConfigError("config key 'model.tokenizer.fsq_levels' needs levels >= 2")
+    if cfg.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config key 'model.dtype' must be float32 or bfloat16; got '{cfg.model.dtype}'")
+    if cfg.train.stage == "dynamics" and cfg.data.frames_per_clip < 2:
+        raise ConfigError("config key 'data.frames_per_clip' must be >= 2 for the dynamics stage")
+    mesh_axes = {"data", "fsdp", "tensor", "sequence"}
+    for logical, axes in cfg.mesh.rules:
+        for a in axes:
+            if a not in mesh_axes:
+                raise ConfigError(
+                    f"config key 'mesh.rules' maps '{logical}' to unknown mesh axis '{a}'"
+                    + _closest(a, sorted(mesh_axes))
+                )

@@ -1,0 +1,211 @@
+"""`wm eval`: restore a run's checkpoint, measure it on held-out episodes, write a report.
+
+Outputs under `RUN/eval/` (or `--out`): `metrics.json` (names of DESIGN.md §8),
+`report.md`, `psnr_vs_horizon.png` and a video grid `rollout.gif` (+ `.mp4` when
+imageio-ffmpeg is installed) showing truth | generated | |difference|.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines.loader import make_loader
+from wm_jax import checkpoint as ckpt
+from wm_jax import sharding, telemetry
+from wm_jax.config import Config, MeshConfig
+from wm_jax.eval import metrics as M
+from wm_jax.models.dynamics import DynamicsModel
+from wm_jax.models.tokenizer import VideoTokenizer
+from wm_jax.rollout import decode_codes, encode_frames, rollout
+from wm_jax.train.loop import check_dataset, load_run_config, restore_params
+
+
+def held_out_clips(data_dir: str, cfg: Config, frames: int) -> dict[str, np.ndarray]:
+    """Up to `eval.num_clips` windows of `frames` steps from the eval split, deterministic.
+
+    Windows do not overlap (stride = length), so clips come from distinct stretches."""
+    loader = make_loader(
+        data_dir,
+        split=cfg.eval.split,
+        frames_per_clip=frames,
+        batch_size=1,
+        seed=cfg.seed,
+        window_stride=frames,
+        shuffle=True,
+        num_epochs=1,
+        shard_options=grain.sharding.NoSharding(),
+    )
+    clips = [b for _, b in zip(range(cfg.eval.num_clips), loader)]
+    if not clips:
+        raise ValueError(f"split '{cfg.eval.split}' of {data_dir} has no episode of {frames} frames")
+    return {k: np.concatenate([c[k] for c in clips]) for k in ("frame", "action")}
+
+
+def _batched(fn: Any, n: int, batch_size: int) -> list[Any]:
+    return [fn(slice(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+
+def video_grid(truth: np.ndarray, generated: np.ndarray, scale: int = 4) -> np.ndarray:
+    """uint8 [B,T,H,W,3] pairs -> frames [T, B*H*scale, 3*W*scale, 3]: truth | generated | |diff|."""
+    diff = np.abs(truth.astype(np.int16) - generated.astype(np.int16)).astype(np.uint8)
+    rows = np.concatenate([truth, generated, diff], axis=3)  # [B,T,H,3W,3]
+    grid = np.concatenate(list(rows), axis=1)  # [T, B*H, 3W, 3]
+    return grid.repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def write_video(frames: np.ndarray, out: Path, fps: int = 4) -> list[str]:
+    """Writes `out.gif` and, if an ffmpeg backend is available, `out.mp4`; returns the file names."""
+    import imageio.v2 as imageio
+
+    written = []
+    imageio.mimsave(out.with_suffix(".gif"), list(frames), duration=1000 / fps, loop=0)
+    written.append(out.with_suffix(".gif").name)
+    try:
+        imageio.mimsave(out.with_suffix(".mp4"), list(frames), fps=fps, macro_block_size=1)
+        written.append(out.with_suffix(".mp4").name)
+    except (ImportError, ValueError, RuntimeError) as e:  # no ffmpeg backend (extra `video`)
+        telemetry.info(f"mp4 skipped ({type(e).__name__}: {e}); gif written")
+    return written
+
+
+def plot_drift(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    h = result["rollout"]["horizon"]
+    ax.plot(h, result["rollout"]["psnr"], "o-", label="model, true actions")
+    ax.plot(h, result["rollout_random_actions"]["psnr"], "s--", label="model, random actions")
+    ax.plot(h, result["baseline_copy_last"]["psnr"], "^:", label="copy last frame")
+    ax.axhline(result["tokenizer"]["psnr"], color="gray", lw=0.8, label="tokenizer reconstruction")
+    ax.set_xlabel("horizon (frames after context)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(f"rollout drift, step {result['step']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def report_markdown(result: dict, files: dict[str, list[str]]) -> str:
+    lines = [
+        f"# Evaluation of `{result['workdir']}` at step {result['step']}",
+        "",
+        f"Dataset `{result['data_dir']}` split `{result['split']}` (content hash `{result['dataset_hash'][:16]}…`), "
+        f"{result['num_clips']} held-out clips.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| tokenizer reconstruction PSNR (dB) | {result['tokenizer']['psnr']:.2f} |",
+    ]
+    if "rollout" in result:
+        c = result["controllability"]
+        lines += [
+            f"| rollout PSNR, mean over horizons 1–{len(result['rollout']['horizon'])} (dB) | {np.mean(result['rollout']['psnr']):.2f} |",
+            f"| copy-last-frame baseline, same horizons (dB) | {np.mean(result['baseline_copy_last']['psnr']):.2f} |",
+            f"| PSNR with true actions (dB) | {c['psnr_true_actions']:.2f} |",
+            f"| PSNR with random actions (dB) | {c['psnr_random_actions']:.2f} |",
+            f"| ΔPSNR true − random (dB) | {c['delta_psnr']:.3f} |",
+            "",
+            "## PSNR per horizon step",
+            "",
+            "| horizon | model | random actions | copy last |",
+            "|---|---|---|---|",
+        ]
+        for i, h in enumerate(result["rollout"]["horizon"]):
+            lines.append(
+                f"| {h} | {result['rollout']['psnr'][i]:.2f} | {result['rollout_random_actions']['psnr'][i]:.2f} "
+                f"| {result['baseline_copy_last']['psnr'][i]:.2f} |"
+            )
+        lines += ["", "![PSNR vs horizon](psnr_vs_horizon.png)", ""]
+    for name in files.get("video", []):
+        lines.append(f"Video grid (rows: clips; columns: truth | generated | |difference|): [{name}]({name})")
+    if files.get("video"):
+        lines += ["", f"![rollout]({files['video'][0]})"]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | None = None, out_dir: str | Path | None = None) -> dict:
+    """Restores `workdir`'s checkpoint and writes the eval report; returns the metrics dict."""
+    workdir = Path(workdir)
+    cfg = load_run_config(workdir)
+    data_dir = data_dir or cfg.data.dir
+    manifest = check_dataset(cfg, data_dir, cfg.eval.split)
+    out = Path(out_dir) if out_dir else workdir / "eval"
+    mesh = sharding.make_mesh(MeshConfig())  # whatever devices are here
+    rules = sharding.logical_rules(cfg.mesh)
+    params, _, step = restore_params(workdir, mesh, rules, step)
+    tokenizer = VideoTokenizer(cfg.model)
+    chunk = cfg.data.frames_per_clip
+    if cfg.train.stage == "tokenizer":
+        tok_params, dyn_params = params, None
+    else:
+        tok_params, _, _ = restore_params(cfg.train.tokenizer_workdir, mesh, rules)
+        dyn_params = params
+
+    ctx, horizon = cfg.eval.context_frames, cfg.eval.horizon
+    clips = held_out_clips(data_dir, cfg, ctx + horizon)
+    frames, actions = clips["frame"], clips["action"]
+    n, bs = frames.shape[0], cfg.eval.batch_size
+
+    codes = _batched(lambda s: encode_frames(tokenizer, tok_params, frames[s], chunk)[0], n, bs)
+    recon = np.concatenate(_batched(lambda s: decode_codes(tokenizer, tok_params, codes[s.start // bs], chunk), n, bs))
+    result: dict[str, Any] = {
+        "step": step,
+        "checkpoint": str(ckpt.checkpoint_dir(workdir) / str(step)),
+        "dataset_hash": manifest["content_hash"],
+        "workdir": str(workdir),
+        "data_dir": str(data_dir),
+        "split": cfg.eval.split,
+        "num_clips": int(n),
+        "tokenizer": {"psnr": float(M.psnr(frames, recon).mean())},
+    }
+    files: dict[str, list[str]] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    shown = min(cfg.eval.video_clips, n)
+    if dyn_params is not None:
+        dynamics = DynamicsModel(cfg.model)
+        window = cfg.data.frames_per_clip - 1
+        rng = np.random.default_rng(cfg.seed)
+        random_actions = actions.copy()
+        random_actions[:, ctx - 1 :] = rng.integers(0, cfg.model.dynamics.num_actions, random_actions[:, ctx - 1 :].shape)
+
+        def generate(acts: np.ndarray) -> np.ndarray:
+            def one(s: slice) -> np.ndarray:
+                c = codes[s.start // bs]
+                new, _ = rollout(dynamics, dyn_params, c[:, :ctx], jnp.asarray(acts[s]), horizon, window)
+                return decode_codes(tokenizer, tok_params, jnp.concatenate([c[:, :ctx], new], axis=1), chunk)
+
+            return np.concatenate(_batched(one, n, bs))
+
+        gen_true, gen_random = generate(actions), generate(random_actions)
+        truth = frames[:, ctx:]
+        copy_last = np.repeat(frames[:, ctx - 1 : ctx], horizon, axis=1)
+        hs = list(range(1, horizon + 1))
+        per_h = lambda g: [float(v) for v in M.psnr_per_horizon(truth, g[:, ctx:])]
+        result["rollout"] = {"horizon": hs, "psnr": per_h(gen_true)}
+        result["rollout_random_actions"] = {"horizon": hs, "psnr": per_h(gen_random)}
+        result["baseline_copy_last"] = {"horizon": hs, "psnr": [float(v) for v in M.psnr_per_horizon(truth, copy_last)]}
+        true_mean, random_mean = np.mean(result["rollout"]["psnr"]), np.mean(result["rollout_random_actions"]["psnr"])
+        result["controllability"] = {
+            "psnr_true_actions": float(true_mean),
+            "psnr_random_actions": float(random_mean),
+            "delta_psnr": float(true_mean - random_mean),
+        }
+        plot_drift(result, out / "psnr_vs_horizon.png")
+        files["video"] = write_video(video_grid(frames[:shown], gen_true[:shown]), out / "rollout")
+    else:
+        files["video"] = write_video(video_grid(frames[:shown], recon[:shown]), out / "reconstruction")
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out / "report.md").write_text(report_markdown(result, files))
+    return result

@@ -1,0 +1,82 @@
+"""Training telemetry: rich progress bar, `metrics.jsonl`, TensorBoard.
+
+Only process 0 writes; other processes get a logger whose methods do nothing, so callers
+never branch on the process index.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+class RunLogger:
+    """Writes step metrics to the console, `metrics.jsonl` and `tb/` under a run directory."""
+
+    def __init__(self, workdir: str | Path, total_steps: int, start_step: int, stage: str):
+        self.enabled = jax.process_index() == 0
+        self.stage = stage
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter  # heavy import; process 0 only
+
+        workdir = Path(workdir)
+        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        self._tb = SummaryWriter(str(workdir / "tb"))
+        self._progress = Progress(
+            TextColumn(f"[bold]{stage}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            transient=False,
+        )
+        self._task = self._progress.add_task(stage, total=total_steps, completed=start_step, info="")
+        self._progress.start()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "stage": self.stage, "time": time.time(), **metrics}
+        self._jsonl.write(json.dumps(row) + "\n")
+        for k, v in metrics.items():
+            self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+        self._progress.update(self._task, completed=step, info=_fmt(metrics))
+
+    def event(self, message: str) -> None:
+        if self.enabled:
+            self._progress.console.print(message)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._progress.stop()
+        self._jsonl.close()
+        self._tb.close()
+
+
+def info(message: str) -> None:
+    """A console line from process 0."""
+    if jax.process_index() == 0:
+        console.print(message)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a `metrics.jsonl`, for reports and tests."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,204 @@
+"""The training driver: data, sharded steps, logging, checkpoints, resume, preemption.
+
+`train(cfg, workdir)` is what `wm train` calls. Running it again on the same workdir
+resumes from the newest finished checkpoint: train state and data iterator position.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from data_pipelines.loader import make_loader
+from data_pipelines.writer import DatasetError, verify_dataset
+from wm_jax import checkpoint as ckpt
+from wm_jax import config as config_lib
+from wm_jax import sharding, telemetry
+from wm_jax.config import Config, ConfigError
+from wm_jax.train.state import TrainState, create_train_state, param_count, state_shardings
+from wm_jax.train.step import make_train_step
+
+EXIT_PREEMPTED = 42
+
+
+class Preempted(Exception):
+    """Raised after a successful save when SIGTERM/SIGUSR1 arrived; the CLI exits 42."""
+
+
+class _StopFlag:
+    """Records SIGTERM/SIGUSR1 so the loop can save at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_dataset(cfg: Config, data_dir: str, split: str) -> dict:
+    """Verifies the dataset (hashes included) and that its frames fit the model."""
+    if not data_dir:
+        raise ConfigError("config key 'data.dir' is empty: point it at a dataset made by `wm data make`")
+    manifest = verify_dataset(data_dir)
+    if split not in manifest["splits"]:
+        raise DatasetError(f"dataset {data_dir} has no split '{split}'; it has {sorted(manifest['splits'])}")
+    size = manifest["frame_size"]
+    if size != cfg.model.image_size:
+        raise ConfigError(
+            f"config key 'model.image_size' is {cfg.model.image_size} but dataset {data_dir} has "
+            f"{size}x{size} frames"
+        )
+    return manifest
+
+
+def load_run_config(workdir: str | Path) -> Config:
+    path = Path(workdir) / "config.yaml"
+    if not path.is_file():
+        raise ckpt.CheckpointError(f"{workdir} is not a run directory (missing {path})")
+    return config_lib.load(path)
+
+
+def restore_params(workdir: str | Path, mesh: Any, rules: Any, step: int | None = None) -> tuple[Any, Config, int]:
+    """Parameters of a run's checkpoint onto `mesh`: (params, run config, step)."""
+    run_cfg = load_run_config(workdir)
+    step = ckpt.require_step(workdir, step)
+    abstract, _ = state_shardings(run_cfg, mesh, rules)
+    manager = ckpt.make_manager(workdir, run_cfg.checkpoint, read_only=True)
+    try:
+        state, _ = ckpt.restore(manager, step, abstract)
+    finally:
+        manager.close()
+    return state.params, run_cfg, step
+
+
+def load_tokenizer(cfg: Config, mesh: Any, rules: Any) -> Any:
+    """Frozen tokenizer parameters for the dynamics stage, checked against `cfg.model.tokenizer`."""
+    if not cfg.train.tokenizer_workdir:
+        raise ConfigError("config key 'train.tokenizer_workdir' must name a trained tokenizer run for stage dynamics")
+    params, tok_cfg, step = restore_params(cfg.train.tokenizer_workdir, mesh, rules)
+    if tok_cfg.model.tokenizer != cfg.model.tokenizer or tok_cfg.model.image_size != cfg.model.image_size:
+        raise ConfigError(
+            f"config keys 'model.tokenizer'/'model.image_size' differ from the tokenizer run "
+            f"{cfg.train.tokenizer_workdir}: {config_lib.to_dict(tok_cfg.model)['tokenizer']} "
+            f"vs {config_lib.to_dict(cfg.model)['tokenizer']}"
+        )
+    telemetry.info(f"tokenizer: {cfg.train.tokenizer_workdir} step {step}")
+    return params
+
+
+def _encode_iterator_state(state: Any) -> dict:
+    raw = state.decode() if isinstance(state, bytes) else state
+    return {"iterator": raw}
+
+
+def _decode_iterator_state(saved: dict) -> bytes:
+    raw = saved["iterator"]
+    return raw.encode() if isinstance(raw, str) else raw
+
+
+def train(cfg: Config, workdir: str | Path) -> TrainState:
+    """Trains `cfg.train.stage` for `cfg.train.steps` steps in `workdir`; resumes if possible."""
+    workdir = Path(workdir)
+    check_dataset(cfg, cfg.data.dir, cfg.data.split)
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.logical_rules(cfg.mesh)
+    sharding.check_batch_divisible(cfg.data.batch_size, mesh, rules)
+
+    manager = ckpt.make_manager(workdir, cfg.checkpoint)
+    start_step = manager.latest_step()
+    if start_step is not None:
+        ckpt.check_compatible(manager, start_step, cfg, workdir)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_lib.dump(cfg, workdir / "config.yaml")
+
+    tokenizer_params = load_tokenizer(cfg, mesh, rules) if cfg.train.stage == "dynamics" else None
+    abstract, shardings = state_shardings(cfg, mesh, rules)
+    loader = make_loader(
+        cfg.data.dir,
+        split=cfg.data.split,
+        frames_per_clip=cfg.data.frames_per_clip,
+        batch_size=cfg.data.batch_size // jax.process_count(),
+        seed=cfg.seed,
+        window_stride=cfg.data.window_stride,
+        worker_count=cfg.data.worker_count,
+    )
+    batches = iter(loader)
+    if start_step is None:
+        state = create_train_state(cfg, mesh, rules)
+        start_step = 0
+    else:
+        state, data_state = ckpt.restore(manager, start_step, abstract)
+        batches.set_state(_decode_iterator_state(data_state))
+        telemetry.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start_step}")
+    telemetry.info(
+        f"stage {cfg.train.stage}: {param_count(state.params):,} parameters, mesh "
+        f"{dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} processes"
+    )
+
+    step_fn = jax.jit(
+        make_train_step(cfg),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    frames_per_step = cfg.data.batch_size * cfg.data.frames_per_clip
+    logger = telemetry.RunLogger(workdir, cfg.train.steps, start_step, cfg.train.stage)
+    step = start_step
+    try:
+        with _StopFlag() as stop, mesh, nn.logical_axis_rules(rules):
+            window_start, wait_s = time.perf_counter(), 0.0
+            while step < cfg.train.steps:
+                t0 = time.perf_counter()
+                local = next(batches)
+                wait_s += time.perf_counter() - t0
+                batch = sharding.shard_batch(
+                    {k: local[k] for k in ("frame", "action")}, mesh, rules
+                )
+                state, metrics = step_fn(state, batch, tokenizer_params)
+                step += 1
+                if step % cfg.train.log_every_steps == 0 or step == cfg.train.steps:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not np.isfinite(values["loss"]):
+                        raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}")
+                    elapsed = time.perf_counter() - window_start
+                    n = cfg.train.log_every_steps if step % cfg.train.log_every_steps == 0 else step % cfg.train.log_every_steps
+                    values.update(
+                        step_s=elapsed / n,
+                        frames_per_s=frames_per_step * n / elapsed,
+                        data_wait_fraction=wait_s / elapsed,
+                    )
+                    logger.log(step, values)
+                    window_start, wait_s = time.perf_counter(), 0.0
+                preempted = stop.signal is not None
+                if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps or preempted:
+                    ckpt.save(manager, step, state, _encode_iterator_state(batches.get_state()), cfg)
+                if preempted:
+                    manager.wait_until_finished()
+                    logger.event(f"signal {stop.signal}: saved step {step}, exiting {EXIT_PREEMPTED}")
+                    raise Preempted(step)
+        manager.wait_until_finished()
+    finally:
+        logger.close()
+        manager.close()
+    if jax.process_index() == 0:
+        (workdir / "train_summary.json").write_text(
+            json.dumps({"stage": cfg.train.stage, "step": step, "parameters": param_count(state.params)}, indent=2)
+        )
+    return state

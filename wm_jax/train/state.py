@@ -1,0 +1,96 @@
+"""TrainState creation under the mesh: abstract init → logical specs → shardings.
+
+Parameters are created with logical axis names; `jax.eval_shape` gives the state's
+structure without allocating it, the logical rules turn the names into `NamedSharding`s
+for the current mesh, and the real init runs under `jax.jit` with those out-shardings,
+so each device only ever materialises its own shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax.training import train_state
+from jax.sharding import Mesh
+
+from wm_jax.config import Config, TrainConfig
+from wm_jax.models.dynamics import DynamicsModel
+from wm_jax.models.tokenizer import VideoTokenizer, num_tokens
+from wm_jax.sharding import tree_shardings
+
+TrainState = train_state.TrainState
+
+
+def build_model(cfg: Config, stage: str | None = None) -> nn.Module:
+    stage = stage or cfg.train.stage
+    return VideoTokenizer(cfg.model) if stage == "tokenizer" else DynamicsModel(cfg.model)
+
+
+def example_inputs(cfg: Config, stage: str | None = None) -> tuple[jax.Array, ...]:
+    """Zero inputs of one clip, for `init`: frames [1,T,S,S,3] or (codes [1,T-1,N,L], actions [1,T-1])."""
+    stage = stage or cfg.train.stage
+    t, s = cfg.data.frames_per_clip, cfg.model.image_size
+    if stage == "tokenizer":
+        return (jnp.zeros((1, t, s, s, 3), jnp.float32),)
+    levels = len(cfg.model.tokenizer.fsq_levels)
+    return (
+        jnp.zeros((1, t - 1, num_tokens(cfg.model), levels), jnp.float32),
+        jnp.zeros((1, t - 1), jnp.int32),
+    )
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay and global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=min(cfg.warmup_steps, max(cfg.steps - 1, 0)),
+        decay_steps=max(cfg.steps, 1),
+        end_value=cfg.learning_rate * cfg.end_learning_rate_fraction,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip_norm),
+        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay),
+    )
+
+
+def _boxed_init(model: nn.Module, tx: optax.GradientTransformation, inputs: tuple, rng: jax.Array) -> TrainState:
+    variables = model.init(rng, *inputs)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
+
+
+def state_shardings(cfg: Config, mesh: Mesh, rules: Any, stage: str | None = None) -> tuple[Any, Any]:
+    """(abstract state with shardings attached, sharding tree) for the current mesh."""
+    model = build_model(cfg, stage)
+    tx = make_optimizer(cfg.train)
+    inputs = example_inputs(cfg, stage)
+    with nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda r: _boxed_init(model, tx, inputs, r), jax.random.key(0))
+    specs = nn.get_partition_spec(boxed)
+    shardings = tree_shardings(mesh, rules, specs)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
+    )
+    return abstract, shardings
+
+
+def create_train_state(cfg: Config, mesh: Mesh, rules: Any, stage: str | None = None) -> TrainState:
+    """A freshly initialised, sharded TrainState; parameters from `cfg.seed`."""
+    model = build_model(cfg, stage)
+    tx = make_optimizer(cfg.train)
+    inputs = example_inputs(cfg, stage)
+    _, shardings = state_shardings(cfg, mesh, rules, stage)
+
+    def init(rng: jax.Array) -> TrainState:
+        return nn.meta.unbox(_boxed_init(model, tx, inputs, rng))
+
+    with mesh, nn.logical_axis_rules(rules):
+        return jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.seed))
+
+
+def param_count(params: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,74 @@
+"""Pure train steps: loss, gradients, optax update. No I/O; jitted by the loop."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from wm_jax.config import Config
+from wm_jax.eval.metrics import psnr_from_mse
+from wm_jax.models.tokenizer import VideoTokenizer
+from wm_jax.train.state import TrainState, build_model
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def frames_to_float(frames: jax.Array) -> jax.Array:
+    """uint8 [..., H, W, 3] in [0, 255] -> float32 in [-1, 1]."""
+    return frames.astype(jnp.float32) / 127.5 - 1.0
+
+
+def float_to_frames(x: jax.Array) -> jax.Array:
+    """float in [-1, 1] -> uint8 [0, 255] (clipped)."""
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def tokenizer_loss(params: Any, model: nn.Module, batch: Batch) -> tuple[jax.Array, Metrics]:
+    """MSE reconstruction loss on frames [B,T,H,W,3] uint8; PSNR on the [0, 1] scale."""
+    x = frames_to_float(batch["frame"])
+    recon, indices = model.apply({"params": params}, x)
+    mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - x))
+    usage = jnp.mean(jnp.bincount(indices.reshape(-1), length=model.vocab_size) > 0)
+    return mse, {"loss": mse, "psnr": psnr_from_mse(mse / 4.0), "code_usage": usage}
+
+
+def encode_indices(tokenizer: VideoTokenizer, tokenizer_params: Any, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 frames [B,T,H,W,3] -> (codes float [B,T,N,L], indices int32 [B,T,N]), no gradient."""
+    codes, indices = tokenizer.apply({"params": tokenizer_params}, frames_to_float(frames), method=tokenizer.encode)
+    return jax.lax.stop_gradient(codes), indices
+
+
+def dynamics_loss(
+    params: Any, model: nn.Module, batch: Batch, codes: jax.Array, indices: jax.Array
+) -> tuple[jax.Array, Metrics]:
+    """Next-frame token cross-entropy: position t (frames <= t, action t) predicts frame t+1."""
+    logits = model.apply({"params": params}, codes[:, :-1], batch["action"][:, :-1])
+    targets = indices[:, 1:]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    loss = jnp.mean(ce)
+    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == targets)
+    return loss, {"loss": loss, "token_accuracy": accuracy}
+
+
+def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
+    """(state, batch, tokenizer_params) -> (state, metrics); tokenizer_params is None for that stage."""
+    model = build_model(cfg)
+    tokenizer = VideoTokenizer(cfg.model)
+
+    def loss_fn(params: Any, batch: Batch, tokenizer_params: Any) -> tuple[jax.Array, Metrics]:
+        if cfg.train.stage == "tokenizer":
+            return tokenizer_loss(params, model, batch)
+        codes, indices = encode_indices(tokenizer, tokenizer_params, batch["frame"])
+        return dynamics_loss(params, model, batch, codes, indices)
+
+    def train_step(state: TrainState, batch: Batch, tokenizer_params: Any) -> tuple[TrainState, Metrics]:
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokenizer_params)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return state.apply_gradients(grads=grads), metrics
+
+    return train_step
