@@ -1,0 +1,199 @@
+"""Sharded ArrayRecord writer + manifest, written atomically (temp dir → rename).
+
+Layout::
+
+    OUT/manifest.json
+    OUT/<split>/shard-00000-of-00002.array_record   (group_size:1: cheap random access)
+
+The manifest indexes episodes per split by (start, length), where start is the record
+index within the split's shards concatenated in order; a reader never scans shards to
+find episode boundaries.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from data_pipelines import schema
+from data_pipelines.schema import DatasetError
+
+MANIFEST = "manifest.json"
+WRITER_OPTIONS = "group_size:1"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _shard_name(index: int, count: int) -> str:
+    return f"shard-{index:05d}-of-{count:05d}.array_record"
+
+
+def _check_episode(episode: list[dict], spec: schema.Spec) -> int:
+    """Validates an episode's records; returns its episode id."""
+    if not episode:
+        raise DatasetError("empty episode")
+    episode_id = int(episode[0]["episode_id"])
+    for i, rec in enumerate(episode):
+        schema.validate_record(rec, spec)
+        if int(rec["episode_id"]) != episode_id or int(rec["t"]) != i:
+            raise DatasetError(f"episode {episode_id}: record {i} has episode_id="
+                               f"{int(rec['episode_id'])}, t={int(rec['t'])}")
+    return episode_id
+
+
+def _write_split(split_dir: Path, episodes: Iterable[list[dict]], spec: schema.Spec,
+                 records_per_shard: int) -> dict:
+    """Writes one split's shards into split_dir; returns its manifest entry."""
+    split_dir.mkdir(parents=True)
+    counts, index, writer = [], [], None
+    num_records = 0
+    for episode in episodes:
+        index.append({"episode_id": _check_episode(episode, spec), "start": num_records,
+                      "length": len(episode)})
+        for rec in episode:
+            if writer is None:
+                # The final shard count is unknown until the end: write numbered temp
+                # names, renamed once the count is known.
+                part = split_dir / f"part-{len(counts):05d}"
+                writer = ArrayRecordWriter(str(part), WRITER_OPTIONS)
+                counts.append(0)
+            writer.write(schema.encode_record(rec))
+            counts[-1] += 1
+            num_records += 1
+            if counts[-1] == records_per_shard:
+                writer.close()
+                writer = None
+    if writer is not None:
+        writer.close()
+    shards = []
+    for i, n in enumerate(counts):
+        path = split_dir / _shard_name(i, len(counts))
+        os.rename(split_dir / f"part-{i:05d}", path)
+        shards.append({"path": f"{split_dir.name}/{path.name}", "records": n,
+                       "sha256": _sha256(path)})
+    return {"shards": shards, "episodes": index, "num_records": num_records}
+
+
+def content_hash(splits: dict) -> str:
+    """sha256 over every shard's sha256, splits and shards in manifest order."""
+    digest = hashlib.sha256()
+    for entry in splits.values():
+        for shard in entry["shards"]:
+            digest.update(shard["sha256"].encode())
+    return digest.hexdigest()
+
+
+def write_dataset(out_dir: str | os.PathLike, splits: dict[str, Iterable[list[dict]]], *,
+                  source: str, source_params: dict, generator_version: str, frame_size: int,
+                  num_entities: int, fps: float, records_per_shard: int = 4096) -> dict:
+    """Writes `splits` (split name → iterable of episodes, each a list of schema-v1
+    records) as a dataset at out_dir and returns the manifest.
+
+    `num_entities` is E, the entity slots per record (agent included). Nothing exists
+    at out_dir unless the whole dataset was written; an existing out_dir is refused.
+    """
+    out = Path(out_dir)
+    if out.exists():
+        raise DatasetError(f"{out} already exists; refusing to overwrite a dataset")
+    if records_per_shard < 1:
+        raise DatasetError(f"records_per_shard must be >= 1, got {records_per_shard}")
+    spec = schema.field_spec(frame_size, num_entities)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        split_entries = {name: _write_split(tmp / name, episodes, spec, records_per_shard)
+                         for name, episodes in splits.items()}
+        manifest = {
+            "schema_version": schema.SCHEMA_VERSION,
+            "fields": schema.spec_to_json(spec),
+            "codec": schema.CODEC,
+            "frame_size": frame_size,
+            "num_entities": num_entities,
+            "fps": fps,
+            "source": source,
+            "source_params": source_params,
+            "generator_version": generator_version,
+            "splits": split_entries,
+            "content_hash": content_hash(split_entries),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    """The parsed manifest; DatasetError if the directory or manifest is missing or bad."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DatasetError(f"dataset directory {root} does not exist")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing: {root} is not a dataset (or was not finished)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or "splits" not in manifest:
+        raise DatasetError(f"{path} has no 'splits' entry")
+    version = manifest.get("schema_version")
+    if version != schema.SCHEMA_VERSION:
+        raise DatasetError(f"{path}: schema version {version!r} is unsupported "
+                           f"(this code reads version {schema.SCHEMA_VERSION})")
+    return manifest
+
+
+def shard_paths(data_dir: str | os.PathLike, manifest: dict, split: str) -> list[str]:
+    """Absolute paths of a split's shards, in order; DatasetError for an unknown split."""
+    if split not in manifest["splits"]:
+        raise DatasetError(f"split {split!r} not in dataset {data_dir} "
+                           f"(has {sorted(manifest['splits'])})")
+    return [str(Path(data_dir) / s["path"]) for s in manifest["splits"][split]["shards"]]
+
+
+def verify_dataset(data_dir: str | os.PathLike, check_hashes: bool = True) -> dict:
+    """Checks shards exist, hold the recorded number of records and (optionally) match
+    their sha256; returns the manifest, or raises DatasetError naming the shard."""
+    manifest = read_manifest(data_dir)
+    root = Path(data_dir)
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            path = root / shard["path"]
+            if not path.is_file():
+                raise DatasetError(f"split {split!r}: shard {path} is missing")
+            if check_hashes:
+                actual = _sha256(path)
+                if actual != shard["sha256"]:
+                    raise DatasetError(f"shard {path} is corrupt: sha256 {actual}, "
+                                       f"manifest expects {shard['sha256']}")
+            try:
+                reader = ArrayRecordReader(str(path))
+                count = reader.num_records()
+                reader.close()
+            except Exception as e:  # the C++ reader raises plain RuntimeError/ValueError
+                raise DatasetError(f"shard {path} is unreadable: {e}") from e
+            if count != shard["records"]:
+                raise DatasetError(f"shard {path} holds {count} records, "
+                                   f"manifest says {shard['records']}")
+        total = sum(s["records"] for s in entry["shards"])
+        indexed = sum(e["length"] for e in entry["episodes"])
+        if not total == indexed == entry["num_records"]:
+            raise DatasetError(f"split {split!r}: shards hold {total} records, episode index "
+                               f"covers {indexed}, manifest says {entry['num_records']}")
+    return manifest
+
