@@ -113,8 +113,11 @@ def _decode_iterator_state(saved: dict) -> bytes:
     return raw.encode() if isinstance(raw, str) else raw
 
 
-def train(cfg: Config, workdir: str | Path) -> TrainState:
-    """Trains `cfg.train.stage` for `cfg.train.steps` steps in `workdir`; resumes if possible."""
+def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> TrainState:
+    """Trains `cfg.train.stage` for `cfg.train.steps` steps in `workdir`; resumes if possible.
+
+    `stop_at` ends this invocation after that global step with a checkpoint, as a
+    preemption would (the schedule still runs to `cfg.train.steps` on resume)."""
     workdir = Path(workdir)
     check_dataset(cfg, cfg.data.dir, cfg.data.split)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -164,7 +167,8 @@ def train(cfg: Config, workdir: str | Path) -> TrainState:
     try:
         with _StopFlag() as stop, mesh, nn.logical_axis_rules(rules):
             window_start, wait_s = time.perf_counter(), 0.0
-            while step < cfg.train.steps:
+            last = min(cfg.train.steps, stop_at or cfg.train.steps)
+            while step < last:
                 t0 = time.perf_counter()
                 local = next(batches)
                 wait_s += time.perf_counter() - t0
@@ -187,7 +191,7 @@ def train(cfg: Config, workdir: str | Path) -> TrainState:
                     logger.log(step, values)
                     window_start, wait_s = time.perf_counter(), 0.0
                 preempted = stop.signal is not None
-                if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps or preempted:
+                if step % cfg.checkpoint.every_steps == 0 or step == last or preempted:
                     ckpt.save(manager, step, state, _encode_iterator_state(batches.get_state()), cfg)
                 if preempted:
                     manager.wait_until_finished()

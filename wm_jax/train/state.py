@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
-from flax.training import train_state
+from flax import struct
 from jax.sharding import Mesh
 
 from wm_jax.config import Config, TrainConfig
@@ -22,7 +22,22 @@ from wm_jax.models.dynamics import DynamicsModel
 from wm_jax.models.tokenizer import VideoTokenizer, num_tokens
 from wm_jax.sharding import tree_shardings
 
-TrainState = train_state.TrainState
+
+@struct.dataclass
+class TrainState:
+    """Everything a training step updates; the model and optimizer are code, not state."""
+
+    step: jax.Array  # int32 []
+    params: Any
+    opt_state: Any
+
+    @classmethod
+    def create(cls, params: Any, tx: optax.GradientTransformation) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    def apply_gradients(self, grads: Any, tx: optax.GradientTransformation) -> "TrainState":
+        updates, opt_state = tx.update(grads, self.opt_state, self.params)
+        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)
 
 
 def build_model(cfg: Config, stage: str | None = None) -> nn.Module:
@@ -60,7 +75,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def _boxed_init(model: nn.Module, tx: optax.GradientTransformation, inputs: tuple, rng: jax.Array) -> TrainState:
     variables = model.init(rng, *inputs)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
+    return TrainState.create(variables["params"], tx)
 
 
 def state_shardings(cfg: Config, mesh: Mesh, rules: Any, stage: str | None = None) -> tuple[Any, Any]:

@@ -11,8 +11,8 @@ from flax import linen as nn
 
 from wm_jax.config import Config
 from wm_jax.eval.metrics import psnr_from_mse
-from wm_jax.models.tokenizer import VideoTokenizer
-from wm_jax.train.state import TrainState, build_model
+from wm_jax.models.tokenizer import VideoTokenizer, vocab_size
+from wm_jax.train.state import TrainState, build_model, make_optimizer
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -33,7 +33,7 @@ def tokenizer_loss(params: Any, model: nn.Module, batch: Batch) -> tuple[jax.Arr
     x = frames_to_float(batch["frame"])
     recon, indices = model.apply({"params": params}, x)
     mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - x))
-    usage = jnp.mean(jnp.bincount(indices.reshape(-1), length=model.vocab_size) > 0)
+    usage = jnp.mean(jnp.bincount(indices.reshape(-1), length=vocab_size(model.cfg)) > 0)
     return mse, {"loss": mse, "psnr": psnr_from_mse(mse / 4.0), "code_usage": usage}
 
 
@@ -59,6 +59,7 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
     """(state, batch, tokenizer_params) -> (state, metrics); tokenizer_params is None for that stage."""
     model = build_model(cfg)
     tokenizer = VideoTokenizer(cfg.model)
+    tx = make_optimizer(cfg.train)
 
     def loss_fn(params: Any, batch: Batch, tokenizer_params: Any) -> tuple[jax.Array, Metrics]:
         if cfg.train.stage == "tokenizer":
@@ -69,6 +70,6 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
     def train_step(state: TrainState, batch: Batch, tokenizer_params: Any) -> tuple[TrainState, Metrics]:
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokenizer_params)
         metrics["grad_norm"] = optax.global_norm(grads)
-        return state.apply_gradients(grads=grads), metrics
+        return state.apply_gradients(grads, tx), metrics
 
     return train_step

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny real procedural dataset and a tiny model config."""
+
+from pathlib import Path
+
+import pytest
+
+from data_pipelines.datasets import make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = REPO / "experiments" / "configs" / "tiny_cpu.yaml"
+
+# A model small enough that a train step compiles and runs in about a second on a CPU.
+TINY_OVERRIDES = [
+    "model.image_size=16",
+    "model.tokenizer.embed_dim=32",
+    "model.tokenizer.num_layers=1",
+    "model.tokenizer.num_heads=2",
+    "model.tokenizer.mlp_dim=64",
+    "model.tokenizer.fsq_levels=[5, 5, 5]",
+    "model.dynamics.embed_dim=32",
+    "model.dynamics.num_layers=1",
+    "model.dynamics.num_heads=2",
+    "model.dynamics.mlp_dim=64",
+    "data.frames_per_clip=4",
+    "data.batch_size=8",
+    "train.warmup_steps=1",
+    "train.log_every_steps=1",
+    "checkpoint.every_steps=2",
+    "checkpoint.async_save=true",
+    "eval.context_frames=2",
+    "eval.horizon=3",
+    "eval.num_clips=4",
+    "eval.batch_size=4",
+    "eval.video_clips=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "procedural16"
+    make_dataset("procedural", str(out), episodes=10, frames=24, size=16, seed=0, val_fraction=0.1, test_fraction=0.2)
+    return out
+
+
+@pytest.fixture
+def tiny_overrides(tiny_dataset) -> list[str]:
+    return TINY_OVERRIDES + [f"data.dir={tiny_dataset}"]

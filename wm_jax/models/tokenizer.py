@@ -1,0 +1,123 @@
+"""Video tokenizer: ST-transformer autoencoder with an FSQ bottleneck.
+
+FSQ (finite scalar quantization, Mentzer et al. 2023) bounds each latent dimension to
+`levels[i]` values and rounds it; the code is the vector of rounded values scaled to
+[-1, 1], and its index is the mixed-radix number of the per-dimension levels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from wm_jax.config import ModelConfig
+from wm_jax.models import layers
+
+_FSQ_EPS = 1e-3  # keeps tanh's bound strictly inside the outer rounding cells
+
+
+def num_tokens(cfg: ModelConfig) -> int:
+    """Tokens per frame: (image_size / patch_size)^2."""
+    return (cfg.image_size // cfg.tokenizer.patch_size) ** 2
+
+
+def vocab_size(cfg: ModelConfig) -> int:
+    """Number of distinct FSQ codes: prod(fsq_levels)."""
+    return math.prod(cfg.tokenizer.fsq_levels)
+
+
+def _half_width(levels: tuple[int, ...]) -> np.ndarray:
+    """levels -> float32 [L]: the scale that maps rounded values to [-1, 1]."""
+    return (np.asarray(levels) // 2).astype(np.float32)
+
+
+def _basis(levels: tuple[int, ...]) -> np.ndarray:
+    """levels -> int32 [L]: mixed-radix place values (first dimension least significant)."""
+    return np.concatenate([[1], np.cumprod(levels[:-1])]).astype(np.int32)
+
+
+def fsq_bound(z: jax.Array, levels: tuple[int, ...]) -> jax.Array:
+    """z float [..., L] -> float32 [..., L] with dim i in the open cell range of levels[i].
+
+    Odd L rounds to {-(L-1)/2..(L-1)/2}; even L needs a half-step offset to round to
+    {-L/2..L/2-1}; the shift keeps z=0 mapped to 0.
+    """
+    lv = np.asarray(levels, dtype=np.float32)
+    half_l = (lv - 1) * (1 - _FSQ_EPS) / 2
+    offset = np.where(lv % 2 == 0, 0.5, 0.0).astype(np.float32)
+    shift = np.arctanh(offset / half_l)
+    return jnp.tanh(z.astype(jnp.float32) + shift) * half_l - offset
+
+
+def fsq_quantize(z: jax.Array, levels: tuple[int, ...]) -> jax.Array:
+    """z float [..., L] -> codes float32 [..., L] on the FSQ grid, in [-1, 1].
+
+    Rounding uses a straight-through estimator: the gradient is that of `fsq_bound`.
+    """
+    bounded = fsq_bound(z, levels)
+    rounded = bounded + jax.lax.stop_gradient(jnp.round(bounded) - bounded)
+    return rounded / _half_width(levels)
+
+
+def codes_to_indices(codes: jax.Array, levels: tuple[int, ...]) -> jax.Array:
+    """codes float [..., L] on the grid -> indices int32 [...] in [0, prod(levels))."""
+    hw = _half_width(levels)
+    digits = jnp.round(codes.astype(jnp.float32) * hw + hw).astype(jnp.int32)
+    return jnp.sum(digits * _basis(levels), axis=-1).astype(jnp.int32)
+
+
+def indices_to_codes(indices: jax.Array, levels: tuple[int, ...]) -> jax.Array:
+    """indices int [...] -> codes float32 [..., L] in [-1, 1]; inverse of `codes_to_indices`."""
+    digits = (indices[..., None] // _basis(levels)) % np.asarray(levels, dtype=np.int32)
+    hw = _half_width(levels)
+    return (digits.astype(jnp.float32) - hw) / hw
+
+
+class VideoTokenizer(nn.Module):
+    """Frames [B, T, H, W, 3] in [-1, 1] <-> FSQ codes [B, T, N, L].
+
+    Encoder and decoder temporal attention are causal: the codes of frame t depend on
+    frames <= t only, and frame t decodes from codes <= t (so rollouts decode streaming).
+    """
+
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        tc = self.cfg.tokenizer
+        dtype = layers.dtype_of(self.cfg.dtype)
+        stack = dict(num_layers=tc.num_layers, num_heads=tc.num_heads, mlp_dim=tc.mlp_dim, causal=True, dtype=dtype)
+        self.patch_embed = layers.Dense(tc.embed_dim, ("patch", "embed"), dtype)
+        self.enc_pos = layers.PositionEmbedding(dtype)
+        self.encoder = layers.Transformer(**stack)
+        self.enc_norm = layers.RMSNorm(dtype)
+        self.to_latent = layers.Dense(len(tc.fsq_levels), ("embed", "codebook"), dtype)
+        self.from_latent = layers.Dense(tc.embed_dim, ("codebook", "embed"), dtype)
+        self.dec_pos = layers.PositionEmbedding(dtype)
+        self.decoder = layers.Transformer(**stack)
+        self.dec_norm = layers.RMSNorm(dtype)
+        self.to_patch = layers.Dense(tc.patch_size**2 * 3, ("embed", "patch"), dtype)
+
+    def encode(self, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """frames float [B, T, H, W, 3] -> (codes float32 [B, T, N, L], indices int32 [B, T, N])."""
+        x = layers.patchify(frames, self.cfg.tokenizer.patch_size)
+        x = self.enc_pos(self.patch_embed(x))
+        x = self.enc_norm(self.encoder(x))
+        codes = fsq_quantize(self.to_latent(x), self.cfg.tokenizer.fsq_levels)
+        return codes, codes_to_indices(codes, self.cfg.tokenizer.fsq_levels)
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """codes float [B, T, N, L] -> frames float32 [B, T, H, W, 3]."""
+        x = self.dec_pos(self.from_latent(codes))
+        x = self.dec_norm(self.decoder(x))
+        patches = self.to_patch(x).astype(jnp.float32)
+        size = self.cfg.image_size
+        return layers.unpatchify(patches, self.cfg.tokenizer.patch_size, size, size)
+
+    def __call__(self, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """frames float [B, T, H, W, 3] -> (recon float32 [B, T, H, W, 3], indices int32 [B, T, N])."""
+        codes, indices = self.encode(frames)
+        return self.decode(codes), indices
