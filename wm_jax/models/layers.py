@@ -68,13 +68,12 @@ class Dense(nn.Module):
     features: int
     axes: tuple[str | None, str | None]
     dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., features] in `dtype`."""
-        kernel = self.param(
-            "kernel", partitioned(nn.initializers.lecun_normal(), self.axes), (x.shape[-1], self.features)
-        )
+        kernel = self.param("kernel", partitioned(self.kernel_init, self.axes), (x.shape[-1], self.features))
         bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axes[1],)), (self.features,))
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 

@@ -44,12 +44,12 @@ def fsq_bound(z: jax.Array, levels: tuple[int, ...]) -> jax.Array:
     """z float [..., L] -> float32 [..., L] with dim i in the open cell range of levels[i].
 
     Odd L rounds to {-(L-1)/2..(L-1)/2}; even L needs a half-step offset to round to
-    {-L/2..L/2-1}; the shift keeps z=0 mapped to 0.
+    {-L/2..L/2-1}; the shift keeps z=0 mapped to 0 (L=2 has no zero level: no shift).
     """
     lv = np.asarray(levels, dtype=np.float32)
     half_l = (lv - 1) * (1 - _FSQ_EPS) / 2
     offset = np.where(lv % 2 == 0, 0.5, 0.0).astype(np.float32)
-    shift = np.arctanh(offset / half_l)
+    shift = np.arctanh(np.where(lv > 2, offset / half_l, 0.0)).astype(np.float32)
     return jnp.tanh(z.astype(jnp.float32) + shift) * half_l - offset
 
 
@@ -99,7 +99,12 @@ class VideoTokenizer(nn.Module):
         self.dec_pos = layers.PositionEmbedding(dtype)
         self.decoder = layers.Transformer(**stack)
         self.dec_norm = layers.RMSNorm(dtype)
-        self.to_patch = layers.Dense(tc.patch_size**2 * 3, ("embed", "patch"), dtype)
+        # Zero init: the first reconstructions are flat grey, so early gradients are small;
+        # a random output layer drives the FSQ inputs into tanh saturation and every token
+        # collapses onto one code.
+        self.to_patch = layers.Dense(
+            tc.patch_size**2 * 3, ("embed", "patch"), dtype, kernel_init=nn.initializers.zeros_init()
+        )
 
     def encode(self, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
         """frames float [B, T, H, W, 3] -> (codes float32 [B, T, N, L], indices int32 [B, T, N])."""
