@@ -51,6 +51,9 @@ class DynamicsConfig:
     mlp_dim: int = 256
     num_actions: int = 5
     use_actions: bool = True  # ablation switch: False masks the action input
+    # "factorized": one small softmax per FSQ dimension (sum(levels) logits per token);
+    # "joint": one softmax over the whole codebook (prod(levels) logits, Genie-style).
+    head: str = "factorized"
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class Config:
 
 
 STAGES = ("tokenizer", "dynamics")
+DYNAMICS_HEADS = ("factorized", "joint")
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -307,6 +311,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'train.stage' must be one of {STAGES}; got '{cfg.train.stage}'"
             + _closest(cfg.train.stage, list(STAGES))
+        )
+    if cfg.model.dynamics.head not in DYNAMICS_HEADS:
+        raise ConfigError(
+            f"config key 'model.dynamics.head' must be one of {DYNAMICS_HEADS}; got '{cfg.model.dynamics.head}'"
+            + _closest(cfg.model.dynamics.head, list(DYNAMICS_HEADS))
         )
     positive = {
         "data.frames_per_clip": cfg.data.frames_per_clip,

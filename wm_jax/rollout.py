@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax.models.dynamics import DynamicsModel
-from wm_jax.models.tokenizer import VideoTokenizer, indices_to_codes
+from wm_jax.models.dynamics import DynamicsModel, predict_codes
+from wm_jax.models.tokenizer import VideoTokenizer, codes_to_indices
 from wm_jax.train.step import float_to_frames, frames_to_float
 
 
@@ -62,7 +62,7 @@ def rollout(
     @jax.jit
     def predict(codes_buf: jax.Array, actions_buf: jax.Array, pos: jax.Array) -> jax.Array:
         logits = dynamics.apply({"params": params}, codes_buf, actions_buf)
-        return jnp.argmax(jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False), axis=-1)
+        return predict_codes(jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False), dynamics.cfg)
 
     codes = [context_codes[:, i] for i in range(c)]
     new_codes, new_indices = [], []
@@ -75,9 +75,8 @@ def rollout(
         if filled < window:  # pad the future; causality makes the padding invisible
             buf = jnp.pad(buf, ((0, 0), (0, window - filled), (0, 0), (0, 0)))
             act = jnp.pad(act, ((0, 0), (0, window - filled)))
-        idx = predict(buf, act, jnp.int32(filled - 1))
-        code = indices_to_codes(idx, levels)
+        code = predict(buf, act, jnp.int32(filled - 1))
         codes.append(code)
         new_codes.append(code)
-        new_indices.append(idx)
+        new_indices.append(codes_to_indices(code, levels))
     return jnp.stack(new_codes, axis=1), jnp.stack(new_indices, axis=1)

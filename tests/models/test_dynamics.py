@@ -10,12 +10,12 @@ from flax import linen as nn
 
 from wm_jax.config import DynamicsConfig, ModelConfig, TokenizerConfig
 from wm_jax.models import tokenizer as tk
-from wm_jax.models.dynamics import DynamicsModel
+from wm_jax.models.dynamics import DynamicsModel, code_targets, logits_shape, predict_codes, token_loss
 
 CFG = ModelConfig(
     image_size=8,
     tokenizer=TokenizerConfig(patch_size=4, fsq_levels=(4, 3, 3)),
-    dynamics=DynamicsConfig(embed_dim=32, num_layers=1, num_heads=2, mlp_dim=64, num_actions=5),
+    dynamics=DynamicsConfig(embed_dim=32, num_layers=1, num_heads=2, mlp_dim=64, num_actions=5, head="joint"),
 )
 B, T, N, L, V = 2, 6, 4, 3, 36
 
@@ -101,3 +101,33 @@ def test_params_carry_logical_axes(with_actions):
     assert len(leaves) == len(jax.tree.leaves(nn.unbox(variables)))
     assert all(isinstance(s, jax.sharding.PartitionSpec) and any(s) for s in leaves)
     assert specs["params"]["logits"]["kernel"] == jax.sharding.PartitionSpec("embed", "vocab")
+
+
+FACTORIZED = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, head="factorized"))
+
+
+def test_factorized_head_shape_masks_missing_digits_and_stays_causal():
+    model = DynamicsModel(FACTORIZED)
+    codes, actions, mask = _inputs()
+    variables = jax.jit(model.init)(jax.random.key(1), codes, actions)
+    logits = jax.jit(model.apply)(variables, codes, actions)
+    assert logits_shape(FACTORIZED) == (L, 4) and logits.shape == (B, T, N, L, 4)
+    # levels (4, 3, 3): the 4th slot exists only for the first dimension
+    assert np.isfinite(logits[..., 0, :]).all() and np.isneginf(logits[..., 1:, 3]).all()
+    codes2, _, _ = _inputs(seed=7)
+    out = jax.jit(model.apply)(variables, codes.at[:, 3:].set(codes2[:, 3:]), actions)
+    np.testing.assert_array_equal(out[:, :3], logits[:, :3])
+
+
+@pytest.mark.parametrize("cfg", [CFG, FACTORIZED], ids=["joint", "factorized"])
+def test_targets_predictions_and_loss_agree(cfg):
+    codes, _, _ = _inputs()
+    targets = code_targets(codes, cfg)
+    width = logits_shape(cfg)[-1]
+    perfect = jnp.where(jax.nn.one_hot(targets, width) > 0, 30.0, -30.0)  # confident and right
+    np.testing.assert_array_equal(predict_codes(perfect, cfg), codes)
+    loss, accuracy = token_loss(perfect, codes, cfg)
+    assert float(accuracy) == 1.0 and float(loss) < 1e-6
+    wrong = jnp.roll(perfect, 1, axis=-1)
+    _, accuracy = token_loss(wrong, codes, cfg)
+    assert float(accuracy) == 0.0

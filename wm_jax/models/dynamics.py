@@ -8,13 +8,17 @@ actions at <= t only.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 from flax import linen as nn
 
 from wm_jax.config import ModelConfig
 from wm_jax.models import layers
-from wm_jax.models.tokenizer import vocab_size
+from wm_jax.models.tokenizer import codes_to_digits, codes_to_indices, digits_to_codes, indices_to_codes, vocab_size
 
 
 class ActionEmbedding(nn.Module):
@@ -47,8 +51,45 @@ class ActionEmbedding(nn.Module):
         return emb.astype(self.dtype)
 
 
+def _digit_mask(levels: tuple[int, ...]) -> np.ndarray:
+    """bool [L, max(levels)]: which digit slots exist for each FSQ dimension."""
+    return np.arange(max(levels))[None, :] < np.asarray(levels)[:, None]
+
+
+def logits_shape(cfg: ModelConfig) -> tuple[int, ...]:
+    """Trailing logits shape per token: (V,) for the joint head, (L, max level) factorized."""
+    levels = cfg.tokenizer.fsq_levels
+    return (vocab_size(cfg),) if cfg.dynamics.head == "joint" else (len(levels), max(levels))
+
+
+def code_targets(codes: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """codes float [..., L] -> int32 targets: [...] codebook indices (joint) or [..., L] digits."""
+    levels = cfg.tokenizer.fsq_levels
+    return codes_to_indices(codes, levels) if cfg.dynamics.head == "joint" else codes_to_digits(codes, levels)
+
+
+def predict_codes(logits: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Greedy prediction: logits [..., *logits_shape] -> codes float32 [..., L]."""
+    levels = cfg.tokenizer.fsq_levels
+    best = jnp.argmax(logits, axis=-1)
+    return indices_to_codes(best, levels) if cfg.dynamics.head == "joint" else digits_to_codes(best, levels)
+
+
+def token_loss(logits: jax.Array, target_codes: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy and exact-token accuracy of logits [B,T,N,*] against codes [B,T,N,L].
+
+    Factorized: the loss sums the per-dimension cross-entropies of a token; a token is
+    correct when every dimension is."""
+    targets = code_targets(target_codes, cfg)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    hit = jnp.argmax(logits, axis=-1) == targets
+    if cfg.dynamics.head == "factorized":
+        ce, hit = ce.sum(axis=-1), hit.all(axis=-1)
+    return jnp.mean(ce), jnp.mean(hit)
+
+
 class DynamicsModel(nn.Module):
-    """codes [B, T, N, L] + actions [B, T] -> logits [B, T, N, V] for frame t+1's indices."""
+    """codes [B, T, N, L] + actions [B, T] -> logits [B, T, N, *logits_shape] for frame t+1."""
 
     cfg: ModelConfig
 
@@ -60,7 +101,8 @@ class DynamicsModel(nn.Module):
         action_mask: jax.Array | None = None,
     ) -> jax.Array:
         """codes float [B, T, N, L], actions int32 [B, T], action_mask bool [B, T] | None
-        -> logits float32 [B, T, N, V], V = prod(fsq_levels); position t predicts frame t+1.
+        -> logits float32 [B, T, N, V] (joint, V = prod(fsq_levels)) or [B, T, N, L, max level]
+        (factorized; slots past a dimension's level count are -inf); position t predicts frame t+1.
         """
         dc = self.cfg.dynamics
         dtype = layers.dtype_of(self.cfg.dtype)
@@ -71,5 +113,10 @@ class DynamicsModel(nn.Module):
         x = layers.PositionEmbedding(dtype, name="pos_embed")(x + act[:, :, None, :])
         x = layers.Transformer(dc.num_layers, dc.num_heads, dc.mlp_dim, causal=True, dtype=dtype, name="transformer")(x)
         x = layers.RMSNorm(dtype, name="final_norm")(x)
-        logits = layers.Dense(vocab_size(self.cfg), ("embed", "vocab"), dtype, name="logits")(x)
-        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "time", "tokens", "vocab"))
+        shape = logits_shape(self.cfg)
+        logits = layers.Dense(math.prod(shape), ("embed", "vocab"), dtype, name="logits")(x).astype(jnp.float32)
+        logits = logits.reshape(logits.shape[:-1] + shape)
+        if dc.head == "factorized":
+            logits = jnp.where(_digit_mask(self.cfg.tokenizer.fsq_levels), logits, -jnp.inf)
+            return nn.with_logical_constraint(logits, ("batch", "time", "tokens", "codebook", "vocab"))
+        return nn.with_logical_constraint(logits, ("batch", "time", "tokens", "vocab"))

@@ -63,18 +63,27 @@ def fsq_quantize(z: jax.Array, levels: tuple[int, ...]) -> jax.Array:
     return rounded / _half_width(levels)
 
 
+def codes_to_digits(codes: jax.Array, levels: tuple[int, ...]) -> jax.Array:
+    """codes float [..., L] on the grid -> digits int32 [..., L], digit i in [0, levels[i])."""
+    hw = _half_width(levels)
+    return jnp.round(codes.astype(jnp.float32) * hw + hw).astype(jnp.int32)
+
+
+def digits_to_codes(digits: jax.Array, levels: tuple[int, ...]) -> jax.Array:
+    """digits int [..., L] -> codes float32 [..., L] in [-1, 1]; inverse of `codes_to_digits`."""
+    hw = _half_width(levels)
+    return (digits.astype(jnp.float32) - hw) / hw
+
+
 def codes_to_indices(codes: jax.Array, levels: tuple[int, ...]) -> jax.Array:
     """codes float [..., L] on the grid -> indices int32 [...] in [0, prod(levels))."""
-    hw = _half_width(levels)
-    digits = jnp.round(codes.astype(jnp.float32) * hw + hw).astype(jnp.int32)
-    return jnp.sum(digits * _basis(levels), axis=-1).astype(jnp.int32)
+    return jnp.sum(codes_to_digits(codes, levels) * _basis(levels), axis=-1).astype(jnp.int32)
 
 
 def indices_to_codes(indices: jax.Array, levels: tuple[int, ...]) -> jax.Array:
     """indices int [...] -> codes float32 [..., L] in [-1, 1]; inverse of `codes_to_indices`."""
     digits = (indices[..., None] // _basis(levels)) % np.asarray(levels, dtype=np.int32)
-    hw = _half_width(levels)
-    return (digits.astype(jnp.float32) - hw) / hw
+    return digits_to_codes(digits, levels)
 
 
 class VideoTokenizer(nn.Module):

@@ -166,7 +166,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     step = start_step
     try:
         with _StopFlag() as stop, mesh, nn.logical_axis_rules(rules):
-            window_start, wait_s = time.perf_counter(), 0.0
+            window_start, window_step, wait_s = time.perf_counter(), step, 0.0
             last = min(cfg.train.steps, stop_at or cfg.train.steps)
             while step < last:
                 t0 = time.perf_counter()
@@ -177,19 +177,19 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                 )
                 state, metrics = step_fn(state, batch, tokenizer_params)
                 step += 1
-                if step % cfg.train.log_every_steps == 0 or step == cfg.train.steps:
+                if step % cfg.train.log_every_steps == 0 or step == last:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     if not np.isfinite(values["loss"]):
                         raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}")
-                    elapsed = time.perf_counter() - window_start
-                    n = cfg.train.log_every_steps if step % cfg.train.log_every_steps == 0 else step % cfg.train.log_every_steps
+                    # Window averages; the first window of a process includes compilation.
+                    elapsed, n = time.perf_counter() - window_start, step - window_step
                     values.update(
                         step_s=elapsed / n,
                         frames_per_s=frames_per_step * n / elapsed,
                         data_wait_fraction=wait_s / elapsed,
                     )
                     logger.log(step, values)
-                    window_start, wait_s = time.perf_counter(), 0.0
+                    window_start, window_step, wait_s = time.perf_counter(), step, 0.0
                 preempted = stop.signal is not None
                 if step % cfg.checkpoint.every_steps == 0 or step == last or preempted:
                     ckpt.save(manager, step, state, _encode_iterator_state(batches.get_state()), cfg)

@@ -11,6 +11,7 @@ from flax import linen as nn
 
 from wm_jax.config import Config
 from wm_jax.eval.metrics import psnr_from_mse
+from wm_jax.models.dynamics import token_loss
 from wm_jax.models.tokenizer import VideoTokenizer, vocab_size
 from wm_jax.train.state import TrainState, build_model, make_optimizer
 
@@ -37,21 +38,16 @@ def tokenizer_loss(params: Any, model: nn.Module, batch: Batch) -> tuple[jax.Arr
     return mse, {"loss": mse, "psnr": psnr_from_mse(mse / 4.0), "code_usage": usage}
 
 
-def encode_indices(tokenizer: VideoTokenizer, tokenizer_params: Any, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """uint8 frames [B,T,H,W,3] -> (codes float [B,T,N,L], indices int32 [B,T,N]), no gradient."""
-    codes, indices = tokenizer.apply({"params": tokenizer_params}, frames_to_float(frames), method=tokenizer.encode)
-    return jax.lax.stop_gradient(codes), indices
+def encode_codes(tokenizer: VideoTokenizer, tokenizer_params: Any, frames: jax.Array) -> jax.Array:
+    """uint8 frames [B,T,H,W,3] -> FSQ codes float32 [B,T,N,L] of the frozen tokenizer."""
+    codes, _ = tokenizer.apply({"params": tokenizer_params}, frames_to_float(frames), method=tokenizer.encode)
+    return jax.lax.stop_gradient(codes)
 
 
-def dynamics_loss(
-    params: Any, model: nn.Module, batch: Batch, codes: jax.Array, indices: jax.Array
-) -> tuple[jax.Array, Metrics]:
+def dynamics_loss(params: Any, model: nn.Module, batch: Batch, codes: jax.Array) -> tuple[jax.Array, Metrics]:
     """Next-frame token cross-entropy: position t (frames <= t, action t) predicts frame t+1."""
     logits = model.apply({"params": params}, codes[:, :-1], batch["action"][:, :-1])
-    targets = indices[:, 1:]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    loss = jnp.mean(ce)
-    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == targets)
+    loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg)
     return loss, {"loss": loss, "token_accuracy": accuracy}
 
 
@@ -64,8 +60,8 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
     def loss_fn(params: Any, batch: Batch, tokenizer_params: Any) -> tuple[jax.Array, Metrics]:
         if cfg.train.stage == "tokenizer":
             return tokenizer_loss(params, model, batch)
-        codes, indices = encode_indices(tokenizer, tokenizer_params, batch["frame"])
-        return dynamics_loss(params, model, batch, codes, indices)
+        codes = encode_codes(tokenizer, tokenizer_params, batch["frame"])
+        return dynamics_loss(params, model, batch, codes)
 
     def train_step(state: TrainState, batch: Batch, tokenizer_params: Any) -> tuple[TrainState, Metrics]:
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokenizer_params)
