@@ -30,7 +30,7 @@ ACTION_DELTAS = np.array([[0, 0], [0, -1], [0, 1], [-1, 0], [1, 0]], np.float64)
 WORLD_SCALE = 2
 # The camera pans freely while the agent is within FOLLOW_ZONE·S of the view centre, and
 # is dragged along when the agent walks past that, so the agent never leaves the view.
-FOLLOW_ZONE = 0.25
+FOLLOW_ZONE = 0.125
 SHOT_LENGTH_RANGE = (16, 40)  # inclusive, in steps
 POLICY_PERSISTENCE = 0.75
 
@@ -116,7 +116,8 @@ def shot_cuts(rng: np.random.Generator, num_frames: int) -> np.ndarray:
 def new_shot(rng: np.random.Generator, world: World, agent: np.ndarray) -> tuple[np.ndarray, ...]:
     """Camera centre [2] near the agent (so it starts in view) and a nonzero pan [2]."""
     s = world.size
-    offset = rng.integers(-(s // 4), s // 4 + 1, size=2)
+    zone = int(FOLLOW_ZONE * s)  # start inside the dead zone: no follow jump after the cut
+    offset = rng.integers(-zone, zone + 1, size=2)
     centre = np.round(agent) + offset
     directions = np.array([(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy])
     vel = directions[rng.integers(len(directions))] * world.pan_speed

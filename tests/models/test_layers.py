@@ -85,8 +85,8 @@ def test_block_params_carry_logical_axes(block_vars):
     assert len(leaves) == len(jax.tree.leaves(nn.unbox(variables)))
     assert all(isinstance(s, PartitionSpec) and any(s) for s in leaves)
     params = specs["params"]
-    assert params["spatial_attn"]["query"]["kernel"] == PartitionSpec("embed", "heads", "kv")
-    assert params["spatial_attn"]["out"]["kernel"] == PartitionSpec("heads", "kv", "embed")
+    assert params["spatial_attn"]["query"] == PartitionSpec("embed", "heads", "kv")
+    assert params["spatial_attn"]["out"] == PartitionSpec("heads", "kv", "embed")
     assert params["mlp"]["wi"]["kernel"] == PartitionSpec("embed", "mlp")
 
 

@@ -123,27 +123,19 @@ class Attention(nn.Module):
         d = x.shape[-1]
         head_dim = d // self.num_heads
 
+        # Kernels are created at their true rank (not DenseGeneral's flattened init), so the
+        # logical axes match the shape when a mesh shards them at init.
+        init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+
         def proj(name: str) -> jax.Array:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim),
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=partitioned(nn.initializers.lecun_normal(), ("embed", "heads", "kv")),
-                name=name,
-            )(x)
+            kernel = self.param(name, partitioned(init, ("embed", "heads", "kv")), (d, self.num_heads, head_dim))
+            return jnp.einsum("bsd,dhk->bshk", x.astype(self.dtype), kernel.astype(self.dtype))
 
         q, k, v = proj("query"), proj("key"), proj("value")
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
-        return nn.DenseGeneral(
-            d,
-            axis=(-2, -1),
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=partitioned(nn.initializers.lecun_normal(), ("heads", "kv", "embed")),
-            name="out",
-        )(out)
+        out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+        kernel = self.param("out", partitioned(out_init, ("heads", "kv", "embed")), (self.num_heads, head_dim, d))
+        return jnp.einsum("bshk,hkd->bsd", out, kernel.astype(self.dtype))
 
 
 class SpatioTemporalBlock(nn.Module):

@@ -156,8 +156,13 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         f"{dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} processes"
     )
 
+    batch_shardings = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in (("frame", 5), ("action", 2))}
+    tokenizer_shardings = (
+        state_shardings(cfg, mesh, rules, stage="tokenizer")[1].params if tokenizer_params is not None else None
+    )
     step_fn = jax.jit(
         make_train_step(cfg),
+        in_shardings=(shardings, batch_shardings, tokenizer_shardings),
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
@@ -165,7 +170,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     logger = telemetry.RunLogger(workdir, cfg.train.steps, start_step, cfg.train.stage)
     step = start_step
     try:
-        with _StopFlag() as stop, mesh, nn.logical_axis_rules(rules):
+        with _StopFlag() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             window_start, window_step, wait_s = time.perf_counter(), step, 0.0
             last = min(cfg.train.steps, stop_at or cfg.train.steps)
             while step < last:

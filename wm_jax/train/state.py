@@ -103,7 +103,7 @@ def create_train_state(cfg: Config, mesh: Mesh, rules: Any, stage: str | None = 
     def init(rng: jax.Array) -> TrainState:
         return nn.meta.unbox(_boxed_init(model, tx, inputs, rng))
 
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.seed))
 
 

@@ -65,7 +65,7 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
 
     def train_step(state: TrainState, batch: Batch, tokenizer_params: Any) -> tuple[TrainState, Metrics]:
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokenizer_params)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return state.apply_gradients(grads, tx), metrics
 
     return train_step
