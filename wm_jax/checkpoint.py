@@ -81,13 +81,20 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, cfg: Config, wor
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores (state, data iterator state) at `step` onto the shardings of `abstract_state`."""
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-        ),
-    )
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        # Same config but other parameter shapes or names: written by another model version.
+        raise CheckpointError(
+            f"checkpoint {manager.directory}/{step} does not fit the current model's parameters "
+            f"(written by a different model version?): {str(e)[:600]}"
+        ) from e
     return restored["state"], restored["data"]
 
 

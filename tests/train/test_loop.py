@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -120,3 +122,24 @@ def test_8_device_mesh_matches_1_device(tmp_path, tiny_overrides):
     one = _losses_on(1, [], tmp_path / "one", tiny_overrides)
     eight = _losses_on(8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], tmp_path / "eight", tiny_overrides)
     np.testing.assert_allclose(eight, one, rtol=2e-4)
+
+
+def test_sigterm_saves_and_exits_42(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    args = sum((["--set", o] for o in tiny_overrides + ["train.steps=100000", "checkpoint.every_steps=100000"]), [])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wm_jax.cli", "train", "--config", str(PRESET), *args, "--workdir", str(run)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not read_metrics(run / "metrics.jsonl") and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 42, err[-2000:]
+    saved = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+    logged = read_metrics(run / "metrics.jsonl")[-1]["step"]
+    assert len(saved) == 1 and saved[0] >= logged  # saved at the step it stopped, not before

@@ -48,10 +48,6 @@ def held_out_clips(data_dir: str, cfg: Config, frames: int) -> dict[str, np.ndar
     return {k: np.concatenate([c[k] for c in clips]) for k in ("frame", "action")}
 
 
-def _batched(fn: Any, n: int, batch_size: int) -> list[Any]:
-    return [fn(slice(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-
-
 def video_grid(truth: np.ndarray, generated: np.ndarray, scale: int = 4) -> np.ndarray:
     """uint8 [B,T,H,W,3] pairs -> frames [T, B*H*scale, 3*W*scale, 3]: truth | generated | |diff|."""
     diff = np.abs(truth.astype(np.int16) - generated.astype(np.int16)).astype(np.uint8)
@@ -156,10 +152,26 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
     ctx, horizon = cfg.eval.context_frames, cfg.eval.horizon
     clips = held_out_clips(data_dir, cfg, ctx + horizon)
     frames, actions = clips["frame"], clips["action"]
-    n, bs = frames.shape[0], cfg.eval.batch_size
+    n = frames.shape[0]
+    rng = np.random.default_rng(cfg.seed)
+    random_actions = actions.copy()  # random from the first generated step on
+    random_actions[:, ctx - 1 :] = rng.integers(0, cfg.model.dynamics.num_actions, actions[:, ctx - 1 :].shape)
+    dynamics, window = DynamicsModel(cfg.model), cfg.data.frames_per_clip - 1
 
-    codes = _batched(lambda s: encode_frames(tokenizer, tok_params, frames[s], chunk)[0], n, bs)
-    recon = np.concatenate(_batched(lambda s: decode_codes(tokenizer, tok_params, codes[s.start // bs], chunk), n, bs))
+    def generate(context: jax.Array, acts: np.ndarray) -> np.ndarray:
+        """Context codes [B,C,N,L] + actions -> uint8 frames [B,C+H,...] (context reconstructed)."""
+        new, _ = rollout(dynamics, dyn_params, context, jnp.asarray(acts), horizon, window)
+        return decode_codes(tokenizer, tok_params, jnp.concatenate([context, new], axis=1), chunk)
+
+    recon, gen_true, gen_random = [], [], []
+    for i in range(0, n, cfg.eval.batch_size):
+        s = slice(i, min(i + cfg.eval.batch_size, n))
+        codes, _ = encode_frames(tokenizer, tok_params, frames[s], chunk)
+        recon.append(decode_codes(tokenizer, tok_params, codes, chunk))
+        if dyn_params is not None:
+            gen_true.append(generate(codes[:, :ctx], actions[s]))
+            gen_random.append(generate(codes[:, :ctx], random_actions[s]))
+    recon = np.concatenate(recon)
     result: dict[str, Any] = {
         "step": step,
         "checkpoint": str(ckpt.checkpoint_dir(workdir) / str(step)),
@@ -174,28 +186,14 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
     out.mkdir(parents=True, exist_ok=True)
     shown = min(cfg.eval.video_clips, n)
     if dyn_params is not None:
-        dynamics = DynamicsModel(cfg.model)
-        window = cfg.data.frames_per_clip - 1
-        rng = np.random.default_rng(cfg.seed)
-        random_actions = actions.copy()
-        random_actions[:, ctx - 1 :] = rng.integers(0, cfg.model.dynamics.num_actions, random_actions[:, ctx - 1 :].shape)
-
-        def generate(acts: np.ndarray) -> np.ndarray:
-            def one(s: slice) -> np.ndarray:
-                c = codes[s.start // bs]
-                new, _ = rollout(dynamics, dyn_params, c[:, :ctx], jnp.asarray(acts[s]), horizon, window)
-                return decode_codes(tokenizer, tok_params, jnp.concatenate([c[:, :ctx], new], axis=1), chunk)
-
-            return np.concatenate(_batched(one, n, bs))
-
-        gen_true, gen_random = generate(actions), generate(random_actions)
+        gen_true, gen_random = np.concatenate(gen_true), np.concatenate(gen_random)
         truth = frames[:, ctx:]
         copy_last = np.repeat(frames[:, ctx - 1 : ctx], horizon, axis=1)
         hs = list(range(1, horizon + 1))
-        per_h = lambda g: [float(v) for v in M.psnr_per_horizon(truth, g[:, ctx:])]
-        result["rollout"] = {"horizon": hs, "psnr": per_h(gen_true)}
-        result["rollout_random_actions"] = {"horizon": hs, "psnr": per_h(gen_random)}
-        result["baseline_copy_last"] = {"horizon": hs, "psnr": [float(v) for v in M.psnr_per_horizon(truth, copy_last)]}
+        per_h = lambda g: [float(v) for v in M.psnr_per_horizon(truth, g)]
+        result["rollout"] = {"horizon": hs, "psnr": per_h(gen_true[:, ctx:])}
+        result["rollout_random_actions"] = {"horizon": hs, "psnr": per_h(gen_random[:, ctx:])}
+        result["baseline_copy_last"] = {"horizon": hs, "psnr": per_h(copy_last)}
         true_mean, random_mean = np.mean(result["rollout"]["psnr"]), np.mean(result["rollout_random_actions"]["psnr"])
         result["controllability"] = {
             "psnr_true_actions": float(true_mean),
