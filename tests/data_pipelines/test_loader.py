@@ -1,3 +1,9 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import grain
 import numpy as np
 import pytest
@@ -98,3 +104,39 @@ def test_a_worker_process_loads_the_same_batches(data_dir):
     for w, g in zip(want, got):
         np.testing.assert_array_equal(w["frame"], g["frame"])
         np.testing.assert_array_equal(w["episode_id"], g["episode_id"])
+
+
+_PROCESS_SCRIPT = """
+import json, sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from data_pipelines import loader
+batches = loader.make_loader(sys.argv[3], split="train", frames_per_clip=6, batch_size=4, seed=0, num_epochs=1)
+keys = [(int(e), int(t)) for b in batches for e, t in zip(b["episode_id"][:, 0], b["t"][:, 0])]
+print(json.dumps({"process": jax.process_index(), "windows": keys}))
+"""
+
+
+@pytest.mark.multiprocess
+def test_shard_by_jax_process_splits_windows_across_real_processes(data_dir):
+    """Two JAX processes (jax.distributed on localhost): the default ShardByJaxProcess
+    gives each its own, disjoint half of the windows."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _PROCESS_SCRIPT, f"127.0.0.1:{port}", str(i), str(data_dir)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(o["process"] for o in outs) == [0, 1]
+    halves = [set(map(tuple, o["windows"])) for o in outs]
+    total = loader.num_windows(data_dir, "train", T)
+    assert halves[0] and halves[1] and not halves[0] & halves[1]
+    assert len(halves[0]) + len(halves[1]) >= total - 2 * 4  # each drops at most a partial batch
