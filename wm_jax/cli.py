@@ -47,13 +47,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from wm_jax import config as config_lib
-    from wm_jax.train.loop import Preempted, train
+    from wm_jax.train.loop import EXIT_PREEMPTED, Preempted, train
 
     cfg = config_lib.load(_preset_path(args.config), args.set)
     try:
         train(cfg, args.workdir)
     except Preempted:
-        return 42
+        return EXIT_PREEMPTED
     except FloatingPointError as e:
         print(f"error: numerics guard: {e}", file=sys.stderr)
         return EXIT_NUMERICS
