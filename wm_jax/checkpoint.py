@@ -10,14 +10,15 @@ have to match the devices at hand.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
 
 from wm_jax import config as config_lib
 from wm_jax.config import CheckpointConfig, Config, ConfigError
 
-ITEMS = ("state", "data", "config")
+ITEMS = ("state", "data", "config", "manifest")
 
 
 class CheckpointError(RuntimeError):
@@ -31,6 +32,7 @@ def checkpoint_dir(workdir: str | Path) -> Path:
 def make_manager(workdir: str | Path, cfg: CheckpointConfig, *, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.max_to_keep,
+        keep_period=cfg.keep_period or None,
         enable_async_checkpointing=cfg.async_save,
         create=not read_only,
         read_only=read_only,
@@ -38,7 +40,7 @@ def make_manager(workdir: str | Path, cfg: CheckpointConfig, *, read_only: bool 
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict, cfg: Config) -> bool:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict, cfg: Config, manifest: dict) -> bool:
     """Starts an (async) save; returns whether the manager saved at this step."""
     return manager.save(
         step,
@@ -46,6 +48,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config_lib.to_dict(cfg)),
+            manifest=ocp.args.JsonSave(manifest),
         ),
         force=True,
     )
@@ -96,6 +99,56 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
             f"(written by a different model version?): {str(e)[:600]}"
         ) from e
     return restored["state"], restored["data"]
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
+    """Parameters alone at `step`: the optimizer state's arrays are never read."""
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": abstract_params},
+                    restore_args=jax.tree.map(
+                        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+                        {"params": abstract_params},
+                    ),
+                    partial_restore=True,
+                )
+            ),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"checkpoint {manager.directory}/{step}: parameters do not fit the current model: {str(e)[:600]}"
+        ) from e
+    return restored["state"]["params"]
+
+
+def restore_newest_good(
+    manager: ocp.CheckpointManager, abstract_state: Any, cfg: Config, workdir: str | Path, warn: Callable[[str], None]
+) -> tuple[int, Any, dict] | None:
+    """(step, state, data state) of the newest finished checkpoint that restores, or None.
+
+    A damaged checkpoint (truncated or unreadable file) is reported through `warn` and the
+    previous one is tried. A checkpoint of a different model config is refused outright
+    (ConfigError). If every checkpoint fails, the newest error is raised: then the cause is
+    the model code, not the files."""
+    errors = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            check_compatible(manager, step, cfg, workdir)
+            state, data_state = restore(manager, step, abstract_state)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 — tensorstore/orbax raise many types for bad bytes
+            errors.append((step, e))
+            continue
+        for bad_step, e in errors:
+            warn(f"checkpoint {manager.directory}/{bad_step} is damaged and was skipped: {str(e)[:300]}")
+        return step, state, data_state
+    if errors:
+        raise errors[0][1]
+    return None
 
 
 def latest_step(workdir: str | Path) -> int | None:

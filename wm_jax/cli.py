@@ -1,4 +1,4 @@
-"""`wm` command line: data, train, eval, demo.
+"""`wm` command line: data, train, eval, bench, demo.
 
 Exit codes (DESIGN.md §6): 0 ok; 2 bad usage, config or input (the message names the
 key or file); 3 numerics guard; 42 preempted after a successful save.
@@ -116,6 +116,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(f"benchmarks.{args.name}").main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wm", description="wm_jax: pretrain and evaluate video world models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data")
     ev.add_argument("--out")
     ev.set_defaults(fn=cmd_eval)
+
+    bench = sub.add_parser("bench", help="benchmarks; the last line printed is a JSON object")
+    bench.add_argument("name", choices=["checkpoint"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see wm bench NAME --help)")
+    bench.set_defaults(fn=cmd_bench)
 
     demo = sub.add_parser("demo", help="data → tokenizer → dynamics → eval on CPU")
     demo.add_argument("--out", default="runs/demo")

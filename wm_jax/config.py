@@ -75,6 +75,11 @@ class TrainConfig:
     grad_clip_norm: float = 1.0
     log_every_steps: int = 10
     tokenizer_workdir: str = ""  # dynamics stage: run directory of a trained tokenizer
+    # Numerics guard: a step with a non-finite loss or gradient is skipped (no update);
+    # this many skips in a row stop the run with exit code 3.
+    max_nonfinite_steps: int = 3
+    spike_window: int = 20  # logged losses the loss-spike z-score is computed over
+    spike_zscore: float = 6.0  # a logged loss this many std above the window mean is an event
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,9 @@ class MeshConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 50
-    max_to_keep: int = 3
+    every_minutes: float = 0.0  # also save when this much wall time passed since the last save (0: off)
+    max_to_keep: int = 3  # the newest checkpoints kept ...
+    keep_period: int = 0  # ... plus every step divisible by this, forever (0: none)
     async_save: bool = True
 
 
@@ -323,6 +330,8 @@ def validate(cfg: Config) -> None:
         "data.window_stride": cfg.data.window_stride,
         "train.steps": cfg.train.steps,
         "train.log_every_steps": cfg.train.log_every_steps,
+        "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
+        "train.spike_window": cfg.train.spike_window,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "checkpoint.max_to_keep": cfg.checkpoint.max_to_keep,
         "model.image_size": cfg.model.image_size,

@@ -33,7 +33,10 @@ class RunLogger:
         from tensorboardX import SummaryWriter  # heavy import; process 0 only
 
         workdir = Path(workdir)
+        repair_jsonl(workdir / "metrics.jsonl")
+        repair_jsonl(workdir / "events.jsonl")
         self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        self._events = open(workdir / "events.jsonl", "a", buffering=1)
         self._tb = SummaryWriter(str(workdir / "tb"))
         self._progress = Progress(
             TextColumn(f"[bold]{stage}"),
@@ -56,15 +59,21 @@ class RunLogger:
             self._tb.add_scalar(f"{self.stage}/{k}", v, step)
         self._progress.update(self._task, completed=step, info=_fmt(metrics))
 
-    def event(self, message: str) -> None:
-        if self.enabled:
-            self._progress.console.print(message)
+    def event(self, step: int, kind: str, message: str, **fields: Any) -> None:
+        """A notable moment (skipped step, loss spike, damaged checkpoint, preemption):
+        printed and appended to `events.jsonl`."""
+        if not self.enabled:
+            return
+        self._progress.console.print(f"[yellow]step {step}: {message}")
+        row = {"step": step, "event": kind, "message": message, "time": time.time(), **fields}
+        self._events.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
         if not self.enabled:
             return
         self._progress.stop()
         self._jsonl.close()
+        self._events.close()
         self._tb.close()
 
 
@@ -72,6 +81,15 @@ def info(message: str) -> None:
     """A console line from process 0."""
     if jax.process_index() == 0:
         console.print(message)
+
+
+def repair_jsonl(path: Path) -> None:
+    """Drops a partial last line (a process killed mid-write) so appends stay valid JSONL."""
+    if not path.exists():
+        return
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        path.write_bytes(raw[: raw.rfind(b"\n") + 1])
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -6,9 +6,11 @@ resumes from the newest finished checkpoint: train state and data iterator posit
 
 from __future__ import annotations
 
+import collections
 import json
 import signal
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from data_pipelines.loader import make_loader
 from data_pipelines.writer import DatasetError, verify_dataset
 from wm_jax import checkpoint as ckpt
 from wm_jax import config as config_lib
-from wm_jax import sharding, telemetry
+from wm_jax import provenance, sharding, telemetry
 from wm_jax.config import Config, ConfigError
 from wm_jax.train.state import TrainState, create_train_state, param_count, state_shardings
 from wm_jax.train.step import make_train_step
@@ -76,16 +78,16 @@ def load_run_config(workdir: str | Path) -> Config:
 
 
 def restore_params(workdir: str | Path, mesh: Any, rules: Any, step: int | None = None) -> tuple[Any, Config, int]:
-    """Parameters of a run's checkpoint onto `mesh`: (params, run config, step)."""
+    """Parameters of a run's checkpoint onto `mesh` (no optimizer bytes read): (params, run config, step)."""
     run_cfg = load_run_config(workdir)
     step = ckpt.require_step(workdir, step)
     abstract, _ = state_shardings(run_cfg, mesh, rules)
     manager = ckpt.make_manager(workdir, run_cfg.checkpoint, read_only=True)
     try:
-        state, _ = ckpt.restore(manager, step, abstract)
+        params = ckpt.restore_params(manager, step, abstract.params)
     finally:
         manager.close()
-    return state.params, run_cfg, step
+    return params, run_cfg, step
 
 
 def load_tokenizer(cfg: Config, mesh: Any, rules: Any) -> Any:
@@ -101,6 +103,19 @@ def load_tokenizer(cfg: Config, mesh: Any, rules: Any) -> Any:
         )
     telemetry.info(f"tokenizer: {cfg.train.tokenizer_workdir} step {step}")
     return params
+
+
+def batch_fingerprint(batch: dict[str, np.ndarray]) -> int:
+    """CRC32 of this process's frames and actions: identical batches, identical numbers."""
+    return zlib.crc32(np.ascontiguousarray(batch["action"]).tobytes(), zlib.crc32(np.ascontiguousarray(batch["frame"]).tobytes()))
+
+
+def loss_zscore(loss: float, recent: collections.deque) -> float:
+    """How many standard deviations `loss` lies above the mean of `recent` (0 until 5 values)."""
+    if len(recent) < 5 or not np.isfinite(loss):
+        return 0.0
+    mean, std = float(np.mean(recent)), float(np.std(recent))
+    return (loss - mean) / max(std, 1e-8)
 
 
 def _encode_iterator_state(state: Any) -> dict:
@@ -119,18 +134,21 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     `stop_at` ends this invocation after that global step with a checkpoint, as a
     preemption would (the schedule still runs to `cfg.train.steps` on resume)."""
     workdir = Path(workdir)
-    check_dataset(cfg, cfg.data.dir, cfg.data.split)
+    manifest = check_dataset(cfg, cfg.data.dir, cfg.data.split)
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.logical_rules(cfg.mesh)
     sharding.check_batch_divisible(cfg.data.batch_size, mesh, rules)
 
     manager = ckpt.make_manager(workdir, cfg.checkpoint)
-    start_step = manager.latest_step()
-    if start_step is not None:
-        ckpt.check_compatible(manager, start_step, cfg, workdir)
+    if manager.latest_step() is not None:  # refuse another model before touching the run
+        ckpt.check_compatible(manager, manager.latest_step(), cfg, workdir)
+    dataset_hash = manifest["content_hash"]
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         config_lib.dump(cfg, workdir / "config.yaml")
+        (workdir / "manifest.json").write_text(
+            json.dumps(provenance.run_manifest(dataset_hash=dataset_hash, mesh_shape=dict(mesh.shape)), indent=2)
+        )
 
     tokenizer_params = load_tokenizer(cfg, mesh, rules) if cfg.train.stage == "dynamics" else None
     abstract, shardings = state_shardings(cfg, mesh, rules)
@@ -144,11 +162,12 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         worker_count=cfg.data.worker_count,
     )
     batches = iter(loader)
-    if start_step is None:
-        state = create_train_state(cfg, mesh, rules)
-        start_step = 0
+    damaged: list[str] = []
+    found = ckpt.restore_newest_good(manager, abstract, cfg, workdir, warn=damaged.append)
+    if found is None:
+        state, start_step = create_train_state(cfg, mesh, rules), 0
     else:
-        state, data_state = ckpt.restore(manager, start_step, abstract)
+        start_step, state, data_state = found
         batches.set_state(_decode_iterator_state(data_state))
         telemetry.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start_step}")
     telemetry.info(
@@ -168,7 +187,10 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     )
     frames_per_step = cfg.data.batch_size * cfg.data.frames_per_clip
     logger = telemetry.RunLogger(workdir, cfg.train.steps, start_step, cfg.train.stage)
-    step = start_step
+    for message in damaged:
+        logger.event(start_step, "damaged_checkpoint", message)
+    step, skipped_in_a_row, last_save = start_step, 0, time.monotonic()
+    recent_losses: collections.deque[float] = collections.deque(maxlen=cfg.train.spike_window)
     try:
         with _StopFlag() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             window_start, window_step, wait_s = time.perf_counter(), step, 0.0
@@ -182,25 +204,44 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                 )
                 state, metrics = step_fn(state, batch, tokenizer_params)
                 step += 1
+                # One scalar read per step: the guard must count consecutive skips exactly.
+                if bool(metrics["skipped"]):
+                    skipped_in_a_row += 1
+                    logger.event(step, "nonfinite", f"non-finite loss or gradient: update skipped ({skipped_in_a_row} in a row)")
+                    if skipped_in_a_row >= cfg.train.max_nonfinite_steps:
+                        raise FloatingPointError(
+                            f"{skipped_in_a_row} consecutive non-finite steps at step {step}; "
+                            f"last good checkpoint: {manager.latest_step()}"
+                        )
+                else:
+                    skipped_in_a_row = 0
                 if step % cfg.train.log_every_steps == 0 or step == last:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not np.isfinite(values["loss"]):
-                        raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}")
                     # Window averages; the first window of a process includes compilation.
                     elapsed, n = time.perf_counter() - window_start, step - window_step
                     values.update(
                         step_s=elapsed / n,
                         frames_per_s=frames_per_step * n / elapsed,
                         data_wait_fraction=wait_s / elapsed,
+                        batch_crc32=batch_fingerprint(local),
                     )
+                    spike = loss_zscore(values["loss"], recent_losses)
+                    if spike > cfg.train.spike_zscore:
+                        logger.event(step, "loss_spike", f"loss {values['loss']:.4g} is {spike:.1f} std above the recent mean", zscore=spike)
+                    if np.isfinite(values["loss"]):
+                        recent_losses.append(values["loss"])
                     logger.log(step, values)
                     window_start, window_step, wait_s = time.perf_counter(), step, 0.0
                 preempted = stop.signal is not None
-                if step % cfg.checkpoint.every_steps == 0 or step == last or preempted:
-                    ckpt.save(manager, step, state, _encode_iterator_state(batches.get_state()), cfg)
+                minutes = cfg.checkpoint.every_minutes
+                due = step % cfg.checkpoint.every_steps == 0 or (minutes > 0 and time.monotonic() - last_save >= 60 * minutes)
+                if due or step == last or preempted:
+                    run_manifest = provenance.run_manifest(dataset_hash=dataset_hash, mesh_shape=dict(mesh.shape), step=step)
+                    ckpt.save(manager, step, state, _encode_iterator_state(batches.get_state()), cfg, run_manifest)
+                    last_save = time.monotonic()
                 if preempted:
                     manager.wait_until_finished()
-                    logger.event(f"signal {stop.signal}: saved step {step}, exiting {EXIT_PREEMPTED}")
+                    logger.event(step, "preempted", f"signal {stop.signal}: saved step {step}, exiting {EXIT_PREEMPTED}")
                     raise Preempted(step)
         manager.wait_until_finished()
     finally:

@@ -64,8 +64,17 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
         return dynamics_loss(params, model, batch, codes)
 
     def train_step(state: TrainState, batch: Batch, tokenizer_params: Any) -> tuple[TrainState, Metrics]:
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokenizer_params)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        return state.apply_gradients(grads, tx), metrics
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokenizer_params)
+        grad_norm = optax.tree.norm(grads)
+        # Numerics guard: a non-finite loss or gradient leaves params and optimizer untouched.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updated = state.apply_gradients(grads, tx)
+        keep = lambda new, old: jnp.where(finite, new, old)
+        state = updated.replace(
+            params=jax.tree.map(keep, updated.params, state.params),
+            opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state),
+        )
+        metrics.update(grad_norm=grad_norm, skipped=~finite)
+        return state, metrics
 
     return train_step
