@@ -22,6 +22,8 @@ def test_overrides_are_typed():
     assert cfg.train.steps == 7
     assert cfg.model.tokenizer.fsq_levels == (4, 4)
     assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
+    # YAML 1.1 reads exponent floats without a dot as strings; float keys accept them
+    assert config_lib.load(PRESET, ["train.learning_rate=3e-4"]).train.learning_rate == 3e-4
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ have to match the devices at hand.
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -124,6 +126,15 @@ def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: A
     return restored["state"]["params"]
 
 
+def quarantine(directory: Path, step: int) -> Path:
+    """Moves checkpoint `step` out of `directory` into a sibling `damaged_checkpoints/`."""
+    target = directory.parent / "damaged_checkpoints" / f"{step}-{int(time.time())}"
+    if jax.process_index() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(directory / str(step)), target)
+    return target
+
+
 def restore_newest_good(
     manager: ocp.CheckpointManager, abstract_state: Any, cfg: Config, workdir: str | Path, warn: Callable[[str], None]
 ) -> tuple[int, Any, dict] | None:
@@ -144,7 +155,11 @@ def restore_newest_good(
             errors.append((step, e))
             continue
         for bad_step, e in errors:
-            warn(f"checkpoint {manager.directory}/{bad_step} is damaged and was skipped: {str(e)[:300]}")
+            # Moved aside, not deleted: the step will be saved again, and the bytes are evidence.
+            aside = quarantine(Path(str(manager.directory)), bad_step)
+            warn(f"checkpoint {bad_step} is damaged, moved to {aside}; resuming from {step}: {str(e)[:300]}")
+        if errors:
+            manager.reload()
         return step, state, data_state
     if errors:
         raise errors[0][1]

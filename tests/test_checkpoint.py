@@ -1,0 +1,120 @@
+"""Checkpoint integrity and restore-anywhere, on real orbax checkpoints on disk."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import PRESET, REPO
+from wm_jax import checkpoint as ckpt
+from wm_jax import config as config_lib
+from wm_jax import sharding
+from wm_jax.cli import main
+from wm_jax.telemetry import read_metrics
+from wm_jax.train.loop import restore_params, train
+from wm_jax.train.state import state_shardings
+
+
+def _cfg(overrides, *extra):
+    return config_lib.load(PRESET, list(overrides) + list(extra))
+
+
+def _steps(run):
+    return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _largest_file(directory):
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_truncated_checkpoint_falls_back_to_previous_step(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    train(_cfg(tiny_overrides, "train.steps=4"), run)
+    victim = _largest_file(run / "checkpoints" / "4" / "state")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    train(_cfg(tiny_overrides, "train.steps=6"), run)
+    events = read_metrics(run / "events.jsonl")
+    assert [e["event"] for e in events] == ["damaged_checkpoint"] and "/4" in events[0]["message"]
+    # resumed from step 2: steps 3 and 4 were trained (and logged) again
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 3, 4, 5, 6]
+
+
+def test_half_written_checkpoint_directory_is_ignored(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    train(_cfg(tiny_overrides, "train.steps=2"), run)
+    partial = run / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000000000"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\0" * 100)
+    assert ckpt.latest_step(run) == 2
+    train(_cfg(tiny_overrides, "train.steps=4"), run)
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_params_only_restore_matches_full_restore(tmp_path, tiny_overrides):
+    """Evaluators restore parameters alone (orbax partial restore of the `params` subtree)."""
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_overrides, "train.steps=2")
+    train(cfg, run)
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.logical_rules(cfg.mesh)
+    params, run_cfg, step = restore_params(run, mesh, rules)
+    abstract, _ = state_shardings(cfg, mesh, rules)
+    manager = ckpt.make_manager(run, cfg.checkpoint, read_only=True)
+    full, _ = ckpt.restore(manager, 2, abstract)
+    manager.close()
+    assert step == 2 and run_cfg == cfg
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_steps_stop_with_exit_3(tmp_path, tiny_overrides):
+    """A learning rate of 1e30 blows the parameters up after one step: later losses are not
+    finite, their updates are skipped, and the third in a row stops the run."""
+    args = sum((["--set", o] for o in tiny_overrides + ["train.steps=20", "train.learning_rate=1e30", "train.warmup_steps=0"]), [])
+    assert main(["train", "--config", str(PRESET), *args, "--workdir", str(tmp_path / "run")]) == 3
+    events = [e["event"] for e in read_metrics(tmp_path / "run" / "events.jsonl")]
+    assert events.count("nonfinite") == 3
+    assert ckpt.latest_step(tmp_path / "run") is not None  # the last save is intact
+
+
+_RESUME_SCRIPT = """
+import sys
+from wm_jax import config as config_lib
+from wm_jax.train.loop import train
+train(config_lib.load(sys.argv[1], sys.argv[3:]), sys.argv[2])
+"""
+
+
+def _train_on(devices, workdir, overrides):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _RESUME_SCRIPT, str(PRESET), str(workdir), *overrides],
+                         env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.multiprocess
+def test_restore_8_to_4_to_1_devices_and_continue(tmp_path, tiny_overrides):
+    """Saved sharded on 8 devices, resumed on 4, then on 1: training continues and the
+    losses match a run that never changed devices."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    common = tiny_overrides + ["train.steps=6", "checkpoint.every_steps=2"]
+    _train_on(8, run, common + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])  # runs 6 steps...
+    # ...so restart from its step-2 checkpoint on 4 devices, then from step 4 on 1 device.
+    for step in (4, 6):
+        for p in (run / "checkpoints").iterdir():
+            if p.name.isdigit() and int(p.name) > step - 2:
+                __import__("shutil").rmtree(p)
+        rows = [r for r in read_metrics(run / "metrics.jsonl") if r["step"] <= step - 2]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        devices, mesh = (4, ["mesh.fsdp=2", "mesh.tensor=2"]) if step == 4 else (1, [])
+        _train_on(devices, run, common + mesh + [f"train.steps=6"])
+        assert _steps(run)[-1] == 6
+    _train_on(1, ref, common)
+    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl")]
+    assert len(losses(run)) == 6
+    np.testing.assert_allclose(losses(run), losses(ref), rtol=2e-4)
