@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import PRESET, REPO
@@ -110,3 +111,13 @@ def test_restore_8_to_4_to_1_devices_and_continue(tmp_path, tiny_overrides):
     losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl")]
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose(losses(run), losses(ref), rtol=2e-4)
+
+
+def test_preservation_keeps_the_newest_plus_every_kth(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    train(_cfg(tiny_overrides, "train.steps=10", "checkpoint.max_to_keep=1", "checkpoint.keep_period=4"), run)
+    assert _steps(run) == [4, 8, 10]
+    manager = ckpt.make_manager(run, _cfg(tiny_overrides).checkpoint, read_only=True)
+    manifest = manager.restore(10, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"]
+    manager.close()
+    assert manifest["step"] == 10 and len(manifest["dataset_hash"]) == 64 and manifest["packages"]["jax"]

@@ -1,4 +1,4 @@
-"""`wm` command line: data, train, eval, bench, demo.
+"""`wm` command line: data, train, eval, export, bench, demo.
 
 Exit codes (DESIGN.md §6): 0 ok; 2 bad usage, config or input (the message names the
 key or file); 3 numerics guard; 42 preempted after a successful save.
@@ -76,6 +76,14 @@ DEMO_EPISODES = 96
 DEMO_FRAMES = 64
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from wm_jax.export import export_bundle
+
+    info = export_bundle(args.workdir, args.out, args.step)
+    print(f"wrote {args.out}: {info['stage']} parameters at step {info['step']}" + (" + its tokenizer" if "tokenizer" in info else ""))
+    return 0
+
+
 def run_demo(out: str | Path, config: str = "tiny_cpu", overrides: list[str] = ()) -> dict:
     """data → tokenizer → dynamics → eval with the presets `config` and `config`_dynamics;
     returns the eval metrics."""
@@ -151,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data")
     ev.add_argument("--out")
     ev.set_defaults(fn=cmd_eval)
+
+    exp = sub.add_parser("export", help="write an inference bundle (parameters + config + manifest)")
+    exp.add_argument("--workdir", required=True)
+    exp.add_argument("--step", type=int)
+    exp.add_argument("--out", required=True)
+    exp.set_defaults(fn=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks; the last line printed is a JSON object")
     bench.add_argument("name", choices=["checkpoint"])

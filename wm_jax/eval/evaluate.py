@@ -21,6 +21,7 @@ from wm_jax import checkpoint as ckpt
 from wm_jax import sharding, telemetry
 from wm_jax.config import Config, MeshConfig
 from wm_jax.eval import metrics as M
+from wm_jax.export import is_bundle, tokenizer_source
 from wm_jax.models.dynamics import DynamicsModel
 from wm_jax.models.tokenizer import VideoTokenizer
 from wm_jax.rollout import decode_codes, encode_frames, rollout
@@ -146,7 +147,7 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
     if cfg.train.stage == "tokenizer":
         tok_params, dyn_params = params, None
     else:
-        tok_params, _, _ = restore_params(cfg.train.tokenizer_workdir, mesh, rules)
+        tok_params, _, _ = restore_params(tokenizer_source(workdir, cfg), mesh, rules)
         dyn_params = params
 
     ctx, horizon = cfg.eval.context_frames, cfg.eval.horizon
@@ -174,7 +175,7 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
     recon = np.concatenate(recon)
     result: dict[str, Any] = {
         "step": step,
-        "checkpoint": str(ckpt.checkpoint_dir(workdir) / str(step)),
+        "checkpoint": str(workdir) if is_bundle(workdir) else str(ckpt.checkpoint_dir(workdir) / str(step)),
         "dataset_hash": manifest["content_hash"],
         "workdir": str(workdir),
         "data_dir": str(data_dir),

@@ -22,7 +22,7 @@ from data_pipelines.loader import make_loader
 from data_pipelines.writer import DatasetError, verify_dataset
 from wm_jax import checkpoint as ckpt
 from wm_jax import config as config_lib
-from wm_jax import provenance, sharding, telemetry
+from wm_jax import export, provenance, sharding, telemetry
 from wm_jax.config import Config, ConfigError
 from wm_jax.train.state import TrainState, create_train_state, param_count, state_shardings
 from wm_jax.train.step import make_train_step
@@ -78,10 +78,16 @@ def load_run_config(workdir: str | Path) -> Config:
 
 
 def restore_params(workdir: str | Path, mesh: Any, rules: Any, step: int | None = None) -> tuple[Any, Config, int]:
-    """Parameters of a run's checkpoint onto `mesh` (no optimizer bytes read): (params, run config, step)."""
+    """Parameters of a run's checkpoint (no optimizer bytes read), or of an inference bundle,
+    onto `mesh`: (params, run config, step)."""
     run_cfg = load_run_config(workdir)
-    step = ckpt.require_step(workdir, step)
     abstract, _ = state_shardings(run_cfg, mesh, rules)
+    if export.is_bundle(workdir):
+        info = export.read_bundle(workdir)
+        if step is not None and step != info["step"]:
+            raise ckpt.CheckpointError(f"bundle {workdir} holds step {info['step']}, not {step}")
+        return export.load_bundle_params(workdir, abstract.params), run_cfg, info["step"]
+    step = ckpt.require_step(workdir, step)
     manager = ckpt.make_manager(workdir, run_cfg.checkpoint, read_only=True)
     try:
         params = ckpt.restore_params(manager, step, abstract.params)
