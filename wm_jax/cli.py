@@ -50,6 +50,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from wm_jax.train.loop import EXIT_PREEMPTED, Preempted, train
 
     cfg = config_lib.load(_preset_path(args.config), args.set)
+    if args.coordinator:
+        import jax
+
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+        )
     try:
         train(cfg, args.workdir)
     except Preempted:
@@ -151,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML file or preset name (experiments/configs)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--workdir", required=True)
+    train.add_argument("--coordinator", help="host:port of process 0, to join a multi-process run")
+    train.add_argument("--num-processes", type=int, default=1)
+    train.add_argument("--process-id", type=int, default=0)
     train.set_defaults(fn=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on held-out episodes")

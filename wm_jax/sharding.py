@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from wm_jax.config import ConfigError, MeshConfig
@@ -102,3 +103,11 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, rules: Any) -> None:
             f"config key 'data.batch_size' ({global_batch}) must be divisible by the batch "
             f"shards of the mesh ({shards}) and the process count ({jax.process_count()})"
         )
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on any one (e.g. a preemption signal that
+    reached only some hosts), so all processes act on the same step."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))

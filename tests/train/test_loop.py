@@ -143,3 +143,37 @@ def test_sigterm_saves_and_exits_42(tmp_path, tiny_overrides):
     saved = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
     logged = read_metrics(run / "metrics.jsonl")[-1]["step"]
     assert len(saved) == 1 and saved[0] >= logged  # saved at the step it stopped, not before
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, tiny_overrides):
+    """Two real JAX processes (2 fake CPU devices each) train one model; only process 0 gets
+    SIGTERM, yet both save the same step and exit 42."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    args = sum((["--set", o] for o in tiny_overrides + ["train.steps=100000", "checkpoint.every_steps=100000"]), [])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "wm_jax.cli", "train", "--config", str(PRESET), *args, "--workdir", str(run),
+             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.time() + 300
+        while not read_metrics(run / "metrics.jsonl") and time.time() < deadline and all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        procs[0].send_signal(signal.SIGTERM)
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [42, 42], [e[-1500:] for e in errs]
+    saved = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= read_metrics(run / "metrics.jsonl")[-1]["step"]

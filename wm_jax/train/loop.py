@@ -238,7 +238,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                         recent_losses.append(values["loss"])
                     logger.log(step, values)
                     window_start, window_step, wait_s = time.perf_counter(), step, 0.0
-                preempted = stop.signal is not None
+                preempted = sharding.any_process(stop.signal is not None)
                 minutes = cfg.checkpoint.every_minutes
                 due = step % cfg.checkpoint.every_steps == 0 or (minutes > 0 and time.monotonic() - last_save >= 60 * minutes)
                 if due or step == last or preempted:
@@ -247,7 +247,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                     last_save = time.monotonic()
                 if preempted:
                     manager.wait_until_finished()
-                    logger.event(step, "preempted", f"signal {stop.signal}: saved step {step}, exiting {EXIT_PREEMPTED}")
+                    logger.event(step, "preempted", f"preemption signal: saved step {step}, exiting {EXIT_PREEMPTED}")
                     raise Preempted(step)
         manager.wait_until_finished()
     finally:
