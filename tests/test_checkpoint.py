@@ -44,6 +44,20 @@ def test_truncated_checkpoint_falls_back_to_previous_step(tmp_path, tiny_overrid
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 3, 4, 5, 6]
 
 
+def test_altered_checkpoint_file_is_detected_by_checksum(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    train(_cfg(tiny_overrides, "train.steps=4"), run)
+    assert (run / "checkpoints" / "4" / ckpt.CHECKSUMS).exists()
+    victim = _largest_file(run / "checkpoints" / "4" / "state")
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit, same size
+    victim.write_bytes(bytes(raw))
+    train(_cfg(tiny_overrides, "train.steps=6"), run)
+    events = read_metrics(run / "events.jsonl")
+    assert [e["event"] for e in events] == ["damaged_checkpoint"] and "sha256 mismatch" in events[0]["message"]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 3, 4, 5, 6]
+
+
 def test_half_written_checkpoint_directory_is_ignored(tmp_path, tiny_overrides):
     run = tmp_path / "run"
     train(_cfg(tiny_overrides, "train.steps=2"), run)

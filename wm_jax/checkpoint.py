@@ -9,6 +9,9 @@ have to match the devices at hand.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ from wm_jax import config as config_lib
 from wm_jax.config import CheckpointConfig, Config, ConfigError
 
 ITEMS = ("state", "data", "config", "manifest")
+CHECKSUMS = "wm_checksums.json"  # sha256 of every file of a finished step, written after orbax commits
 
 
 class CheckpointError(RuntimeError):
@@ -126,6 +130,44 @@ def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: A
     return restored["state"]["params"]
 
 
+def file_digests(step_dir: Path) -> dict[str, str]:
+    """sha256 of every file under a checkpoint step directory (relative path -> hex)."""
+    digests = {}
+    for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and not p.name.startswith(CHECKSUMS)):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digests[str(path.relative_to(step_dir))] = h.hexdigest()
+    return digests
+
+
+def seal(step_dir: Path) -> None:
+    """Records the checksums of a finished step (atomically: a killed writer leaves none)."""
+    if (step_dir / CHECKSUMS).exists():
+        return
+    tmp = step_dir / f"{CHECKSUMS}.tmp"
+    tmp.write_text(json.dumps(file_digests(step_dir), indent=1))
+    os.replace(tmp, step_dir / CHECKSUMS)
+
+
+def seal_finished(manager: ocp.CheckpointManager) -> None:
+    """Seals every finished step that has no checksums yet (process 0; shared file system)."""
+    if jax.process_index() != 0:
+        return
+    for step in manager.all_steps():
+        seal(Path(str(manager.directory)) / str(step))
+
+
+def altered_files(step_dir: Path) -> list[str]:
+    """Files of a sealed step that are missing or differ from their recorded sha256 ([] if unsealed)."""
+    if not (step_dir / CHECKSUMS).exists():
+        return []
+    recorded = json.loads((step_dir / CHECKSUMS).read_text())
+    actual = file_digests(step_dir)
+    return sorted(name for name, digest in recorded.items() if actual.get(name) != digest)
+
+
 def quarantine(directory: Path, step: int) -> Path:
     """Moves checkpoint `step` out of `directory` into a sibling `damaged_checkpoints/`."""
     target = directory.parent / "damaged_checkpoints" / f"{step}-{int(time.time())}"
@@ -147,6 +189,9 @@ def restore_newest_good(
     errors = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
+            altered = altered_files(Path(str(manager.directory)) / str(step))
+            if altered:
+                raise CheckpointError(f"sha256 mismatch in {', '.join(altered[:5])}")
             check_compatible(manager, step, cfg, workdir)
             state, data_state = restore(manager, step, abstract_state)
         except ConfigError:

@@ -7,6 +7,7 @@ resumes from the newest finished checkpoint: train state and data iterator posit
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
 import signal
 import time
@@ -196,6 +197,8 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     for message in damaged:
         logger.event(start_step, "damaged_checkpoint", message)
     step, skipped_in_a_row, last_save = start_step, 0, time.monotonic()
+    # Checksums are computed off the training thread: hashing a large checkpoint takes seconds.
+    sealer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     recent_losses: collections.deque[float] = collections.deque(maxlen=cfg.train.spike_window)
     try:
         with _StopFlag() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -245,12 +248,17 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                     run_manifest = provenance.run_manifest(dataset_hash=dataset_hash, mesh_shape=dict(mesh.shape), step=step)
                     ckpt.save(manager, step, state, _encode_iterator_state(batches.get_state()), cfg, run_manifest)
                     last_save = time.monotonic()
+                    sealer.submit(ckpt.seal_finished, manager)  # earlier steps that have committed since
                 if preempted:
                     manager.wait_until_finished()
+                    ckpt.seal_finished(manager)
                     logger.event(step, "preempted", f"preemption signal: saved step {step}, exiting {EXIT_PREEMPTED}")
                     raise Preempted(step)
         manager.wait_until_finished()
+        sealer.shutdown(wait=True)
+        ckpt.seal_finished(manager)
     finally:
+        sealer.shutdown(wait=True)
         logger.close()
         manager.close()
     if jax.process_index() == 0:
