@@ -32,29 +32,27 @@ def _largest_file(directory):
     return max(files, key=lambda p: p.stat().st_size)
 
 
-def test_truncated_checkpoint_falls_back_to_previous_step(tmp_path, tiny_overrides):
-    run = tmp_path / "run"
-    train(_cfg(tiny_overrides, "train.steps=4"), run)
-    victim = _largest_file(run / "checkpoints" / "4" / "state")
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    train(_cfg(tiny_overrides, "train.steps=6"), run)
-    events = read_metrics(run / "events.jsonl")
-    assert [e["event"] for e in events] == ["damaged_checkpoint"] and "/4" in events[0]["message"]
-    # resumed from step 2: steps 3 and 4 were trained (and logged) again
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 3, 4, 5, 6]
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def test_altered_checkpoint_file_is_detected_by_checksum(tmp_path, tiny_overrides):
+def _flip_one_bit(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, reported", [(_truncate, "/4"), (_flip_one_bit, "sha256 mismatch")], ids=["truncated", "altered"])
+def test_damaged_checkpoint_falls_back_to_previous_step(tmp_path, tiny_overrides, damage, reported):
     run = tmp_path / "run"
     train(_cfg(tiny_overrides, "train.steps=4"), run)
     assert (run / "checkpoints" / "4" / ckpt.CHECKSUMS).exists()
-    victim = _largest_file(run / "checkpoints" / "4" / "state")
-    raw = bytearray(victim.read_bytes())
-    raw[len(raw) // 2] ^= 0x01  # one bit, same size
-    victim.write_bytes(bytes(raw))
+    damage(_largest_file(run / "checkpoints" / "4" / "state"))
     train(_cfg(tiny_overrides, "train.steps=6"), run)
     events = read_metrics(run / "events.jsonl")
-    assert [e["event"] for e in events] == ["damaged_checkpoint"] and "sha256 mismatch" in events[0]["message"]
+    assert [e["event"] for e in events] == ["damaged_checkpoint"] and reported in events[0]["message"]
+    assert list((run / "damaged_checkpoints").iterdir())  # moved aside, not deleted
+    # resumed from step 2: steps 3 and 4 were trained (and logged) again
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 3, 4, 5, 6]
 
 
@@ -111,6 +109,7 @@ def _train_on(devices, workdir, stop_at, overrides):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_restore_8_to_4_to_1_devices_and_continue(tmp_path, tiny_overrides):
     """Saved sharded on 8 devices, resumed on 4, then on 1: training continues and the

@@ -143,8 +143,12 @@ def test_sigterm_saves_and_exits_42(tmp_path, tiny_overrides):
     saved = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
     logged = read_metrics(run / "metrics.jsonl")[-1]["step"]
     assert len(saved) == 1 and saved[0] >= logged  # saved at the step it stopped, not before
+    # ...and the run resumes from it (here told to stop two steps later)
+    train(_cfg(tiny_overrides, f"train.steps={saved[0] + 2}"), run)
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")][-2:] == [saved[0] + 1, saved[0] + 2]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, tiny_overrides):
     """Two real JAX processes (2 fake CPU devices each) train one model; only process 0 gets
