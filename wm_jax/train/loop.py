@@ -172,7 +172,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     damaged: list[str] = []
     found = ckpt.restore_newest_good(manager, abstract, cfg, workdir, warn=damaged.append)
     if found is None:
-        state, start_step = create_train_state(cfg, mesh, rules), 0
+        state, start_step = create_train_state(cfg, mesh, rules, shardings), 0
     else:
         start_step, state, data_state = found
         batches.set_state(_decode_iterator_state(data_state))

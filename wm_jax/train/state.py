@@ -93,12 +93,12 @@ def state_shardings(cfg: Config, mesh: Mesh, rules: Any, stage: str | None = Non
     return abstract, shardings
 
 
-def create_train_state(cfg: Config, mesh: Mesh, rules: Any, stage: str | None = None) -> TrainState:
-    """A freshly initialised, sharded TrainState; parameters from `cfg.seed`."""
+def create_train_state(cfg: Config, mesh: Mesh, rules: Any, shardings: Any, stage: str | None = None) -> TrainState:
+    """A freshly initialised TrainState placed on `shardings` (from `state_shardings`);
+    parameters from `cfg.seed`."""
     model = build_model(cfg, stage)
     tx = make_optimizer(cfg.train)
     inputs = example_inputs(cfg, stage)
-    _, shardings = state_shardings(cfg, mesh, rules, stage)
 
     def init(rng: jax.Array) -> TrainState:
         return nn.meta.unbox(_boxed_init(model, tx, inputs, rng))
