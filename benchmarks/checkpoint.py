@@ -12,10 +12,7 @@ Run: `python -m benchmarks.checkpoint --state-mb 128 --repeats 3`.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -28,15 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from benchmarks import results
+
 MIB = 2**20
 ROWS = 1024  # every matrix leaf is [ROWS, cols]
 NUM_LAYERS = 4
 MODES = ("sync", "async")
-RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
-RESULTS_HEADER = (
-    "| date | machine | bench | state MB | sync blocking s | async blocking s | ratio | command |\n"
-    "|---|---|---|---|---|---|---|---|\n"
-)
+COLUMNS = ["machine", "state MB", "sync blocking s", "async blocking s", "ratio", "command"]
 
 
 def make_state(state_mb: float, seed: int = 0) -> dict[str, jax.Array]:
@@ -164,32 +159,23 @@ def print_table(result: dict[str, Any]) -> None:
     Console().print(f"async blocking / sync blocking = {result['async_blocking_vs_sync']:.3f} (target <= 0.10)")
 
 
-def append_results(result: dict[str, Any], command: str, path: Path = RESULTS_PATH) -> str:
-    """Appends one markdown row to `path` (header written if the file is new); returns the row."""
-    row = (
-        f"| {dt.datetime.now().isoformat(timespec='seconds')} | {platform.node()} ({os.cpu_count()} cores, "
-        f"{result['device']}) | {result['bench']} | {result['state_mb']:.1f} | {result['sync_blocking_s']:.4f} | "
-        f"{result['async_blocking_s']:.4f} | {result['async_blocking_vs_sync']:.3f} | `{command}` |\n"
-    )
-    if not path.exists():
-        path.write_text("# Benchmark results\n\n" + RESULTS_HEADER)
-    with path.open("a") as f:  # append only: concurrent or repeated runs just add rows
-        f.write(row)
-    return row
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wm bench checkpoint", description=__doc__.splitlines()[0])
     parser.add_argument("--state-mb", type=float, default=128.0, help="state size in MiB (default 128)")
     parser.add_argument("--repeats", type=int, default=3, help="timed saves per mode (default 3)")
     parser.add_argument("--workdir", default=None, help="parent of the temp checkpoint dirs (default: system temp)")
-    parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="markdown file to append a row to")
+    parser.add_argument("--results", type=Path, default=results.RESULTS_PATH, help="markdown file to append a row to")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.state_mb <= 0:
         parser.error("--repeats must be >= 1 and --state-mb > 0")
     result = run(args.state_mb, args.repeats, args.workdir)
     print_table(result)
-    append_results(result, f"wm bench checkpoint --state-mb {args.state_mb:g} --repeats {args.repeats}", args.results)
+    command = f"wm bench checkpoint --state-mb {args.state_mb:g} --repeats {args.repeats}"
+    values = [
+        results.machine(result["device"]), f"{result['state_mb']:.1f}", f"{result['sync_blocking_s']:.4f}",
+        f"{result['async_blocking_s']:.4f}", f"{result['async_blocking_vs_sync']:.3f}", f"`{command}`",
+    ]
+    results.append_row("checkpoint", COLUMNS, values, args.results)
     print(json.dumps(result), flush=True)  # must stay the last line of stdout
     return 0
 

@@ -64,10 +64,15 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
+# `model.*` keys that choose how the model runs, not what its parameters are: a checkpoint
+# restores under any value of them (parameters are float32 whatever the activation dtype).
+EXECUTION_KEYS = ("dtype", "attention", "remat")
+
+
 def model_mismatch(saved: dict, current: Config) -> list[str]:
     """Dotted `model.*` keys whose saved value differs from the current config."""
-    current_model = config_lib.to_dict(current)["model"]
-    saved_model = saved.get("model", {})
+    current_model = {k: v for k, v in config_lib.to_dict(current)["model"].items() if k not in EXECUTION_KEYS}
+    saved_model = {k: v for k, v in saved.get("model", {}).items() if k not in EXECUTION_KEYS}
 
     def walk(a: Any, b: Any, prefix: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):

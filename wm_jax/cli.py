@@ -50,12 +50,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from wm_jax.train.loop import EXIT_PREEMPTED, Preempted, train
 
     cfg = config_lib.load(_preset_path(args.config), args.set)
-    if args.coordinator:
-        import jax
+    if args.dry_run:
+        from wm_jax.train import dry_run
 
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
-        )
+        report = dry_run.compile_report(cfg)
+        print(dry_run.format_report(report))
+        print(json.dumps(report))
+        return 0 if dry_run.fits(report) else EXIT_USAGE
+
+    from wm_jax import distributed
+
+    # Flags first, then WM_* variables (set by `wm launch`), then a detected cluster.
+    joined = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if joined["mode"] != "single":
+        print(f"process {joined['process_index']} of {joined['process_count']} joined ({joined['mode']})", file=sys.stderr)
     try:
         train(cfg, args.workdir)
     except Preempted:
@@ -157,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML file or preset name (experiments/configs)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--workdir", required=True)
-    train.add_argument("--coordinator", help="host:port of process 0, to join a multi-process run")
-    train.add_argument("--num-processes", type=int, default=1)
-    train.add_argument("--process-id", type=int, default=0)
+    train.add_argument("--dry-run", action="store_true",
+                       help="compile the step for the mesh and print parameters, FLOPs and per-device memory; no training")
+    train.add_argument("--coordinator", help="host:port of process 0, to join a multi-process run (else $WM_COORDINATOR)")
+    train.add_argument("--num-processes", type=int, help="processes in the run (else $WM_NUM_PROCESSES)")
+    train.add_argument("--process-id", type=int, help="this process's index (else $WM_PROCESS_ID)")
     train.set_defaults(fn=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on held-out episodes")
@@ -176,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(fn=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks; the last line printed is a JSON object")
-    bench.add_argument("name", choices=["checkpoint"])
+    bench.add_argument("name", choices=["checkpoint", "train"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see wm bench NAME --help)")
     bench.set_defaults(fn=cmd_bench)
 
@@ -185,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default="tiny_cpu")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(fn=cmd_demo)
+    from wm_jax import launch
+
+    launch.add_parser(sub)  # wm launch {local,slurm,k8s,tpu-vm}
     return p
 
 

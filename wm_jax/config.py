@@ -60,6 +60,10 @@ class DynamicsConfig:
 class ModelConfig:
     image_size: int = 32  # must match the dataset's frame size
     dtype: str = "float32"  # activation dtype; parameters stay float32
+    # jax.nn.dot_product_attention implementation: "xla" anywhere, "cudnn" (fused flash
+    # attention) on NVIDIA GPUs with bfloat16 activations.
+    attention: str = "xla"
+    remat: bool = False  # recompute each block's activations in the backward pass (less memory)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
 
@@ -80,19 +84,28 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     spike_window: int = 20  # logged losses the loss-spike z-score is computed over
     spike_zscore: float = 6.0  # a logged loss this many std above the window mean is an event
+    # Peak dense TFLOP/s of one device for MFU; 0 looks the device up in
+    # telemetry.PEAK_TFLOPS (no MFU is reported for a device not in the table).
+    peak_tflops_per_device: float = 0.0
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # -1: the devices left over by the other axes
+    # Devices along each axis inside one slice (a TPU slice, or one GPU host): -1 means
+    # the devices of a slice left over by the other axes.
+    data: int = -1
     fsdp: int = 1
     tensor: int = 1
     sequence: int = 1
-    # logical axis -> mesh axes; an empty list means replicated
-    rules: tuple[tuple[str, tuple[str, ...]], ...] = (
-        ("batch", ("data", "fsdp")),
-        ("time", ("sequence",)),
-        ("tokens", ()),
+    # Slices along each axis, joined by the data-centre network (DCN): the mesh axis has
+    # dcn_<axis> x <axis> devices. Keep tensor and sequence inside slices: they talk every layer.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    dcn_sequence: int = 1
+    # Logical axis -> mesh axes (an empty list: replicated), for parameters (and so for
+    # their gradients and optimizer state) ...
+    param_rules: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("embed", ("fsdp",)),
         ("mlp", ("tensor",)),
         ("heads", ("tensor",)),
@@ -100,6 +113,19 @@ class MeshConfig:
         ("vocab", ("tensor",)),
         ("codebook", ()),
         ("patch", ()),
+        ("pos", ()),
+    )
+    # ... and for activations. `temporal_tokens` is the token axis during temporal
+    # attention: mapping it to `sequence` makes a time-sharded clip switch to token
+    # sharding (an all-to-all) so each device attends over whole frame sequences.
+    activation_rules: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("batch", ("data", "fsdp")),
+        ("time", ("sequence",)),
+        ("tokens", ()),
+        ("temporal_tokens", ("sequence",)),
+        ("act_embed", ()),
+        ("act_mlp", ("tensor",)),
+        ("act_vocab", ("tensor",)),
     )
 
 
@@ -135,6 +161,8 @@ class Config:
 
 STAGES = ("tokenizer", "dynamics")
 DYNAMICS_HEADS = ("factorized", "joint")
+DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -319,16 +347,15 @@ def replace(cfg: Config, overrides: list[str]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks the type system cannot express."""
-    if cfg.train.stage not in STAGES:
-        raise ConfigError(
-            f"config key 'train.stage' must be one of {STAGES}; got '{cfg.train.stage}'"
-            + _closest(cfg.train.stage, list(STAGES))
-        )
-    if cfg.model.dynamics.head not in DYNAMICS_HEADS:
-        raise ConfigError(
-            f"config key 'model.dynamics.head' must be one of {DYNAMICS_HEADS}; got '{cfg.model.dynamics.head}'"
-            + _closest(cfg.model.dynamics.head, list(DYNAMICS_HEADS))
-        )
+    choices = {
+        "train.stage": (cfg.train.stage, STAGES),
+        "model.dynamics.head": (cfg.model.dynamics.head, DYNAMICS_HEADS),
+        "model.dtype": (cfg.model.dtype, DTYPES),
+        "model.attention": (cfg.model.attention, ATTENTION_IMPLS),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {allowed}; got '{value}'" + _closest(value, list(allowed)))
     positive = {
         "data.frames_per_clip": cfg.data.frames_per_clip,
         "data.batch_size": cfg.data.batch_size,
@@ -342,6 +369,7 @@ def validate(cfg: Config) -> None:
         "model.image_size": cfg.model.image_size,
         "model.tokenizer.patch_size": cfg.model.tokenizer.patch_size,
         "eval.horizon": cfg.eval.horizon,
+        **{f"mesh.dcn_{axis}": getattr(cfg.mesh, f"dcn_{axis}") for axis in ("data", "fsdp", "tensor", "sequence")},
         "eval.context_frames": cfg.eval.context_frames,
     }
     for key, v in positive.items():
@@ -360,15 +388,20 @@ def validate(cfg: Config) -> None:
             )
     if any(level < 2 for level in cfg.model.tokenizer.fsq_levels) or not cfg.model.tokenizer.fsq_levels:
         raise ConfigError("config key 'model.tokenizer.fsq_levels' needs levels >= 2")
-    if cfg.model.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"config key 'model.dtype' must be float32 or bfloat16; got '{cfg.model.dtype}'")
     if cfg.train.stage == "dynamics" and cfg.data.frames_per_clip < 2:
         raise ConfigError("config key 'data.frames_per_clip' must be >= 2 for the dynamics stage")
     mesh_axes = {"data", "fsdp", "tensor", "sequence"}
-    for logical, axes in cfg.mesh.rules:
-        for a in axes:
-            if a not in mesh_axes:
-                raise ConfigError(
-                    f"config key 'mesh.rules' maps '{logical}' to unknown mesh axis '{a}'"
-                    + _closest(a, sorted(mesh_axes))
-                )
+    for key in ("param_rules", "activation_rules"):
+        for logical, axes in getattr(cfg.mesh, key):
+            for a in axes:
+                if a not in mesh_axes:
+                    raise ConfigError(
+                        f"config key 'mesh.{key}' maps '{logical}' to unknown mesh axis '{a}'"
+                        + _closest(a, sorted(mesh_axes))
+                    )
+    shared = {name for name, _ in cfg.mesh.param_rules} & {name for name, _ in cfg.mesh.activation_rules}
+    if shared:
+        raise ConfigError(
+            f"config keys 'mesh.param_rules' and 'mesh.activation_rules' both name {sorted(shared)}: "
+            "a logical axis belongs to parameters or to activations, not both"
+        )

@@ -1,4 +1,4 @@
-"""Training telemetry: rich progress bar, `metrics.jsonl`, TensorBoard.
+"""Training telemetry: rich progress bar, `metrics.jsonl`, TensorBoard, throughput and MFU.
 
 Only process 0 writes; other processes get a logger whose methods do nothing, so callers
 never branch on the process index.
@@ -16,6 +16,49 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
+
+# Dense peak TFLOP/s per device from the vendors' data sheets (no sparsity), for the
+# activation dtype: bfloat16 on the tensor cores; float32 matmuls run as TF32 on NVIDIA
+# GPUs and as bf16 passes on TPUs at JAX's default precision. The first substring of
+# `device.device_kind` that matches wins, so the specific names come first.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100 NVL", {"bfloat16": 835.0, "float32": 417.5}),
+    ("H100", {"bfloat16": 989.4, "float32": 494.7}),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("H200", {"bfloat16": 989.4, "float32": 494.7}),
+    ("B200", {"bfloat16": 2250.0, "float32": 1100.0}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
+    ("NVIDIA L4", {"bfloat16": 121.0, "float32": 60.0}),
+    ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),
+    ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),  # v5p
+    ("TPU v6 lite", {"bfloat16": 918.0, "float32": 918.0}),
+)
+
+
+def peak_tflops(device_kind: str, dtype: str, override: float = 0.0) -> float | None:
+    """Peak TFLOP/s of one device: `override` when > 0, else the table; None when unknown
+    (CPUs: their peak depends on cores, clocks and vector width, so MFU is not guessed)."""
+    if override > 0:
+        return override
+    for name, peaks in PEAK_TFLOPS:
+        if name in device_kind:
+            return peaks[dtype]
+    return None
+
+
+def throughput(step_s: float, flops_per_step: float, tokens_per_step: int, frames_per_step: int,
+               num_devices: int, peak: float | None) -> dict[str, float]:
+    """Per-step rates: tokens/s, frames/s, TFLOP/s per device and MFU (absent without a peak)."""
+    tflops = flops_per_step / step_s / num_devices / 1e12
+    rates = {
+        "tokens_per_s": tokens_per_step / step_s,
+        "frames_per_s": frames_per_step / step_s,
+        "tflops_per_device": tflops,
+    }
+    if peak:
+        rates["mfu"] = tflops / peak
+    return rates
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -96,34 +96,6 @@ def test_incompatible_checkpoint_exits_2(tmp_path, tiny_overrides, capsys):
     assert "model.tokenizer.embed_dim" in err and "32" in err and "48" in err
 
 
-_MESH_SCRIPT = """
-import json, sys
-from wm_jax import config as config_lib
-from wm_jax.train.loop import train
-from wm_jax.telemetry import read_metrics
-cfg = config_lib.load(sys.argv[1], sys.argv[3:])
-train(cfg, sys.argv[2])
-print(json.dumps([r["loss"] for r in read_metrics(sys.argv[2] + "/metrics.jsonl")]))
-"""
-
-
-def _losses_on(devices, mesh, workdir, overrides):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    out = subprocess.run(
-        [sys.executable, "-c", _MESH_SCRIPT, str(PRESET), str(workdir), *overrides, *mesh, "train.steps=3"],
-        env=env, capture_output=True, text=True, cwd=REPO, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.multiprocess
-def test_8_device_mesh_matches_1_device(tmp_path, tiny_overrides):
-    one = _losses_on(1, [], tmp_path / "one", tiny_overrides)
-    eight = _losses_on(8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], tmp_path / "eight", tiny_overrides)
-    np.testing.assert_allclose(eight, one, rtol=2e-4)
-
-
 def test_sigterm_saves_and_exits_42(tmp_path, tiny_overrides):
     run = tmp_path / "run"
     args = sum((["--set", o] for o in tiny_overrides + ["train.steps=100000", "checkpoint.every_steps=100000"]), [])

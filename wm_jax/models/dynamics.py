@@ -111,12 +111,15 @@ class DynamicsModel(nn.Module):
             actions, action_mask
         )
         x = layers.PositionEmbedding(dtype, name="pos_embed")(x + act[:, :, None, :])
-        x = layers.Transformer(dc.num_layers, dc.num_heads, dc.mlp_dim, causal=True, dtype=dtype, name="transformer")(x)
+        x = layers.Transformer(
+            dc.num_layers, dc.num_heads, dc.mlp_dim, causal=True, dtype=dtype,
+            attention=self.cfg.attention, remat=self.cfg.remat, name="transformer",
+        )(x)
         x = layers.RMSNorm(dtype, name="final_norm")(x)
         shape = logits_shape(self.cfg)
         logits = layers.Dense(math.prod(shape), ("embed", "vocab"), dtype, name="logits")(x).astype(jnp.float32)
         logits = logits.reshape(logits.shape[:-1] + shape)
         if dc.head == "factorized":
             logits = jnp.where(_digit_mask(self.cfg.tokenizer.fsq_levels), logits, -jnp.inf)
-            return nn.with_logical_constraint(logits, ("batch", "time", "tokens", "codebook", "vocab"))
-        return nn.with_logical_constraint(logits, ("batch", "time", "tokens", "vocab"))
+            return nn.with_logical_constraint(logits, ("batch", "time", "tokens", None, "act_vocab"))
+        return nn.with_logical_constraint(logits, ("batch", "time", "tokens", "act_vocab"))

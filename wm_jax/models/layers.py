@@ -2,7 +2,9 @@
 
 Parameters are float32 and carry logical axis names (`nn.with_logical_partitioning`);
 activations run in the module's `dtype`. Block boundaries constrain activations to
-("batch", "time", "tokens", "embed") so the trainer's `nn.logical_axis_rules` shard them.
+("batch", "time", "tokens", "act_embed") so the trainer's `nn.logical_axis_rules` shard them.
+Parameters and activations use disjoint logical names (`MeshConfig.param_rules` and
+`MeshConfig.activation_rules`), so each can be sharded without moving the other.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import numpy as np
 from flax import linen as nn
 
 Dtype = Any
-VIDEO_AXES = ("batch", "time", "tokens", "embed")
+VIDEO_AXES = ("batch", "time", "tokens", "act_embed")
+# Temporal attention runs on [B, N, T, D]: sharding N (not T) keeps each sequence whole.
+TEMPORAL_AXES = ("batch", "temporal_tokens", None, "act_embed")
 
 
 def dtype_of(name: str) -> Dtype:
@@ -94,16 +98,16 @@ class RMSNorm(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer GELU feed-forward."""
+    """Two-layer GELU feed-forward on video tokens; the hidden layer is split over `act_mlp`."""
 
     mlp_dim: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [..., D] -> [..., D] in `dtype`."""
+        """x [B, T, N, D] -> [B, T, N, D] in `dtype`."""
         h = Dense(self.mlp_dim, ("embed", "mlp"), self.dtype, name="wi")(x)
-        h = nn.gelu(h)
+        h = nn.gelu(nn.with_logical_constraint(h, VIDEO_AXES[:3] + ("act_mlp",)))
         return Dense(x.shape[-1], ("mlp", "embed"), self.dtype, name="wo")(h)
 
 
@@ -112,6 +116,7 @@ class Attention(nn.Module):
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    implementation: str = "xla"  # or "cudnn" (NVIDIA GPUs, bf16)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, is_causal: bool = False) -> jax.Array:
@@ -132,7 +137,7 @@ class Attention(nn.Module):
             return jnp.einsum("bsd,dhk->bshk", x.astype(self.dtype), kernel.astype(self.dtype))
 
         q, k, v = proj("query"), proj("key"), proj("value")
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation)
         out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
         kernel = self.param("out", partitioned(out_init, ("heads", "kv", "embed")), (self.num_heads, head_dim, d))
         return jnp.einsum("bshk,hkd->bsd", out, kernel.astype(self.dtype))
@@ -150,6 +155,7 @@ class SpatioTemporalBlock(nn.Module):
     mlp_dim: int
     causal: bool = True
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -158,13 +164,14 @@ class SpatioTemporalBlock(nn.Module):
         x = constrain_video(x.astype(self.dtype))
 
         h = RMSNorm(self.dtype, name="spatial_norm")(x).reshape(b * t, n, d)
-        h = Attention(self.num_heads, self.dtype, name="spatial_attn")(h)
+        h = Attention(self.num_heads, self.dtype, self.attention, name="spatial_attn")(h)
         x = constrain_video(x + h.reshape(b, t, n, d))
 
         h = RMSNorm(self.dtype, name="temporal_norm")(x)
-        h = h.transpose(0, 2, 1, 3).reshape(b * n, t, d)
-        h = Attention(self.num_heads, self.dtype, name="temporal_attn")(h, is_causal=self.causal)
-        x = constrain_video(x + h.reshape(b, n, t, d).transpose(0, 2, 1, 3))
+        h = nn.with_logical_constraint(h.transpose(0, 2, 1, 3), TEMPORAL_AXES).reshape(b * n, t, d)
+        h = Attention(self.num_heads, self.dtype, self.attention, name="temporal_attn")(h, is_causal=self.causal)
+        h = nn.with_logical_constraint(h.reshape(b, n, t, d), TEMPORAL_AXES)
+        x = constrain_video(x + h.transpose(0, 2, 1, 3))
 
         h = Mlp(self.mlp_dim, self.dtype, name="mlp")(RMSNorm(self.dtype, name="mlp_norm")(x))
         return constrain_video(x + h)
@@ -180,7 +187,7 @@ class PositionEmbedding(nn.Module):
         """x [B, T, N, D] -> [B, T, N, D] in `dtype`."""
         _, t, n, d = x.shape
         spatial = self.param(
-            "spatial", partitioned(nn.initializers.normal(0.02), ("tokens", "embed")), (n, d)
+            "spatial", partitioned(nn.initializers.normal(0.02), ("pos", "embed")), (n, d)
         )
         temporal = sinusoidal_embedding(jnp.arange(t), d)
         pos = spatial[None, :, :] + temporal[:, None, :]
@@ -188,17 +195,24 @@ class PositionEmbedding(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of `num_layers` spatio-temporal blocks."""
+    """A stack of `num_layers` spatio-temporal blocks.
+
+    remat: each block's activations are recomputed in the backward pass instead of kept
+    (about a third more compute for a fraction of the activation memory).
+    """
 
     num_layers: int
     num_heads: int
     mlp_dim: int
     causal: bool = True
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, N, D] -> [B, T, N, D] in `dtype`."""
+        block = nn.remat(SpatioTemporalBlock) if self.remat else SpatioTemporalBlock
         for i in range(self.num_layers):
-            x = SpatioTemporalBlock(self.num_heads, self.mlp_dim, self.causal, self.dtype, name=f"block_{i}")(x)
+            x = block(self.num_heads, self.mlp_dim, self.causal, self.dtype, self.attention, name=f"block_{i}")(x)
         return x

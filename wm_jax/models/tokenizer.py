@@ -98,7 +98,10 @@ class VideoTokenizer(nn.Module):
     def setup(self) -> None:
         tc = self.cfg.tokenizer
         dtype = layers.dtype_of(self.cfg.dtype)
-        stack = dict(num_layers=tc.num_layers, num_heads=tc.num_heads, mlp_dim=tc.mlp_dim, causal=True, dtype=dtype)
+        stack = dict(
+            num_layers=tc.num_layers, num_heads=tc.num_heads, mlp_dim=tc.mlp_dim, causal=True, dtype=dtype,
+            attention=self.cfg.attention, remat=self.cfg.remat,
+        )
         self.patch_embed = layers.Dense(tc.embed_dim, ("patch", "embed"), dtype)
         self.enc_pos = layers.PositionEmbedding(dtype)
         self.encoder = layers.Transformer(**stack)

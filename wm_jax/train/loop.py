@@ -23,10 +23,11 @@ from data_pipelines.loader import make_loader
 from data_pipelines.writer import DatasetError, verify_dataset
 from wm_jax import checkpoint as ckpt
 from wm_jax import config as config_lib
-from wm_jax import export, provenance, sharding, telemetry
+from wm_jax import distributed, export, provenance, sharding, telemetry
 from wm_jax.config import Config, ConfigError
+from wm_jax.models import flops
 from wm_jax.train.state import TrainState, create_train_state, param_count, state_shardings
-from wm_jax.train.step import make_train_step
+from wm_jax.train.step import BATCH_FIELDS, jit_train_step
 
 EXIT_PREEMPTED = 42
 
@@ -182,17 +183,11 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         f"{dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} processes"
     )
 
-    batch_shardings = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in (("frame", 5), ("action", 2))}
-    tokenizer_shardings = (
-        state_shardings(cfg, mesh, rules, stage="tokenizer")[1].params if tokenizer_params is not None else None
-    )
-    step_fn = jax.jit(
-        make_train_step(cfg),
-        in_shardings=(shardings, batch_shardings, tokenizer_shardings),
-        out_shardings=(shardings, None),
-        donate_argnums=(0,),
-    )
+    step_fn, _ = jit_train_step(cfg, mesh, rules, shardings)
     frames_per_step = cfg.data.batch_size * cfg.data.frames_per_clip
+    step_flops, step_tokens = flops.train_step_flops(cfg), flops.tokens_per_step(cfg)
+    device = jax.devices()[0]
+    peak = telemetry.peak_tflops(device.device_kind, cfg.model.dtype, cfg.train.peak_tflops_per_device)
     logger = telemetry.RunLogger(workdir, cfg.train.steps, start_step, cfg.train.stage)
     for message in damaged:
         logger.event(start_step, "damaged_checkpoint", message)
@@ -208,9 +203,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                 t0 = time.perf_counter()
                 local = next(batches)
                 wait_s += time.perf_counter() - t0
-                batch = sharding.shard_batch(
-                    {k: local[k] for k in ("frame", "action")}, mesh, rules
-                )
+                batch = sharding.shard_batch({k: local[k] for k in BATCH_FIELDS}, mesh, rules)
                 state, metrics = step_fn(state, batch, tokenizer_params)
                 step += 1
                 # One scalar read per step: the guard must count consecutive skips exactly.
@@ -230,7 +223,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                     elapsed, n = time.perf_counter() - window_start, step - window_step
                     values.update(
                         step_s=elapsed / n,
-                        frames_per_s=frames_per_step * n / elapsed,
+                        **telemetry.throughput(elapsed / n, step_flops, step_tokens, frames_per_step, jax.device_count(), peak),
                         data_wait_fraction=wait_s / elapsed,
                         batch_crc32=batch_fingerprint(local),
                     )
@@ -241,7 +234,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                         recent_losses.append(values["loss"])
                     logger.log(step, values)
                     window_start, window_step, wait_s = time.perf_counter(), step, 0.0
-                preempted = sharding.any_process(stop.signal is not None)
+                preempted = distributed.any_process(stop.signal is not None)
                 minutes = cfg.checkpoint.every_minutes
                 due = step % cfg.checkpoint.every_steps == 0 or (minutes > 0 and time.monotonic() - last_save >= 60 * minutes)
                 if due or step == last or preempted:

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from wm_jax.config import Config, TrainConfig
 from wm_jax.models.dynamics import DynamicsModel
 from wm_jax.models.tokenizer import VideoTokenizer, num_tokens
-from wm_jax.sharding import tree_shardings
+from wm_jax.sharding import check_divisible, tree_shardings
 
 
 @struct.dataclass
@@ -90,6 +90,7 @@ def state_shardings(cfg: Config, mesh: Mesh, rules: Any, stage: str | None = Non
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
     )
+    check_divisible(abstract.params)
     return abstract, shardings
 
 

@@ -1,10 +1,11 @@
-"""Pure train steps: loss, gradients, optax update. No I/O; jitted by the loop."""
+"""Pure train steps: loss, gradients, optax update; and their jitted, sharded form. No I/O."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
+from jax.sharding import Mesh
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
@@ -13,7 +14,8 @@ from wm_jax.config import Config
 from wm_jax.eval.metrics import psnr_from_mse
 from wm_jax.models.dynamics import token_loss
 from wm_jax.models.tokenizer import VideoTokenizer, vocab_size
-from wm_jax.train.state import TrainState, build_model, make_optimizer
+from wm_jax.sharding import batch_sharding
+from wm_jax.train.state import TrainState, build_model, make_optimizer, state_shardings
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -78,3 +80,35 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
         return state, metrics
 
     return train_step
+
+
+# Batch fields a train step reads, with their rank: frame uint8 [B,T,S,S,3], action int32 [B,T].
+BATCH_FIELDS = {"frame": 5, "action": 2}
+
+
+def batch_specs(cfg: Config, mesh: Mesh, rules: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract global batch with its shardings, for ahead-of-time compilation."""
+    b, t, s = cfg.data.batch_size, cfg.data.frames_per_clip, cfg.model.image_size
+    shapes = {"frame": ((b, t, s, s, 3), jnp.uint8), "action": ((b, t), jnp.int32)}
+    return {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, rules, BATCH_FIELDS[k]))
+        for k, (shape, dtype) in shapes.items()
+    }
+
+
+def jit_train_step(cfg: Config, mesh: Mesh, rules: Any, shardings: Any) -> tuple[Callable[..., Any], Any]:
+    """The train step under `jax.jit` with explicit shardings and the state donated.
+
+    shardings: the state's sharding tree (from `state_shardings`). Returns (step_fn,
+    tokenizer parameter shardings or None for the tokenizer stage). Build it outside, and
+    call it inside, `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
+    """
+    batch = {k: batch_sharding(mesh, rules, nd) for k, nd in BATCH_FIELDS.items()}
+    tokenizer = state_shardings(cfg, mesh, rules, stage="tokenizer")[1].params if cfg.train.stage == "dynamics" else None
+    step_fn = jax.jit(
+        make_train_step(cfg),
+        in_shardings=(shardings, batch, tokenizer),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    return step_fn, tokenizer

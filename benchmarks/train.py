@@ -1,0 +1,152 @@
+"""`wm bench train`: step time, tokens/s, TFLOP/s per device and MFU of a config's train step.
+
+The step is compiled ahead of time for the configured mesh (XLA's memory analysis is
+reported, and a config that does not fit the device stops here with exit 2), then run
+on a synthetic batch already on the devices: random frames and actions of the config's
+shapes, so the figure is the step's own speed, not the loader's (the loader's share is
+`data_wait_fraction` in a real run's `metrics.jsonl`). The dynamics stage runs a randomly
+initialised tokenizer: its encode costs the same as a trained one's.
+
+FLOPs are the analytic model FLOPs (`wm_jax.models.flops`); MFU divides the achieved
+TFLOP/s per device by the device's peak (`wm_jax.telemetry.PEAK_TFLOPS`, or
+`train.peak_tflops_per_device`). CPUs have no peak in the table, so no MFU is printed.
+
+Run: `wm bench train --config tiny_cpu [--set KEY=VALUE ...] [--steps 10]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from benchmarks import results
+from wm_jax import config as config_lib
+from wm_jax import sharding, telemetry
+from wm_jax.config import Config, ConfigError
+from wm_jax.models import flops
+from wm_jax.train import dry_run
+from wm_jax.train.state import create_train_state, state_shardings
+from wm_jax.train.step import batch_specs
+
+COLUMNS = ["machine", "config", "params", "mesh", "dtype", "step s", "tokens/s", "TFLOP/s/device", "MFU", "command"]
+
+
+def synthetic_batch(cfg: Config, mesh: Any, rules: Any, seed: int = 0) -> dict[str, jax.Array]:
+    """Random frames uint8 [B,T,S,S,3] and actions int32 [B,T], created on the mesh."""
+    specs = batch_specs(cfg, mesh, rules)
+    k_frame, k_action = jax.random.split(jax.random.key(seed))
+
+    def make() -> dict[str, jax.Array]:
+        frame = jax.random.randint(k_frame, specs["frame"].shape, 0, 256, jnp.int32).astype(jnp.uint8)
+        action = jax.random.randint(k_action, specs["action"].shape, 0, cfg.model.dynamics.num_actions, jnp.int32)
+        return {"frame": frame, "action": action}
+
+    return jax.jit(make, out_shardings={k: s.sharding for k, s in specs.items()})()
+
+
+def run(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+    """Compiles, then times `steps` train steps after `warmup` untimed ones.
+
+    Returns the plan of `dry_run.compile_report` plus step_s, tokens_per_s, frames_per_s,
+    tflops_per_device, mfu (when the peak is known) and peak device memory where the
+    runtime reports it. Raises ConfigError when the compiled step does not fit the device.
+    """
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0; got {steps}, {warmup}")
+    t0 = time.perf_counter()
+    step_fn, report = dry_run.compile_step(cfg)
+    telemetry.info(f"compiled the step in {time.perf_counter() - t0:.1f} s")
+    if not dry_run.fits(report):
+        raise ConfigError(f"the step does not fit the device:\n{dry_run.format_report(report)}")
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.logical_rules(cfg.mesh)
+    _, shardings = state_shardings(cfg, mesh, rules)
+    state = create_train_state(cfg, mesh, rules, shardings)
+    tokenizer = None
+    if cfg.train.stage == "dynamics":
+        tok_shardings = state_shardings(cfg, mesh, rules, stage="tokenizer")[1]
+        tokenizer = create_train_state(cfg, mesh, rules, tok_shardings, stage="tokenizer").params
+    batch = synthetic_batch(cfg, mesh, rules, cfg.seed)
+    telemetry.info(f"initialised the state, {time.perf_counter() - t0:.1f} s since start")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for _ in range(warmup):
+            state, metrics = step_fn(state, batch, tokenizer)
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step_fn(state, batch, tokenizer)
+        jax.block_until_ready((state, metrics))
+        step_s = (time.perf_counter() - start) / steps
+    device = jax.devices()[0]
+    peak = telemetry.peak_tflops(device.device_kind, cfg.model.dtype, cfg.train.peak_tflops_per_device)
+    frames = cfg.data.batch_size * cfg.data.frames_per_clip
+    result = {"bench": "train", **report, "dtype": cfg.model.dtype, "steps": steps, "step_s": step_s}
+    result.update(telemetry.throughput(step_s, report["flops_per_step"], report["tokens_per_step"], frames,
+                                       jax.device_count(), peak))
+    result["mfu"] = result.get("mfu")  # null in the JSON when the device's peak is unknown
+    result["peak_tflops_per_device"] = peak
+    result["loss"] = float(metrics["loss"])
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        result["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"train step, {result['stage']} stage, {result['devices']} x {result['device']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    mfu = "n/a (no peak for this device)" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
+    for name, value in (
+        ("parameters", f"{result['parameters']:,}"),
+        ("mesh", str(result["mesh"])),
+        ("step s", f"{result['step_s']:.4f}"),
+        ("tokens/s", f"{result['tokens_per_s']:,.0f}"),
+        ("frames/s", f"{result['frames_per_s']:,.1f}"),
+        ("TFLOP/s per device", f"{result['tflops_per_device']:.2f}"),
+        ("MFU", mfu),
+        ("peak memory per device (XLA) GiB", f"{result.get('peak_bytes', 0) / dry_run.GIB:.2f}"),
+    ):
+        table.add_row(name, value)
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wm_jax.cli import _preset_path
+
+    parser = argparse.ArgumentParser(prog="wm bench train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML file or preset name (experiments/configs)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
+    parser.add_argument("--results", type=Path, default=results.RESULTS_PATH, help="markdown file to append a row to")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    cfg = config_lib.load(_preset_path(args.config), args.set)
+    result = run(cfg, args.steps, args.warmup)
+    print_table(result)
+    command = " ".join(["wm bench train --config", args.config, *(f"--set {s}" for s in args.set), f"--steps {args.steps}"])
+    mesh = "x".join(str(v) for v in result["mesh"].values())
+    values = [
+        results.machine(result["device"]), args.config, f"{result['parameters'] / 1e6:.1f}M", mesh, result["dtype"],
+        f"{result['step_s']:.4f}", f"{result['tokens_per_s']:,.0f}", f"{result['tflops_per_device']:.2f}",
+        "n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%", f"`{command}`",
+    ]
+    results.append_row("train", COLUMNS, values, args.results)
+    print(json.dumps(result), flush=True)  # must stay the last line of stdout
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+cd $repo && WM_DISTRIBUTED=auto $train_command

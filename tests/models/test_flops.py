@@ -1,0 +1,64 @@
+"""Analytic FLOP counts against XLA's own count of the compiled programs."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from wm_jax import config as config_lib
+from wm_jax.models import flops
+from wm_jax.models.dynamics import DynamicsModel
+from wm_jax.models.tokenizer import VideoTokenizer, num_tokens
+
+# Wide enough that matrix products dominate, as in real models; small enough to compile fast.
+CFG = config_lib.load(None, [
+    "model.image_size=16",
+    "model.tokenizer.embed_dim=128", "model.tokenizer.mlp_dim=512", "model.tokenizer.num_heads=4",
+    "model.dynamics.embed_dim=128", "model.dynamics.mlp_dim=512", "model.dynamics.num_heads=4",
+    "data.frames_per_clip=6", "data.batch_size=2",
+])
+T = CFG.data.frames_per_clip
+
+
+def _xla_flops(fn, *args) -> float:
+    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
+@pytest.mark.parametrize("head", ["factorized", "joint"])
+def test_dynamics_forward_matches_xla(head):
+    cfg = config_lib.replace(CFG, [f"model.dynamics.head={head}"])
+    model = DynamicsModel(cfg.model)
+    codes = jnp.zeros((1, T, num_tokens(cfg.model), 4))
+    actions = jnp.zeros((1, T), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), codes, actions)
+    xla = _xla_flops(lambda p: model.apply(p, codes, actions), params)
+    assert flops.dynamics_forward_flops(cfg.model, T) == pytest.approx(xla, rel=0.05)
+
+
+def test_tokenizer_forward_and_encode_match_xla():
+    model = VideoTokenizer(CFG.model)
+    frames = jnp.zeros((1, T, 16, 16, 3))
+    params = jax.eval_shape(model.init, jax.random.key(0), frames)
+    full = _xla_flops(lambda p: model.apply(p, frames), params)
+    encode = _xla_flops(lambda p: model.apply(p, frames, method=model.encode), params)
+    assert flops.tokenizer_forward_flops(CFG.model, T) == pytest.approx(full, rel=0.05)
+    assert flops.tokenizer_encode_flops(CFG.model, T) == pytest.approx(encode, rel=0.05)
+
+
+def test_train_step_flops_of_each_stage():
+    b = CFG.data.batch_size
+    tok = config_lib.replace(CFG, ["train.stage=tokenizer"])
+    assert flops.train_step_flops(tok) == b * 3 * flops.tokenizer_forward_flops(CFG.model, T)
+    dyn = config_lib.replace(CFG, ["train.stage=dynamics"])
+    expected = b * (flops.tokenizer_encode_flops(CFG.model, T) + 3 * flops.dynamics_forward_flops(CFG.model, T - 1))
+    assert flops.train_step_flops(dyn) == expected
+    assert flops.tokens_per_step(dyn) == b * T * num_tokens(CFG.model)
+
+
+def test_train_step_flops_match_xla_on_the_compiled_step():
+    """The whole step (forward, backward, optimizer) as XLA counts it: optimizer and
+    elementwise work put XLA a little above the model FLOPs, never below."""
+    from wm_jax.train.dry_run import compile_report
+
+    report = compile_report(config_lib.replace(CFG, ["train.stage=tokenizer"]))
+    assert report["xla_flops_per_device"] == pytest.approx(report["flops_per_step"], rel=0.1)
+    assert report["xla_flops_per_device"] >= report["flops_per_step"]
