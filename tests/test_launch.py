@@ -264,14 +264,20 @@ def test_launch_local_2x4_matches_1x8(tmp_path, tiny_overrides):
     clips in another order and the mean loss agrees up to float reassociation."""
     sets = sum((["--set", o] for o in tiny_overrides + _RUN), [])
     env = {k: v for k, v in os.environ.items() if not k.startswith("WM_")}
-    launched = subprocess.run(
-        [sys.executable, "-m", "wm_jax.cli", "launch", "local", "--processes", "2", "--devices-per-process", "4",
-         "--config", str(PRESET), "--workdir", str(tmp_path / "launched"), *sets],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
-    lines = launched.stdout.splitlines()
-    assert any(line.startswith("[p0] ") for line in lines) and any(line.startswith("[p1] ") for line in lines)
+
+    def launch(name: str, extra: list[str]) -> None:
+        launched = subprocess.run(
+            [sys.executable, "-m", "wm_jax.cli", "launch", "local", "--processes", "2", "--devices-per-process", "4",
+             "--config", str(PRESET), "--workdir", str(tmp_path / name), *sets, *extra],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+        lines = launched.stdout.splitlines()
+        assert any(line.startswith("[p0] ") for line in lines) and any(line.startswith("[p1] ") for line in lines)
+
+    launch("launched", [])
+    # Multi-slice: each process is a slice (DCN data axis 2), fsdp 2 inside each slice.
+    launch("multislice", ["--set", "mesh.dcn_data=2", "--set", "mesh.fsdp=2"])
 
     single = subprocess.run(
         [sys.executable, "-m", "wm_jax.cli", "train", "--config", str(PRESET), "--workdir", str(tmp_path / "single"), *sets],
@@ -280,11 +286,15 @@ def test_launch_local_2x4_matches_1x8(tmp_path, tiny_overrides):
     )
     assert single.returncode == 0, single.stderr[-3000:]
 
-    rows = {name: read_metrics(tmp_path / name / "metrics.jsonl") for name in ("launched", "single")}
+    rows = {name: read_metrics(tmp_path / name / "metrics.jsonl") for name in ("launched", "multislice", "single")}
     # Only process 0 writes metrics: one row per step, not two.
     assert [r["step"] for r in rows["launched"]] == [r["step"] for r in rows["single"]] == [1, 2, 3, 4, 5]
     losses = {name: [r["loss"] for r in rs] for name, rs in rows.items()}
     # Measured: relative differences ~1e-7 (the order of an 8-term float sum).
     np.testing.assert_allclose(losses["launched"], losses["single"], rtol=1e-5)
+    # Another layout (4 x 2 over two slices) reassociates more sums: ~1e-5 as in test_sharding.
+    np.testing.assert_allclose(losses["multislice"], losses["single"], rtol=1e-4)
+    manifest = json.loads((tmp_path / "multislice" / "manifest.json").read_text())
+    assert manifest["mesh"] == {"data": 2 * 2, "fsdp": 2, "tensor": 1, "sequence": 1}
     summary = json.loads((tmp_path / "launched" / "train_summary.json").read_text())
     assert summary["step"] == 5

@@ -87,6 +87,9 @@ class TrainConfig:
     # Peak dense TFLOP/s of one device for MFU; 0 looks the device up in
     # telemetry.PEAK_TFLOPS (no MFU is reported for a device not in the table).
     peak_tflops_per_device: float = 0.0
+    # Multi-process runs meet at barriers (state ready, run finished); a process missing
+    # for this long stops the run with an error naming it, instead of a silent hang.
+    barrier_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,11 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
 
 
 def device_granule(device: Any) -> int:
-    """The slice a device belongs to: its TPU slice, else its process (one GPU host)."""
-    index = getattr(device, "slice_index", None)
-    return device.process_index if index is None else index
+    """The slice a device belongs to: its TPU slice, else its process (one GPU host).
+    (CPU devices of a multi-process run report `slice_index` 0 for every process.)"""
+    if device.platform == "tpu" and getattr(device, "slice_index", None) is not None:
+        return device.slice_index
+    return device.process_index
 
 
 def hybrid_device_array(ici: tuple[int, ...], dcn: tuple[int, ...], devices: list[Any],

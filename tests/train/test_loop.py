@@ -35,8 +35,13 @@ def test_train_checkpoint_resume_eval(tmp_path, tiny_overrides):
     assert (tok / "config.yaml").exists() and list((tok / "tb").iterdir())
     # Running again with more steps resumes at 4: only steps 5 and 6 are logged anew.
     train(_cfg(tiny_overrides, "train.steps=6"), tok)
-    assert [r["step"] for r in read_metrics(tok / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    rows = read_metrics(tok / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert first is not None
+    # Throughput on every logged step; a CPU has no peak in the table, so no MFU is made up.
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["tflops_per_device"] > 0 and 0 <= row["data_wait_fraction"] < 1
+        assert "mfu" not in row
 
     dyn = tmp_path / "dyn"
     train(_cfg(tiny_overrides, "train.steps=3", "train.stage=dynamics", f"train.tokenizer_workdir={tok}"), dyn)

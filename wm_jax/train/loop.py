@@ -179,11 +179,14 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         batches.set_state(_decode_iterator_state(data_state))
         telemetry.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start_step}")
     telemetry.info(
-        f"stage {cfg.train.stage}: {param_count(state.params):,} parameters, mesh "
-        f"{dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} processes"
+        f"stage {cfg.train.stage}: {param_count(state.params):,} parameters, "
+        f"{flops.train_step_flops(cfg):.3g} FLOPs per step, mesh {dict(mesh.shape)}, "
+        f"{jax.device_count()} devices, {jax.process_count()} processes"
     )
 
     step_fn, _ = jit_train_step(cfg, mesh, rules, shardings)
+    # Every process restored the same step (or none) and is about to run collectives.
+    distributed.barrier("state_ready", cfg.train.barrier_timeout_s)
     frames_per_step = cfg.data.batch_size * cfg.data.frames_per_clip
     step_flops, step_tokens = flops.train_step_flops(cfg), flops.tokens_per_step(cfg)
     device = jax.devices()[0]
@@ -250,6 +253,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         manager.wait_until_finished()
         sealer.shutdown(wait=True)
         ckpt.seal_finished(manager)
+        distributed.barrier("run_finished", cfg.train.barrier_timeout_s)
     finally:
         sealer.shutdown(wait=True)
         logger.close()
