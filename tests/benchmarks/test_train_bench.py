@@ -12,7 +12,7 @@ from benchmarks import train as bench
 from conftest import TINY_OVERRIDES
 
 
-@pytest.mark.parametrize("stage, peak", [("tokenizer", 0.0), ("dynamics", 0.5)])
+@pytest.mark.parametrize("stage, peak", [pytest.param("tokenizer", 0.0, marks=pytest.mark.slow), ("dynamics", 0.5)])
 def test_main_reports_consistent_figures(stage, peak, tmp_path, capsys):
     results = tmp_path / "RESULTS.md"
     overrides = TINY_OVERRIDES + [f"train.stage={stage}", f"train.peak_tflops_per_device={peak}"]
