@@ -1,7 +1,8 @@
-"""`wm` command line: data, train, eval, export, bench, demo.
+"""`wm` command line: data, train, eval, export, verify, bench, demo.
 
 Exit codes (DESIGN.md §6): 0 ok; 2 bad usage, config or input (the message names the
-key or file); 3 numerics guard; 42 preempted after a successful save.
+key or file); 3 numerics guard; 42 preempted after a successful save; `wm verify` alone
+exits 1 when the video fails a check (watermark not detected, or sidecar missing/mismatched).
 """
 
 from __future__ import annotations
@@ -75,12 +76,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.runs:
+        return cmd_eval_compare(args)
+    if not args.workdir:
+        print("error: wm eval needs --workdir RUN (or: wm eval compare RUN_A RUN_B ...)", file=sys.stderr)
+        return EXIT_USAGE
     from wm_jax.eval.evaluate import evaluate
 
     result = evaluate(args.workdir, step=args.step, data_dir=args.data, out_dir=args.out)
     out = Path(args.out) if args.out else Path(args.workdir) / "eval"
     print(json.dumps({k: result[k] for k in result if k in ("step", "tokenizer", "controllability")}, indent=2))
     print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from wm_jax.eval import compare
+
+    if args.runs[0] != "compare" or len(args.runs) < 2:
+        print(f"error: wm eval: unexpected arguments {args.runs}; to compare runs: wm eval compare RUN_A RUN_B ...",
+              file=sys.stderr)
+        return EXIT_USAGE
+    runs = args.runs[1:]
+    table = compare.markdown_table(runs, compare.compare(runs))
+    print(table, end="")
+    if args.out:
+        Path(args.out).write_text(table)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -138,6 +160,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watermark_key(text: str) -> int:
+    """--key: an int in [0, 2**64), decimal or 0x-prefixed hex."""
+    try:
+        key = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= key < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {key}")
+    return key
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Prints wm_jax.watermark.verify's dict as JSON; 0 when the watermark is detected and
+    the sidecar matches the file, else 1 (the dict's "problems" say why)."""
+    from wm_jax import watermark
+
+    result = watermark.verify(args.video, watermark.DEFAULT_KEY if args.key is None else args.key)
+    print(json.dumps(result, indent=2))
+    return 0 if result["watermark_detected"] and result["manifest_ok"] else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -172,11 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--process-id", type=int, help="this process's index (else $WM_PROCESS_ID)")
     train.set_defaults(fn=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a run's checkpoint on held-out episodes")
-    ev.add_argument("--workdir", required=True)
+    ev = sub.add_parser(
+        "eval", help="evaluate a run's checkpoint on held-out episodes; `wm eval compare RUN_A RUN_B ...` "
+        "prints their metrics side by side",
+    )
+    ev.add_argument("runs", nargs="*", metavar="compare RUN", help="`compare` followed by run directories")
+    ev.add_argument("--workdir")
     ev.add_argument("--step", type=int)
     ev.add_argument("--data")
-    ev.add_argument("--out")
+    ev.add_argument("--out", help="report directory (eval), or the markdown file written by compare")
     ev.set_defaults(fn=cmd_eval)
 
     exp = sub.add_parser("export", help="write an inference bundle (parameters + config + manifest)")
@@ -186,9 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(fn=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks; the last line printed is a JSON object")
-    bench.add_argument("name", choices=["checkpoint", "train"])
+    bench.add_argument("name", choices=["checkpoint", "train", "watermark"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see wm bench NAME --help)")
     bench.set_defaults(fn=cmd_bench)
+
+    ver = sub.add_parser("verify", help="check a video's watermark and sidecar manifest; exit 0 only if both pass")
+    ver.add_argument("video")
+    ver.add_argument("--key", type=_watermark_key, help="watermark key, decimal or 0x hex (default: the project's public key)")
+    ver.set_defaults(fn=cmd_verify)
 
     demo = sub.add_parser("demo", help="data → tokenizer → dynamics → eval on CPU")
     demo.add_argument("--out", default="runs/demo")
@@ -198,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     from wm_jax import launch
 
     launch.add_parser(sub)  # wm launch {local,slurm,k8s,tpu-vm}
+    from wm_jax import sweep
+
+    sweep.add_parser(sub)  # wm sweep SPEC | report SPEC | run-one SPEC --index I
     return p
 
 

@@ -52,6 +52,12 @@ def test_train_checkpoint_resume_eval(tmp_path, tiny_overrides):
     for group in ("rollout", "baseline_copy_last"):
         assert metrics[group]["horizon"] == [1, 2, 3] and np.all(np.isfinite(metrics[group]["psnr"]))
     assert set(metrics["controllability"]) == {"psnr_true_actions", "psnr_random_actions", "delta_psnr"}
+    assert len(metrics["rollout"]["ssim"]) == 3 and all(-1 <= v <= 1 for v in metrics["rollout"]["ssim"])
+    assert set(metrics["action_following"]) == {"true_actions", "random_actions"}
+    assert set(metrics["camera_following"]) == {"model", "baseline_copy_last", "truth"}
+    assert metrics["camera_following"]["truth"]["within_1px"] > 0.5  # the metric sees the true pans
+    assert {"before_cut", "swap_margin"} <= set(metrics["identity_persistence"])
+    assert "reappear_psnr" in metrics["object_permanence"]
     assert np.isfinite(metrics["tokenizer"]["psnr"])
     for name in ("report.md", "psnr_vs_horizon.png", "rollout.gif"):
         assert (dyn / "eval" / name).stat().st_size > 0

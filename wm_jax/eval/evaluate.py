@@ -3,6 +3,12 @@
 Outputs under `RUN/eval/` (or `--out`): `metrics.json` (names of DESIGN.md §8),
 `report.md`, `psnr_vs_horizon.png` and a video grid `rollout.gif` (+ `.mp4` when
 imageio-ffmpeg is installed) showing truth | generated | |difference|.
+
+Besides PSNR/SSIM drift, the ground truth in the records measures what video metrics
+miss (definitions in `wm_jax/eval/metrics.py`): action following (agent position vs the
+simulator's, with true and with shuffled actions), camera following (image shift vs the
+commanded pan), identity persistence (entity crops vs their look in the context) and
+object permanence (entities reappearing from behind the occluder).
 """
 
 from __future__ import annotations
@@ -46,7 +52,12 @@ def held_out_clips(data_dir: str, cfg: Config, frames: int) -> dict[str, np.ndar
     clips = [b for _, b in zip(range(cfg.eval.num_clips), loader)]
     if not clips:
         raise ValueError(f"split '{cfg.eval.split}' of {data_dir} has no episode of {frames} frames")
-    return {k: np.concatenate([c[k] for c in clips]) for k in ("frame", "action")}
+    return {k: np.concatenate([c[k] for c in clips]) for k in GROUND_TRUTH}
+
+
+# Record fields the evaluation reads: frames and actions, plus the ground truth of the
+# controllability metrics (camera pose, entity boxes/visibility, shot cuts).
+GROUND_TRUTH = ("frame", "action", "camera", "entity_boxes", "entity_visible", "cut")
 
 
 def video_grid(truth: np.ndarray, generated: np.ndarray, scale: int = 4) -> np.ndarray:
@@ -125,11 +136,66 @@ def report_markdown(result: dict, files: dict[str, list[str]]) -> str:
                 f"| {result['baseline_copy_last']['psnr'][i]:.2f} |"
             )
         lines += ["", "![PSNR vs horizon](psnr_vs_horizon.png)", ""]
+        a, cam = result["action_following"], result["camera_following"]
+        ip, op = result["identity_persistence"], result["object_permanence"]
+        lines += [
+            "## What video metrics miss",
+            "",
+            "| metric | model | control |",
+            "|---|---|---|",
+            f"| action following: agent within 1.5 px of the simulator's (true vs random actions) "
+            f"| {a['true_actions']['within_1.5px']:.3f} | {a['random_actions']['within_1.5px']:.3f} |",
+            f"| action following: mean agent distance, px | {a['true_actions']['mean_distance_px']:.2f} "
+            f"| {a['random_actions']['mean_distance_px']:.2f} |",
+            f"| camera following: steps within 1 px of the commanded pan (model vs copy-last; true video "
+            f"{cam['truth']['within_1px']:.3f}) | {cam['model']['within_1px']:.3f} | {cam['baseline_copy_last']['within_1px']:.3f} |",
+            f"| identity persistence: similarity to own reference / swap margin "
+            f"| {ip['before_cut']:.3f} / {ip['swap_margin']:.3f} | |",
+            f"| object permanence: crop PSNR on reappearing from occlusion vs other visible steps (dB, "
+            f"{op['num_reappearances']} reappearances) | {op['reappear_psnr']:.2f} | {op['visible_psnr']:.2f} |",
+            "",
+        ]
     for name in files.get("video", []):
         lines.append(f"Video grid (rows: clips; columns: truth | generated | |difference|): [{name}]({name})")
     if files.get("video"):
         lines += ["", f"![rollout]({files['video'][0]})"]
     return "\n".join(lines) + "\n"
+
+
+def ground_truth_metrics(clips: dict[str, np.ndarray], ctx: int, gen_true: np.ndarray, gen_random: np.ndarray,
+                         copy_last: np.ndarray) -> dict[str, dict]:
+    """The controllability groups of metrics.json on the generated steps (after `ctx`).
+
+    clips: held-out records [B, C+H, ...]; gen_true / gen_random: uint8 [B, C+H, h, w, 3]
+    rolled out with the true / random actions (context reconstructed); copy_last: uint8
+    [B, H, h, w, 3]. Each model figure comes with a control: random actions for action
+    following, a frozen frame (copy-last) for camera following.
+    """
+    frames, boxes, visible = clips["frame"], clips["entity_boxes"], clips["entity_visible"]
+    truth, gen = frames[:, ctx:], gen_true[:, ctx:]
+    camera_xy, cut = clips["camera"][:, ctx - 1 :, :2], clips["cut"][:, ctx - 1 :]
+    # From the last context frame on, so the first generated step's move is scored too.
+    follow = lambda video: M.camera_following(video, camera_xy, cut, boxes[:, ctx - 1 :])
+    with_last = lambda g: np.concatenate([frames[:, ctx - 1 : ctx], g], axis=1)
+    # Each entity's look: its crop in the last context frame where it is visible (NaN: none).
+    crops = M.crop_boxes(frames[:, :ctx], boxes[:, :ctx])  # [B, C, E, s, s, 3]
+    seen = visible[:, :ctx]
+    last_seen = np.where(seen.any(axis=1), ctx - 1 - np.argmax(seen[:, ::-1], axis=1), -1)  # [B, E]
+    reference = np.take_along_axis(crops, np.maximum(last_seen, 0)[:, None, :, None, None, None], axis=1)[:, 0]
+    reference[last_seen < 0] = np.nan
+    return {
+        "action_following": {
+            "true_actions": M.action_following(gen, truth),
+            "random_actions": M.action_following(gen_random[:, ctx:], truth),
+        },
+        "camera_following": {
+            "model": follow(with_last(gen)),
+            "baseline_copy_last": follow(with_last(copy_last)),
+            "truth": follow(frames[:, ctx - 1 :]),
+        },
+        "identity_persistence": M.identity_persistence(gen, reference, boxes[:, ctx:], visible[:, ctx:], clips["cut"][:, ctx:]),
+        "object_permanence": M.object_permanence(gen_true, frames, boxes, visible, start=ctx),
+    }
 
 
 def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | None = None, out_dir: str | Path | None = None) -> dict:
@@ -192,15 +258,17 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
         copy_last = np.repeat(frames[:, ctx - 1 : ctx], horizon, axis=1)
         hs = list(range(1, horizon + 1))
         per_h = lambda g: [float(v) for v in M.psnr_per_horizon(truth, g)]
-        result["rollout"] = {"horizon": hs, "psnr": per_h(gen_true[:, ctx:])}
-        result["rollout_random_actions"] = {"horizon": hs, "psnr": per_h(gen_random[:, ctx:])}
-        result["baseline_copy_last"] = {"horizon": hs, "psnr": per_h(copy_last)}
-        true_mean, random_mean = np.mean(result["rollout"]["psnr"]), np.mean(result["rollout_random_actions"]["psnr"])
+        per_h_ssim = lambda g: [float(v) for v in M.ssim_per_horizon(truth, g)]
+        for name, video in (("rollout", gen_true[:, ctx:]), ("rollout_random_actions", gen_random[:, ctx:]),
+                            ("baseline_copy_last", copy_last)):
+            result[name] = {"horizon": hs, "psnr": per_h(video), "ssim": per_h_ssim(video)}
+        true_psnr, random_psnr = result["rollout"]["psnr"], result["rollout_random_actions"]["psnr"]
         result["controllability"] = {
-            "psnr_true_actions": float(true_mean),
-            "psnr_random_actions": float(random_mean),
-            "delta_psnr": float(true_mean - random_mean),
+            "psnr_true_actions": float(np.mean(true_psnr)),
+            "psnr_random_actions": float(np.mean(random_psnr)),
+            "delta_psnr": M.delta_psnr(np.asarray(true_psnr), np.asarray(random_psnr)),
         }
+        result.update(ground_truth_metrics(clips, ctx, gen_true, gen_random, copy_last))
         plot_drift(result, out / "psnr_vs_horizon.png")
         files["video"] = write_video(video_grid(frames[:shown], gen_true[:shown]), out / "rollout")
     else:

@@ -1,0 +1,37 @@
+"""`wm eval compare`: figures of several metrics.json side by side, absent groups as "–"."""
+
+import json
+
+from wm_jax.cli import main
+from wm_jax.eval import compare
+
+
+def _write(path, metrics):
+    (path / "eval").mkdir(parents=True)
+    (path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    return path
+
+
+def test_compare_prints_one_column_per_run(tmp_path, capsys):
+    dyn = _write(tmp_path / "dyn", {
+        "step": 800, "tokenizer": {"psnr": 23.0},
+        "rollout": {"horizon": [1, 2], "psnr": [15.0, 14.0], "ssim": [0.5, 0.4]},
+        "controllability": {"delta_psnr": 0.25},
+    })
+    tok = _write(tmp_path / "tok", {"step": 600, "tokenizer": {"psnr": 24.5}})
+    table = compare.compare([dyn, tok])
+    assert table["step"] == [800.0, 600.0] and "| step | 800 | 600 |" in compare.markdown_table([dyn, tok], table)
+    assert table["rollout PSNR, mean over horizons (dB)"] == [14.5, None]
+    assert table["ΔtPSNR true − random actions (dB)"] == [0.25, None]
+    out = tmp_path / "compare.md"
+    assert main(["eval", "compare", str(dyn), str(tok), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| tokenizer PSNR (dB) | 23.000 | 24.500 |" in text and "| 14.500 | – |" in text
+    assert out.read_text() in text
+
+
+def test_compare_names_a_run_without_evaluation(tmp_path, capsys):
+    assert main(["eval", "compare", str(tmp_path / "nothing")]) == 2
+    assert "no evaluation found" in capsys.readouterr().err
+    assert main(["eval", "comparre", str(tmp_path)]) == 2
+    assert main(["eval"]) == 2
