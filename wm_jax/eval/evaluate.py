@@ -162,6 +162,18 @@ def report_markdown(result: dict, files: dict[str, list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def json_safe(value: Any) -> Any:
+    """NaN/inf (a metric with nothing to measure, e.g. no reappearance) -> None, so
+    metrics.json is strict JSON (`null`) that any parser reads."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def ground_truth_metrics(clips: dict[str, np.ndarray], ctx: int, gen_true: np.ndarray, gen_random: np.ndarray,
                          copy_last: np.ndarray) -> dict[str, dict]:
     """The controllability groups of metrics.json on the generated steps (after `ctx`).
@@ -273,6 +285,7 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
         files["video"] = write_video(video_grid(frames[:shown], gen_true[:shown]), out / "rollout")
     else:
         files["video"] = write_video(video_grid(frames[:shown], recon[:shown]), out / "reconstruction")
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out / "report.md").write_text(report_markdown(result, files))
+    (out / "report.md").write_text(report_markdown(result, files))  # "nan" where nothing was measured
+    result = json_safe(result)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
     return result
