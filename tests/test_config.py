@@ -65,3 +65,9 @@ def test_cli_exits_2_on_config_typo(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.stpes" in err and "train.steps" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET.parent.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_preset_loads(preset):
+    """Presets are validated like user configs (base chains, types, divisibility of heads)."""
+    config_lib.load(preset)
