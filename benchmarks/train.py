@@ -28,11 +28,10 @@ from flax import linen as nn
 
 from benchmarks import results
 from wm_jax import config as config_lib
-from wm_jax import sharding, telemetry
+from wm_jax import telemetry
 from wm_jax.config import Config, ConfigError
-from wm_jax.models import flops
 from wm_jax.train import dry_run
-from wm_jax.train.state import create_train_state, state_shardings
+from wm_jax.train.state import create_train_state
 from wm_jax.train.step import batch_specs
 
 COLUMNS = ["machine", "config", "params", "mesh", "dtype", "step s", "tokens/s", "TFLOP/s/device", "MFU", "command"]
@@ -61,18 +60,15 @@ def run(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0; got {steps}, {warmup}")
     t0 = time.perf_counter()
-    step_fn, report = dry_run.compile_step(cfg)
+    step_fn, report, placement = dry_run.compile_step(cfg)
     telemetry.info(f"compiled the step in {time.perf_counter() - t0:.1f} s")
     if not dry_run.fits(report):
         raise ConfigError(f"the step does not fit the device:\n{dry_run.format_report(report)}")
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.logical_rules(cfg.mesh)
-    _, shardings = state_shardings(cfg, mesh, rules)
-    state = create_train_state(cfg, mesh, rules, shardings)
+    mesh, rules = placement.mesh, placement.rules
+    state = create_train_state(cfg, mesh, rules, placement.state)
     tokenizer = None
-    if cfg.train.stage == "dynamics":
-        tok_shardings = state_shardings(cfg, mesh, rules, stage="tokenizer")[1]
-        tokenizer = create_train_state(cfg, mesh, rules, tok_shardings, stage="tokenizer").params
+    if placement.tokenizer_state is not None:
+        tokenizer = create_train_state(cfg, mesh, rules, placement.tokenizer_state, stage="tokenizer").params
     batch = synthetic_batch(cfg, mesh, rules, cfg.seed)
     telemetry.info(f"initialised the state, {time.perf_counter() - t0:.1f} s since start")
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

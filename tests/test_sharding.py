@@ -112,7 +112,7 @@ for layout in json.loads(sys.argv[3]):
     tok = None
     if cfg.train.stage == "dynamics":
         tok = create_train_state(cfg, mesh, rules, state_shardings(cfg, mesh, rules, stage="tokenizer")[1], stage="tokenizer").params
-    step_fn, _ = jit_train_step(cfg, mesh, rules, shardings)
+    step_fn = jit_train_step(cfg, mesh, rules, shardings, None if tok is None else jax.tree.map(lambda x: x.sharding, tok))
     losses = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for b in batches:

@@ -8,10 +8,12 @@ dataset or tokenizer run is read.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 from flax import linen as nn
+from jax.sharding import Mesh
 
 from wm_jax import sharding
 from wm_jax.config import Config
@@ -22,17 +24,28 @@ from wm_jax.train.step import batch_specs, jit_train_step
 GIB = 2**30
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a compiled step's inputs live: the mesh, its rules, the state's shardings and
+    (dynamics stage) the tokenizer state's shardings, else None."""
+
+    mesh: Mesh
+    rules: Any
+    state: Any
+    tokenizer_state: Any
+
+
 def compile_report(cfg: Config) -> dict[str, Any]:
     """Compiles one train step of `cfg` on the current devices; returns its plan
     (see `compile_step`)."""
     return compile_step(cfg)[1]
 
 
-def compile_step(cfg: Config) -> tuple[Any, dict[str, Any]]:
-    """Compiles one train step of `cfg` on the current devices: (executable, plan).
+def compile_step(cfg: Config) -> tuple[Any, dict[str, Any], Placement]:
+    """Compiles one train step of `cfg` on the current devices: (executable, plan, placement).
 
     The executable takes (state, batch, tokenizer params or None) placed on the shardings
-    of `state_shardings`, `batch_specs` and the tokenizer's parameter shardings.
+    of `placement` and `batch_specs`.
 
     Keys: parameters, mesh, devices, flops_per_step (analytic, global), xla_flops_per_device
     (XLA's cost analysis of the compiled per-device program, None if unavailable), and
@@ -44,10 +57,12 @@ def compile_step(cfg: Config) -> tuple[Any, dict[str, Any]]:
     rules = sharding.logical_rules(cfg.mesh)
     sharding.check_batch_divisible(cfg.data.batch_size, mesh, rules)
     abstract, shardings = state_shardings(cfg, mesh, rules)
-    step_fn, tokenizer_shardings = jit_train_step(cfg, mesh, rules, shardings)
-    tokenizer = state_shardings(cfg, mesh, rules, stage="tokenizer")[0].params if tokenizer_shardings else None
+    tok_abstract, tok_shardings = (
+        state_shardings(cfg, mesh, rules, stage="tokenizer") if cfg.train.stage == "dynamics" else (None, None)
+    )
+    step_fn = jit_train_step(cfg, mesh, rules, shardings, tok_shardings and tok_shardings.params)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = step_fn.lower(abstract, batch_specs(cfg, mesh, rules), tokenizer).compile()
+        compiled = step_fn.lower(abstract, batch_specs(cfg, mesh, rules), tok_abstract and tok_abstract.params).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # older jax returns one dict per program
@@ -75,7 +90,7 @@ def compile_step(cfg: Config) -> tuple[Any, dict[str, Any]]:
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         report["device_bytes_limit"] = stats["bytes_limit"]
-    return compiled, report
+    return compiled, report, Placement(mesh, rules, shardings, tok_shardings)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -184,7 +184,9 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         f"{jax.device_count()} devices, {jax.process_count()} processes"
     )
 
-    step_fn, _ = jit_train_step(cfg, mesh, rules, shardings)
+    # The restored tokenizer parameters already sit on their shardings.
+    tokenizer_shardings = jax.tree.map(lambda x: x.sharding, tokenizer_params)
+    step_fn = jit_train_step(cfg, mesh, rules, shardings, tokenizer_shardings)
     # Every process restored the same step (or none) and is about to run collectives.
     distributed.barrier("state_ready", cfg.train.barrier_timeout_s)
     frames_per_step = cfg.data.batch_size * cfg.data.frames_per_clip

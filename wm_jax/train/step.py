@@ -15,7 +15,7 @@ from wm_jax.eval.metrics import psnr_from_mse
 from wm_jax.models.dynamics import token_loss
 from wm_jax.models.tokenizer import VideoTokenizer, vocab_size
 from wm_jax.sharding import batch_sharding
-from wm_jax.train.state import TrainState, build_model, make_optimizer, state_shardings
+from wm_jax.train.state import TrainState, build_model, make_optimizer
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -96,19 +96,18 @@ def batch_specs(cfg: Config, mesh: Mesh, rules: Any) -> dict[str, jax.ShapeDtype
     }
 
 
-def jit_train_step(cfg: Config, mesh: Mesh, rules: Any, shardings: Any) -> tuple[Callable[..., Any], Any]:
+def jit_train_step(cfg: Config, mesh: Mesh, rules: Any, shardings: Any, tokenizer_shardings: Any = None) -> Callable[..., Any]:
     """The train step under `jax.jit` with explicit shardings and the state donated.
 
-    shardings: the state's sharding tree (from `state_shardings`). Returns (step_fn,
-    tokenizer parameter shardings or None for the tokenizer stage). Build it outside, and
-    call it inside, `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
+    shardings: the state's sharding tree (from `state_shardings`); tokenizer_shardings:
+    the frozen tokenizer's parameter shardings (dynamics stage), None for the tokenizer
+    stage. Build it outside, and call it inside, `jax.set_mesh(mesh)` and
+    `nn.logical_axis_rules(rules)`.
     """
     batch = {k: batch_sharding(mesh, rules, nd) for k, nd in BATCH_FIELDS.items()}
-    tokenizer = state_shardings(cfg, mesh, rules, stage="tokenizer")[1].params if cfg.train.stage == "dynamics" else None
-    step_fn = jax.jit(
+    return jax.jit(
         make_train_step(cfg),
-        in_shardings=(shardings, batch, tokenizer),
+        in_shardings=(shardings, batch, tokenizer_shardings),
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
-    return step_fn, tokenizer
