@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev,video]"
+	$(BIN)/pip install -e ".[dev,video,envs]"
 	touch $(STAMP)
 
 install: $(STAMP)

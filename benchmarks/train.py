@@ -38,15 +38,21 @@ COLUMNS = ["machine", "config", "params", "mesh", "dtype", "step s", "tokens/s",
 
 
 def synthetic_batch(cfg: Config, mesh: Any, rules: Any, seed: int = 0) -> dict[str, jax.Array]:
-    """Random frames uint8 [B,T,S,S,3] and actions int32 [B,T], created on the mesh."""
+    """Every field the step reads (`batch_specs`), random where it carries content (frames
+    uint8, actions int32, camera poses float32), valid and cut-free, created on the mesh."""
     specs = batch_specs(cfg, mesh, rules)
-    k_frame, k_action = jax.random.split(jax.random.key(seed))
+    keys = dict(zip(specs, jax.random.split(jax.random.key(seed), len(specs))))
 
-    def make() -> dict[str, jax.Array]:
-        frame = jax.random.randint(k_frame, specs["frame"].shape, 0, 256, jnp.int32).astype(jnp.uint8)
-        action = jax.random.randint(k_action, specs["action"].shape, 0, cfg.model.dynamics.num_actions, jnp.int32)
-        return {"frame": frame, "action": action}
+    def field(name: str, spec: jax.ShapeDtypeStruct) -> jax.Array:
+        if spec.dtype == jnp.uint8:
+            return jax.random.randint(keys[name], spec.shape, 0, 256, jnp.int32).astype(jnp.uint8)
+        if name == "action":
+            return jax.random.randint(keys[name], spec.shape, 0, cfg.model.dynamics.num_actions, jnp.int32)
+        if spec.dtype == jnp.float32:
+            return jax.random.normal(keys[name], spec.shape)
+        return jnp.full(spec.shape, name.endswith("_valid"))
 
+    make = lambda: {name: field(name, spec) for name, spec in specs.items()}
     return jax.jit(make, out_shardings={k: s.sharding for k, s in specs.items()})()
 
 

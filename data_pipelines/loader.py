@@ -4,6 +4,11 @@ Window k is a start record chosen from the manifest's episode index (every
 `window_stride` steps, never crossing an episode), so the sampler shuffles windows, not
 records. Batches are dicts of numpy arrays, every schema field stacked to [B, T, ...].
 The loader's iterator state (`get_state`/`set_state`) is what checkpoints save.
+
+Every record read is checked against the manifest's field spec (dtype and shape); a
+record that cannot be read, decoded or checked raises DatasetError naming its shard,
+its index in the shard and (for a check) the field. With `skip_bad_records`, a window
+holding such a record is logged and replaced by the next good window instead.
 """
 from __future__ import annotations
 
@@ -12,10 +17,16 @@ from pathlib import Path
 
 import grain
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from data_pipelines import schema, writer
 from data_pipelines.schema import DatasetError
+
+# Batch field of a loader with skip_bad_records: int32 [B], 1 where the element stands in
+# for a sampled window that held a bad record.
+SKIPPED = "bad_windows_skipped"
+# What the C++ ArrayRecord reader raises for an unreadable file or chunk.
+READ_ERRORS = (RuntimeError, ValueError)
 
 
 def window_starts(episodes: list[dict], frames_per_clip: int, window_stride: int = 1) -> np.ndarray:
@@ -48,16 +59,37 @@ def num_windows(data_dir: str | os.PathLike, split: str, frames_per_clip: int,
     return len(_split_windows(data_dir, split, frames_per_clip, window_stride)[1])
 
 
+def bad_record(shard: str, index: int, error: Exception) -> DatasetError:
+    """The error for record `index` of `shard` that failed to read, decode or check."""
+    return DatasetError(f"bad record {index} of shard {shard}: {str(error) or type(error).__name__}")
+
+
+def open_shards(paths: list[str]) -> grain.sources.ArrayRecordDataSource:
+    """One random-access source over the shards; DatasetError naming an unreadable one."""
+    try:
+        return grain.sources.ArrayRecordDataSource(paths)
+    except READ_ERRORS as e:
+        for path in paths:  # the reader's message does not say which shard it was
+            try:
+                grain.sources.ArrayRecordDataSource([path])
+            except READ_ERRORS as e_path:
+                raise DatasetError(f"shard {path} is unreadable: {str(e_path) or type(e_path).__name__}") from e
+        raise DatasetError(f"shards {paths} are unreadable: {e}") from e
+
+
 class WindowSource(grain.sources.RandomAccessDataSource):
-    """Random-access source: window k ↦ list of T decoded records of one episode."""
+    """Random-access source: window k ↦ T records of one episode, every field stacked
+    to [T, ...] (with skip_bad_records, plus SKIPPED: int32 [])."""
 
     def __init__(self, data_dir: str | os.PathLike, split: str, frames_per_clip: int,
-                 window_stride: int = 1):
+                 window_stride: int = 1, skip_bad_records: bool = False):
         manifest, self._starts = _split_windows(data_dir, split, frames_per_clip, window_stride)
         self._paths = writer.shard_paths(data_dir, manifest, split)
-        self._records = grain.sources.ArrayRecordDataSource(self._paths)
+        self._records = open_shards(self._paths)
         self._shard_ends = np.cumsum([s["records"] for s in manifest["splits"][split]["shards"]])
+        self._spec = schema.spec_from_json(manifest["fields"])
         self._T = frames_per_clip
+        self._skip_bad_records = skip_bad_records
         # The repr is checked when an iterator state is restored: name the data by its
         # content, not its path, so a moved dataset still resumes.
         self._repr = (f"WindowSource(content_hash={manifest['content_hash']}, split={split}, "
@@ -69,25 +101,42 @@ class WindowSource(grain.sources.RandomAccessDataSource):
     def __repr__(self) -> str:
         return self._repr
 
-    def _decode(self, index: int, data: bytes) -> dict[str, np.ndarray]:
+    def _record(self, index: int, data: bytes | None) -> dict[str, np.ndarray]:
+        """Record `index` of the split (read now if `data` is None), decoded and checked
+        against the manifest's spec; DatasetError naming shard, record and field."""
         try:
-            return schema.decode_record(data)
-        except schema.RecordError as e:
+            record = schema.decode_record(self._records[index] if data is None else data)
+            schema.validate_record(record, self._spec)
+            return record
+        except (schema.RecordError, *READ_ERRORS) as e:
             shard = int(np.searchsorted(self._shard_ends, index, side="right"))
             local = index - (int(self._shard_ends[shard - 1]) if shard else 0)
-            raise DatasetError(f"corrupt record {local} of shard {self._paths[shard]}: {e}") from e
+            raise bad_record(self._paths[shard], local, e) from e
 
-    def __getitem__(self, k: int) -> list[dict[str, np.ndarray]]:
+    def _window(self, k: int) -> dict[str, np.ndarray]:
         first = int(self._starts[k])
         indices = list(range(first, first + self._T))
-        return [self._decode(i, d) for i, d in zip(indices, self._records.__getitems__(indices))]
+        try:
+            data = self._records.__getitems__(indices)
+        except READ_ERRORS:
+            data = [None] * self._T  # a corrupt chunk: read one at a time to name the record
+        records = [self._record(i, d) for i, d in zip(indices, data)]
+        return {name: np.stack([rec[name] for rec in records]) for name in records[0]}
 
-
-class StackWindow(grain.transforms.Map):
-    """List of T records → dict of arrays [T, ...] (per-field stack)."""
-
-    def map(self, window: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        return {k: np.stack([rec[k] for rec in window]) for k in window[0]}
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        if not self._skip_bad_records:
+            return self._window(k)
+        try:
+            return {**self._window(k), SKIPPED: np.int32(0)}
+        except DatasetError as e:
+            logging.warning("skip_bad_records: window %d skipped: %s", k, e)
+        # The next good window stands in, so batches keep their size and the sampler its order.
+        for offset in range(1, len(self)):
+            try:
+                return {**self._window((k + offset) % len(self)), SKIPPED: np.int32(1)}
+            except DatasetError:
+                continue
+        raise DatasetError(f"every window of {self._repr} holds a bad record")
 
 
 def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int,
@@ -95,7 +144,8 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int
                 num_epochs: int | None = None, worker_count: int = 0,
                 shard_options: grain.sharding.ShardOptions | None = None,
                 drop_remainder: bool = True,
-                read_options: grain.ReadOptions | None = None) -> grain.DataLoader:
+                read_options: grain.ReadOptions | None = None,
+                skip_bad_records: bool = False) -> grain.DataLoader:
     """A grain DataLoader over windows of `frames_per_clip` steps of `split`.
 
     `batch_size` is per process. Each element of `iter(loader)` is a dict with every
@@ -104,10 +154,13 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int
     [B, T, E, 4], ... `num_epochs=None` repeats forever. `shard_options` defaults to one
     shard per JAX process. `read_options` defaults to a read-ahead of a few batches
     (grain's default, 500 windows on 16 threads, costs seconds and memory per start).
+    A bad record raises DatasetError (naming shard, record and field) unless
+    `skip_bad_records`: then its window is logged and replaced by the next good one, and
+    batches carry SKIPPED int32 [B] (1 per replaced window) for the caller to count.
     """
     if not Path(data_dir).is_dir():
         raise DatasetError(f"dataset directory {data_dir} does not exist")
-    source = WindowSource(data_dir, split, frames_per_clip, window_stride)
+    source = WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records)
     if shard_options is None:
         shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     if worker_count > 0 and not flags.FLAGS.is_parsed():
@@ -125,5 +178,4 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int
     return grain.DataLoader(
         data_source=source, sampler=sampler, shard_options=shard_options,
         worker_count=worker_count, read_options=read_options,
-        operations=[StackWindow(),
-                    grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)])
+        operations=[grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)])

@@ -27,12 +27,15 @@ def field_spec(size: int, num_entities: int) -> Spec:
     """Field name -> (numpy dtype string, shape) for frames of size×size pixels.
 
     ``num_entities`` is E, the number of entity slots per record (the agent included),
-    i.e. the length of ``entity_ids``/``entity_boxes``/``entity_visible``.
+    i.e. the length of ``entity_ids``/``entity_boxes``/``entity_visible``. ``reference``
+    is the episode's reference frame (the same in each of its records): every entity slot
+    drawn alone, for identity memory (procedural: `render_reference`, `reference_cells`).
     """
     return {
         "episode_id": ("int64", ()),
         "t": ("int32", ()),
         "frame": ("uint8", (size, size, 3)),
+        "reference": ("uint8", (size, size, 3)),
         "action": ("int32", ()),
         "camera": ("float32", (7,)),
         "shot_id": ("int32", ()),

@@ -4,10 +4,12 @@ Layout::
 
     OUT/manifest.json
     OUT/<split>/shard-00000-of-00002.array_record   (group_size:1: cheap random access)
+    OUT/<path>                                      (optional source files, e.g. replay/…)
 
 The manifest indexes episodes per split by (start, length), where start is the record
 index within the split's shards concatenated in order; a reader never scans shards to
-find episode boundaries.
+find episode boundaries. Other files a source stores (Atari: each episode's emulator
+start state) are listed under "files" with their sha256, verified like the shards.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from data_pipelines import schema
@@ -86,47 +89,80 @@ def _write_split(split_dir: Path, episodes: Iterable[list[dict]], spec: schema.S
     return {"shards": shards, "episodes": index, "num_records": num_records}
 
 
-def content_hash(splits: dict) -> str:
-    """sha256 over every shard's sha256, splits and shards in manifest order."""
+def _write_files(root: Path, files: Iterable[tuple[str, bytes]]) -> list[dict]:
+    """Writes (relative POSIX path, bytes) pairs under root; returns their manifest entries."""
+    entries = []
+    for rel, data in files:
+        parts = PurePosixPath(rel).parts
+        # Paths come from the source, but the manifest must never point outside the dataset.
+        if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+            raise DatasetError(f"file path {rel!r} must be relative and inside the dataset")
+        path = root.joinpath(*parts)
+        if path.exists() or rel == MANIFEST:
+            raise DatasetError(f"file path {rel!r} is used twice or clashes with the dataset's own files")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        entries.append({"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    return entries
+
+
+def content_hash(splits: dict, files: list[dict] = ()) -> str:
+    """sha256 over every shard's sha256 (splits and shards in manifest order), then every
+    listed file's sha256 (a dataset without files hashes as before files existed)."""
     digest = hashlib.sha256()
     for entry in splits.values():
         for shard in entry["shards"]:
             digest.update(shard["sha256"].encode())
+    for entry in files:
+        digest.update(entry["sha256"].encode())
     return digest.hexdigest()
 
 
 def write_dataset(out_dir: str | os.PathLike, splits: dict[str, Iterable[list[dict]]], *,
                   source: str, source_params: dict, generator_version: str, frame_size: int,
-                  num_entities: int, fps: float, records_per_shard: int = 4096) -> dict:
+                  fps: float, num_entities: int | None = None, spec: schema.Spec | None = None,
+                  files: Iterable[tuple[str, bytes]] = (), records_per_shard: int = 4096) -> dict:
     """Writes `splits` (split name → iterable of episodes, each a list of schema-v1
     records) as a dataset at out_dir and returns the manifest.
 
-    `num_entities` is E, the entity slots per record (agent included). Nothing exists
-    at out_dir unless the whole dataset was written; an existing out_dir is refused.
+    `spec` is the records' field spec; a field it lacks (e.g. `camera` for Atari) is
+    unknown for every frame of the dataset. Without it, the full schema-v1 spec with
+    `num_entities` = E entity slots per record (agent included). `files` are
+    (relative path, bytes) pairs stored beside the shards (read after the splits, so
+    they may be generated lazily). Nothing exists at out_dir unless the whole dataset
+    was written; an existing out_dir is refused.
     """
     out = Path(out_dir)
     if out.exists():
         raise DatasetError(f"{out} already exists; refusing to overwrite a dataset")
     if records_per_shard < 1:
         raise DatasetError(f"records_per_shard must be >= 1, got {records_per_shard}")
-    spec = schema.field_spec(frame_size, num_entities)
+    if (spec is None) == (num_entities is None):
+        raise DatasetError("write_dataset takes exactly one of `spec` and `num_entities`")
+    if spec is None:
+        spec = schema.field_spec(frame_size, num_entities)
+    if spec["frame"][1][:2] != (frame_size, frame_size):
+        raise DatasetError(f"spec frames are {spec['frame'][1]}, frame_size is {frame_size}")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
         split_entries = {name: _write_split(tmp / name, episodes, spec, records_per_shard)
                          for name, episodes in splits.items()}
+        file_entries = _write_files(tmp, files)
         manifest = {
             "schema_version": schema.SCHEMA_VERSION,
             "fields": schema.spec_to_json(spec),
             "codec": schema.CODEC,
             "frame_size": frame_size,
-            "num_entities": num_entities,
+            # 0: the records carry no entity fields.
+            "num_entities": int(spec["entity_ids"][1][0]) if "entity_ids" in spec else 0,
             "fps": fps,
             "source": source,
             "source_params": source_params,
             "generator_version": generator_version,
             "splits": split_entries,
-            "content_hash": content_hash(split_entries),
+            "files": file_entries,
+            "content_hash": content_hash(split_entries, file_entries),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -166,11 +202,42 @@ def shard_paths(data_dir: str | os.PathLike, manifest: dict, split: str) -> list
     return [str(Path(data_dir) / s["path"]) for s in manifest["splits"][split]["shards"]]
 
 
+def _check_sha256(path: Path, actual: str, entry: dict) -> None:
+    if actual != entry["sha256"]:
+        raise DatasetError(f"file {path} is corrupt: sha256 {actual}, manifest expects {entry['sha256']}")
+
+
+def _check_file(path: Path, entry: dict, check_hashes: bool) -> None:
+    """Raises DatasetError naming `path` if it is missing or (optionally) its sha256
+    differs from its manifest entry."""
+    if not path.is_file():
+        raise DatasetError(f"file {path} is missing")
+    if check_hashes:
+        _check_sha256(path, _sha256(path), entry)
+
+
+def read_file(data_dir: str | os.PathLike, manifest: dict, rel: str) -> bytes:
+    """The bytes of a file listed in the manifest's "files", checked against its sha256;
+    DatasetError naming the file if it is unlisted, missing or corrupt."""
+    entry = next((f for f in manifest.get("files", []) if f["path"] == rel), None)
+    if entry is None:
+        raise DatasetError(f"{rel} is not listed in the manifest of {data_dir}")
+    path = Path(data_dir) / rel
+    if not path.is_file():
+        raise DatasetError(f"file {path} is missing")
+    data = path.read_bytes()
+    _check_sha256(path, hashlib.sha256(data).hexdigest(), entry)
+    return data
+
+
 def verify_dataset(data_dir: str | os.PathLike, check_hashes: bool = True) -> dict:
     """Checks shards exist, hold the recorded number of records and (optionally) match
-    their sha256; returns the manifest, or raises DatasetError naming the shard."""
+    their sha256, and likewise the listed files; returns the manifest, or raises
+    DatasetError naming the shard or file."""
     manifest = read_manifest(data_dir)
     root = Path(data_dir)
+    for entry in manifest.get("files", []):  # datasets written before "files" have none
+        _check_file(root / entry["path"], entry, check_hashes)
     for split, entry in manifest["splits"].items():
         for shard in entry["shards"]:
             path = root / shard["path"]
@@ -197,3 +264,29 @@ def verify_dataset(data_dir: str | os.PathLike, check_hashes: bool = True) -> di
                                f"covers {indexed}, manifest says {entry['num_records']}")
     return manifest
 
+
+
+def find_episode(manifest: dict, episode_id: int) -> tuple[str, dict]:
+    """(split, {episode_id, start, length} index entry) of an episode; DatasetError if absent."""
+    for split, entry in manifest["splits"].items():
+        for episode in entry["episodes"]:
+            if episode["episode_id"] == episode_id:
+                return split, episode
+    raise DatasetError(f"episode {episode_id} is not in the dataset")
+
+
+def read_episode(data_dir: str | os.PathLike, manifest: dict, episode_id: int) -> dict:
+    """Every field of one episode's records stacked to [T, ...] (frame uint8 [T, S, S, 3],
+    action int32 [T], ...), read from the shards that hold it."""
+    split, episode = find_episode(manifest, episode_id)
+    start, stop = episode["start"], episode["start"] + episode["length"]
+    data, offset = [], 0
+    for shard, path in zip(manifest["splits"][split]["shards"], shard_paths(data_dir, manifest, split)):
+        lo, hi = max(start - offset, 0), min(stop - offset, shard["records"])
+        if lo < hi:
+            reader = ArrayRecordReader(path)
+            data += reader.read(lo, hi)
+            reader.close()
+        offset += shard["records"]
+    records = [schema.decode_record(d) for d in data]
+    return {k: np.stack([r[k] for r in records]) for k in records[0]}

@@ -93,13 +93,13 @@ from flax import linen as nn
 from data_pipelines.loader import make_loader
 from wm_jax import config as config_lib, sharding
 from wm_jax.train.state import create_train_state, state_shardings
-from wm_jax.train.step import BATCH_FIELDS, jit_train_step
+from wm_jax.train.step import batch_fields, jit_train_step
 
 base = config_lib.load(sys.argv[1], json.loads(sys.argv[2]))
 loader = make_loader(base.data.dir, split="train", frames_per_clip=base.data.frames_per_clip,
                      batch_size=base.data.batch_size, seed=0)
 it = iter(loader)
-batches = [{k: b[k] for k in BATCH_FIELDS} for b in (next(it) for _ in range(5))]
+batches = [{k: b[k] for k in batch_fields(base, b)} for b in (next(it) for _ in range(5))]
 out = {}
 for layout in json.loads(sys.argv[3]):
     sizes = dict(zip(sharding.MESH_AXES, layout))
@@ -112,7 +112,8 @@ for layout in json.loads(sys.argv[3]):
     tok = None
     if cfg.train.stage == "dynamics":
         tok = create_train_state(cfg, mesh, rules, state_shardings(cfg, mesh, rules, stage="tokenizer")[1], stage="tokenizer").params
-    step_fn = jit_train_step(cfg, mesh, rules, shardings, None if tok is None else jax.tree.map(lambda x: x.sharding, tok))
+    step_fn = jit_train_step(cfg, mesh, rules, shardings, None if tok is None else jax.tree.map(lambda x: x.sharding, tok),
+                             batch_fields(cfg, batches[0]))
     losses = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for b in batches:

@@ -48,6 +48,25 @@ def test_unknown_key_in_set_and_random_are_caught(tmp_path):
         sweep.plan(_spec(tmp_path, random=random))
 
 
+def test_arms_are_named_override_sets_crossed_with_grid_and_seeds(tmp_path):
+    arms = {"plain": {"model.dynamics.use_camera": False, "model.dynamics.use_actions": False},
+            "camera": {"model.dynamics.use_camera": True}}
+    p = sweep.plan(_spec(tmp_path, arms=arms, grid={}, seeds=[0, 1]))
+    assert [r.name for r in p.runs] == ["arm-plain_seed-0", "arm-plain_seed-1", "arm-camera_seed-0", "arm-camera_seed-1"]
+    plain, camera = p.runs[0].config.model.dynamics, p.runs[2].config.model.dynamics
+    assert (plain.use_camera, plain.use_actions) == (False, False) and (camera.use_camera, camera.use_actions) == (True, True)
+    assert p.runs[3].varied == {"arm": "camera", "seed": 1} and p.runs[3].config.seed == 1
+
+
+def test_bad_arms_are_rejected_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'model.dynamics.use_camera'"):
+        sweep.plan(_spec(tmp_path, arms={"a": {"model.dynamics.use_camra": False}}))
+    with pytest.raises(ConfigError, match="'train.learning_rate' is set by arm 'a' and swept"):
+        sweep.plan(_spec(tmp_path, arms={"a": {"train.learning_rate": 0.1}}))
+    with pytest.raises(ConfigError, match="'arms' must map arm names"):
+        sweep.plan(_spec(tmp_path, arms={}))
+
+
 def test_empty_grid_list_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="grid key 'train.steps' has an empty list"):
         sweep.plan(_spec(tmp_path, grid={"train.steps": []}))

@@ -1,4 +1,4 @@
-"""`wm` command line: data, train, eval, export, verify, bench, demo.
+"""`wm` command line: data, train, eval, export, generate, verify, bench, demo.
 
 Exit codes (DESIGN.md §6): 0 ok; 2 bad usage, config or input (the message names the
 key or file); 3 numerics guard; 42 preempted after a successful save; `wm verify` alone
@@ -30,8 +30,13 @@ def _preset_path(name_or_path: str) -> Path:
 def cmd_data_make(args: argparse.Namespace) -> int:
     from data_pipelines.datasets import make_dataset
 
+    # Only the source flags given are passed: the source's defaults fill in the rest, and
+    # a flag the source does not take is refused by name.
+    names = ("game", "policy", "frameskip", "sticky_prob", "videos", "stride", "cut_ratio", "episodes", "frames")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     manifest = make_dataset(
-        args.source, args.out, episodes=args.episodes, frames=args.frames, size=args.size, seed=args.seed
+        args.source, args.out, size=args.size, seed=args.seed, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, **given
     )
     counts = {split: len(info["episodes"]) for split, info in manifest["splits"].items()}
     print(f"wrote {args.out}: episodes per split {counts}, content hash {manifest['content_hash'][:16]}…")
@@ -85,7 +90,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     result = evaluate(args.workdir, step=args.step, data_dir=args.data, out_dir=args.out)
     out = Path(args.out) if args.out else Path(args.workdir) / "eval"
-    print(json.dumps({k: result[k] for k in result if k in ("step", "tokenizer", "controllability")}, indent=2))
+    shown = {k: result[k] for k in result if k in ("step", "tokenizer", "controllability")}
+    if "latent_actions" in result:  # the probe's figures; its contingency table is in the report
+        shown["latent_actions"] = {k: v for k, v in result["latent_actions"].items() if not isinstance(v, list)}
+    print(json.dumps(shown, indent=2))
     print(f"report: {out / 'report.md'}")
     return 0
 
@@ -181,6 +189,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result["watermark_detected"] and result["manifest_ok"] else 1
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from wm_jax.generate import generate
+
+    paths = generate(args.workdir, args.script, args.out, seed=args.seed, data_dir=args.data, batch=args.batch,
+                     step=args.step, scale=args.scale)
+    for path in paths:
+        print(f"wrote {path} (+ {path.name}.json); check it with: wm verify {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -193,12 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="make or inspect datasets").add_subparsers(dest="data_command", required=True)
     make = data.add_parser("make", help="write a dataset (ArrayRecord shards + manifest)")
-    make.add_argument("--source", required=True, choices=["procedural"])
+    make.add_argument("--source", required=True, choices=["procedural", "atari", "video"])
     make.add_argument("--out", required=True)
-    make.add_argument("--episodes", type=int, default=64)
-    make.add_argument("--frames", type=int, default=64)
+    make.add_argument("--episodes", type=int, help="episodes to generate (default 64; not for video)")
+    make.add_argument("--frames", type=int, help="steps per episode, at most (default 64; video: whole videos)")
     make.add_argument("--size", type=int, default=64)
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--val-fraction", type=float, default=0.1, help="share of episodes (video: of videos) held out for val")
+    make.add_argument("--test-fraction", type=float, default=0.1, help="share of episodes (video: of videos) held out for test")
+    make.add_argument("--game", help="atari: ALE game name, e.g. Pong, Breakout, MontezumaRevenge (default Pong)")
+    make.add_argument("--policy", choices=["random", "sticky"], help="atari: random actions, or sticky-random (default)")
+    make.add_argument("--frameskip", type=int, help="atari: emulator frames each action is held for (default 4)")
+    make.add_argument("--sticky-prob", type=float, help="atari, sticky policy: probability of repeating the previous action (default 0.25)")
+    make.add_argument("--videos", nargs="+", metavar="PATH", help="video: files and/or directories of .mp4/.webm/.mov "
+                      "(a side file PATH.jsonl, if present, gives per-frame action/camera/shot_id/timecode)")
+    make.add_argument("--stride", type=int, help="video: keep every STRIDE-th frame (default 1)")
+    make.add_argument("--cut-ratio", type=float, help="video without side-file shot ids: a frame difference this many "
+                      "times the running median is a cut (default 3)")
     make.set_defaults(fn=cmd_data_make)
     inspect = data.add_parser("inspect", help="verify hashes and print statistics")
     inspect.add_argument("dir")
@@ -233,9 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(fn=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks; the last line printed is a JSON object")
-    bench.add_argument("name", choices=["checkpoint", "train", "watermark"])
+    bench.add_argument("name", choices=["checkpoint", "rollout", "train", "watermark"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see wm bench NAME --help)")
     bench.set_defaults(fn=cmd_bench)
+
+    gen = sub.add_parser("generate", help="roll out a shot list (YAML script) into a watermarked video + sidecar manifest")
+    gen.add_argument("--workdir", required=True, help="dynamics run directory or inference bundle")
+    gen.add_argument("--script", required=True, help="shot list YAML (README: Generating from a shot list)")
+    gen.add_argument("--out", required=True, help="video file (.mp4); with --batch K: OUT_0.mp4 .. OUT_{K-1}.mp4")
+    gen.add_argument("--seed", type=int, default=0, help="seeds random-policy shots without their own seed")
+    gen.add_argument("--data", help="dataset for script sources without `data:` (default: the run's data.dir)")
+    gen.add_argument("--batch", type=int, default=1, help="K independent samples of the script, rolled out together")
+    gen.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    gen.add_argument("--scale", type=int, help="integer upscaling of the frames (default: to a side of at least 128 px)")
+    gen.set_defaults(fn=cmd_generate)
 
     ver = sub.add_parser("verify", help="check a video's watermark and sidecar manifest; exit 0 only if both pass")
     ver.add_argument("video")

@@ -31,6 +31,11 @@ class DataConfig:
     window_stride: int = 1  # step between window starts inside an episode
     worker_count: int = 0  # grain worker processes (0: decode in the main process)
     split: str = "train"
+    # A record that cannot be read or decoded, or mismatches the manifest's fields, stops
+    # training with its shard and index named; True skips its window instead (the next
+    # good one stands in), and tolerates shard hash mismatches at start: both are logged
+    # as events and skips counted in metrics.jsonl (`bad_windows_skipped`).
+    skip_bad_records: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,41 @@ class DynamicsConfig:
     mlp_dim: int = 256
     num_actions: int = 5
     use_actions: bool = True  # ablation switch: False masks the action input
+    # Camera conditioning: each step's pose change (position delta, next rotation) from the
+    # records' `camera` field; masked where a dataset has no camera.
+    use_camera: bool = True
+    # Shot conditioning: temporal attention stays inside a shot (a cut resets the scene
+    # context) and a learned "cut" vector marks a step into a new shot.
+    use_cuts: bool = True
+    # Identity bank: the tokenizer's codes of the episode's `reference` frame become memory
+    # tokens every frame attends to; cuts do not clear it.
+    use_identity_bank: bool = False
+    # Frames a temporal query sees (itself included); 0: the whole clip. A window makes a
+    # cached rollout's cost per frame constant however long it runs.
+    temporal_window: int = 0
     # "factorized": one small softmax per FSQ dimension (sum(levels) logits per token);
     # "joint": one softmax over the whole codebook (prod(levels) logits, Genie-style).
     head: str = "factorized"
+    # Prediction objective. "causal": position t predicts all of frame t+1's tokens in one
+    # pass from frames <= t. "maskgit" (Chang et al. 2022, as in Genie): position t also
+    # gets frame t+1's tokens partially masked and predicts the masked ones; generation
+    # decodes a frame in `maskgit_steps` parallel refinement passes (cosine schedule).
+    objective: str = "causal"
+    maskgit_steps: int = 8  # "maskgit": decoding passes per generated frame (K)
+
+
+@dataclass(frozen=True)
+class LatentActionConfig:
+    """Latent action model (Genie-style): a VQ code per frame transition, learned from video."""
+
+    patch_size: int = 4
+    embed_dim: int = 64
+    num_layers: int = 2  # encoder layers; the decoder has as many
+    num_heads: int = 4
+    mlp_dim: int = 256
+    num_latent_actions: int = 8  # VQ codebook size: the latent action vocabulary
+    latent_dim: int = 16  # code vector size (codes and encoder outputs are unit vectors)
+    commitment_weight: float = 0.25  # beta of the VQ-VAE commitment loss
 
 
 @dataclass(frozen=True)
@@ -66,11 +103,12 @@ class ModelConfig:
     remat: bool = False  # recompute each block's activations in the backward pass (less memory)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    latent_actions: LatentActionConfig = field(default_factory=LatentActionConfig)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: str = "tokenizer"  # tokenizer | dynamics
+    stage: str = "tokenizer"  # tokenizer | dynamics | latent_actions
     steps: int = 100
     learning_rate: float = 1e-3
     warmup_steps: int = 20
@@ -162,8 +200,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-STAGES = ("tokenizer", "dynamics")
+STAGES = ("tokenizer", "dynamics", "latent_actions")
 DYNAMICS_HEADS = ("factorized", "joint")
+DYNAMICS_OBJECTIVES = ("causal", "maskgit")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
@@ -353,6 +392,7 @@ def validate(cfg: Config) -> None:
     choices = {
         "train.stage": (cfg.train.stage, STAGES),
         "model.dynamics.head": (cfg.model.dynamics.head, DYNAMICS_HEADS),
+        "model.dynamics.objective": (cfg.model.dynamics.objective, DYNAMICS_OBJECTIVES),
         "model.dtype": (cfg.model.dtype, DTYPES),
         "model.attention": (cfg.model.attention, ATTENTION_IMPLS),
     }
@@ -371,7 +411,10 @@ def validate(cfg: Config) -> None:
         "checkpoint.max_to_keep": cfg.checkpoint.max_to_keep,
         "model.image_size": cfg.model.image_size,
         "model.tokenizer.patch_size": cfg.model.tokenizer.patch_size,
+        "model.latent_actions.patch_size": cfg.model.latent_actions.patch_size,
+        "model.latent_actions.latent_dim": cfg.model.latent_actions.latent_dim,
         "eval.horizon": cfg.eval.horizon,
+        "model.dynamics.maskgit_steps": cfg.model.dynamics.maskgit_steps,
         **{f"mesh.dcn_{axis}": getattr(cfg.mesh, f"dcn_{axis}") for axis in ("data", "fsdp", "tensor", "sequence")},
         "eval.context_frames": cfg.eval.context_frames,
     }
@@ -383,7 +426,19 @@ def validate(cfg: Config) -> None:
             f"config key 'model.image_size' ({cfg.model.image_size}) must be divisible by "
             f"'model.tokenizer.patch_size' ({cfg.model.tokenizer.patch_size})"
         )
-    for key, sub in (("model.tokenizer", cfg.model.tokenizer), ("model.dynamics", cfg.model.dynamics)):
+    lam = cfg.model.latent_actions
+    if cfg.model.image_size % lam.patch_size:
+        raise ConfigError(
+            f"config key 'model.image_size' ({cfg.model.image_size}) must be divisible by "
+            f"'model.latent_actions.patch_size' ({lam.patch_size})"
+        )
+    if lam.num_latent_actions < 2:
+        raise ConfigError(f"config key 'model.latent_actions.num_latent_actions' must be >= 2; got {lam.num_latent_actions}")
+    if lam.commitment_weight < 0:
+        raise ConfigError(f"config key 'model.latent_actions.commitment_weight' must be >= 0; got {lam.commitment_weight}")
+    for key, sub in (
+        ("model.tokenizer", cfg.model.tokenizer), ("model.dynamics", cfg.model.dynamics), ("model.latent_actions", lam)
+    ):
         if sub.embed_dim % sub.num_heads:
             raise ConfigError(
                 f"config key '{key}.embed_dim' ({sub.embed_dim}) must be divisible by "
@@ -391,8 +446,11 @@ def validate(cfg: Config) -> None:
             )
     if any(level < 2 for level in cfg.model.tokenizer.fsq_levels) or not cfg.model.tokenizer.fsq_levels:
         raise ConfigError("config key 'model.tokenizer.fsq_levels' needs levels >= 2")
-    if cfg.train.stage == "dynamics" and cfg.data.frames_per_clip < 2:
-        raise ConfigError("config key 'data.frames_per_clip' must be >= 2 for the dynamics stage")
+    if cfg.model.dynamics.temporal_window < 0:
+        raise ConfigError(f"config key 'model.dynamics.temporal_window' must be >= 0 (0: whole clip); "
+                          f"got {cfg.model.dynamics.temporal_window}")
+    if cfg.train.stage in ("dynamics", "latent_actions") and cfg.data.frames_per_clip < 2:
+        raise ConfigError(f"config key 'data.frames_per_clip' must be >= 2 for the {cfg.train.stage} stage")
     mesh_axes = {"data", "fsdp", "tensor", "sequence"}
     for key in ("param_rules", "activation_rules"):
         for logical, axes in getattr(cfg.mesh, key):

@@ -1,22 +1,34 @@
 """Autoregressive generation with the dynamics model, and chunked tokenizer encode/decode.
 
-The dynamics model is causal in time, so predictions at position p depend only on frames
-<= p: a fixed-size buffer of `window` frames is run whole at every step and the logits at
-the last filled position are read. One compiled shape serves the whole rollout; when the
-buffer is full it slides by one frame.
+Two engines produce the same tokens. The cached one (the default) runs each new frame
+once, against a key/value cache of the temporal attention: a ring of `temporal_window`
+slots (or the whole rollout when the model has no window), so a frame costs the same at
+t = 10 and t = 1000. The uncached one reruns the visible frames at every step (one
+compiled shape, padded at the end: causality hides the padding) — the reference the
+cached engine is tested against, and the baseline of `wm bench rollout`; with a window it
+reruns the stack's receptive field, layers x (window - 1) + 1 frames. The identity
+bank (memory tokens from the reference frame) is embedded once per rollout; the batch
+holds independent shots.
+
+A MaskGIT model (`model.dynamics.objective: maskgit`) decodes each frame in K passes.
+The cached engine writes a frame into the cache once, in its first, all-masked pass (the
+model's context stream), and runs the K - 1 refinement passes against the cache without
+committing them; the uncached engine reruns the buffer K times.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax.models.dynamics import DynamicsModel, predict_codes
-from wm_jax.models.tokenizer import VideoTokenizer, codes_to_indices
+from wm_jax.models import layers
+from wm_jax.models.dynamics import Controls, DynamicsModel, maskgit_schedule, maskgit_update, predict_codes
+from wm_jax.models.tokenizer import VideoTokenizer, codes_to_indices, num_tokens
 from wm_jax.train.step import float_to_frames, frames_to_float
 
 
@@ -46,48 +58,259 @@ def decode_codes(tokenizer: VideoTokenizer, params: Any, codes: jax.Array, chunk
     return np.concatenate([np.asarray(_decode(tokenizer, params, codes[:, s])) for s in _chunks(codes.shape[1], chunk)], axis=1)
 
 
+def decode_stream(tokenizer: VideoTokenizer, params: Any, codes: Iterable[jax.Array], chunk: int) -> Iterator[np.ndarray]:
+    """Streaming `decode_codes`: codes [B, N, L] of one frame at a time (e.g. `rollout_frames`)
+    -> yields uint8 frames [B, t, H, W, 3] per time chunk of `chunk` frames (the last may be
+    shorter). A chunk's decode is dispatched as soon as its frames are, and read back only
+    once the next chunk's is dispatched, so the host's reads overlap the device's work."""
+    pending, buf = None, []
+    for code in codes:
+        buf.append(code)
+        if len(buf) == chunk:
+            out, buf = _decode(tokenizer, params, jnp.stack(buf, axis=1)), []
+            if pending is not None:
+                yield np.asarray(pending)
+            pending = out
+    if buf:
+        out = _decode(tokenizer, params, jnp.stack(buf, axis=1))
+        if pending is not None:
+            yield np.asarray(pending)
+        pending = out
+    if pending is not None:
+        yield np.asarray(pending)
+
+
+def _memory(dynamics: DynamicsModel, params: Any, reference_codes: jax.Array | None, reference_mask: jax.Array | None,
+            batch: int, tokens: int, levels: int) -> tuple[jax.Array | None, jax.Array | None]:
+    """The identity bank's memory tokens [B, M, D] and mask [B] (Nones without a bank)."""
+    if not dynamics.cfg.dynamics.use_identity_bank:
+        return None, None
+    if reference_codes is None:
+        reference_codes, reference_mask = jnp.zeros((batch, tokens, levels)), jnp.zeros((batch,), bool)
+    elif reference_mask is None:
+        reference_mask = jnp.ones((batch,), bool)
+    memory = dynamics.apply({"params": params}, reference_codes, method=dynamics.embed_memory)
+    return memory, reference_mask
+
+
+def cache_slots(cfg: Any, frames: int) -> int:
+    """Key/value slots per layer for a rollout of `frames` frames: the temporal window, or
+    every input frame (the last frame is only predicted) without one."""
+    window = cfg.dynamics.temporal_window
+    return min(window, frames - 1) if window else frames - 1
+
+
+def init_caches(cfg: Any, batch: int, slots: int) -> list[dict[str, jax.Array]]:
+    """Empty per-layer temporal key/value caches: {"key", "value": [B*N, slots, heads, K]}."""
+    dc = cfg.dynamics
+    shape = (batch * num_tokens(cfg), slots, dc.num_heads, dc.embed_dim // dc.num_heads)
+    dtype = layers.dtype_of(cfg.dtype)
+    # Separate buffers: the decode step donates (updates in place) each of them.
+    return [{"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for _ in range(dc.num_layers)]
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(5,))
+def _cached_step(
+    dynamics: DynamicsModel, params: Any, code: jax.Array, controls: Controls, position: jax.Array,
+    state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array], memory: Any, memory_mask: Any,
+) -> tuple[jax.Array, tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]]:
+    """Frame `position` (codes [B,1,N,L]) through the model against the cache state
+    (caches, slot positions int32 [W], slot segments int32 [B,W]) -> greedy codes [B,N,L]
+    of the next frame, and the state with this frame written into slot position % W."""
+    caches, slot_pos, slot_seg = state
+    slot = position % slot_pos.shape[0]
+    slot_pos = slot_pos.at[slot].set(position)
+    slot_seg = slot_seg.at[:, slot].set(controls.segment[:, 0])
+    logits, caches = dynamics.apply(
+        {"params": params}, code, controls, position, caches, slot_pos, slot_seg, memory, memory_mask,
+        method=dynamics.decode_step,
+    )
+    return predict_codes(logits[:, 0], dynamics.cfg), (caches, slot_pos, slot_seg)
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _predict_at(dynamics: DynamicsModel, params: Any, codes: jax.Array, actions: jax.Array, pos: jax.Array) -> jax.Array:
-    """Greedy codes [B,N,L] of the frame after position `pos` of the buffer codes [B,W,N,L]."""
-    logits = dynamics.apply({"params": params}, codes, actions)
-    return predict_codes(jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False), dynamics.cfg)
+def _uncached_step(
+    dynamics: DynamicsModel, params: Any, codes: jax.Array, controls: Controls, positions: jax.Array,
+    last: jax.Array, reference_codes: Any, reference_mask: Any,
+) -> jax.Array:
+    """The whole visible buffer codes [B,S,N,L] at `positions` [B,S] through the model ->
+    greedy codes [B,N,L] of the frame after buffer index `last`."""
+    logits = dynamics.apply({"params": params}, codes, controls, reference_codes, reference_mask, positions)
+    return predict_codes(jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False), dynamics.cfg)
+
+
+def _maskgit_frame(
+    cfg: Any, first_logits: jax.Array, refine: Any, shape: tuple[int, ...], key: Any, position: jax.Array,
+    temperature: float,
+) -> jax.Array:
+    """MaskGIT decoding of one frame: first_logits [B,N,*] of the all-masked pass, then
+    K - 1 passes of `refine(guess [B,N,L], masked [B,N]) -> logits [B,N,*]`, keeping the
+    cosine schedule's most confident tokens after each -> codes [B,N,L]. temperature > 0
+    adds Gumbel noise to the confidences, annealed to 0 over the passes (MaskGIT), from
+    `key` folded with the input position and the pass."""
+    steps = cfg.dynamics.maskgit_steps
+    b, n = shape[:2]
+    schedule = jnp.asarray(maskgit_schedule(n, steps))
+
+    def noise(k: Any) -> jax.Array | None:
+        if not temperature:
+            return None
+        scale = temperature * (1.0 - (k + 1) / steps)
+        return scale * jax.random.gumbel(jax.random.fold_in(jax.random.fold_in(key, position), k), (b, n))
+
+    state = maskgit_update(first_logits, jnp.zeros(shape), jnp.ones((b, n), bool), schedule[0], cfg, noise(0))
+
+    def body(k: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        return maskgit_update(refine(*state), *state, schedule[k], cfg, noise(k))
+
+    guess, _ = jax.lax.fori_loop(1, steps, body, state)
+    return guess
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(5,))
+def _cached_maskgit_step(
+    dynamics: DynamicsModel, params: Any, code: jax.Array, controls: Controls, position: jax.Array,
+    state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array], memory: Any, memory_mask: Any,
+    key: Any, temperature: float,
+) -> tuple[jax.Array, tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]]:
+    """`_cached_step` for the MaskGIT objective: the all-masked pass writes frame `position`
+    into the cache (once); the K - 1 refinement passes run against it without committing."""
+    caches, slot_pos, slot_seg = state
+    slot = position % slot_pos.shape[0]
+    slot_pos = slot_pos.at[slot].set(position)
+    slot_seg = slot_seg.at[:, slot].set(controls.segment[:, 0])
+
+    def apply(caches: Any, next_codes: Any = None, next_mask: Any = None) -> tuple[jax.Array, Any]:
+        return dynamics.apply(
+            {"params": params}, code, controls, position, caches, slot_pos, slot_seg, memory, memory_mask,
+            next_codes, next_mask, method=dynamics.decode_step,
+        )
+
+    logits, caches = apply(caches)  # the context stream: committed
+    refine = lambda guess, masked: apply(caches, guess[:, None], masked[:, None])[0][:, 0]
+    nxt = _maskgit_frame(dynamics.cfg, logits[:, 0], refine, code.shape[:1] + code.shape[2:], key, position, temperature)
+    return nxt, (caches, slot_pos, slot_seg)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9))
+def _uncached_maskgit_step(
+    dynamics: DynamicsModel, params: Any, codes: jax.Array, controls: Controls, positions: jax.Array,
+    last: jax.Array, reference_codes: Any, reference_mask: Any, key: Any, temperature: float,
+) -> jax.Array:
+    """`_uncached_step` for the MaskGIT objective: each of the K passes reruns the buffer,
+    with the partial next frame at buffer index `last` (all masked elsewhere)."""
+    at_last = (jnp.arange(codes.shape[1]) == last)[None, :, None]  # [1, S, 1]
+
+    def logits_at_last(guess: jax.Array, masked: jax.Array) -> jax.Array:
+        next_codes = jnp.where(at_last[..., None], guess[:, None], 0.0)
+        next_mask = jnp.where(at_last, masked[:, None], True)
+        logits = dynamics.apply(
+            {"params": params}, codes, controls, reference_codes, reference_mask, positions, next_codes, next_mask
+        )
+        return jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)
+
+    b, _, n, levels = codes.shape
+    first = logits_at_last(jnp.zeros((b, n, levels)), jnp.ones((b, n), bool))
+    position = jax.lax.dynamic_index_in_dim(positions[0], last, keepdims=False)
+    return _maskgit_frame(dynamics.cfg, first, logits_at_last, (b, n, levels), key, position, temperature)
+
+
+def _check_lengths(context_codes: jax.Array, controls: Controls, horizon: int) -> int:
+    c = context_codes.shape[1]
+    if horizon < 1 or c < 1:
+        raise ValueError(f"a rollout needs >= 1 context frame and horizon >= 1; got {c} and {horizon}")
+    if controls.action.shape[1] < c + horizon - 1:
+        raise ValueError(f"need controls for {c + horizon - 1} steps ({c} context frames, horizon {horizon}); "
+                         f"got {controls.action.shape[1]}")
+    return c
 
 
 def rollout(
     dynamics: DynamicsModel,
     params: Any,
     context_codes: jax.Array,
-    actions: jax.Array,
+    controls: Controls,
     horizon: int,
-    window: int,
+    reference_codes: jax.Array | None = None,
+    reference_mask: jax.Array | None = None,
+    cached: bool = True,
+    key: jax.Array | None = None,
+    temperature: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Generates `horizon` frames of tokens after the context, greedily (argmax).
 
+    The causal objective predicts a frame in one pass; "maskgit" in
+    `model.dynamics.maskgit_steps` passes (cosine schedule, most confident tokens first).
+
     Args:
       context_codes: float [B, C, N, L] FSQ codes of the C context frames.
-      actions: int32 [B, C + horizon - 1]; action t takes frame t to t+1.
-      window: frames the model sees at once (its training input length).
+      controls: `Controls` of at least C + horizon - 1 positions (position t takes frame
+        t to t+1; see `make_controls`).
+      reference_codes: float [B, M, L] codes of each shot's reference frame for the
+        identity bank (reference_mask bool [B]); ignored by a model without one.
+      cached: the key/value-cached engine (else recompute the visible frames each step).
+      key, temperature: "maskgit" only: temperature > 0 adds Gumbel noise (from `key`) to
+        the confidences that order the unmasking; 0 is deterministic.
     Returns:
       (codes [B, horizon, N, L], indices int32 [B, horizon, N]) of the generated frames.
     """
-    levels = dynamics.cfg.tokenizer.fsq_levels
-    c = context_codes.shape[1]
-    if actions.shape[1] < c + horizon - 1:
-        raise ValueError(f"need {c + horizon - 1} actions for {c} context frames and horizon {horizon}")
+    new = jnp.stack(list(rollout_frames(dynamics, params, context_codes, controls, horizon, reference_codes,
+                                        reference_mask, cached, key, temperature)), axis=1)
+    return new, codes_to_indices(new, dynamics.cfg.tokenizer.fsq_levels)
+
+
+def rollout_frames(
+    dynamics: DynamicsModel,
+    params: Any,
+    context_codes: jax.Array,
+    controls: Controls,
+    horizon: int,
+    reference_codes: jax.Array | None = None,
+    reference_mask: jax.Array | None = None,
+    cached: bool = True,
+    key: jax.Array | None = None,
+    temperature: float = 0.0,
+) -> Iterator[jax.Array]:
+    """`rollout` one frame at a time: yields the codes [B, N, L] of each generated frame as
+    soon as its step is dispatched (JAX dispatches asynchronously: the array may still be
+    computing), so a consumer (`decode_stream`) can decode early frames while later steps
+    run. Same arguments as `rollout`; errors are raised at the first `next`."""
+    c = _check_lengths(context_codes, controls, horizon)
+    maskgit = dynamics.cfg.dynamics.objective == "maskgit"
+    if maskgit and temperature and key is None:
+        raise ValueError("a MaskGIT rollout with temperature > 0 needs a key")
+    temperature = float(temperature) if maskgit else 0.0
+    b, _, n, levels = context_codes.shape
+    frames = c + horizon
+    controls = controls.at(slice(0, frames - 1))
+    if cached:
+        memory = _memory(dynamics, params, reference_codes, reference_mask, b, n, levels)
+        slots = cache_slots(dynamics.cfg, frames)
+        state = (init_caches(dynamics.cfg, b, slots), jnp.full((slots,), -1, jnp.int32), jnp.zeros((b, slots), jnp.int32))
+    else:
+        # A frame depends on `window` frames per layer: the receptive field of the stack
+        # is what an exact recompute must rerun.
+        dc = dynamics.cfg.dynamics
+        span = min(dc.num_layers * (dc.temporal_window - 1) + 1, frames - 1) if dc.temporal_window else frames - 1
+        all_pos = jnp.broadcast_to(jnp.arange(frames - 1, dtype=jnp.int32), (b, frames - 1))
 
     codes = [context_codes[:, i] for i in range(c)]
-    new_codes, new_indices = [], []
-    for h in range(horizon):
-        total = c + h  # frames known so far; predict frame `total`
-        first = max(0, total - window)
-        buf = jnp.stack(codes[first:total], axis=1)
-        act = actions[:, first:total]
-        filled = total - first
-        if filled < window:  # pad the future; causality makes the padding invisible
-            buf = jnp.pad(buf, ((0, 0), (0, window - filled), (0, 0), (0, 0)))
-            act = jnp.pad(act, ((0, 0), (0, window - filled)))
-        code = _predict_at(dynamics, params, buf, act, jnp.int32(filled - 1))
-        codes.append(code)
-        new_codes.append(code)
-        new_indices.append(codes_to_indices(code, levels))
-    return jnp.stack(new_codes, axis=1), jnp.stack(new_indices, axis=1)
+    for p in range(frames - 1):  # input frame p predicts frame p + 1
+        if cached and maskgit and p >= c - 1:
+            nxt, state = _cached_maskgit_step(dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state,
+                                              *memory, key, temperature)
+        elif cached:  # (a MaskGIT context frame: its all-masked pass, committed, is all it needs)
+            nxt, state = _cached_step(dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state, *memory)
+        elif p >= c - 1:
+            first = max(0, p + 1 - span)
+            buf = jnp.stack(codes[first : p + 1], axis=1)
+            idx = slice(first, first + span)
+            pad = span - buf.shape[1]  # future padding: causality hides it
+            buf = jnp.pad(buf, ((0, 0), (0, pad), (0, 0), (0, 0)))
+            ctrl = jax.tree.map(lambda a: jnp.pad(a[:, idx], [(0, 0), (0, span - a[:, idx].shape[1])] + [(0, 0)] * (a.ndim - 2)), controls)
+            pos = jnp.pad(all_pos[:, idx], ((0, 0), (0, span - all_pos[:, idx].shape[1])), constant_values=frames)
+            args = (dynamics, params, buf, ctrl, pos, jnp.int32(p - first), reference_codes, reference_mask)
+            nxt = _uncached_maskgit_step(*args, key, temperature) if maskgit else _uncached_step(*args)
+        if p >= c - 1:
+            codes.append(nxt)
+            yield nxt

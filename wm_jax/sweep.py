@@ -6,13 +6,15 @@ A spec is YAML (read with `yaml.safe_load`):
     base: tiny_cpu_dynamics            # preset name or config path (relative: to the spec)
     set: ["train.steps=200"]           # fixed overrides (a list, or a mapping key: value)
     grid: {model.dynamics.use_actions: [true, false]}   # cross product
+    arms: {plain: {model.dynamics.use_camera: false}, camera: {}}   # named override sets
     random: {samples: 4, seed: 0, keys: {train.learning_rate: {loguniform: [1e-4, 1e-2]}}}
     seeds: [0, 1]                      # each run gets seed=<s>
     eval: true                         # `evaluate` after training
     metrics: [controllability.delta_psnr, rollout.psnr, train.loss]
     out: runs/sweeps/actions_ablation  # the default: runs/sweeps/<name>
 
-Runs are grid point x random sample x seed. Every run's config is built (and so checked
+Runs are arm x grid point x random sample x seed (an arm is a named set of overrides, for
+settings that are not a cross product, e.g. "actions", "actions + camera"). Every run's config is built (and so checked
 against the schema) before anything starts; a bad spec raises `SweepError`, a
 `ConfigError`, so the CLI exits 2 naming the key. A run lives in `<out>/runs/<name>`
 (its `tb/` too, so `tensorboard --logdir <out>/runs` overlays them) and `<out>/sweep.json`
@@ -46,7 +48,7 @@ from wm_jax import config as config_lib
 from wm_jax.cli import _preset_path
 from wm_jax.config import Config, ConfigError, _closest
 
-SPEC_FIELDS = ("name", "description", "base", "set", "grid", "random", "seeds", "eval", "metrics", "out")
+SPEC_FIELDS = ("name", "description", "base", "set", "arms", "grid", "random", "seeds", "eval", "metrics", "out")
 RANDOM_FIELDS = ("samples", "seed", "keys")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform")
 # Top-level groups of eval/metrics.json (wm_jax/eval/evaluate.py) a metric path may start
@@ -135,6 +137,8 @@ def check_spec(spec: dict[str, Any]) -> None:
     for key, values in grid.items():
         _need(isinstance(values, list), f"sweep grid key '{key}' must be a list of values; got {values!r}")
         _need(len(values) > 0, f"sweep grid key '{key}' has an empty list of values")
+    if "arms" in spec:
+        check_arms(spec["arms"])
     if "random" in spec:
         check_random(spec["random"])
     seeds = spec.get("seeds")
@@ -149,6 +153,20 @@ def check_spec(spec: dict[str, Any]) -> None:
     _need(isinstance(metrics, list), f"sweep spec field 'metrics' must be a list of dotted paths; got {metrics!r}")
     for m in metrics:
         check_metric(m, bool(spec.get("eval", False)))
+
+
+def check_arms(arms: Any) -> None:
+    """`arms: {name: {key: value, ...}, ...}`: named override sets (an arm may be empty: the base)."""
+    _need(isinstance(arms, dict) and len(arms) > 0, f"sweep spec field 'arms' must map arm names to overrides; got {arms!r}")
+    for name, overrides in arms.items():
+        _need(isinstance(name, str) and bool(_SAFE_NAME.match(name)),
+              f"sweep spec field 'arms': arm name {name!r} must be letters, digits and _.-")
+        _need(isinstance(overrides, dict), f"sweep spec field 'arms.{name}' must map config keys to values; got {overrides!r}")
+
+
+def arm_overrides(spec: dict[str, Any], arm: str | None) -> list[str]:
+    """The `key=value` overrides of arm `arm` (none without arms)."""
+    return [_as_override(k, v) for k, v in spec["arms"][arm].items()] if arm is not None else []
 
 
 def check_random(random: Any) -> None:
@@ -223,13 +241,15 @@ def sample_random(random: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def combinations(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each run's swept values (grid point x random sample x seed), in a stable order."""
+    """Each run's swept values (arm x grid point x random sample x seed), in a stable order;
+    the arm's name is the value of the pseudo-key `arm`."""
     grid = spec.get("grid", {})
     keys = sorted(grid)  # stable whatever the order of keys in the file
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     draws = sample_random(spec["random"]) if "random" in spec else [{}]
     seeds = [{"seed": s} for s in spec["seeds"]] if spec.get("seeds") is not None else [{}]
-    return [{**p, **d, **s} for p, d, s in itertools.product(points, draws, seeds)]
+    arms = [{"arm": a} for a in spec["arms"]] if "arms" in spec else [{}]
+    return [{**a, **p, **d, **s} for a, p, d, s in itertools.product(arms, points, draws, seeds)]
 
 
 def _fmt_value(value: Any) -> str:
@@ -309,7 +329,11 @@ def plan(spec_path: str | Path, extra_set: list[str] = (), *, runnable: bool = T
     base = resolve_base(spec["base"], spec_path)
     fixed = fixed_overrides(spec, list(extra_set))
     fixed_keys = {".".join(config_lib.parse_override(o)[0]) for o in fixed}
-    for key in [*spec.get("grid", {}), *spec.get("random", {}).get("keys", {})]:
+    swept = [*spec.get("grid", {}), *spec.get("random", {}).get("keys", {})]
+    for arm, overrides in spec.get("arms", {}).items():
+        for key in overrides:
+            _need(key not in swept, f"config key '{key}' is set by arm '{arm}' and swept: keep one")
+    for key in [*swept, *{k for o in spec.get("arms", {}).values() for k in o}]:
         _need(key not in fixed_keys, f"config key '{key}' is both swept and fixed (set/--set): keep one")
         _need(key != "seed" or spec.get("seeds") is None, "config key 'seed' is swept: use the spec field 'seeds' alone")
     try:
@@ -320,7 +344,7 @@ def plan(spec_path: str | Path, extra_set: list[str] = (), *, runnable: bool = T
     out = Path(spec.get("out") or f"runs/sweeps/{spec['name']}")
     runs = []
     for i, (name, combo) in enumerate(zip(run_names(combos), combos)):
-        overrides = [_as_override(k, v) for k, v in combo.items()]
+        overrides = arm_overrides(spec, combo.get("arm")) + [_as_override(k, v) for k, v in combo.items() if k != "arm"]
         try:
             cfg = config_lib.replace(base_cfg, overrides)
         except ConfigError as e:

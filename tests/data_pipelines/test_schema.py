@@ -21,7 +21,7 @@ def test_round_trip_preserves_dtype_shape_values():
 
 def test_field_spec_scales_with_size_and_entities():
     spec = schema.field_spec(32, 5)
-    assert spec["frame"] == ("uint8", (32, 32, 3))
+    assert spec["frame"] == spec["reference"] == ("uint8", (32, 32, 3))
     assert spec["entity_boxes"] == ("float32", (5, 4))
     assert spec["camera"] == ("float32", (7,))
 

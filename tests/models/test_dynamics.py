@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from wm_jax.config import DynamicsConfig, ModelConfig, TokenizerConfig
 from wm_jax.models import tokenizer as tk
-from wm_jax.models.dynamics import DynamicsModel, code_targets, logits_shape, predict_codes, token_loss
+from wm_jax.models.dynamics import DynamicsModel, code_targets, logits_shape, make_controls, predict_codes, token_loss
 
 CFG = ModelConfig(
     image_size=8,
@@ -27,6 +27,14 @@ def _inputs(seed=0):
     return tk.indices_to_codes(indices, CFG.tokenizer.fsq_levels), actions, jnp.ones((B, T), bool)
 
 
+def _controls(actions, mask=None):
+    """Controls of T positions from T actions (the step fields of T + 1 frames)."""
+    steps = {"action": jnp.pad(actions, ((0, 0), (0, 1)))}
+    if mask is not None:
+        steps["action_valid"] = jnp.pad(mask, ((0, 0), (0, 1)))
+    return make_controls(steps)
+
+
 def _model(use_actions=True):
     cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, use_actions=use_actions))
     return DynamicsModel(cfg)
@@ -35,13 +43,13 @@ def _model(use_actions=True):
 @pytest.fixture(scope="module")
 def with_actions():
     model = _model()
-    return jax.jit(model.apply), jax.jit(model.init)(jax.random.key(1), *_inputs())
+    return jax.jit(model.apply), jax.jit(model.init)(jax.random.key(1), _inputs()[0], _controls(_inputs()[1]))
 
 
 def test_output_shape_and_dtype(with_actions):
     apply, variables = with_actions
     codes, actions, mask = _inputs()
-    logits = apply(variables, codes, actions, mask)
+    logits = apply(variables, codes, _controls(actions, mask))
     assert logits.shape == (B, T, N, V) and logits.dtype == jnp.float32
     assert tk.vocab_size(CFG) == V and tk.num_tokens(CFG) == N
 
@@ -50,12 +58,12 @@ def test_output_shape_and_dtype(with_actions):
 def test_causality_frames_and_actions(with_actions, t):
     apply, variables = with_actions
     codes, actions, mask = _inputs()
-    base = apply(variables, codes, actions, mask)
+    base = apply(variables, codes, _controls(actions, mask))
     codes2, actions2, _ = _inputs(seed=7)
     # Replace everything after time t with other frames and actions.
     codes_p = codes.at[:, t + 1 :].set(codes2[:, t + 1 :])
     actions_p = actions.at[:, t + 1 :].set((actions[:, t + 1 :] + 1) % CFG.dynamics.num_actions)
-    out = apply(variables, codes_p, actions_p, mask)
+    out = apply(variables, codes_p, _controls(actions_p, mask))
     np.testing.assert_array_equal(out[:, : t + 1], base[:, : t + 1])
     assert np.all(np.abs(np.asarray(out[:, t + 1 :] - base[:, t + 1 :])).max(axis=(2, 3)) > 1e-4)
 
@@ -63,8 +71,8 @@ def test_causality_frames_and_actions(with_actions, t):
 def test_actions_change_the_prediction(with_actions):
     apply, variables = with_actions
     codes, actions, mask = _inputs()
-    base = apply(variables, codes, actions, mask)
-    other = apply(variables, codes, actions.at[:, 2].set((actions[:, 2] + 1) % 5), mask)
+    base = apply(variables, codes, _controls(actions, mask))
+    other = apply(variables, codes, _controls(actions.at[:, 2].set((actions[:, 2] + 1) % 5), mask))
     np.testing.assert_array_equal(other[:, :2], base[:, :2])
     assert np.abs(np.asarray(other[:, 2:] - base[:, 2:])).max() > 1e-4
 
@@ -73,24 +81,24 @@ def test_action_mask_hides_the_action(with_actions):
     apply, variables = with_actions
     codes, actions, mask = _inputs()
     mask = mask.at[:, 2].set(False)
-    base = apply(variables, codes, actions, mask)
-    other = apply(variables, codes, actions.at[:, 2].set((actions[:, 2] + 1) % 5), mask)
+    base = apply(variables, codes, _controls(actions, mask))
+    other = apply(variables, codes, _controls(actions.at[:, 2].set((actions[:, 2] + 1) % 5), mask))
     np.testing.assert_array_equal(other, base)
-    unmasked = apply(variables, codes, actions, jnp.ones_like(mask))
+    unmasked = apply(variables, codes, _controls(actions, jnp.ones_like(mask)))
     assert np.abs(np.asarray(unmasked[:, 2:] - base[:, 2:])).max() > 1e-4
 
 
 def test_use_actions_false_ignores_actions(with_actions):
     model = _model(use_actions=False)
     codes, actions, mask = _inputs()
-    shapes = jax.eval_shape(model.init, jax.random.key(1), codes, actions, mask)
+    shapes = jax.eval_shape(model.init, jax.random.key(1), codes, _controls(actions, mask))
     assert "table" not in shapes["params"]["action_embed"]
     # The same weights minus the action table (saves a second init compile).
     _, variables = with_actions
     params = dict(variables["params"], action_embed={"no_action": variables["params"]["action_embed"]["no_action"]})
     apply = jax.jit(model.apply)
-    base = apply({"params": params}, codes, actions, mask)
-    other = apply({"params": params}, codes, (actions + 1) % 5, jnp.zeros_like(mask))
+    base = apply({"params": params}, codes, _controls(actions, mask))
+    other = apply({"params": params}, codes, _controls((actions + 1) % 5, jnp.zeros_like(mask)))
     np.testing.assert_array_equal(other, base)
 
 
@@ -109,13 +117,13 @@ FACTORIZED = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics,
 def test_factorized_head_shape_masks_missing_digits_and_stays_causal():
     model = DynamicsModel(FACTORIZED)
     codes, actions, mask = _inputs()
-    variables = jax.jit(model.init)(jax.random.key(1), codes, actions)
-    logits = jax.jit(model.apply)(variables, codes, actions)
+    variables = jax.jit(model.init)(jax.random.key(1), codes, _controls(actions))
+    logits = jax.jit(model.apply)(variables, codes, _controls(actions))
     assert logits_shape(FACTORIZED) == (L, 4) and logits.shape == (B, T, N, L, 4)
     # levels (4, 3, 3): the 4th slot exists only for the first dimension
     assert np.isfinite(logits[..., 0, :]).all() and np.isneginf(logits[..., 1:, 3]).all()
     codes2, _, _ = _inputs(seed=7)
-    out = jax.jit(model.apply)(variables, codes.at[:, 3:].set(codes2[:, 3:]), actions)
+    out = jax.jit(model.apply)(variables, codes.at[:, 3:].set(codes2[:, 3:]), _controls(actions))
     np.testing.assert_array_equal(out[:, :3], logits[:, :3])
 
 
@@ -131,3 +139,291 @@ def test_targets_predictions_and_loss_agree(cfg):
     wrong = jnp.roll(perfect, 1, axis=-1)
     _, accuracy = token_loss(wrong, codes, cfg)
     assert float(accuracy) == 0.0
+
+
+# --- conditioning: camera, cuts, identity bank, temporal window -------------------------
+
+STEERED = dataclasses.replace(
+    CFG, dynamics=dataclasses.replace(CFG.dynamics, use_camera=True, use_cuts=True, use_identity_bank=True)
+)
+
+
+def _steps(seed=0, cut_at=None):
+    """Per-frame fields of T + 1 frames: actions, a panning camera, an optional cut."""
+    rng = np.random.default_rng(seed)
+    camera = np.zeros((B, T + 1, 7), np.float32)
+    camera[..., :2] = np.cumsum(rng.integers(-2, 3, (B, T + 1, 2)), axis=1)
+    camera[..., 3] = 1.0
+    cut = np.zeros((B, T + 1), bool)
+    if cut_at is not None:
+        cut[:, cut_at] = True
+    return {"action": rng.integers(0, 5, (B, T + 1)).astype(np.int32), "camera": camera, "cut": cut}
+
+
+@pytest.fixture(scope="module")
+def steered():
+    model = DynamicsModel(STEERED)
+    codes = _inputs()[0]
+    reference = _inputs(seed=3)[0][:, 0]
+    variables = jax.jit(model.init)(jax.random.key(2), codes, make_controls(_steps()), reference, jnp.ones(B, bool))
+    return jax.jit(model.apply), variables, codes, reference
+
+
+def _changed(a, b):
+    """Per input position: does any logit differ? bool [T]."""
+    return np.abs(np.asarray(a - b)).reshape(B, T, -1).max(axis=(0, 2)) > 1e-5
+
+
+def test_make_controls_aligns_each_transition():
+    steps = _steps(cut_at=3)
+    c = make_controls(steps)
+    assert c.action.shape == (B, T) and c.camera.shape == (B, T, 7)
+    np.testing.assert_array_equal(c.action, steps["action"][:, :-1])
+    delta = steps["camera"][:, 1:, :3] - steps["camera"][:, :-1, :3]
+    np.testing.assert_allclose(c.camera[:, :, :3], np.where(steps["cut"][:, 1:, None], 0, delta))
+    np.testing.assert_array_equal(c.next_cut[0], [False, False, True, False, False, False])
+    np.testing.assert_array_equal(c.segment[0], [0, 0, 0, 1, 1, 1])  # frame 3 starts shot 1
+    assert bool(c.camera_mask.all()) and bool(c.action_mask.all())
+    without = make_controls({"action": steps["action"]})  # a dataset with no camera / cuts
+    assert not bool(without.camera_mask.any()) and not bool(without.next_cut.any())
+    assert not bool(without.segment.any())
+
+
+def test_camera_changes_the_prediction_and_is_ignored_when_masked(steered):
+    apply, variables, codes, reference = steered
+    steps = _steps()
+    moved = dict(steps, camera=steps["camera"].copy())
+    moved["camera"][:, 3:, 0] += 5.0  # a different move from frame 2 to 3
+    base = apply(variables, codes, make_controls(steps), reference)
+    other = apply(variables, codes, make_controls(moved), reference)
+    # Causal: the move into frame 3 changes predictions from position 2 on, not before.
+    np.testing.assert_array_equal(_changed(base, other), [False, False, True, True, True, True])
+    hidden = dict(steps, camera_valid=np.zeros((B, T + 1), bool))
+    hidden_moved = dict(moved, camera_valid=hidden["camera_valid"])
+    a = apply(variables, codes, make_controls(hidden), reference)
+    np.testing.assert_array_equal(a, apply(variables, codes, make_controls(hidden_moved), reference))
+    assert _changed(a, base).any()
+
+
+def test_use_camera_false_ignores_the_camera():
+    cfg = dataclasses.replace(STEERED, dynamics=dataclasses.replace(STEERED.dynamics, use_camera=False))
+    model = DynamicsModel(cfg)
+    codes, steps = _inputs()[0], _steps()
+    moved = dict(steps, camera=steps["camera"] * 3)
+    variables = jax.jit(model.init)(jax.random.key(2), codes, make_controls(steps))
+    apply = jax.jit(model.apply)
+    np.testing.assert_array_equal(apply(variables, codes, make_controls(steps)), apply(variables, codes, make_controls(moved)))
+
+
+def test_a_cut_resets_scene_context_but_not_identities(steered):
+    apply, variables, codes, reference = steered
+    steps = _steps(cut_at=3)  # frames 3.. are a new shot
+    base = apply(variables, codes, make_controls(steps), reference)
+    # Other frames before the cut change nothing after it ...
+    earlier = codes.at[:, :3].set(_inputs(seed=9)[0][:, :3])
+    np.testing.assert_array_equal(_changed(base, apply(variables, earlier, make_controls(steps), reference)),
+                                  [True, True, True, False, False, False])
+    # ... while the identity bank still steers every frame, after the cut included.
+    other_ref = _inputs(seed=5)[0][:, 0]
+    assert _changed(base, apply(variables, codes, make_controls(steps), other_ref)).all()
+    # Without the cut, the past is visible again.
+    uncut = apply(variables, earlier, make_controls(_steps()), reference)
+    assert _changed(apply(variables, codes, make_controls(_steps()), reference), uncut)[3:].all()
+
+
+def test_identity_bank_is_ignored_when_masked(steered):
+    apply, variables, codes, reference = steered
+    controls = make_controls(_steps())
+    off = jnp.zeros(B, bool)
+    a = apply(variables, codes, controls, reference, off)
+    np.testing.assert_array_equal(a, apply(variables, codes, controls, _inputs(seed=5)[0][:, 0], off))
+    np.testing.assert_array_equal(a, apply(variables, codes, controls))  # no reference at all
+    assert _changed(a, apply(variables, codes, controls, reference)).all()
+
+
+def test_temporal_window_limits_what_a_frame_sees(steered):
+    cfg = dataclasses.replace(STEERED, dynamics=dataclasses.replace(STEERED.dynamics, temporal_window=2))
+    apply, variables, codes, reference = steered
+    controls = make_controls(_steps())
+    windowed = jax.jit(DynamicsModel(cfg).apply)
+    base = windowed(variables, codes, controls, reference)
+    other = windowed(variables, codes.at[:, 1].set(_inputs(seed=9)[0][:, 1]), controls, reference)
+    # Frame 1 reaches position 1 and, one frame back, position 2; further positions see it
+    # only through position 2's tokens at deeper layers (1 layer here: not at all).
+    np.testing.assert_array_equal(_changed(base, other), [False, True, True, False, False, False])
+
+
+# --- MaskGIT objective ---------------------------------------------------------------
+
+from wm_jax.models.dynamics import maskgit_schedule, maskgit_update, sample_maskgit_mask  # noqa: E402
+
+MASKGIT = dataclasses.replace(STEERED, dynamics=dataclasses.replace(STEERED.dynamics, objective="maskgit"))
+# Tokens 0 and 1 of frame t+1 masked at every position, 2 and 3 known.
+HALF = jnp.broadcast_to(jnp.arange(N) < 2, (B, T, N))
+
+
+def _clip(seed=0):
+    """Codes of T + 1 frames: (inputs [B,T,N,L], next frames [B,T,N,L])."""
+    idx = jax.random.randint(jax.random.key(seed), (B, T + 1, N), 0, V)
+    codes = tk.indices_to_codes(idx, CFG.tokenizer.fsq_levels)
+    return codes[:, :-1], codes[:, 1:]
+
+
+@pytest.fixture(scope="module")
+def maskgit():
+    model = DynamicsModel(MASKGIT)
+    codes, nxt = _clip()
+    reference = _inputs(seed=3)[0][:, 0]
+    variables = jax.jit(model.init)(jax.random.key(2), codes, make_controls(_steps()), reference, jnp.ones(B, bool))
+    apply = jax.jit(lambda v, c, n, m, steps, ref: model.apply(v, c, make_controls(steps), ref, None, None, n, m))
+    return apply, variables, codes, nxt, reference
+
+
+@pytest.mark.parametrize("head", ["joint", "factorized"])
+def test_maskgit_logits_shape_and_params(head):
+    cfg = dataclasses.replace(MASKGIT, dynamics=dataclasses.replace(MASKGIT.dynamics, head=head))
+    model = DynamicsModel(cfg)
+    codes, nxt = _clip()
+    controls = make_controls(_steps())
+    params = jax.eval_shape(model.init, jax.random.key(0), codes, controls)["params"]
+    assert {"next_embed", "mask_embed"} <= set(params)
+    assert "mask_embed" not in jax.eval_shape(DynamicsModel(STEERED).init, jax.random.key(0), codes, controls)["params"]
+    logits = jax.eval_shape(lambda p: model.apply(p, codes, controls, None, None, None, nxt, HALF), {"params": params})
+    assert logits.shape == (B, T, N) + logits_shape(cfg) and logits.dtype == jnp.float32
+
+
+def test_maskgit_masked_tokens_do_not_leak(maskgit):
+    apply, variables, codes, nxt, reference = maskgit
+    base = apply(variables, codes, nxt, HALF, _steps(), reference)
+    other = jnp.where(HALF[..., None], _clip(seed=4)[1], nxt)  # other tokens where masked
+    assert (np.asarray(other) != np.asarray(nxt)).any()
+    np.testing.assert_array_equal(apply(variables, codes, other, HALF, _steps(), reference), base)
+
+
+def test_maskgit_known_tokens_inform_their_own_position_only(maskgit):
+    apply, variables, codes, nxt, reference = maskgit
+    base = apply(variables, codes, nxt, HALF, _steps(), reference)
+    # Another known token of frame 3 at position 2 changes position 2's prediction ...
+    other = nxt.at[:, 2, 3].set(_clip(seed=4)[1][:, 2, 3])
+    assert (np.asarray(other) != np.asarray(nxt)).any()
+    np.testing.assert_array_equal(_changed(base, apply(variables, codes, other, HALF, _steps(), reference)),
+                                  [False, False, True, False, False, False])
+    # ... and so does revealing one more token; no other position sees either (the past
+    # is the context stream, whose next frame is always all masked).
+    revealed = HALF.at[:, 2, 0].set(False)
+    np.testing.assert_array_equal(_changed(base, apply(variables, codes, nxt, revealed, _steps(), reference)),
+                                  [False, False, True, False, False, False])
+    # All masked is the context stream: the default without next codes.
+    all_masked = apply(variables, codes, nxt, jnp.ones_like(HALF), _steps(), reference)
+    np.testing.assert_array_equal(all_masked, apply(variables, codes, _clip(seed=4)[1], jnp.ones_like(HALF), _steps(), reference))
+
+
+@pytest.mark.parametrize("t", [0, 3])
+def test_maskgit_causal_in_time(maskgit, t):
+    apply, variables, codes, nxt, reference = maskgit
+    base = apply(variables, codes, nxt, HALF, _steps(), reference)
+    # Other frames after t + 1: inputs from position t + 2 on, next frames from t + 1 on.
+    codes2, nxt2 = _clip(seed=7)
+    codes_p, nxt_p = codes.at[:, t + 2 :].set(codes2[:, t + 2 :]), nxt.at[:, t + 1 :].set(nxt2[:, t + 1 :])
+    changed = _changed(base, apply(variables, codes_p, nxt_p, HALF, _steps(), reference))
+    np.testing.assert_array_equal(changed, np.arange(T) > t)
+
+
+def test_maskgit_keeps_cuts_and_identity_bank(maskgit):
+    apply, variables, codes, nxt, reference = maskgit
+    steps = _steps(cut_at=3)
+    base = apply(variables, codes, nxt, HALF, steps, reference)
+    earlier = codes.at[:, :3].set(_inputs(seed=9)[0][:, :3])
+    np.testing.assert_array_equal(_changed(base, apply(variables, earlier, nxt, HALF, steps, reference)),
+                                  [True, True, True, False, False, False])
+    assert _changed(base, apply(variables, codes, nxt, HALF, steps, _inputs(seed=5)[0][:, 0])).all()
+
+
+def test_maskgit_cosine_schedule():
+    np.testing.assert_array_equal(maskgit_schedule(16, 3), [14, 8, 0])  # ceil(16 cos 30°), 16 cos 60°, 0
+    np.testing.assert_array_equal(maskgit_schedule(7, 1), [0])
+    for n, k in [(4, 8), (16, 8), (64, 12), (256, 25)]:
+        s = maskgit_schedule(n, k)
+        exact = n * np.cos(np.pi / 2 * np.arange(1, k + 1) / k)
+        assert s.shape == (k,) and s[-1] == 0 and s[0] <= n and (np.diff(s) <= 0).all()
+        assert (s[:-1] >= exact[:-1] - 1e-6).all() and (s[:-1] < exact[:-1] + 1).all()
+    # Training masks: at least one token, the cosine schedule's share on average.
+    mask = sample_maskgit_mask(jax.random.key(0), (64, 64, 16))
+    counts = np.asarray(mask.sum(-1))
+    assert counts.min() >= 1 and counts.max() <= 16
+    expected = np.mean(np.ceil(16 * np.cos(np.pi / 2 * (1 - np.random.default_rng(0).random(100_000))))) / 16
+    assert abs(float(mask.mean()) - expected) < 0.02
+    assert (np.asarray(sample_maskgit_mask(jax.random.key(1), (64, 64, 16))) != np.asarray(mask)).any()
+
+
+@pytest.mark.parametrize("cfg", [CFG, FACTORIZED], ids=["joint", "factorized"])
+def test_maskgit_update_keeps_the_most_confident(cfg):
+    codes = _inputs()[0][:, 0]  # [B, N, L]
+    width = logits_shape(cfg)[-1]
+    one_hot = jax.nn.one_hot(code_targets(codes, cfg), width) > 0
+    scale = jnp.asarray([1.0, 4.0, 2.0, 3.0])  # confidence order of the tokens: 1, 3, 2, 0
+    scale = scale.reshape((1, N) + (1,) * (one_hot.ndim - 2))
+    logits = jnp.where(one_hot, scale, 0.0)
+    masked = jnp.ones((B, N), bool)
+    guess, masked = maskgit_update(logits, jnp.zeros_like(codes), masked, 2, cfg)
+    np.testing.assert_array_equal(masked, np.broadcast_to([True, False, True, False], (B, N)))
+    np.testing.assert_array_equal(guess[:, [1, 3]], codes[:, [1, 3]])
+    # Decided tokens stay, however confident the next pass is about something else.
+    flipped = jnp.where(one_hot, 0.0, 9.0)
+    guess2, masked2 = maskgit_update(flipped, guess, masked, 1, cfg)
+    np.testing.assert_array_equal(guess2[:, [1, 3]], codes[:, [1, 3]])
+    assert int(masked2.sum()) == B and not bool((masked2 & ~masked).any())
+    # Noise on the confidences reorders them.
+    noise = jnp.asarray([[10.0, 0.0, 0.0, 0.0]] * B)
+    _, noisy = maskgit_update(logits, jnp.zeros_like(codes), jnp.ones((B, N), bool), 2, cfg, noise)
+    np.testing.assert_array_equal(noisy, np.broadcast_to([False, False, True, True], (B, N)))
+
+
+def test_token_loss_over_masked_tokens_only():
+    codes, _, _ = _inputs()
+    perfect = jnp.where(jax.nn.one_hot(code_targets(codes, CFG), V) > 0, 30.0, -30.0)
+    mask = jnp.broadcast_to(jnp.arange(N) < 2, (B, T, N))
+    logits = jnp.where(mask[..., None], jnp.roll(perfect, 1, axis=-1), perfect)  # wrong where masked
+    loss, accuracy = token_loss(logits, codes, CFG, mask)
+    assert float(accuracy) == 0.0 and float(loss) > 10
+    loss, accuracy = token_loss(logits, codes, CFG, ~mask)
+    assert float(accuracy) == 1.0 and float(loss) < 1e-6
+
+
+@pytest.mark.parametrize("objective, head", [("causal", "joint"), ("maskgit", "factorized")])
+def test_both_objectives_train(objective, head):
+    """A procedural next-frame problem: each step the frame's tokens shift one place when
+    the action is 1 and stay when it is 0. One compiled program: init + 120 Adam steps."""
+    import optax
+
+    from wm_jax.train.step import dynamics_loss
+
+    cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, objective=objective, head=head))
+    model, tx, frames = DynamicsModel(cfg), optax.adam(1e-2), 5
+
+    def batch(key):
+        k1, k2 = jax.random.split(key)
+        actions = jax.random.randint(k2, (16, frames), 0, 2)
+        idx = [jax.random.randint(k1, (16, N), 0, V)]
+        for t in range(frames - 1):
+            idx.append(jnp.where(actions[:, t, None] == 1, jnp.roll(idx[-1], 1, axis=1), idx[-1]))
+        return {"action": actions}, tk.indices_to_codes(jnp.stack(idx, 1), cfg.tokenizer.fsq_levels)
+
+    @jax.jit
+    def run(key):
+        steps, codes = batch(key)
+        params = model.init(jax.random.key(1), codes[:, :-1], make_controls(steps))["params"]
+
+        def step(carry, i):
+            params, opt = carry
+            steps, codes = batch(jax.random.fold_in(key, i))
+            rng = jax.random.fold_in(jax.random.key(3), i)  # as make_train_step: from the step
+            (loss, _), grads = jax.value_and_grad(dynamics_loss, has_aux=True)(params, model, steps, codes, (None, None), rng)
+            updates, opt = tx.update(grads, opt, params)
+            return (optax.apply_updates(params, updates), opt), loss
+
+        return jax.lax.scan(step, (params, tx.init(params)), jnp.arange(120))[1]
+
+    losses = np.asarray(run(jax.random.key(0)))
+    assert np.isfinite(losses).all()
+    assert losses[-20:].mean() < 0.6 * losses[:5].mean(), losses

@@ -6,7 +6,7 @@ import pytest
 
 from wm_jax import config as config_lib
 from wm_jax.models import flops
-from wm_jax.models.dynamics import DynamicsModel
+from wm_jax.models.dynamics import DynamicsModel, make_controls
 from wm_jax.models.tokenizer import VideoTokenizer, num_tokens
 
 # Wide enough that matrix products dominate, as in real models; small enough to compile fast.
@@ -23,14 +23,17 @@ def _xla_flops(fn, *args) -> float:
     return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
 
 
-@pytest.mark.parametrize("head", ["factorized", "joint"])
-def test_dynamics_forward_matches_xla(head):
-    cfg = config_lib.replace(CFG, [f"model.dynamics.head={head}"])
+@pytest.mark.parametrize("overrides", [["model.dynamics.head=factorized"], ["model.dynamics.head=joint"],
+                                       ["model.dynamics.use_identity_bank=true"], ["model.dynamics.objective=maskgit"]],
+                         ids=["factorized", "joint", "identity_bank", "maskgit"])
+def test_dynamics_forward_matches_xla(overrides):
+    cfg = config_lib.replace(CFG, overrides)
     model = DynamicsModel(cfg.model)
-    codes = jnp.zeros((1, T, num_tokens(cfg.model), 4))
-    actions = jnp.zeros((1, T), jnp.int32)
-    params = jax.eval_shape(model.init, jax.random.key(0), codes, actions)
-    xla = _xla_flops(lambda p: model.apply(p, codes, actions), params)
+    n = num_tokens(cfg.model)
+    codes, reference = jnp.zeros((1, T, n, 4)), jnp.zeros((1, n, 4))
+    controls = make_controls({"action": jnp.zeros((1, T + 1), jnp.int32)})
+    params = jax.eval_shape(model.init, jax.random.key(0), codes, controls, reference)
+    xla = _xla_flops(lambda p: model.apply(p, codes, controls, reference), params)
     assert flops.dynamics_forward_flops(cfg.model, T) == pytest.approx(xla, rel=0.05)
 
 
@@ -62,3 +65,19 @@ def test_train_step_flops_match_xla_on_the_compiled_step():
     report = compile_report(config_lib.replace(CFG, ["train.stage=tokenizer"]))
     assert report["xla_flops_per_device"] == pytest.approx(report["flops_per_step"], rel=0.1)
     assert report["xla_flops_per_device"] >= report["flops_per_step"]
+
+
+HAND = config_lib.load(None, [
+    "model.image_size=8", "model.tokenizer.patch_size=4", "model.tokenizer.fsq_levels=[4,3,3]",
+    "model.dynamics.embed_dim=8", "model.dynamics.num_layers=1", "model.dynamics.num_heads=2",
+    "model.dynamics.mlp_dim=16", "model.dynamics.head=joint",
+])
+
+
+def test_dynamics_flops_by_hand():
+    """N = 4 tokens, L = 3, D = 8, MLP 16, V = 36, one layer, T = 3 frames.
+
+    Embedding + head per token: 2·D·(L + V) = 624, × 12 tokens = 7,488. Block per token:
+    2·(8·D² + 2·D·MLP) = 1,536 plus attention 4·D·(N + T) = 224, × 12 tokens = 21,120.
+    """
+    assert flops.dynamics_forward_flops(HAND.model, 3) == 7_488 + 21_120

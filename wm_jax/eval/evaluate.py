@@ -28,19 +28,22 @@ from wm_jax import sharding, telemetry
 from wm_jax.config import Config, MeshConfig
 from wm_jax.eval import metrics as M
 from wm_jax.export import is_bundle, tokenizer_source
-from wm_jax.models.dynamics import DynamicsModel
+from wm_jax.models.dynamics import DynamicsModel, make_controls
 from wm_jax.models.tokenizer import VideoTokenizer
 from wm_jax.rollout import decode_codes, encode_frames, rollout
 from wm_jax.train.loop import check_dataset, load_run_config, restore_params
 
 
-def held_out_clips(data_dir: str, cfg: Config, frames: int) -> dict[str, np.ndarray]:
-    """Up to `eval.num_clips` windows of `frames` steps from the eval split, deterministic.
+def held_out_clips(data_dir: str, cfg: Config, frames: int, split: str | None = None,
+                   num_clips: int | None = None) -> dict[str, np.ndarray]:
+    """Up to `num_clips` (default `eval.num_clips`) windows of `frames` steps from `split`
+    (default the eval split), deterministic.
 
     Windows do not overlap (stride = length), so clips come from distinct stretches."""
+    split = split or cfg.eval.split
     loader = make_loader(
         data_dir,
-        split=cfg.eval.split,
+        split=split,
         frames_per_clip=frames,
         batch_size=1,
         seed=cfg.seed,
@@ -49,15 +52,19 @@ def held_out_clips(data_dir: str, cfg: Config, frames: int) -> dict[str, np.ndar
         num_epochs=1,
         shard_options=grain.sharding.NoSharding(),
     )
-    clips = [b for _, b in zip(range(cfg.eval.num_clips), loader)]
+    clips = [b for _, b in zip(range(num_clips or cfg.eval.num_clips), loader)]
     if not clips:
-        raise ValueError(f"split '{cfg.eval.split}' of {data_dir} has no episode of {frames} frames")
-    return {k: np.concatenate([c[k] for c in clips]) for k in GROUND_TRUTH}
+        raise ValueError(f"split '{split}' of {data_dir} has no episode of {frames} frames")
+    return {k: np.concatenate([c[k] for c in clips]) for k in EVAL_FIELDS if k in clips[0]}
 
 
-# Record fields the evaluation reads: frames and actions, plus the ground truth of the
-# controllability metrics (camera pose, entity boxes/visibility, shot cuts).
-GROUND_TRUTH = ("frame", "action", "camera", "entity_boxes", "entity_visible", "cut")
+# Record fields the evaluation reads (those a dataset has): frames and the controls the
+# rollout is steered by, plus the ground truth of the controllability metrics (camera
+# pose, entity boxes/visibility, shot cuts) and the identity bank's reference frame.
+EVAL_FIELDS = ("frame", "action", "action_valid", "camera", "camera_valid", "cut", "reference",
+               "entity_boxes", "entity_visible")
+# Without these (e.g. Atari), the controllability groups are skipped.
+GROUND_TRUTH = ("camera", "cut", "entity_boxes", "entity_visible")
 
 
 def video_grid(truth: np.ndarray, generated: np.ndarray, scale: int = 4) -> np.ndarray:
@@ -136,6 +143,7 @@ def report_markdown(result: dict, files: dict[str, list[str]]) -> str:
                 f"| {result['baseline_copy_last']['psnr'][i]:.2f} |"
             )
         lines += ["", "![PSNR vs horizon](psnr_vs_horizon.png)", ""]
+    if "action_following" in result:
         a, cam = result["action_following"], result["camera_following"]
         ip, op = result["identity_persistence"], result["object_permanence"]
         lines += [
@@ -214,6 +222,10 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
     """Restores `workdir`'s checkpoint and writes the eval report; returns the metrics dict."""
     workdir = Path(workdir)
     cfg = load_run_config(workdir)
+    if cfg.train.stage == "latent_actions":  # no frames to generate: its evaluation is the probe
+        from wm_jax.eval.latent_action_probe import evaluate_probe  # imports this module
+
+        return evaluate_probe(workdir, step=step, data_dir=data_dir, out_dir=out_dir)
     data_dir = data_dir or cfg.data.dir
     manifest = check_dataset(cfg, data_dir, cfg.eval.split)
     out = Path(out_dir) if out_dir else workdir / "eval"
@@ -235,11 +247,17 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
     rng = np.random.default_rng(cfg.seed)
     random_actions = actions.copy()  # random from the first generated step on
     random_actions[:, ctx - 1 :] = rng.integers(0, cfg.model.dynamics.num_actions, actions[:, ctx - 1 :].shape)
-    dynamics, window = DynamicsModel(cfg.model), cfg.data.frames_per_clip - 1
+    dynamics = DynamicsModel(cfg.model)
+    steering = [k for k in ("camera", "camera_valid", "cut", "action_valid") if k in clips]
 
-    def generate(context: jax.Array, acts: np.ndarray) -> np.ndarray:
-        """Context codes [B,C,N,L] + actions -> uint8 frames [B,C+H,...] (context reconstructed)."""
-        new, _ = rollout(dynamics, dyn_params, context, jnp.asarray(acts), horizon, window)
+    def generate(context: jax.Array, acts: np.ndarray, s: slice) -> np.ndarray:
+        """Context codes [B,C,N,L] + actions (and the clips' camera, cuts, reference) ->
+        uint8 frames [B,C+H,...] (context reconstructed)."""
+        controls = make_controls({"action": acts, **{k: clips[k][s] for k in steering}})
+        reference = None
+        if "reference" in clips and cfg.model.dynamics.use_identity_bank:
+            reference = encode_frames(tokenizer, tok_params, clips["reference"][s, :1], chunk)[0][:, 0]
+        new, _ = rollout(dynamics, dyn_params, context, controls, horizon, reference)
         return decode_codes(tokenizer, tok_params, jnp.concatenate([context, new], axis=1), chunk)
 
     recon, gen_true, gen_random = [], [], []
@@ -248,8 +266,8 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
         codes, _ = encode_frames(tokenizer, tok_params, frames[s], chunk)
         recon.append(decode_codes(tokenizer, tok_params, codes, chunk))
         if dyn_params is not None:
-            gen_true.append(generate(codes[:, :ctx], actions[s]))
-            gen_random.append(generate(codes[:, :ctx], random_actions[s]))
+            gen_true.append(generate(codes[:, :ctx], actions[s], s))
+            gen_random.append(generate(codes[:, :ctx], random_actions[s], s))
     recon = np.concatenate(recon)
     result: dict[str, Any] = {
         "step": step,
@@ -280,7 +298,10 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
             "psnr_random_actions": float(np.mean(random_psnr)),
             "delta_psnr": M.delta_psnr(np.asarray(true_psnr), np.asarray(random_psnr)),
         }
-        result.update(ground_truth_metrics(clips, ctx, gen_true, gen_random, copy_last))
+        if all(k in clips for k in GROUND_TRUTH):
+            result.update(ground_truth_metrics(clips, ctx, gen_true, gen_random, copy_last))
+        else:
+            telemetry.info(f"controllability metrics skipped: the dataset lacks {[k for k in GROUND_TRUTH if k not in clips]}")
         plot_drift(result, out / "psnr_vs_horizon.png")
         files["video"] = write_video(video_grid(frames[:shown], gen_true[:shown]), out / "rollout")
     else:

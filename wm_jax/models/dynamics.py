@@ -1,9 +1,13 @@
 """Dynamics model: Genie-style ST-transformer predicting frame t+1's tokens.
 
 Inputs are the FSQ code vectors of frames 0..T-1 (projected linearly: continuous inputs
-share structure between neighbouring codes, unlike an index embedding) plus the action
-taken after each frame. Temporal attention is causal, so logits at t see frames and
-actions at <= t only.
+share structure between neighbouring codes, unlike an index embedding) plus the controls
+that take frame t to t+1 (`Controls`: action, camera move, a cut into a new shot), each
+embedded and masked where unknown. Temporal attention is causal with rotary frame
+positions, stays inside a shot, and optionally sees only the last `temporal_window`
+frames; every frame also attends to an identity bank (memory tokens made from the
+episode's reference frame), which cuts do not clear. `decode_step` runs one new frame
+against a key/value cache of the past (the rollout engine in `wm_jax/rollout.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from flax import struct
 
 from wm_jax.config import ModelConfig
 from wm_jax.models import layers
@@ -68,15 +73,26 @@ def code_targets(codes: jax.Array, cfg: ModelConfig) -> jax.Array:
     return codes_to_indices(codes, levels) if cfg.dynamics.head == "joint" else codes_to_digits(codes, levels)
 
 
-def predict_codes(logits: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Greedy prediction: logits [..., *logits_shape] -> codes float32 [..., L]."""
+def predict_codes(
+    logits: jax.Array, cfg: ModelConfig, log_prob: bool = False
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Greedy prediction: logits [..., *logits_shape] -> codes float32 [..., L]; with
+    `log_prob`, also the log-probability float32 [...] of each predicted token (the sum
+    over dimensions for the factorized head): MaskGIT's confidence."""
     levels = cfg.tokenizer.fsq_levels
     best = jnp.argmax(logits, axis=-1)
-    return indices_to_codes(best, levels) if cfg.dynamics.head == "joint" else digits_to_codes(best, levels)
+    codes = indices_to_codes(best, levels) if cfg.dynamics.head == "joint" else digits_to_codes(best, levels)
+    if not log_prob:
+        return codes
+    logp = jnp.max(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+    return codes, (logp.sum(axis=-1) if cfg.dynamics.head == "factorized" else logp)
 
 
-def token_loss(logits: jax.Array, target_codes: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """Mean cross-entropy and exact-token accuracy of logits [B,T,N,*] against codes [B,T,N,L].
+def token_loss(
+    logits: jax.Array, target_codes: jax.Array, cfg: ModelConfig, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy and exact-token accuracy of logits [B,T,N,*] against codes [B,T,N,L],
+    over the tokens where `mask` bool [B,T,N] is True (None: all; MaskGIT: the masked ones).
 
     Factorized: the loss sums the per-dimension cross-entropies of a token; a token is
     correct when every dimension is."""
@@ -85,41 +101,308 @@ def token_loss(logits: jax.Array, target_codes: jax.Array, cfg: ModelConfig) -> 
     hit = jnp.argmax(logits, axis=-1) == targets
     if cfg.dynamics.head == "factorized":
         ce, hit = ce.sum(axis=-1), hit.all(axis=-1)
-    return jnp.mean(ce), jnp.mean(hit)
+    if mask is None:
+        return jnp.mean(ce), jnp.mean(hit)
+    count = jnp.maximum(jnp.sum(mask), 1)
+    return jnp.sum(jnp.where(mask, ce, 0.0)) / count, jnp.sum(mask & hit) / count
+
+
+# --- MaskGIT: masks for training, the cosine decoding schedule, one decoding step -------
+
+
+def maskgit_schedule(num_tokens: int, steps: int) -> np.ndarray:
+    """int32 [steps]: a frame's tokens still masked after each of the K = `steps` decoding
+    passes, ceil(N cos(pi/2 (k+1)/K)) for k = 0..K-1 (the cosine schedule; 0 after the last)."""
+    k = np.arange(1, steps + 1)
+    # The epsilon keeps float error (cos(pi/3) = 0.5000000000000001) from rounding up.
+    remaining = np.ceil(num_tokens * np.cos(np.pi / 2 * k / steps) - 1e-6).astype(np.int32)
+    remaining[-1] = 0
+    return np.clip(remaining, 0, num_tokens)
+
+
+def sample_maskgit_mask(key: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
+    """Training mask bool [B, T, N] (True: hidden) of frame t+1's tokens at each (clip,
+    position): r ~ U(0, 1], ceil(N cos(pi/2 r)) tokens (at least 1) chosen at random."""
+    b, t, n = shape
+    k_ratio, k_order = jax.random.split(key)
+    r = 1.0 - jax.random.uniform(k_ratio, (b, t))  # (0, 1]
+    count = jnp.clip(jnp.ceil(n * jnp.cos(jnp.pi / 2 * r)), 1, n)
+    rank = jnp.argsort(jnp.argsort(jax.random.uniform(k_order, (b, t, n)), axis=-1), axis=-1)
+    return rank < count[..., None]
+
+
+def maskgit_update(
+    logits: jax.Array, guess: jax.Array, masked: jax.Array, remaining: jax.Array, cfg: ModelConfig,
+    noise: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One MaskGIT decoding step of a frame.
+
+    logits [B, N, *logits_shape] of this pass; guess float [B, N, L] (meaningful where
+    not `masked` bool [B, N]); remaining int: tokens to leave masked (<= masked count);
+    noise float [B, N] added to the confidences (None: greedy order). Every masked token
+    takes its argmax; the `remaining` least confident of them are masked again, decided
+    tokens stay. Returns (guess, masked).
+    """
+    pred, confidence = predict_codes(logits, cfg, log_prob=True)
+    if noise is not None:
+        confidence = confidence + noise
+    confidence = jnp.where(masked, confidence, jnp.inf)
+    guess = jnp.where(masked[..., None], pred, guess)
+    rank = jnp.argsort(jnp.argsort(confidence, axis=-1), axis=-1)  # 0: least confident
+    return guess, rank < remaining
+
+
+CAMERA_DIM = 7  # pose: position x, y, z + rotation quaternion w, x, y, z
+
+
+@struct.dataclass
+class Controls:
+    """What takes frame t to t+1, for input positions t = 0..T-1 of a clip.
+
+    action int32 [B, T] and action_mask bool [B, T]; camera float32 [B, T, 7]: the pose
+    change (position delta, zeroed across a cut, then the rotation of frame t+1) and
+    camera_mask bool [B, T]; next_cut bool [B, T]: frame t+1 starts a new shot; segment
+    int32 [B, T]: the shot of input frame t (temporal attention stays inside one).
+    """
+
+    action: jax.Array
+    action_mask: jax.Array
+    camera: jax.Array
+    camera_mask: jax.Array
+    next_cut: jax.Array
+    segment: jax.Array
+
+    def at(self, index: slice | int) -> "Controls":
+        """The controls of positions `index` (a slice, or one position kept as length 1)."""
+        index = slice(index, index + 1) if isinstance(index, int) else index
+        return jax.tree.map(lambda a: a[:, index], self)
+
+
+def make_controls(steps: dict[str, jax.Array]) -> Controls:
+    """Per-frame record fields of F frames -> the controls of the F-1 transitions.
+
+    steps: "action" int [B, F] (action t takes frame t to t+1) and, each optional,
+    "camera" float [B, F, 7], "cut" bool [B, F], "action_valid"/"camera_valid" bool [B, F].
+    A field a dataset lacks is unknown everywhere: masked (camera) or no cut.
+    """
+    action = jnp.asarray(steps["action"])
+    b, f = action.shape
+    valid = lambda name: jnp.asarray(steps[name], bool) if name in steps else jnp.ones((b, f), bool)
+    cut = jnp.asarray(steps["cut"], bool) if "cut" in steps else jnp.zeros((b, f), bool)
+    if "camera" in steps:
+        camera = jnp.asarray(steps["camera"], jnp.float32)
+        delta = jnp.where(cut[:, 1:, None], 0.0, camera[:, 1:, :3] - camera[:, :-1, :3])
+        camera_feat = jnp.concatenate([delta, camera[:, 1:, 3:]], axis=-1)
+        camera_valid = valid("camera_valid")
+        camera_mask = camera_valid[:, 1:] & camera_valid[:, :-1]
+    else:
+        camera_feat = jnp.zeros((b, f - 1, CAMERA_DIM), jnp.float32)
+        camera_mask = jnp.zeros((b, f - 1), bool)
+    return Controls(
+        action=action[:, :-1].astype(jnp.int32),
+        action_mask=valid("action_valid")[:, :-1],
+        camera=camera_feat,
+        camera_mask=camera_mask,
+        next_cut=cut[:, 1:],
+        # The first frame of a clip starts its segment whether or not it is a cut.
+        segment=jnp.cumsum(cut[:, :-1].at[:, 0].set(False), axis=1, dtype=jnp.int32),
+    )
+
+
+def temporal_mask(
+    query_pos: jax.Array, query_seg: jax.Array, key_pos: jax.Array, key_seg: jax.Array, window: int
+) -> jax.Array:
+    """Which keys a temporal query may attend to: bool [B, Q, K].
+
+    Positions int [B, Q] / [B, K] (a key position < 0 is an empty cache slot), segments
+    int of the same shapes. A query sees keys at or before it, in its shot, and (window
+    > 0) fewer than `window` frames back.
+    """
+    qp, kp = query_pos[:, :, None], key_pos[:, None, :]
+    ok = (kp >= 0) & (kp <= qp) & (query_seg[:, :, None] == key_seg[:, None, :])
+    return ok & (qp - kp < window) if window > 0 else ok
+
+
+class CameraEmbedding(nn.Module):
+    """Camera pose changes [B, T, 7] -> embeddings, with a learned "no camera" vector."""
+
+    embed_dim: int
+    use_camera: bool = True
+    dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, camera: jax.Array, camera_mask: jax.Array) -> jax.Array:
+        """camera float [B, T, 7], camera_mask bool [B, T] -> float [B, T, D] in `dtype`."""
+        none = self.param("no_camera", layers.partitioned(nn.initializers.normal(0.02), ("embed",)), (self.embed_dim,))
+        if not self.use_camera:
+            return jnp.broadcast_to(none, camera.shape[:-1] + (self.embed_dim,)).astype(self.dtype)
+        emb = layers.Dense(self.embed_dim, (None, "embed"), self.dtype, name="proj")(camera)
+        return jnp.where(camera_mask[..., None], emb, none.astype(self.dtype))
 
 
 class DynamicsModel(nn.Module):
-    """codes [B, T, N, L] + actions [B, T] -> logits [B, T, N, *logits_shape] for frame t+1."""
+    """codes [B, T, N, L] + controls -> logits [B, T, N, *logits_shape] for frame t+1."""
 
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(
-        self,
-        codes: jax.Array,
-        actions: jax.Array,
-        action_mask: jax.Array | None = None,
-    ) -> jax.Array:
-        """codes float [B, T, N, L], actions int32 [B, T], action_mask bool [B, T] | None
-        -> logits float32 [B, T, N, V] (joint, V = prod(fsq_levels)) or [B, T, N, L, max level]
-        (factorized; slots past a dimension's level count are -inf); position t predicts frame t+1.
-        """
+    def setup(self) -> None:
         dc = self.cfg.dynamics
         dtype = layers.dtype_of(self.cfg.dtype)
-        x = layers.Dense(dc.embed_dim, ("codebook", "embed"), dtype, name="code_embed")(codes)
-        act = ActionEmbedding(dc.num_actions, dc.embed_dim, dc.use_actions, dtype, name="action_embed")(
-            actions, action_mask
-        )
-        x = layers.PositionEmbedding(dtype, name="pos_embed")(x + act[:, :, None, :])
-        x = layers.Transformer(
+        self.code_embed = layers.Dense(dc.embed_dim, ("codebook", "embed"), dtype)
+        self.action_embed = ActionEmbedding(dc.num_actions, dc.embed_dim, dc.use_actions, dtype)
+        self.camera_embed = CameraEmbedding(dc.embed_dim, dc.use_camera, dtype)
+        if dc.use_cuts:
+            self.cut_embed = self.param("cut_embed", layers.partitioned(nn.initializers.normal(0.02), ("embed",)), (dc.embed_dim,))
+        if dc.use_identity_bank:
+            self.memory_embed = layers.Dense(dc.embed_dim, ("codebook", "embed"), dtype)
+            self.memory_pos = layers.PositionEmbedding(dtype, temporal=False)
+            self.memory_norm = layers.RMSNorm(dtype)
+        if dc.objective == "maskgit":
+            # Frame t+1's partially known tokens at position t, and the "masked" vector.
+            self.next_embed = layers.Dense(dc.embed_dim, ("codebook", "embed"), dtype)
+            self.mask_embed = self.param("mask_embed", layers.partitioned(nn.initializers.normal(0.02), ("embed",)), (dc.embed_dim,))
+        self.pos_embed = layers.PositionEmbedding(dtype, temporal=False)
+        self.transformer = layers.Transformer(
             dc.num_layers, dc.num_heads, dc.mlp_dim, causal=True, dtype=dtype,
-            attention=self.cfg.attention, remat=self.cfg.remat, name="transformer",
-        )(x)
-        x = layers.RMSNorm(dtype, name="final_norm")(x)
+            attention=self.cfg.attention, remat=self.cfg.remat,
+        )
+        self.final_norm = layers.RMSNorm(dtype)
+        self.logits = layers.Dense(math.prod(logits_shape(self.cfg)), ("embed", "vocab"), dtype)
+
+    def embed_memory(self, reference_codes: jax.Array) -> jax.Array:
+        """Identity bank: reference codes float [B, M, L] (the tokenizer's codes of the
+        reference frame) -> memory tokens [B, M, D]; computed once per rollout."""
+        return self.memory_norm(self.memory_pos(self.memory_embed(reference_codes)[:, None])[:, 0])
+
+    def _inputs(self, codes: jax.Array, controls: Controls) -> jax.Array:
+        """codes [B, T, N, L] + controls -> input tokens [B, T, N, D]."""
+        cond = self.action_embed(controls.action, controls.action_mask)
+        cond = cond + self.camera_embed(controls.camera, controls.camera_mask)
+        if self.cfg.dynamics.use_cuts:
+            cond = cond + jnp.where(controls.next_cut[..., None], self.cut_embed.astype(cond.dtype), 0)
+        return self.pos_embed(self.code_embed(codes) + cond[:, :, None, :])
+
+    def _next_frame(self, codes: jax.Array, next_codes: jax.Array | None, next_mask: jax.Array | None) -> jax.Array:
+        """MaskGIT: frame t+1's codes [B, T, N, L] where next_mask bool [B, T, N] is False
+        (True: masked; None: all masked) -> their input embedding [B, T, N, D]."""
+        mask_embed = self.mask_embed.astype(layers.dtype_of(self.cfg.dtype))
+        # next_embed runs even when everything is masked, so that `init` creates it.
+        known = self.next_embed(jnp.zeros_like(codes) if next_codes is None else next_codes)
+        if next_codes is None or next_mask is None:
+            return jnp.broadcast_to(mask_embed, known.shape)
+        return jnp.where(next_mask[..., None], mask_embed, known)
+
+    def _segments(self, controls: Controls) -> jax.Array:
+        """Shots as the temporal mask sees them: all one shot when cuts are not used."""
+        return controls.segment if self.cfg.dynamics.use_cuts else jnp.zeros_like(controls.segment)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """Final tokens [B, T, N, D] -> logits float32 [B, T, N, *logits_shape]."""
         shape = logits_shape(self.cfg)
-        logits = layers.Dense(math.prod(shape), ("embed", "vocab"), dtype, name="logits")(x).astype(jnp.float32)
+        logits = self.logits(self.final_norm(x)).astype(jnp.float32)
         logits = logits.reshape(logits.shape[:-1] + shape)
-        if dc.head == "factorized":
+        if self.cfg.dynamics.head == "factorized":
             logits = jnp.where(_digit_mask(self.cfg.tokenizer.fsq_levels), logits, -jnp.inf)
             return nn.with_logical_constraint(logits, ("batch", "time", "tokens", None, "act_vocab"))
         return nn.with_logical_constraint(logits, ("batch", "time", "tokens", "act_vocab"))
+
+    def __call__(
+        self,
+        codes: jax.Array,
+        controls: Controls,
+        reference_codes: jax.Array | None = None,
+        reference_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        next_codes: jax.Array | None = None,
+        next_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """codes float [B, T, N, L], controls of T positions, reference_codes float [B, M, L]
+        (the identity bank's reference frame; None or reference_mask bool [B] False: none
+        for that clip), positions int [B, T] (default 0..T-1) -> logits float32
+        [B, T, N, V] (joint, V = prod(fsq_levels)) or [B, T, N, L, max level] (factorized;
+        slots past a dimension's level count are -inf); position t predicts frame t+1.
+
+        objective "maskgit": next_codes float [B, T, N, L] (frame t+1's codes at position
+        t) are known where next_mask bool [B, T, N] is False (None: all masked). Two streams
+        run side by side (XLNet's two-stream attention, cut to one step): a context stream,
+        frames t with frame t+1 all masked, causal in time; and a query stream, frame t plus
+        the partial frame t+1, whose position t attends to the context stream before t and
+        to itself. A position's logits thus depend on frames <= t and its own partial frame
+        t+1 only, never on another position's mask: the past looks the same in training as
+        in generation, where a frame is written to the key/value cache once, all masked
+        (the first decoding pass), and the refinement passes run against that cache.
+        """
+        dc = self.cfg.dynamics
+        b, t, n, levels = codes.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask = None
+        if dc.use_cuts or dc.temporal_window or dc.objective == "maskgit":
+            seg = self._segments(controls)
+            mask = temporal_mask(positions, seg, positions, seg, dc.temporal_window)
+        memory = memory_mask = None
+        if dc.use_identity_bank:
+            if reference_codes is None:
+                reference_codes, reference_mask = jnp.zeros((b, n, levels), codes.dtype), jnp.zeros((b,), bool)
+            memory, memory_mask = self.embed_memory(reference_codes), reference_mask
+        x = self._inputs(codes, controls)
+        if dc.objective != "maskgit":
+            if next_codes is not None:
+                raise ValueError("next_codes are for model.dynamics.objective 'maskgit'")
+            return self._logits(self.transformer(x, memory, memory_mask, mask, positions))
+        context = x + self._next_frame(codes, None, None)
+        query = x + self._next_frame(codes, next_codes, next_mask)
+        # Keys: [context 0..T-1, query 0..T-1]. Context sees context (the temporal mask);
+        # query t sees context before t (same shot, window) and query t itself.
+        before = mask & (positions[:, None, :] < positions[:, :, None])
+        itself = jnp.broadcast_to(jnp.eye(t, dtype=bool), (b, t, t))
+        mask = jnp.concatenate([
+            jnp.concatenate([mask, jnp.zeros_like(mask)], axis=2),
+            jnp.concatenate([before, itself], axis=2),
+        ], axis=1)
+        x = jnp.concatenate([context, query], axis=1)
+        x = self.transformer(x, memory, memory_mask, mask, jnp.concatenate([positions, positions], axis=1))
+        return self._logits(x[:, t:])
+
+    def decode_step(
+        self,
+        codes: jax.Array,
+        controls: Controls,
+        position: jax.Array,
+        caches: list[dict[str, jax.Array]],
+        key_positions: jax.Array,
+        key_segments: jax.Array,
+        memory: jax.Array | None = None,
+        memory_mask: jax.Array | None = None,
+        next_codes: jax.Array | None = None,
+        next_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """One new frame against the cached past (see `wm_jax/rollout.py`).
+
+        codes float [B, 1, N, L] of frame `position` (int32 scalar), its controls (T = 1);
+        caches: per layer {"key", "value": [B*N, W, heads, K]}; key_positions int32 [W] /
+        key_segments int32 [B, W]: what each cache slot holds once this frame is written
+        at slot position % W (-1: empty); memory [B, M, D] from `embed_memory` with
+        memory_mask bool [B] (ignored without an identity bank). Returns (logits
+        [B, 1, N, *logits_shape], caches).
+
+        "maskgit": next_codes [B, 1, N, L] / next_mask [B, 1, N] as in `__call__`. With
+        frame t+1 all masked (None) this is the context stream: commit the returned caches.
+        A refinement pass (a partial frame t+1) is the query stream: it attends to the
+        committed past and to itself (its keys/values written at the slot of a copy);
+        discard the caches it returns.
+        """
+        b = codes.shape[0]
+        pos = jnp.full((b, 1), position, jnp.int32)
+        seg = self._segments(controls)
+        key_seg = key_segments if self.cfg.dynamics.use_cuts else jnp.zeros_like(key_segments)
+        keys = jnp.broadcast_to(key_positions, (b,) + key_positions.shape)
+        mask = temporal_mask(pos, seg, keys, key_seg, self.cfg.dynamics.temporal_window)
+        if not self.cfg.dynamics.use_identity_bank:
+            memory = memory_mask = None
+        slot = position % key_positions.shape[0]
+        x = self._inputs(codes, controls)
+        if self.cfg.dynamics.objective == "maskgit":
+            x = x + self._next_frame(codes, next_codes, next_mask)
+        x, caches = self.transformer(x, memory, memory_mask, mask, pos, caches, slot)
+        return self._logits(x), caches

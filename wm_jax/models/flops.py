@@ -15,20 +15,22 @@ import math
 
 from wm_jax.config import Config, ModelConfig
 from wm_jax.models.dynamics import logits_shape
+from wm_jax.models.latent_actions import num_patches
 from wm_jax.models.tokenizer import num_tokens
 
 TRAIN_FACTOR = 3  # forward + backward (2x forward)
 
 
-def transformer_forward_flops(frames: int, tokens: int, embed: int, mlp: int, layers: int) -> int:
+def transformer_forward_flops(frames: int, tokens: int, embed: int, mlp: int, layers: int, memory: int = 0) -> int:
     """Forward FLOPs of `layers` spatio-temporal blocks on one clip of `frames` x `tokens`.
 
     Per block and token: 4 DxD projections for each of the spatial and temporal attention,
     the two MLP matrices; scores + mixing cost 4*S*D per token for a sequence of length S
-    (S = tokens spatially, S = frames temporally).
+    (S = tokens (+ `memory` tokens) spatially, S = frames temporally). Memory tokens are
+    projected to keys and values once per clip and block.
     """
-    per_token = 2 * (8 * embed * embed + 2 * embed * mlp) + 4 * embed * (tokens + frames)
-    return layers * frames * tokens * per_token
+    per_token = 2 * (8 * embed * embed + 2 * embed * mlp) + 4 * embed * (tokens + memory + frames)
+    return layers * (frames * tokens * per_token + memory * 4 * embed * embed)
 
 
 def tokenizer_encode_flops(cfg: ModelConfig, frames: int) -> int:
@@ -46,26 +48,52 @@ def tokenizer_forward_flops(cfg: ModelConfig, frames: int) -> int:
 
 
 def dynamics_forward_flops(cfg: ModelConfig, frames: int) -> int:
-    """Forward FLOPs of `DynamicsModel` on one clip of `frames` input frames."""
+    """Forward FLOPs of `DynamicsModel` on one clip of `frames` input frames.
+
+    Objective "maskgit": the next frame's codes are embedded too, and the transformer runs
+    the context and query streams side by side (2 x frames; the head sees the query's)."""
     dc, n = cfg.dynamics, num_tokens(cfg)
     levels = len(cfg.tokenizer.fsq_levels)
-    per_token = 2 * dc.embed_dim * (levels + math.prod(logits_shape(cfg)))
-    return frames * n * per_token + transformer_forward_flops(frames, n, dc.embed_dim, dc.mlp_dim, dc.num_layers)
+    maskgit = dc.objective == "maskgit"
+    per_token = 2 * dc.embed_dim * ((2 if maskgit else 1) * levels + math.prod(logits_shape(cfg)))
+    memory = n if dc.use_identity_bank else 0  # the reference frame's tokens
+    flops = frames * n * per_token + memory * 2 * dc.embed_dim * levels
+    streams = 2 if maskgit else 1
+    return flops + transformer_forward_flops(streams * frames, n, dc.embed_dim, dc.mlp_dim, dc.num_layers, memory)
+
+
+def latent_action_forward_flops(cfg: ModelConfig, frames: int) -> int:
+    """Forward FLOPs of `LatentActionModel` on one clip of `frames` frames: the encoder
+    runs on each of the frames-1 pairs (2 frames), the causal decoder on frames 0..T-2."""
+    lc, n, t = cfg.latent_actions, num_patches(cfg), frames - 1
+    patch_dim = lc.patch_size**2 * 3
+    # Per pair: patch embedding of 2n patches, the pooled latent, its similarity to K codes.
+    encoder = 2 * n * 2 * patch_dim * lc.embed_dim + 2 * lc.embed_dim * lc.latent_dim + 2 * lc.latent_dim * lc.num_latent_actions
+    encoder += transformer_forward_flops(2, n, lc.embed_dim, lc.mlp_dim, lc.num_layers)
+    # Per frame: patch embedding in and out, the action embedding.
+    decoder = t * (n * 2 * 2 * patch_dim * lc.embed_dim + 2 * lc.latent_dim * lc.embed_dim)
+    decoder += transformer_forward_flops(t, n, lc.embed_dim, lc.mlp_dim, lc.num_layers)
+    return t * encoder + decoder
 
 
 def train_step_flops(cfg: Config) -> int:
     """Model FLOPs of one training step on the global batch.
 
     Tokenizer stage: forward + backward of encode/decode on B clips of T frames.
-    Dynamics stage: the frozen tokenizer encodes the T frames (forward only), the
-    dynamics model trains on T-1 input frames.
+    Dynamics stage: the frozen tokenizer encodes the T frames (and the identity bank's
+    reference frame; forward only), the dynamics model trains on T-1 input frames.
+    Latent actions stage: forward + backward of the LAM on B clips of T frames.
     """
     b, t = cfg.data.batch_size, cfg.data.frames_per_clip
     if cfg.train.stage == "tokenizer":
         return b * TRAIN_FACTOR * tokenizer_forward_flops(cfg.model, t)
-    return b * (tokenizer_encode_flops(cfg.model, t) + TRAIN_FACTOR * dynamics_forward_flops(cfg.model, t - 1))
+    if cfg.train.stage == "latent_actions":
+        return b * TRAIN_FACTOR * latent_action_forward_flops(cfg.model, t)
+    encoded = t + (1 if cfg.model.dynamics.use_identity_bank else 0)  # + the reference frame
+    return b * (tokenizer_encode_flops(cfg.model, encoded) + TRAIN_FACTOR * dynamics_forward_flops(cfg.model, t - 1))
 
 
 def tokens_per_step(cfg: Config) -> int:
-    """Latent tokens in one global batch: B x T x N."""
-    return cfg.data.batch_size * cfg.data.frames_per_clip * num_tokens(cfg.model)
+    """Tokens in one global batch: B x T x N (N: the LAM's patches per frame in its stage)."""
+    n = num_patches(cfg.model) if cfg.train.stage == "latent_actions" else num_tokens(cfg.model)
+    return cfg.data.batch_size * cfg.data.frames_per_clip * n

@@ -111,19 +111,53 @@ class Mlp(nn.Module):
         return Dense(x.shape[-1], ("mlp", "embed"), self.dtype, name="wo")(h)
 
 
+def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021) of x [B, S, H, K] at int positions [B, S].
+
+    Pairs (i, i + K/2) of each head are rotated by angle position * 10000^(-2i/K), so a
+    query-key product depends on the positions' difference only: a model trained on short
+    clips sees the same attention pattern at frame 1000 of a rollout as at frame 10.
+    """
+    half = x.shape[-1] // 2
+    freqs = jnp.exp(-np.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [B, S, 1, half]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half : 2 * half].astype(jnp.float32)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * half :]], axis=-1)
+    return rotated.astype(x.dtype)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over axis -2 via `jax.nn.dot_product_attention`."""
+    """Multi-head self-attention over axis -2 via `jax.nn.dot_product_attention`.
+
+    Optional extras: `memory` tokens every query may attend to besides the sequence
+    (keys/values from the same projections), rotary `positions`, and a key/value `cache`
+    for incremental decoding (the new keys/values are written at `slot`).
+    """
 
     num_heads: int
     dtype: Dtype = jnp.float32
     implementation: str = "xla"  # or "cudnn" (NVIDIA GPUs, bf16)
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, is_causal: bool = False) -> jax.Array:
-        """x [B, S, D] -> [B, S, D] in `dtype`.
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        is_causal: bool = False,
+        memory: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: dict[str, jax.Array] | None = None,
+        slot: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """x [B, S, D] -> [B, S, D] in `dtype` (and the updated cache when `cache` is given).
 
-        mask: optional bool, broadcastable to [B, heads, S, S]; True = may attend.
-        is_causal: position i attends to positions <= i only.
+        mask: optional bool, broadcastable to [B, heads, S, keys]; True = may attend. Keys
+          are the sequence (or the cache's W slots), then the memory tokens.
+        is_causal: position i attends to sequence positions <= i only.
+        memory: [B', M, D] with B' dividing B; row b of x sees memory row b // (B / B').
+        positions: int [B, S] rotary positions of the sequence (None: no rotary embedding).
+        cache: {"key", "value": [B, W, heads, K]}; x holds S=1 new step, written at slot.
         """
         d = x.shape[-1]
         head_dim = d // self.num_heads
@@ -131,24 +165,41 @@ class Attention(nn.Module):
         # Kernels are created at their true rank (not DenseGeneral's flattened init), so the
         # logical axes match the shape when a mesh shards them at init.
         init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+        kernels = {
+            name: self.param(name, partitioned(init, ("embed", "heads", "kv")), (d, self.num_heads, head_dim))
+            for name in ("query", "key", "value")
+        }
 
-        def proj(name: str) -> jax.Array:
-            kernel = self.param(name, partitioned(init, ("embed", "heads", "kv")), (d, self.num_heads, head_dim))
-            return jnp.einsum("bsd,dhk->bshk", x.astype(self.dtype), kernel.astype(self.dtype))
+        def proj(name: str, inputs: jax.Array) -> jax.Array:
+            return jnp.einsum("bsd,dhk->bshk", inputs.astype(self.dtype), kernels[name].astype(self.dtype))
 
-        q, k, v = proj("query"), proj("key"), proj("value")
+        q, k, v = proj("query", x), proj("key", x), proj("value", x)
+        if positions is not None:
+            q, k = rotary(q, positions), rotary(k, positions)
+        new_cache = None
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), slot, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), slot, axis=1)
+            new_cache = {"key": k, "value": v}
+        if memory is not None:
+            # Project the memory once per memory row, then share it among its B/B' rows.
+            repeat = x.shape[0] // memory.shape[0]
+            k = jnp.concatenate([k, jnp.repeat(proj("key", memory), repeat, axis=0)], axis=1)
+            v = jnp.concatenate([v, jnp.repeat(proj("value", memory), repeat, axis=0)], axis=1)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation)
         out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
         kernel = self.param("out", partitioned(out_init, ("heads", "kv", "embed")), (self.num_heads, head_dim, d))
-        return jnp.einsum("bshk,hkd->bsd", out, kernel.astype(self.dtype))
+        out = jnp.einsum("bshk,hkd->bsd", out, kernel.astype(self.dtype))
+        return out if cache is None else (out, new_cache)
 
 
 class SpatioTemporalBlock(nn.Module):
     """Pre-norm residual block: spatial attention, temporal attention, MLP.
 
-    Spatial attention mixes the N tokens of each frame (no mask); temporal attention mixes
-    the T frames at each token position, causally when `causal`. (B, T) or (B, N) are folded
-    into the batch axis so there is no Python loop over time or tokens.
+    Spatial attention mixes the N tokens of each frame (no mask) and, when given, memory
+    tokens every frame sees; temporal attention mixes the T frames at each token position,
+    causally when `causal`. (B, T) or (B, N) are folded into the batch axis so there is no
+    Python loop over time or tokens.
     """
 
     num_heads: int
@@ -158,29 +209,62 @@ class SpatioTemporalBlock(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, T, N, D] -> [B, T, N, D] in `dtype`."""
+    def __call__(
+        self,
+        x: jax.Array,
+        memory: jax.Array | None = None,
+        memory_mask: jax.Array | None = None,
+        temporal_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: dict[str, jax.Array] | None = None,
+        slot: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """x [B, T, N, D] -> [B, T, N, D] in `dtype` (and the layer's new cache with `cache`).
+
+        memory: [B, M, D] tokens attended to by every frame, where memory_mask bool [B] is
+          True (None: all). temporal_mask: bool [B, T, K] over the K temporal keys (the
+          frames, or the cache's slots), replacing the plain causal mask. positions: int
+          [B, T] rotary frame positions. cache: {"key", "value": [B*N, W, heads, K]} for
+          decoding one frame (T = 1) at `slot`.
+        """
         b, t, n, d = x.shape
         x = constrain_video(x.astype(self.dtype))
 
-        h = RMSNorm(self.dtype, name="spatial_norm")(x).reshape(b * t, n, d)
-        h = Attention(self.num_heads, self.dtype, self.attention, name="spatial_attn")(h)
+        spatial_norm = RMSNorm(self.dtype, name="spatial_norm")
+        h = spatial_norm(x).reshape(b * t, n, d)
+        mask = None
+        if memory is not None:
+            memory = spatial_norm(memory)
+            if memory_mask is not None:
+                keys = jnp.concatenate([jnp.ones((b, n), bool), jnp.broadcast_to(memory_mask[:, None], (b, memory.shape[1]))], 1)
+                mask = jnp.repeat(keys, t, axis=0)[:, None, None, :]
+        h = Attention(self.num_heads, self.dtype, self.attention, name="spatial_attn")(h, mask=mask, memory=memory)
         x = constrain_video(x + h.reshape(b, t, n, d))
 
         h = RMSNorm(self.dtype, name="temporal_norm")(x)
         h = nn.with_logical_constraint(h.transpose(0, 2, 1, 3), TEMPORAL_AXES).reshape(b * n, t, d)
-        h = Attention(self.num_heads, self.dtype, self.attention, name="temporal_attn")(h, is_causal=self.causal)
+        mask = None if temporal_mask is None else jnp.repeat(temporal_mask, n, axis=0)[:, None]
+        pos = None if positions is None else jnp.repeat(positions, n, axis=0)
+        attn = Attention(self.num_heads, self.dtype, self.attention, name="temporal_attn")
+        is_causal = self.causal and temporal_mask is None
+        if cache is None:
+            h = attn(h, mask=mask, is_causal=is_causal, positions=pos)
+        else:
+            h, cache = attn(h, mask=mask, positions=pos, cache=cache, slot=slot)
         h = nn.with_logical_constraint(h.reshape(b, n, t, d), TEMPORAL_AXES)
         x = constrain_video(x + h.transpose(0, 2, 1, 3))
 
         h = Mlp(self.mlp_dim, self.dtype, name="mlp")(RMSNorm(self.dtype, name="mlp_norm")(x))
-        return constrain_video(x + h)
+        x = constrain_video(x + h)
+        return x if cache is None else (x, cache)
 
 
 class PositionEmbedding(nn.Module):
-    """Adds a learned spatial embedding per token and a sinusoidal one per frame."""
+    """Adds a learned spatial embedding per token and, when `temporal`, a sinusoidal one per
+    frame (models with rotary temporal attention leave time to the attention)."""
 
     dtype: Dtype = jnp.float32
+    temporal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -189,8 +273,9 @@ class PositionEmbedding(nn.Module):
         spatial = self.param(
             "spatial", partitioned(nn.initializers.normal(0.02), ("pos", "embed")), (n, d)
         )
-        temporal = sinusoidal_embedding(jnp.arange(t), d)
-        pos = spatial[None, :, :] + temporal[:, None, :]
+        pos = spatial[None, :, :]
+        if self.temporal:
+            pos = pos + sinusoidal_embedding(jnp.arange(t), d)[:, None, :]
         return constrain_video((x + pos[None]).astype(self.dtype))
 
 
@@ -210,9 +295,25 @@ class Transformer(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, T, N, D] -> [B, T, N, D] in `dtype`."""
+    def __call__(
+        self,
+        x: jax.Array,
+        memory: jax.Array | None = None,
+        memory_mask: jax.Array | None = None,
+        temporal_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        caches: list[dict[str, jax.Array]] | None = None,
+        slot: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """x [B, T, N, D] -> [B, T, N, D] in `dtype`; the extras are `SpatioTemporalBlock`'s,
+        with one cache per layer (and the new caches returned) when decoding."""
         block = nn.remat(SpatioTemporalBlock) if self.remat else SpatioTemporalBlock
+        new_caches = []
         for i in range(self.num_layers):
-            x = block(self.num_heads, self.mlp_dim, self.causal, self.dtype, self.attention, name=f"block_{i}")(x)
-        return x
+            layer = block(self.num_heads, self.mlp_dim, self.causal, self.dtype, self.attention, name=f"block_{i}")
+            if caches is None:
+                x = layer(x, memory, memory_mask, temporal_mask, positions)
+            else:
+                x, cache = layer(x, memory, memory_mask, temporal_mask, positions, caches[i], slot)
+                new_caches.append(cache)
+        return x if caches is None else (x, new_caches)

@@ -12,6 +12,7 @@ import json
 import signal
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,15 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from data_pipelines.loader import make_loader
+from data_pipelines.loader import SKIPPED, make_loader
 from data_pipelines.writer import DatasetError, verify_dataset
 from wm_jax import checkpoint as ckpt
 from wm_jax import config as config_lib
 from wm_jax import distributed, export, provenance, sharding, telemetry
 from wm_jax.config import Config, ConfigError
 from wm_jax.models import flops
-from wm_jax.train.state import TrainState, create_train_state, param_count, state_shardings
-from wm_jax.train.step import BATCH_FIELDS, jit_train_step
+from wm_jax.train.state import TrainState, create_train_state, param_count, param_counts_by_module, state_shardings
+from wm_jax.train.step import batch_fields, jit_train_step
 
 EXIT_PREEMPTED = 42
 
@@ -56,11 +57,21 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def check_dataset(cfg: Config, data_dir: str, split: str) -> dict:
-    """Verifies the dataset (hashes included) and that its frames fit the model."""
+def check_dataset(cfg: Config, data_dir: str, split: str, warn: Callable[[str], None] | None = None) -> dict:
+    """Verifies the dataset (hashes included) and that its frames fit the model.
+
+    Given `warn` (a callable taking a message) and `data.skip_bad_records`, a hash
+    mismatch is passed to it instead of raised: the loader skips what it cannot read.
+    Missing or unreadable shards raise either way."""
     if not data_dir:
         raise ConfigError("config key 'data.dir' is empty: point it at a dataset made by `wm data make`")
-    manifest = verify_dataset(data_dir)
+    try:
+        manifest = verify_dataset(data_dir)
+    except DatasetError as e:
+        if not (cfg.data.skip_bad_records and warn):
+            raise
+        manifest = verify_dataset(data_dir, check_hashes=False)
+        warn(f"{e} (data.skip_bad_records: training on, skipping windows that fail to load)")
     if split not in manifest["splits"]:
         raise DatasetError(f"dataset {data_dir} has no split '{split}'; it has {sorted(manifest['splits'])}")
     size = manifest["frame_size"]
@@ -142,7 +153,8 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     `stop_at` ends this invocation after that global step with a checkpoint, as a
     preemption would (the schedule still runs to `cfg.train.steps` on resume)."""
     workdir = Path(workdir)
-    manifest = check_dataset(cfg, cfg.data.dir, cfg.data.split)
+    bad_data: list[str] = []  # logged as events once the logger exists
+    manifest = check_dataset(cfg, cfg.data.dir, cfg.data.split, warn=bad_data.append)
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.logical_rules(cfg.mesh)
     sharding.check_batch_divisible(cfg.data.batch_size, mesh, rules)
@@ -168,6 +180,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         seed=cfg.seed,
         window_stride=cfg.data.window_stride,
         worker_count=cfg.data.worker_count,
+        skip_bad_records=cfg.data.skip_bad_records,
     )
     batches = iter(loader)
     damaged: list[str] = []
@@ -183,10 +196,13 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         f"{flops.train_step_flops(cfg):.3g} FLOPs per step, mesh {dict(mesh.shape)}, "
         f"{jax.device_count()} devices, {jax.process_count()} processes"
     )
+    by_module = ", ".join(f"{k} {v:,}" for k, v in param_counts_by_module(state.params).items())
+    telemetry.info(f"parameters per module: {by_module}")
 
     # The restored tokenizer parameters already sit on their shardings.
     tokenizer_shardings = jax.tree.map(lambda x: x.sharding, tokenizer_params)
-    step_fn = jit_train_step(cfg, mesh, rules, shardings, tokenizer_shardings)
+    fields = batch_fields(cfg, manifest["fields"])
+    step_fn = jit_train_step(cfg, mesh, rules, shardings, tokenizer_shardings, fields)
     # Every process restored the same step (or none) and is about to run collectives.
     distributed.barrier("state_ready", cfg.train.barrier_timeout_s)
     frames_per_step = cfg.data.batch_size * cfg.data.frames_per_clip
@@ -194,9 +210,12 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     device = jax.devices()[0]
     peak = telemetry.peak_tflops(device.device_kind, cfg.model.dtype, cfg.train.peak_tflops_per_device)
     logger = telemetry.RunLogger(workdir, cfg.train.steps, start_step, cfg.train.stage)
+    for message in bad_data:
+        logger.event(start_step, "bad_data", message)
     for message in damaged:
         logger.event(start_step, "damaged_checkpoint", message)
     step, skipped_in_a_row, last_save = start_step, 0, time.monotonic()
+    skipped_windows = skipped_logged = 0  # windows with a bad record the loader replaced
     # Checksums are computed off the training thread: hashing a large checkpoint takes seconds.
     sealer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     recent_losses: collections.deque[float] = collections.deque(maxlen=cfg.train.spike_window)
@@ -208,7 +227,8 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                 t0 = time.perf_counter()
                 local = next(batches)
                 wait_s += time.perf_counter() - t0
-                batch = sharding.shard_batch({k: local[k] for k in BATCH_FIELDS}, mesh, rules)
+                skipped_windows += int(local[SKIPPED].sum()) if SKIPPED in local else 0
+                batch = sharding.shard_batch({k: local[k] for k in fields}, mesh, rules)
                 state, metrics = step_fn(state, batch, tokenizer_params)
                 step += 1
                 # One scalar read per step: the guard must count consecutive skips exactly.
@@ -232,6 +252,12 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                         data_wait_fraction=wait_s / elapsed,
                         batch_crc32=batch_fingerprint(local),
                     )
+                    if cfg.data.skip_bad_records:  # this process's count since this invocation started
+                        values["bad_windows_skipped"] = skipped_windows
+                        if skipped_windows > skipped_logged:
+                            logger.event(step, "bad_data", f"{skipped_windows - skipped_logged} window(s) with a bad record "
+                                         f"skipped since the last log (the loader's warnings name them)", total=skipped_windows)
+                            skipped_logged = skipped_windows
                     spike = loss_zscore(values["loss"], recent_losses)
                     if spike > cfg.train.spike_zscore:
                         logger.event(step, "loss_spike", f"loss {values['loss']:.4g} is {spike:.1f} std above the recent mean", zscore=spike)

@@ -18,7 +18,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from wm_jax.config import Config, TrainConfig
-from wm_jax.models.dynamics import DynamicsModel
+from wm_jax.models.dynamics import DynamicsModel, make_controls
+from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.tokenizer import VideoTokenizer, num_tokens
 from wm_jax.sharding import check_divisible, tree_shardings
 
@@ -42,19 +43,22 @@ class TrainState:
 
 def build_model(cfg: Config, stage: str | None = None) -> nn.Module:
     stage = stage or cfg.train.stage
-    return VideoTokenizer(cfg.model) if stage == "tokenizer" else DynamicsModel(cfg.model)
+    models = {"tokenizer": VideoTokenizer, "dynamics": DynamicsModel, "latent_actions": LatentActionModel}
+    return models[stage](cfg.model)
 
 
 def example_inputs(cfg: Config, stage: str | None = None) -> tuple[jax.Array, ...]:
-    """Zero inputs of one clip, for `init`: frames [1,T,S,S,3] or (codes [1,T-1,N,L], actions [1,T-1])."""
+    """Zero inputs of one clip, for `init`: frames [1,T,S,S,3] (tokenizer, latent actions)
+    or (codes [1,T-1,N,L], controls of T-1 positions) (dynamics; an identity bank
+    initialises from an absent reference)."""
     stage = stage or cfg.train.stage
     t, s = cfg.data.frames_per_clip, cfg.model.image_size
-    if stage == "tokenizer":
+    if stage in ("tokenizer", "latent_actions"):
         return (jnp.zeros((1, t, s, s, 3), jnp.float32),)
     levels = len(cfg.model.tokenizer.fsq_levels)
     return (
         jnp.zeros((1, t - 1, num_tokens(cfg.model), levels), jnp.float32),
-        jnp.zeros((1, t - 1), jnp.int32),
+        make_controls({"action": jnp.zeros((1, t), jnp.int32)}),
     )
 
 
@@ -109,4 +113,11 @@ def create_train_state(cfg: Config, mesh: Mesh, rules: Any, shardings: Any, stag
 
 
 def param_count(params: Any) -> int:
+    """Total parameters of a tree (arrays or ShapeDtypeStructs)."""
     return sum(x.size for x in jax.tree.leaves(params))
+
+
+def param_counts_by_module(params: dict[str, Any]) -> dict[str, int]:
+    """Parameters per top-level module (e.g. `transformer`, `action_embed`), largest first."""
+    counts = {name: param_count(sub) for name, sub in params.items()}
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

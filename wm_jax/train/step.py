@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 from jax.sharding import Mesh
@@ -12,7 +12,8 @@ from flax import linen as nn
 
 from wm_jax.config import Config
 from wm_jax.eval.metrics import psnr_from_mse
-from wm_jax.models.dynamics import token_loss
+from wm_jax.models.dynamics import make_controls, sample_maskgit_mask, token_loss
+from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.tokenizer import VideoTokenizer, vocab_size
 from wm_jax.sharding import batch_sharding
 from wm_jax.train.state import TrainState, build_model, make_optimizer
@@ -40,17 +41,77 @@ def tokenizer_loss(params: Any, model: nn.Module, batch: Batch) -> tuple[jax.Arr
     return mse, {"loss": mse, "psnr": psnr_from_mse(mse / 4.0), "code_usage": usage}
 
 
+def latent_action_loss(params: Any, model: LatentActionModel, batch: Batch) -> tuple[jax.Array, Metrics]:
+    """Next-frame MSE + VQ codebook and commitment losses, on frames [B,T,H,W,3] uint8.
+
+    Metrics: PSNR of the predicted frames 1..T-1 and of copying the previous frame (the
+    decoder's starting point), and the share of the latent actions used in the batch.
+    """
+    x = frames_to_float(batch["frame"])
+    pred, quantized = model.apply({"params": params}, x)
+    mse = jnp.mean(jnp.square(pred - x[:, 1:]))
+    copy_mse = jnp.mean(jnp.square(x[:, :-1] - x[:, 1:]))
+    lc = model.cfg.latent_actions
+    loss = mse + quantized.codebook_loss + lc.commitment_weight * quantized.commitment_loss
+    usage = jnp.mean(jnp.bincount(quantized.indices.reshape(-1), length=lc.num_latent_actions) > 0)
+    return loss, {
+        "loss": loss,
+        "psnr": psnr_from_mse(mse / 4.0),
+        "psnr_copy_last": psnr_from_mse(copy_mse / 4.0),
+        "commitment_loss": quantized.commitment_loss,
+        "code_usage": usage,
+    }
+
+
+def infer_latent_actions(model: LatentActionModel, params: Any, frames: jax.Array) -> jax.Array:
+    """uint8 frames [B,T,H,W,3] (T >= 2) -> int32 [B,T] latent actions of a trained LAM.
+
+    Entry t takes frame t to frame t+1, like a record's `action`; the last entry has no
+    next frame and is 0.
+    """
+    _, quantized = model.apply({"params": params}, frames_to_float(frames), method=model.encode)
+    return jnp.pad(quantized.indices, ((0, 0), (0, 1)))
+
+
 def encode_codes(tokenizer: VideoTokenizer, tokenizer_params: Any, frames: jax.Array) -> jax.Array:
     """uint8 frames [B,T,H,W,3] -> FSQ codes float32 [B,T,N,L] of the frozen tokenizer."""
     codes, _ = tokenizer.apply({"params": tokenizer_params}, frames_to_float(frames), method=tokenizer.encode)
     return jax.lax.stop_gradient(codes)
 
 
-def dynamics_loss(params: Any, model: nn.Module, batch: Batch, codes: jax.Array) -> tuple[jax.Array, Metrics]:
-    """Next-frame token cross-entropy: position t (frames <= t, action t) predicts frame t+1."""
-    logits = model.apply({"params": params}, codes[:, :-1], batch["action"][:, :-1])
-    loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg)
-    return loss, {"loss": loss, "token_accuracy": accuracy}
+def reference_codes(tokenizer: VideoTokenizer, tokenizer_params: Any, batch: Batch) -> tuple[jax.Array, jax.Array] | tuple[None, None]:
+    """The identity bank's input: codes float32 [B,N,L] of each clip's reference frame
+    (records' `reference`, uint8 [B,T,S,S,3], the same at every step) and a bool [B] mask;
+    (None, None) when the batch has no reference."""
+    if "reference" not in batch:
+        return None, None
+    codes = encode_codes(tokenizer, tokenizer_params, batch["reference"][:, :1])[:, 0]
+    return codes, jnp.ones(codes.shape[:1], bool)
+
+
+def dynamics_loss(
+    params: Any, model: nn.Module, batch: Batch, codes: jax.Array,
+    reference: tuple[jax.Array | None, jax.Array | None] = (None, None), rng: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """Next-frame token cross-entropy: position t (frames <= t, controls t) predicts frame t+1.
+
+    codes float32 [B,T,N,L] of the clip's frames; the controls come from the batch's
+    per-step fields (`make_controls`); reference: (codes [B,N,L], mask [B]) or Nones.
+    Objective "maskgit": position t also sees frame t+1 with a random share of its tokens
+    masked (`sample_maskgit_mask` from `rng`, required) and the loss covers those only.
+    """
+    controls = make_controls(batch)
+    if model.cfg.dynamics.objective != "maskgit":
+        logits = model.apply({"params": params}, codes[:, :-1], controls, *reference)
+        loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg)
+        return loss, {"loss": loss, "token_accuracy": accuracy}
+    if rng is None:
+        raise ValueError("the maskgit objective needs an rng for its masks")
+    b, t, n, _ = codes.shape
+    mask = sample_maskgit_mask(rng, (b, t - 1, n))
+    logits = model.apply({"params": params}, codes[:, :-1], controls, *reference, None, codes[:, 1:], mask)
+    loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg, mask)
+    return loss, {"loss": loss, "token_accuracy": accuracy, "mask_fraction": jnp.mean(mask)}
 
 
 def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
@@ -59,14 +120,19 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
     tokenizer = VideoTokenizer(cfg.model)
     tx = make_optimizer(cfg.train)
 
-    def loss_fn(params: Any, batch: Batch, tokenizer_params: Any) -> tuple[jax.Array, Metrics]:
+    def loss_fn(params: Any, batch: Batch, tokenizer_params: Any, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         if cfg.train.stage == "tokenizer":
             return tokenizer_loss(params, model, batch)
+        if cfg.train.stage == "latent_actions":
+            return latent_action_loss(params, model, batch)
         codes = encode_codes(tokenizer, tokenizer_params, batch["frame"])
-        return dynamics_loss(params, model, batch, codes)
+        return dynamics_loss(params, model, batch, codes, reference_codes(tokenizer, tokenizer_params, batch), rng)
 
     def train_step(state: TrainState, batch: Batch, tokenizer_params: Any) -> tuple[TrainState, Metrics]:
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokenizer_params)
+        # The step's randomness (MaskGIT masks) from the seed and the step: a resumed run
+        # draws the same masks as an uninterrupted one.
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokenizer_params, rng)
         grad_norm = optax.tree.norm(grads)
         # Numerics guard: a non-finite loss or gradient leaves params and optimizer untouched.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -82,29 +148,54 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
     return train_step
 
 
-# Batch fields a train step reads, with their rank: frame uint8 [B,T,S,S,3], action int32 [B,T].
-BATCH_FIELDS = {"frame": 5, "action": 2}
+# Record fields a train step may read, with their rank: frame uint8 [B,T,S,S,3], action
+# int32 [B,T], camera float32 [B,T,7], cut bool [B,T], reference uint8 [B,T,S,S,3], ...
+FIELD_RANKS = {"frame": 5, "action": 2, "action_valid": 2, "camera": 3, "camera_valid": 2, "cut": 2, "reference": 5}
+
+
+def batch_fields(cfg: Config, available: Iterable[str] | None = None) -> dict[str, int]:
+    """Field name -> rank of what the step of cfg's stage reads, among the `available`
+    fields of the dataset (None: all). The dynamics stage needs `action`; the conditioning
+    fields it uses are optional (absent means unknown: masked)."""
+    names = ["frame"]
+    if cfg.train.stage == "dynamics":
+        dc = cfg.model.dynamics
+        names += ["action", "action_valid"]
+        names += ["camera", "camera_valid"] if dc.use_camera else []
+        names += ["cut"] if dc.use_cuts else []
+        names += ["reference"] if dc.use_identity_bank else []
+        if available is not None and "action" not in available:
+            raise ValueError("the dynamics stage needs the dataset field 'action' (per-step actions)")
+    return {k: FIELD_RANKS[k] for k in names if available is None or k in available}
 
 
 def batch_specs(cfg: Config, mesh: Mesh, rules: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract global batch with its shardings, for ahead-of-time compilation."""
+    """Abstract global batch (every field the stage may read) with its shardings, for
+    ahead-of-time compilation."""
     b, t, s = cfg.data.batch_size, cfg.data.frames_per_clip, cfg.model.image_size
-    shapes = {"frame": ((b, t, s, s, 3), jnp.uint8), "action": ((b, t), jnp.int32)}
+    shapes = {
+        "frame": ((b, t, s, s, 3), jnp.uint8), "reference": ((b, t, s, s, 3), jnp.uint8),
+        "action": ((b, t), jnp.int32), "camera": ((b, t, 7), jnp.float32),
+        "action_valid": ((b, t), jnp.bool_), "camera_valid": ((b, t), jnp.bool_), "cut": ((b, t), jnp.bool_),
+    }
     return {
-        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, rules, BATCH_FIELDS[k]))
-        for k, (shape, dtype) in shapes.items()
+        k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1], sharding=batch_sharding(mesh, rules, rank))
+        for k, rank in batch_fields(cfg).items()
     }
 
 
-def jit_train_step(cfg: Config, mesh: Mesh, rules: Any, shardings: Any, tokenizer_shardings: Any = None) -> Callable[..., Any]:
+def jit_train_step(
+    cfg: Config, mesh: Mesh, rules: Any, shardings: Any, tokenizer_shardings: Any = None, fields: dict[str, int] | None = None
+) -> Callable[..., Any]:
     """The train step under `jax.jit` with explicit shardings and the state donated.
 
     shardings: the state's sharding tree (from `state_shardings`); tokenizer_shardings:
     the frozen tokenizer's parameter shardings (dynamics stage), None for the tokenizer
-    stage. Build it outside, and call it inside, `jax.set_mesh(mesh)` and
-    `nn.logical_axis_rules(rules)`.
+    stage; fields: the batch's fields (`batch_fields`; default: all the stage may read).
+    Build it outside, and call it inside, `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
     """
-    batch = {k: batch_sharding(mesh, rules, nd) for k, nd in BATCH_FIELDS.items()}
+    fields = batch_fields(cfg) if fields is None else fields
+    batch = {k: batch_sharding(mesh, rules, nd) for k, nd in fields.items()}
     return jax.jit(
         make_train_step(cfg),
         in_shardings=(shardings, batch, tokenizer_shardings),

@@ -1,0 +1,55 @@
+"""Latent action probe: the classifiers on hand-made transitions."""
+
+import numpy as np
+
+from wm_jax.eval import latent_action_probe as probe
+
+A, K = 5, 8
+
+
+def _transitions(latent, action, feature=None):
+    feature = np.eye(K, dtype=np.float32)[latent] if feature is None else feature
+    return {"latent": np.asarray(latent), "action": np.asarray(action), "feature": feature}
+
+
+def test_contingency_and_majority_map():
+    latents = np.array([0, 0, 0, 1, 1, 3])
+    actions = np.array([2, 2, 4, 1, 1, 2])
+    table = probe.contingency(latents, actions, K, A)
+    assert table.shape == (K, A) and table.sum() == len(latents)
+    assert table[0].tolist() == [0, 0, 2, 0, 1]
+    # Latents never seen (2, 4..7) map to the most frequent action overall (2).
+    np.testing.assert_array_equal(probe.majority_map(table), [2, 1, 2, 2, 2, 2, 2, 2])
+
+
+def test_chance_is_the_majority_class_rate():
+    assert probe.chance_rate(np.array([0, 1, 1, 3]), A) == 0.5
+
+
+def test_a_relabelled_action_is_recovered_and_noise_is_not():
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, A, 2000)
+    perm = rng.permutation(K)[:A]  # action a shows up as latent perm[a]
+    train, test = _transitions(perm[actions[:1000]], actions[:1000]), _transitions(perm[actions[1000:]], actions[1000:])
+    scores = probe.probe_scores(train, test, K, A)
+    assert scores["majority_map_accuracy"] == 1.0 and scores["linear_accuracy"] == 1.0
+    assert scores["latents_used"] == A and scores["num_train"] == scores["num_test"] == 1000
+    assert abs(scores["chance"] - 0.2) < 0.05
+
+    noise = _transitions(rng.integers(0, K, 1000), actions[:1000])
+    scores = probe.probe_scores(noise, _transitions(rng.integers(0, K, 1000), actions[1000:]), K, A)
+    assert scores["majority_map_accuracy"] < scores["chance"] + 0.06
+    assert scores["linear_accuracy"] < scores["chance"] + 0.06
+
+
+def test_linear_probe_reads_features_the_latents_lose():
+    """Two actions share a latent; the pre-quantization features still separate them."""
+    rng = np.random.default_rng(1)
+    actions = rng.integers(0, 2, 400)
+    latent = np.zeros(400, np.int64)
+    feature = np.stack([actions * 2.0 - 1.0, rng.normal(size=400)], axis=1).astype(np.float32)
+    data = _transitions(latent, actions, feature)
+    params = probe.fit_linear_probe(feature, actions, A)
+    assert np.mean(probe.linear_predict(params, feature) == actions) == 1.0
+    scores = probe.probe_scores(data, data, K, A)
+    assert scores["linear_accuracy"] == 1.0 and scores["majority_map_accuracy"] == scores["chance"]
