@@ -8,6 +8,11 @@ positions, stays inside a shot, and optionally sees only the last `temporal_wind
 frames; every frame also attends to an identity bank (memory tokens made from the
 episode's reference frame), which cuts do not clear. `decode_step` runs one new frame
 against a key/value cache of the past (the rollout engine in `wm_jax/rollout.py`).
+
+Objective (`model.dynamics.objective`): "causal" predicts all of frame t+1's tokens at
+position t in one pass; "maskgit" also feeds position t frame t+1 partially masked and
+predicts the masked tokens (trained on random cosine-schedule masks, decoded in
+`maskgit_steps` passes; see `DynamicsModel.__call__` for its two streams).
 """
 
 from __future__ import annotations
