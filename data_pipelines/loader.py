@@ -13,13 +13,16 @@ holding such a record is logged and replaced by the next good window instead.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import grain
 import numpy as np
 from absl import flags, logging
+from array_record.python.array_record_module import ArrayRecordReader
 
-from data_pipelines import schema, writer
+from data_pipelines import layout, schema, writer
 from data_pipelines.schema import DatasetError
 
 # Batch field of a loader with skip_bad_records: int32 [B], 1 where the element stands in
@@ -27,6 +30,8 @@ from data_pipelines.schema import DatasetError
 SKIPPED = "bad_windows_skipped"
 # What the C++ ArrayRecord reader raises for an unreadable file or chunk.
 READ_ERRORS = (RuntimeError, ValueError)
+# A window's records are consecutive: read them with one range read per shard, no readahead.
+READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 
 
 def window_starts(episodes: list[dict], frames_per_clip: int, window_stride: int = 1) -> np.ndarray:
@@ -59,6 +64,20 @@ def num_windows(data_dir: str | os.PathLike, split: str, frames_per_clip: int,
     return len(_split_windows(data_dir, split, frames_per_clip, window_stride)[1])
 
 
+def record_ranges(shard_ends: np.ndarray, first: int, count: int) -> list[tuple[int, int, int]]:
+    """(shard, begin, end) for each shard holding some of records first..first+count-1 of
+    a split, begin/end indexing the shard; shard_ends: int64 [num_shards], the cumulative
+    record counts of the split's shards."""
+    ranges, index, stop = [], first, first + count
+    while index < stop:
+        shard = int(np.searchsorted(shard_ends, index, side="right"))
+        offset = int(shard_ends[shard - 1]) if shard else 0
+        end = min(stop, int(shard_ends[shard]))
+        ranges.append((shard, index - offset, end - offset))
+        index = end
+    return ranges
+
+
 def bad_record(shard: str, index: int, error: Exception) -> DatasetError:
     """The error for record `index` of `shard` that failed to read, decode or check."""
     return DatasetError(f"bad record {index} of shard {shard}: {str(error) or type(error).__name__}")
@@ -78,18 +97,28 @@ def open_shards(paths: list[str]) -> grain.sources.ArrayRecordDataSource:
 
 
 class WindowSource(grain.sources.RandomAccessDataSource):
-    """Random-access source: window k ↦ T records of one episode, every field stacked
-    to [T, ...] (with skip_bad_records, plus SKIPPED: int32 [])."""
+    """Random-access source: window k ↦ T records of one episode, every field (or those
+    in `fields`) stacked to [T, ...] (with skip_bad_records, plus SKIPPED: int32 []).
+
+    A window is read with one range read per shard it spans and, once a record has been
+    decoded and checked in full, decoded with that record's byte layout
+    (`data_pipelines.layout`); a record that differs from it is decoded and checked in full.
+    """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, frames_per_clip: int,
-                 window_stride: int = 1, skip_bad_records: bool = False):
+                 window_stride: int = 1, skip_bad_records: bool = False,
+                 fields: Iterable[str] | None = None):
         manifest, self._starts = _split_windows(data_dir, split, frames_per_clip, window_stride)
         self._paths = writer.shard_paths(data_dir, manifest, split)
-        self._records = open_shards(self._paths)
+        self._records = open_shards(self._paths)  # single-record reads, to name a bad record
         self._shard_ends = np.cumsum([s["records"] for s in manifest["splits"][split]["shards"]])
         self._spec = schema.spec_from_json(manifest["fields"])
+        self._fields = None if fields is None else frozenset(fields)
         self._T = frames_per_clip
         self._skip_bad_records = skip_bad_records
+        self._layout: layout.Layout | None = None  # learned from the first window read in full
+        self._readers: list[ArrayRecordReader | None] = [None] * len(self._paths)
+        self._lock = threading.Lock()
         # The repr is checked when an iterator state is restored: name the data by its
         # content, not its path, so a moved dataset still resumes.
         self._repr = (f"WindowSource(content_hash={manifest['content_hash']}, split={split}, "
@@ -113,15 +142,41 @@ class WindowSource(grain.sources.RandomAccessDataSource):
             local = index - (int(self._shard_ends[shard - 1]) if shard else 0)
             raise bad_record(self._paths[shard], local, e) from e
 
+    def __getstate__(self) -> dict:
+        # Grain's worker processes unpickle the source: readers and locks are per process.
+        return {**self.__dict__, "_readers": None, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _readers=[None] * len(state["_paths"]), _lock=threading.Lock())
+
+    def _reader(self, shard: int) -> ArrayRecordReader:
+        if self._readers[shard] is None:
+            with self._lock:  # grain's read threads share the source; a reader is thread-safe
+                if self._readers[shard] is None:
+                    self._readers[shard] = ArrayRecordReader(self._paths[shard], READER_OPTIONS)
+        return self._readers[shard]
+
+    def _read(self, first: int) -> list[bytes]:
+        """The T records of the split from record `first` on, one range read per shard.
+        (ArrayRecordDataSource.__getitems__ starts a thread pool per call: 10x slower.)"""
+        return [data for shard, begin, end in record_ranges(self._shard_ends, first, self._T)
+                for data in self._reader(shard).read(begin, end)]
+
     def _window(self, k: int) -> dict[str, np.ndarray]:
         first = int(self._starts[k])
-        indices = list(range(first, first + self._T))
         try:
-            data = self._records.__getitems__(indices)
+            data = self._read(first)
         except READ_ERRORS:
             data = [None] * self._T  # a corrupt chunk: read one at a time to name the record
-        records = [self._record(i, d) for i, d in zip(indices, data)]
-        return {name: np.stack([rec[name] for rec in records]) for name in records[0]}
+        if self._layout is not None and None not in data:
+            window = layout.decode_window(data, self._layout, self._fields)
+            if window is not None:
+                return window
+        records = [self._record(first + i, d) for i, d in enumerate(data)]
+        if self._layout is None and data[0] is not None:
+            self._layout = layout.learn(data[0], records[0])
+        return {name: np.stack([rec[name] for rec in records]) for name in records[0]
+                if self._fields is None or name in self._fields}
 
     def __getitem__(self, k: int) -> dict[str, np.ndarray]:
         if not self._skip_bad_records:
@@ -139,39 +194,77 @@ class WindowSource(grain.sources.RandomAccessDataSource):
         raise DatasetError(f"every window of {self._repr} holds a bad record")
 
 
+class WindowSampler:
+    """grain's IndexSampler order, unsharded (the DataLoader shards), minus the numpy
+    Generator IndexSampler builds for every element when seeded: ~70 µs each, a tenth
+    of a window's loading, and nothing here draws from it. The same order and repr
+    (which a saved iterator state is checked against), so existing states still resume.
+    """
+
+    def __init__(self, num_records: int, *, shuffle: bool, num_epochs: int | None, seed: int | None):
+        self._reference = grain.samplers.IndexSampler(
+            num_records=num_records, shard_options=grain.sharding.NoSharding(), shuffle=shuffle,
+            num_epochs=num_epochs, seed=seed)
+        keys = grain.MapDataset.range(num_records)
+        self._keys = keys.shuffle(seed=seed) if shuffle else keys  # reshuffled per epoch
+        self._len = len(self._reference)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return repr(self._reference)
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < self._len:
+            raise IndexError(f"sampler index {index} is outside [0, {self._len})")
+        return grain.RecordMetadata(index=index, record_key=self._keys[index])
+
+
 def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int,
                 batch_size: int, seed: int, window_stride: int = 1, shuffle: bool = True,
                 num_epochs: int | None = None, worker_count: int = 0,
                 shard_options: grain.sharding.ShardOptions | None = None,
                 drop_remainder: bool = True,
                 read_options: grain.ReadOptions | None = None,
-                skip_bad_records: bool = False) -> grain.DataLoader:
+                skip_bad_records: bool = False,
+                fields: Iterable[str] | None = None) -> grain.DataLoader:
     """A grain DataLoader over windows of `frames_per_clip` steps of `split`.
 
     `batch_size` is per process. Each element of `iter(loader)` is a dict with every
-    schema field stacked to [B, T, ...]: frame uint8 [B, T, S, S, 3], action int32
-    [B, T], camera float32 [B, T, 7], cut bool [B, T], entity_boxes float32
-    [B, T, E, 4], ... `num_epochs=None` repeats forever. `shard_options` defaults to one
-    shard per JAX process. `read_options` defaults to a read-ahead of a few batches
-    (grain's default, 500 windows on 16 threads, costs seconds and memory per start).
-    A bad record raises DatasetError (naming shard, record and field) unless
-    `skip_bad_records`: then its window is logged and replaced by the next good one, and
-    batches carry SKIPPED int32 [B] (1 per replaced window) for the caller to count.
+    schema field (or those in `fields`) stacked to [B, T, ...]: frame uint8
+    [B, T, S, S, 3], action int32 [B, T], camera float32 [B, T, 7], cut bool [B, T],
+    entity_boxes float32 [B, T, E, 4], ... `num_epochs=None` repeats forever.
+    `shard_options` defaults to one shard per JAX process. `read_options` defaults to a
+    read-ahead of a few batches (grain's default, 500 windows on 16 threads, costs
+    seconds and memory per start). A bad record raises DatasetError (naming shard,
+    record and field) unless `skip_bad_records`: then its window is logged and replaced
+    by the next good one, and batches carry SKIPPED int32 [B] (1 per replaced window)
+    for the caller to count. The order of batches is a function of `seed`, the shard
+    and `worker_count`; `iter(loader).get_state()` resumes it exactly.
     """
     if not Path(data_dir).is_dir():
         raise DatasetError(f"dataset directory {data_dir} does not exist")
-    source = WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records)
+    source = WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, fields)
+    # The DataLoader applies shard_options to the sampler's global order (element
+    # i*count + index), so the sampler itself is unsharded.
+    sampler = WindowSampler(len(source), shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    return data_loader(source, sampler, batch_size=batch_size, worker_count=worker_count,
+                       shard_options=shard_options, drop_remainder=drop_remainder, read_options=read_options)
+
+
+def data_loader(source: grain.sources.RandomAccessDataSource, sampler: WindowSampler, *,
+                batch_size: int, worker_count: int = 0,
+                shard_options: grain.sharding.ShardOptions | None = None,
+                drop_remainder: bool = True,
+                read_options: grain.ReadOptions | None = None) -> grain.DataLoader:
+    """The DataLoader batching `source`'s elements in `sampler`'s order (see make_loader)."""
     if shard_options is None:
         shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     if worker_count > 0 and not flags.FLAGS.is_parsed():
         # Grain's worker start-up reads absl flags, which fail unless parsed (they are
         # not outside absl.app.run); keep their defaults.
         flags.FLAGS.mark_as_parsed()
-    # The DataLoader applies shard_options to the sampler's global order (element
-    # i*count + index), so the sampler itself is unsharded.
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=grain.sharding.NoSharding(),
-        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
     if read_options is None:
         read_options = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1),
                                          prefetch_buffer_size=4 * batch_size)

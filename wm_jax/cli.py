@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(fn=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks; the last line printed is a JSON object")
-    bench.add_argument("name", choices=["checkpoint", "rollout", "train", "watermark"])
+    bench.add_argument("name", choices=["checkpoint", "data", "rollout", "train", "watermark"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see wm bench NAME --help)")
     bench.set_defaults(fn=cmd_bench)
 

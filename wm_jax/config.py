@@ -36,6 +36,10 @@ class DataConfig:
     # good one stands in), and tolerates shard hash mismatches at start: both are logged
     # as events and skips counted in metrics.jsonl (`bad_windows_skipped`).
     skip_bad_records: bool = False
+    # Train on a mixture instead of `dir`: [[DIR, weight], ...]; each dataset gives
+    # weight / sum(weights) of the windows (data_pipelines.mixture). Frame sizes must be
+    # equal; only the fields every dataset has (same dtype and shape) are batched.
+    mixture: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -421,6 +425,12 @@ def validate(cfg: Config) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"config key '{key}' must be > 0; got {v}")
+    if cfg.data.mixture and cfg.data.dir:
+        raise ConfigError("config keys 'data.dir' and 'data.mixture' are both set: train on one dataset or on a mixture")
+    for i, (data_dir, weight) in enumerate(cfg.data.mixture):
+        if not data_dir or weight <= 0:
+            raise ConfigError(f"config key 'data.mixture[{i}]' must be [DIR, weight] with a directory and a "
+                              f"weight > 0; got {[data_dir, weight]}")
     if cfg.model.image_size % cfg.model.tokenizer.patch_size:
         raise ConfigError(
             f"config key 'model.image_size' ({cfg.model.image_size}) must be divisible by "

@@ -312,7 +312,7 @@ def resolve_base(base: str, spec_path: str | Path) -> Path:
 
 def check_runnable(run: Run) -> None:
     """Paths a run needs that the schema cannot check: a dataset, and a tokenizer for dynamics."""
-    if not run.config.data.dir:
+    if not run.config.data.dir and not run.config.data.mixture:
         raise SweepError(f"run {run.name}: config key 'data.dir' is empty: set it in the spec or with --set data.dir=DIR")
     if run.config.train.stage == "dynamics" and not run.config.train.tokenizer_workdir:
         raise SweepError(

@@ -12,7 +12,7 @@ import json
 import signal
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,9 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from data_pipelines import mixture as mixture_lib
 from data_pipelines.loader import SKIPPED, make_loader
-from data_pipelines.writer import DatasetError, verify_dataset
+from data_pipelines.writer import DatasetError, read_manifest, verify_dataset
 from wm_jax import checkpoint as ckpt
 from wm_jax import config as config_lib
 from wm_jax import distributed, export, provenance, sharding, telemetry
@@ -81,6 +82,43 @@ def check_dataset(cfg: Config, data_dir: str, split: str, warn: Callable[[str], 
             f"{size}x{size} frames"
         )
     return manifest
+
+
+def check_mixture(cfg: Config, split: str, warn: Callable[[str], None] | None = None) -> dict:
+    """`check_dataset` for every dataset of `data.mixture`, once they are known to exist
+    (a missing one is named with its index) and to share one frame size.
+
+    Returns what the run needs of a manifest: frame_size, fields (those every dataset has
+    with one dtype and shape: the only ones batched), content_hash (of the mixture: the
+    datasets' hashes and weights) and mixture (each dataset's dir, weight and content
+    hash, plus the fields kept and dropped) for the run's manifest.json."""
+    sizes = {}
+    for i, (data_dir, _) in enumerate(cfg.data.mixture):
+        try:
+            sizes[data_dir] = read_manifest(data_dir)["frame_size"]
+        except DatasetError as e:
+            raise DatasetError(f"config key 'data.mixture[{i}]': {e}") from e
+    if len(set(sizes.values())) > 1:
+        raise DatasetError(f"config key 'data.mixture': the datasets' frame sizes differ: {sizes}")
+    manifests = [check_dataset(cfg, data_dir, split, warn) for data_dir, _ in cfg.data.mixture]
+    kept, dropped = mixture_lib.common_fields([m["fields"] for m in manifests])
+    if dropped:
+        telemetry.info(f"data.mixture: fields {dropped} are not in every dataset with one dtype and shape: not batched")
+    hashes, weights = [m["content_hash"] for m in manifests], [w for _, w in cfg.data.mixture]
+    datasets = [{"dir": d, "weight": w, "content_hash": h} for (d, w), h in zip(cfg.data.mixture, hashes)]
+    return {"frame_size": manifests[0]["frame_size"], "fields": {k: manifests[0]["fields"][k] for k in kept},
+            "content_hash": mixture_lib.mixture_hash(hashes, weights),
+            "mixture": {"datasets": datasets, "fields": kept, "dropped_fields": dropped}}
+
+
+def loaded_fields(cfg: Config, available: Iterable[str]) -> list[str]:
+    """The record fields the loader decodes and ships: those the step of cfg's stage
+    reads (`batch_fields`) and those `batch_fingerprint` hashes. Leaving the others in
+    the records saves their decoding and, with worker processes, a shared-memory
+    transfer each per batch."""
+    available = list(available)
+    wanted = set(batch_fields(cfg, available)) | {"frame", "action"}
+    return [k for k in available if k in wanted]
 
 
 def load_run_config(workdir: str | Path) -> Config:
@@ -154,7 +192,10 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     preemption would (the schedule still runs to `cfg.train.steps` on resume)."""
     workdir = Path(workdir)
     bad_data: list[str] = []  # logged as events once the logger exists
-    manifest = check_dataset(cfg, cfg.data.dir, cfg.data.split, warn=bad_data.append)
+    if cfg.data.mixture:
+        manifest = check_mixture(cfg, cfg.data.split, warn=bad_data.append)
+    else:
+        manifest = check_dataset(cfg, cfg.data.dir, cfg.data.split, warn=bad_data.append)
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.logical_rules(cfg.mesh)
     sharding.check_batch_divisible(cfg.data.batch_size, mesh, rules)
@@ -163,17 +204,20 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     if manager.latest_step() is not None:  # refuse another model before touching the run
         ckpt.check_compatible(manager, manager.latest_step(), cfg, workdir)
     dataset_hash = manifest["content_hash"]
+    mixture_info = {"mixture": manifest["mixture"]} if cfg.data.mixture else {}
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         config_lib.dump(cfg, workdir / "config.yaml")
         (workdir / "manifest.json").write_text(
-            json.dumps(provenance.run_manifest(dataset_hash=dataset_hash, mesh_shape=dict(mesh.shape)), indent=2)
+            json.dumps({**provenance.run_manifest(dataset_hash=dataset_hash, mesh_shape=dict(mesh.shape)), **mixture_info},
+                       indent=2)
         )
 
     tokenizer_params = load_tokenizer(cfg, mesh, rules) if cfg.train.stage == "dynamics" else None
     abstract, shardings = state_shardings(cfg, mesh, rules)
-    loader = make_loader(
-        cfg.data.dir,
+    # Each process loads its own slice of the global batch (ShardByJaxProcess); with
+    # data.worker_count > 0 grain's worker processes read and decode it, off this thread.
+    loader_args = dict(
         split=cfg.data.split,
         frames_per_clip=cfg.data.frames_per_clip,
         batch_size=cfg.data.batch_size // jax.process_count(),
@@ -181,7 +225,12 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         window_stride=cfg.data.window_stride,
         worker_count=cfg.data.worker_count,
         skip_bad_records=cfg.data.skip_bad_records,
+        fields=loaded_fields(cfg, manifest["fields"]),
     )
+    if cfg.data.mixture:
+        loader = mixture_lib.make_mixture_loader(cfg.data.mixture, **loader_args)
+    else:
+        loader = make_loader(cfg.data.dir, **loader_args)
     batches = iter(loader)
     damaged: list[str] = []
     found = ckpt.restore_newest_good(manager, abstract, cfg, workdir, warn=damaged.append)
@@ -269,7 +318,8 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                 minutes = cfg.checkpoint.every_minutes
                 due = step % cfg.checkpoint.every_steps == 0 or (minutes > 0 and time.monotonic() - last_save >= 60 * minutes)
                 if due or step == last or preempted:
-                    run_manifest = provenance.run_manifest(dataset_hash=dataset_hash, mesh_shape=dict(mesh.shape), step=step)
+                    run_manifest = {**provenance.run_manifest(dataset_hash=dataset_hash, mesh_shape=dict(mesh.shape), step=step),
+                                    **mixture_info}
                     ckpt.save(manager, step, state, _encode_iterator_state(batches.get_state()), cfg, run_manifest)
                     last_save = time.monotonic()
                     sealer.submit(ckpt.seal_finished, manager)  # earlier steps that have committed since

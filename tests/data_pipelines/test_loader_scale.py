@@ -1,0 +1,167 @@
+"""The loader at scale: fast decode equals the full decoder, determinism and exact resume
+with worker processes and with two JAX processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import grain
+import numpy as np
+import pytest
+
+from conftest import REPO
+from data_pipelines import datasets, layout, loader, schema, writer
+
+S, T, B = 16, 4, 4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "ds"
+    # 8 train episodes of 12 steps in shards of 20 records: windows straddle shards.
+    datasets.make_dataset("procedural", out, episodes=8, frames=12, size=S, num_entities=2,
+                          val_fraction=0.0, test_fraction=0.0, records_per_shard=20)
+    return out
+
+
+def _loader(data_dir, **kw):
+    args = dict(split="train", frames_per_clip=T, batch_size=B, seed=0, shard_options=grain.sharding.NoSharding())
+    return loader.make_loader(data_dir, **{**args, **kw})
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same_batches(want, got):
+    assert len(want) == len(got)
+    for w, g in zip(want, got):
+        assert w.keys() == g.keys()
+        for k in w:
+            np.testing.assert_array_equal(w[k], g[k], err_msg=k)
+
+
+def _full_decode(data_dir, first):
+    """Window from record `first` of the train split, by the full decoder: {name: [T, ...]}."""
+    source = loader.open_shards(writer.shard_paths(data_dir, writer.read_manifest(data_dir), "train"))
+    decoded = [schema.decode_record(source[i]) for i in range(first, first + T)]
+    return {k: np.stack([r[k] for r in decoded]) for k in decoded[0]}
+
+
+def test_record_ranges_split_a_window_at_shard_ends():
+    ends = np.cumsum([20, 20, 5])
+    assert loader.record_ranges(ends, 0, 4) == [(0, 0, 4)]
+    assert loader.record_ranges(ends, 18, 4) == [(0, 18, 20), (1, 0, 2)]
+    assert loader.record_ranges(ends, 19, 22) == [(0, 19, 20), (1, 0, 20), (2, 0, 1)]
+
+
+def test_windows_decode_exactly_as_the_full_decoder(data_dir):
+    source = loader.WindowSource(data_dir, "train", T)
+    starts = loader.window_starts(writer.read_manifest(data_dir)["splits"]["train"]["episodes"], T)
+    for k in (0, 7, 20, len(source) - 1):  # the first learns the layout; 7 and 20 cross shards
+        got, want = source[k], _full_decode(data_dir, int(starts[k]))
+        assert source._layout is not None and got.keys() == want.keys()
+        for name in want:
+            assert got[name].dtype == want[name].dtype and got[name].flags.writeable
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_layout_refuses_a_record_with_other_header_bytes():
+    record = {"a": np.arange(3, dtype=np.int32), "b": np.zeros((2, 2), np.uint8), "none": np.zeros(0, np.float32)}
+    data = schema.encode_record(record)
+    shape = layout.learn(data, schema.decode_record(data))
+    window = layout.decode_window([data, data], shape)
+    assert window["a"].shape == (2, 3) and window["none"].shape == (2, 0)
+    other = schema.encode_record({**record, "a": np.arange(3, dtype=np.float32)})  # same length, other dtype
+    assert len(other) == len(data) and layout.decode_window([data, other], shape) is None
+    assert layout.decode_window([data, data[:-1]], shape) is None
+
+
+def test_fields_selects_what_is_decoded(data_dir):
+    batch = next(iter(_loader(data_dir, fields=["frame", "action"])))
+    assert sorted(batch) == ["action", "frame"] and batch["frame"].shape == (B, T, S, S, 3)
+
+
+def test_sampler_keeps_index_sampler_order_and_repr():
+    for shuffle, epochs, seed in ((True, None, 3), (False, 2, None), (True, 3, 7)):
+        ours = loader.WindowSampler(37, shuffle=shuffle, num_epochs=epochs, seed=seed)
+        grains = grain.samplers.IndexSampler(num_records=37, shard_options=grain.sharding.NoSharding(),
+                                             shuffle=shuffle, num_epochs=epochs, seed=seed)
+        assert repr(ours) == repr(grains) and len(ours) == len(grains)
+        assert [ours[i].record_key for i in range(74)] == [grains[i].record_key for i in range(74)]
+
+
+def test_two_workers_are_deterministic_and_resume_exactly(data_dir):
+    it = iter(_loader(data_dir, worker_count=2))
+    _take(it, 3)
+    state = it.get_state()
+    want = _take(it, 5)
+    del it
+    again = iter(_loader(data_dir, worker_count=2))
+    first = _take(again, 8)
+    del again
+    _assert_same_batches(want, first[3:])  # the same seed and worker count: the same batches
+    resumed = iter(_loader(data_dir, worker_count=2))
+    resumed.set_state(state)
+    got = _take(resumed, 5)
+    del resumed
+    _assert_same_batches(want, got)
+
+
+_PROCESS_SCRIPT = """
+import json, sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from data_pipelines import loader
+
+def make():
+    return loader.make_loader(sys.argv[3], split="train", frames_per_clip=4, batch_size=2, seed=0,
+                              worker_count=int(sys.argv[4]))
+
+def keys(batches):
+    return [[int(e), int(t)] for b in batches for e, t in zip(b["episode_id"][:, 0], b["t"][:, 0])]
+
+it = iter(make())
+before = [next(it) for _ in range(3)]
+state = it.get_state()
+want = [next(it) for _ in range(4)]
+del it
+resumed = iter(make())
+resumed.set_state(state)
+got = [next(resumed) for _ in range(4)]
+del resumed
+same = all((w[k] == g[k]).all() for w, g in zip(want, got) for k in w)
+print(json.dumps({"process": jax.process_index(), "same": same, "windows": keys(before + want)}))
+"""
+
+
+@pytest.mark.multiprocess
+def test_two_jax_processes_resume_their_own_disjoint_shards(data_dir):
+    """Two JAX processes (jax.distributed on localhost, ShardByJaxProcess), each with two
+    grain workers: after restoring its iterator state, each yields exactly the batches it
+    would have without the interruption, and the processes read disjoint windows."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _PROCESS_SCRIPT, f"127.0.0.1:{port}", str(i), str(data_dir), "2"],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    results = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["process"] for r in results) == [0, 1]
+    assert all(r["same"] for r in results)
+    windows = [{tuple(w) for w in r["windows"]} for r in results]
+    assert len(windows[0]) == len(windows[1]) == 7 * 2  # 7 batches of 2 distinct windows each
+    assert not windows[0] & windows[1]
