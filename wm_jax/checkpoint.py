@@ -66,7 +66,8 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
 
 # `model.*` keys that choose how the model runs, not what its parameters are: a checkpoint
 # restores under any value of them (parameters are float32 whatever the activation dtype).
-EXECUTION_KEYS = ("dtype", "attention", "remat")
+# (`scan_layers` is not one: it stores the blocks' parameters stacked.)
+EXECUTION_KEYS = ("dtype", "attention", "remat", "remat_policy")
 
 
 def model_mismatch(saved: dict, current: Config) -> list[str]:

@@ -105,6 +105,13 @@ class ModelConfig:
     # attention) on NVIDIA GPUs with bfloat16 activations.
     attention: str = "xla"
     remat: bool = False  # recompute each block's activations in the backward pass (less memory)
+    # With remat, what each block keeps for the backward pass: "full" (nothing: recompute
+    # everything), "dots_saveable" (matmul outputs; recompute elementwise ops),
+    # "dots_with_no_batch_dims_saveable", or "nothing_saveable".
+    remat_policy: str = "full"
+    # Run each Transformer's blocks as one nn.scan over stacked parameters (one compiled
+    # block instead of num_layers copies: faster compiles). Changes the parameter layout.
+    scan_layers: bool = False
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     latent_actions: LatentActionConfig = field(default_factory=LatentActionConfig)
@@ -159,6 +166,7 @@ class MeshConfig:
         ("codebook", ()),
         ("patch", ()),
         ("pos", ()),
+        ("layers", ()),  # the stacked layer axis of model.scan_layers: replicated
     )
     # ... and for activations. `temporal_tokens` is the token axis during temporal
     # attention: mapping it to `sequence` makes a time-sharded clip switch to token
@@ -209,6 +217,7 @@ DYNAMICS_HEADS = ("factorized", "joint")
 DYNAMICS_OBJECTIVES = ("causal", "maskgit")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn")
+REMAT_POLICIES = ("full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -399,6 +408,7 @@ def validate(cfg: Config) -> None:
         "model.dynamics.objective": (cfg.model.dynamics.objective, DYNAMICS_OBJECTIVES),
         "model.dtype": (cfg.model.dtype, DTYPES),
         "model.attention": (cfg.model.attention, ATTENTION_IMPLS),
+        "model.remat_policy": (cfg.model.remat_policy, REMAT_POLICIES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -93,3 +93,79 @@ def test_block_params_carry_logical_axes(block_vars):
 @pytest.mark.parametrize("name,dtype", [("float32", jnp.float32), ("bfloat16", jnp.bfloat16)])
 def test_dtype_of(name, dtype):
     assert layers.dtype_of(name) == dtype
+
+
+# --- Transformer: scan_layers and remat policies --------------------------------------
+
+_L = 3
+
+
+def _stack(**kwargs):
+    return layers.Transformer(num_layers=_L, num_heads=2, mlp_dim=32, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def stack_params():
+    """Unrolled params (block_0..block_{L-1}) and the same params stacked for scan_layers."""
+    x = jax.random.normal(jax.random.key(3), (2, 4, 3, 16))
+    params = nn.unbox(jax.jit(_stack().init)(jax.random.key(4), x))["params"]
+    stacked = {"blocks": jax.tree.map(lambda *p: jnp.stack(p), *[params[f"block_{i}"] for i in range(_L)])}
+    return params, stacked, x
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_layers_matches_unrolled_stack(stack_params, remat):
+    params, stacked, x = stack_params
+    y = jax.jit(_stack().apply)({"params": params}, x)
+    y_scan = jax.jit(_stack(scan_layers=True, remat=remat).apply)({"params": stacked}, x)
+    np.testing.assert_allclose(y_scan, y, atol=1e-5, rtol=1e-5)
+
+
+def test_scan_layers_decodes_with_per_layer_caches(stack_params):
+    params, stacked, x = stack_params
+    b, _, n, d = x.shape
+    caches = [
+        {"key": jax.random.normal(jax.random.key(10 + i), (b * n, 4, 2, d // 2)),
+         "value": jax.random.normal(jax.random.key(20 + i), (b * n, 4, 2, d // 2))}
+        for i in range(_L)
+    ]
+    step, slot = x[:, :1], jnp.int32(2)
+    y, new = jax.jit(_stack().apply)({"params": params}, step, caches=caches, slot=slot)
+    y_scan, new_scan = jax.jit(_stack(scan_layers=True).apply)({"params": stacked}, step, caches=caches, slot=slot)
+    np.testing.assert_allclose(y_scan, y, atol=1e-5, rtol=1e-5)
+    assert isinstance(new_scan, list) and len(new_scan) == _L
+    jax.tree.map(lambda a, b_: np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-5), new_scan, new)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable"])
+def test_remat_policy_matches_no_remat(stack_params, policy, scan):
+    params, stacked, x = stack_params
+    p = stacked if scan else params
+
+    def loss_fn(model):
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)))
+
+    loss, grads = loss_fn(_stack(scan_layers=scan))(p)
+    loss_r, grads_r = loss_fn(_stack(scan_layers=scan, remat=True, remat_policy=policy))(p)
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads_r, grads)
+
+
+def test_scanned_params_have_layers_axis_first(stack_params):
+    _, _, x = stack_params
+    variables = jax.eval_shape(_stack(scan_layers=True).init, jax.random.key(0), x)
+    specs = nn.get_partition_spec(variables)["params"]
+    assert set(specs) == {"blocks"}
+    leaves = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+    assert leaves and all(s[0] == "layers" for s in leaves)
+    assert specs["blocks"]["mlp"]["wi"]["kernel"] == PartitionSpec("layers", "embed", "mlp")
+    shapes = nn.unbox(variables)["params"]["blocks"]
+    assert shapes["mlp"]["wi"]["kernel"].shape == (_L, 16, 32)
+
+
+def test_bad_remat_policy_is_rejected():
+    from wm_jax import config as config_lib
+
+    with pytest.raises(config_lib.ConfigError, match="model.remat_policy"):
+        config_lib.replace(config_lib.Config(), ["model.remat_policy=dots"])

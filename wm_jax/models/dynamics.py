@@ -269,7 +269,8 @@ class DynamicsModel(nn.Module):
         self.pos_embed = layers.PositionEmbedding(dtype, temporal=False)
         self.transformer = layers.Transformer(
             dc.num_layers, dc.num_heads, dc.mlp_dim, causal=True, dtype=dtype,
-            attention=self.cfg.attention, remat=self.cfg.remat,
+            attention=self.cfg.attention, remat=self.cfg.remat, remat_policy=self.cfg.remat_policy,
+            scan_layers=self.cfg.scan_layers,
         )
         self.final_norm = layers.RMSNorm(dtype)
         self.logits = layers.Dense(math.prod(logits_shape(self.cfg)), ("embed", "vocab"), dtype)

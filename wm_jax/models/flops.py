@@ -64,12 +64,13 @@ def dynamics_forward_flops(cfg: ModelConfig, frames: int) -> int:
 
 def latent_action_forward_flops(cfg: ModelConfig, frames: int) -> int:
     """Forward FLOPs of `LatentActionModel` on one clip of `frames` frames: the encoder
-    runs on each of the frames-1 pairs (2 frames), the causal decoder on frames 0..T-2."""
+    runs on each of the frames-1 pairs (one step of 6-channel patches), the causal decoder
+    on frames 0..T-2."""
     lc, n, t = cfg.latent_actions, num_patches(cfg), frames - 1
     patch_dim = lc.patch_size**2 * 3
-    # Per pair: patch embedding of 2n patches, the pooled latent, its similarity to K codes.
-    encoder = 2 * n * 2 * patch_dim * lc.embed_dim + 2 * lc.embed_dim * lc.latent_dim + 2 * lc.latent_dim * lc.num_latent_actions
-    encoder += transformer_forward_flops(2, n, lc.embed_dim, lc.mlp_dim, lc.num_layers)
+    # Per pair: patch embedding of n double patches, the pooled latent, its similarity to K codes.
+    encoder = n * 2 * 2 * patch_dim * lc.embed_dim + 2 * lc.embed_dim * lc.latent_dim + 2 * lc.latent_dim * lc.num_latent_actions
+    encoder += transformer_forward_flops(1, n, lc.embed_dim, lc.mlp_dim, lc.num_layers)
     # Per frame: patch embedding in and out, the action embedding.
     decoder = t * (n * 2 * 2 * patch_dim * lc.embed_dim + 2 * lc.latent_dim * lc.embed_dim)
     decoder += transformer_forward_flops(t, n, lc.embed_dim, lc.mlp_dim, lc.num_layers)

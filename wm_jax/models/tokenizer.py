@@ -100,7 +100,8 @@ class VideoTokenizer(nn.Module):
         dtype = layers.dtype_of(self.cfg.dtype)
         stack = dict(
             num_layers=tc.num_layers, num_heads=tc.num_heads, mlp_dim=tc.mlp_dim, causal=True, dtype=dtype,
-            attention=self.cfg.attention, remat=self.cfg.remat,
+            attention=self.cfg.attention, remat=self.cfg.remat, remat_policy=self.cfg.remat_policy,
+            scan_layers=self.cfg.scan_layers,
         )
         self.patch_embed = layers.Dense(tc.embed_dim, ("patch", "embed"), dtype)
         self.enc_pos = layers.PositionEmbedding(dtype)
