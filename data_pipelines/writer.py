@@ -31,7 +31,8 @@ MANIFEST = "manifest.json"
 WRITER_OPTIONS = "group_size:1"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -85,7 +86,7 @@ def _write_split(split_dir: Path, episodes: Iterable[list[dict]], spec: schema.S
         path = split_dir / _shard_name(i, len(counts))
         os.rename(split_dir / f"part-{i:05d}", path)
         shards.append({"path": f"{split_dir.name}/{path.name}", "records": n,
-                       "sha256": _sha256(path)})
+                       "sha256": sha256_file(path)})
     return {"shards": shards, "episodes": index, "num_records": num_records}
 
 
@@ -213,7 +214,7 @@ def _check_file(path: Path, entry: dict, check_hashes: bool) -> None:
     if not path.is_file():
         raise DatasetError(f"file {path} is missing")
     if check_hashes:
-        _check_sha256(path, _sha256(path), entry)
+        _check_sha256(path, sha256_file(path), entry)
 
 
 def read_file(data_dir: str | os.PathLike, manifest: dict, rel: str) -> bytes:
@@ -244,7 +245,7 @@ def verify_dataset(data_dir: str | os.PathLike, check_hashes: bool = True) -> di
             if not path.is_file():
                 raise DatasetError(f"split {split!r}: shard {path} is missing")
             if check_hashes:
-                actual = _sha256(path)
+                actual = sha256_file(path)
                 if actual != shard["sha256"]:
                     raise DatasetError(f"shard {path} is corrupt: sha256 {actual}, "
                                        f"manifest expects {shard['sha256']}")

@@ -21,7 +21,6 @@ The whole video is decoded however large `stride` is (ffmpeg's pipe has no seek)
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines import schema
+from data_pipelines import schema, writer
 from data_pipelines.schema import DatasetError
 from data_pipelines.sources.atari import resize_area
 
@@ -208,14 +207,6 @@ def inputs(*, videos, stride: int, cut_ratio: float) -> list[Path]:
     return check_params(videos, stride, cut_ratio)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def describe(*, videos, stride: int, cut_ratio: float) -> dict:
     """Validates the parameters and side files (before any video is decoded); returns what
     the manifest's source params add: per video its path, size, sha256, frame rate and side
@@ -227,9 +218,9 @@ def describe(*, videos, stride: int, cut_ratio: float) -> dict:
         rows = read_side_file(side) if side.is_file() else None
         if rows:
             num_actions = max(num_actions, 1 + max((row.get("action", -1) for row in rows)))
-        entries.append({"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256(path),
+        entries.append({"path": str(path), "bytes": path.stat().st_size, "sha256": writer.sha256_file(path),
                         "fps": video_fps(path),
-                        "side_file": None if rows is None else {"path": str(side), "sha256": _sha256(side),
+                        "side_file": None if rows is None else {"path": str(side), "sha256": writer.sha256_file(side),
                                                                 "rows": len(rows)}})
     return {"videos": entries, "num_actions": num_actions}
 
