@@ -94,7 +94,9 @@ class LatentActionConfig:
     mlp_dim: int = 256
     num_latent_actions: int = 8  # VQ codebook size: the latent action vocabulary
     latent_dim: int = 16  # code vector size (codes and encoder outputs are unit vectors)
-    commitment_weight: float = 0.25  # beta of the VQ-VAE commitment loss
+    # Beta of the VQ-VAE commitment loss. 0: unit latents cannot grow, and a weight from
+    # 0.05 up collapsed every latent onto one code early in training (models/latent_actions.py).
+    commitment_weight: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,15 @@
-"""Latent action probe: the classifiers on hand-made transitions."""
+"""Latent action probe: the classifiers on hand-made transitions; on a trained LAM (slow)."""
 
 import numpy as np
+import pytest
 
+from data_pipelines.datasets import make_dataset
+from wm_jax import config as config_lib
+from wm_jax.cli import PRESETS
 from wm_jax.eval import latent_action_probe as probe
+from wm_jax.eval.evaluate import evaluate
+from wm_jax.telemetry import read_metrics
+from wm_jax.train.loop import train
 
 A, K = 5, 8
 
@@ -53,3 +60,22 @@ def test_linear_probe_reads_features_the_latents_lose():
     assert np.mean(probe.linear_predict(params, feature) == actions) == 1.0
     scores = probe.probe_scores(data, data, K, A)
     assert scores["linear_accuracy"] == 1.0 and scores["majority_map_accuracy"] == scores["chance"]
+
+
+@pytest.mark.slow
+def test_trained_latent_actions_predict_the_true_action(tmp_path):
+    """The preset's 3000 steps (about 2.5 min on 2 cores): the loss falls and both probes
+    beat chance on held-out episodes (measured: chance 0.228, majority map 0.340, linear 0.522)."""
+    data = tmp_path / "proc32"
+    make_dataset("procedural", data, episodes=200, frames=32, size=32, seed=0)
+    cfg = config_lib.load(PRESETS / "tiny_cpu_latent_actions.yaml", [f"data.dir={data}", "checkpoint.every_steps=3000"])
+    train(cfg, tmp_path / "lam")
+    rows = read_metrics(tmp_path / "lam" / "metrics.jsonl")
+    mean = lambda key, part: np.mean([r[key] for r in part])
+    assert mean("loss", rows[-5:]) < 0.5 * mean("loss", rows[:3])
+    assert mean("psnr", rows[-5:]) > mean("psnr_copy_last", rows[-5:]) + 1.5
+
+    scores = evaluate(tmp_path / "lam")["latent_actions"]
+    assert scores["num_test"] > 300
+    assert scores["linear_accuracy"] > scores["chance"] + 0.15
+    assert scores["majority_map_accuracy"] > scores["chance"] + 0.05

@@ -144,7 +144,7 @@ def report_markdown(result: dict[str, Any]) -> str:
 
 
 def evaluate_probe(workdir: str | Path, *, step: int | None = None, data_dir: str | None = None,
-                   out_dir: str | Path | None = None, train_clips: int = 128) -> dict[str, Any]:
+                   out_dir: str | Path | None = None, train_clips: int = 256) -> dict[str, Any]:
     """Restores a `latent_actions` run, fits the probes on up to `train_clips` clips of its
     training split, scores them on `eval.num_clips` clips of `eval.split`; writes
     `metrics.json` and `report.md` under `out_dir` (default RUN/eval) and returns the metrics."""

@@ -3,14 +3,18 @@
 The encoder sees the pair (x_t, x_{t+1}) and emits one vector per transition; a VQ
 bottleneck of `num_latent_actions` codes turns it into a latent action a_t. The decoder
 predicts x_{t+1} from frames x_0..x_t (causal over time) and a_t. The decoder's history
-makes whatever continues on its own (the camera's pan, drifting entities) predictable
-without a_t, so the few codes are spent on what the past cannot tell: the agent's move.
+can make what continues on its own (a camera's steady pan, drifting entities)
+predictable without a_t, leaving the codes to what the past cannot tell, like the agent's
+move; until the decoder has learnt that, the codes carry the largest change between the
+frames (in the procedural world: how the view moved).
 
-VQ rather than FSQ: the vocabulary is tiny (e.g. 8) and any size, where FSQ needs a
-product of per-dimension levels and its 2-level dimensions saturate tanh. Dead codes,
-VQ's usual failure, are kept rare by a cosine-similarity lookup: encoder outputs and
-codes are unit vectors (Yu et al. 2022, "Vector-quantized image modeling with improved
-VQGAN"), so no code can sit out of the encoder's reach.
+VQ rather than FSQ: the vocabulary is tiny and any size, where FSQ needs a product of
+per-dimension levels, and 2- or 3-level FSQ latents saturated tanh and used fewer codes
+in our runs. Latents and codes are unit vectors, compared by cosine similarity (Yu et al.
+2022, "Vector-quantized image modeling with improved VQGAN"): the encoder's output cannot
+grow, which is what the commitment loss guards against, so its weight defaults to 0;
+any weight from 0.05 up pulled every latent onto one code before the decoder had learnt
+to use them (measured on the procedural world).
 """
 
 from __future__ import annotations
@@ -97,9 +101,10 @@ class LatentActionModel(nn.Module):
         self.encoder = layers.Transformer(causal=False, **stack)
         self.enc_norm = layers.RMSNorm(dtype)
         self.to_latent = layers.Dense(lc.latent_dim, ("embed", "codebook"), dtype)
-        # A tiny table: replicated along its code axis.
+        # A tiny table: replicated along its code axis. Rows of about unit length, like the
+        # latents, so optimizer steps turn them as fast as the encoder turns its outputs.
         self.codebook = self.param(
-            "codebook", layers.partitioned(nn.initializers.normal(1.0), (None, "codebook")),
+            "codebook", layers.partitioned(nn.initializers.normal(lc.latent_dim**-0.5), (None, "codebook")),
             (lc.num_latent_actions, lc.latent_dim),
         )
         self.dec_patch_embed = layers.Dense(lc.embed_dim, ("patch", "embed"), dtype)

@@ -45,7 +45,8 @@ def latent_action_loss(params: Any, model: LatentActionModel, batch: Batch) -> t
     """Next-frame MSE + VQ codebook and commitment losses, on frames [B,T,H,W,3] uint8.
 
     Metrics: PSNR of the predicted frames 1..T-1 and of copying the previous frame (the
-    decoder's starting point), and the share of the latent actions used in the batch.
+    decoder's starting point), the mean squared latent-to-code distance and the share of
+    the latent actions used in the batch.
     """
     x = frames_to_float(batch["frame"])
     pred, quantized = model.apply({"params": params}, x)
@@ -58,7 +59,7 @@ def latent_action_loss(params: Any, model: LatentActionModel, batch: Batch) -> t
         "loss": loss,
         "psnr": psnr_from_mse(mse / 4.0),
         "psnr_copy_last": psnr_from_mse(copy_mse / 4.0),
-        "commitment_loss": quantized.commitment_loss,
+        "vq_distance": quantized.codebook_loss,
         "code_usage": usage,
     }
 

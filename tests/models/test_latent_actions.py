@@ -1,0 +1,170 @@
+"""Latent action model: VQ, shapes, what each output depends on, metadata, FLOPs, the stage end to end."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from conftest import PRESET
+from data_pipelines.loader import make_loader
+from wm_jax import config as config_lib
+from wm_jax.cli import main
+from wm_jax.config import LatentActionConfig, ModelConfig
+from wm_jax.models import flops
+from wm_jax.models.latent_actions import LatentActionModel, l2_normalize, vector_quantize
+from wm_jax.telemetry import read_metrics
+from wm_jax.train.state import TrainState, build_model, example_inputs, make_optimizer, param_count
+from wm_jax.train.step import infer_latent_actions, latent_action_loss, make_train_step
+
+CFG = ModelConfig(
+    image_size=8,
+    latent_actions=LatentActionConfig(patch_size=4, embed_dim=32, num_layers=1, num_heads=2, mlp_dim=64,
+                                      num_latent_actions=4, latent_dim=8),
+)
+B, T, K = 2, 5, 4
+LAM_OVERRIDES = [
+    "train.stage=latent_actions",
+    "model.latent_actions.embed_dim=32",
+    "model.latent_actions.num_layers=1",
+    "model.latent_actions.num_heads=2",
+    "model.latent_actions.mlp_dim=64",
+]
+
+
+def _frames(seed=0):
+    return jax.random.uniform(jax.random.key(seed), (B, T, 8, 8, 3), minval=-1.0, maxval=1.0)
+
+
+@pytest.fixture(scope="module")
+def lam():
+    model = LatentActionModel(CFG)
+    return model, jax.jit(model.init)(jax.random.key(1), _frames())
+
+
+def test_vector_quantize_picks_the_most_similar_code_and_passes_gradients_straight_through():
+    codebook = jnp.array([[2.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    z = jnp.array([[2.0, 0.1], [-1.0, 0.2], [0.1, 3.0]])
+    q = vector_quantize(z, codebook)
+    np.testing.assert_array_equal(q.indices, [0, 2, 1])
+    np.testing.assert_allclose(q.codes, [[1, 0], [-1, 0], [0, 1]], atol=1e-6)
+    dist = np.mean(np.sum(np.square(np.asarray(q.codes) - np.asarray(l2_normalize(z))), axis=-1))
+    np.testing.assert_allclose([q.codebook_loss, q.commitment_loss], [dist, dist], rtol=1e-5)
+    w = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    straight = jax.grad(lambda z: jnp.sum(vector_quantize(z, codebook).codes * w))(z)
+    np.testing.assert_allclose(straight, jax.grad(lambda z: jnp.sum(l2_normalize(z) * w))(z), rtol=1e-5)
+
+
+def test_shapes_and_dtypes(lam):
+    model, variables = lam
+    pred, q = model.apply(variables, _frames())
+    assert pred.shape == (B, T - 1, 8, 8, 3) and pred.dtype == jnp.float32
+    assert q.indices.shape == (B, T - 1) and q.indices.dtype == jnp.int32
+    assert np.all((np.asarray(q.indices) >= 0) & (np.asarray(q.indices) < K))
+    z, _ = model.apply(variables, _frames(), method=model.encode)
+    assert z.shape == q.codes.shape == (B, T - 1, 8)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_a_transition_depends_on_its_two_frames_only(lam):
+    model, variables = lam
+    frames = _frames()
+    z, _ = model.apply(variables, frames, method=model.encode)
+    z2, _ = model.apply(variables, frames.at[:, 2].set(_frames(5)[:, 2]), method=model.encode)
+    changed = np.abs(np.asarray(z2 - z)).max(axis=(0, 2)) > 1e-6
+    np.testing.assert_array_equal(changed, [False, True, True, False])  # pairs (1,2) and (2,3)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_decoder_is_causal(lam, k):
+    """Position t predicts frame t+1 from frames <= t (and its code): later frames do not leak."""
+    model, variables = lam
+    frames = _frames()
+    codes = jax.random.normal(jax.random.key(3), (B, T - 1, 8))
+    pred = model.apply(variables, frames, codes, method=model.decode)
+    other = model.apply(variables, frames.at[:, k].set(_frames(9)[:, k]), codes, method=model.decode)
+    np.testing.assert_array_equal(other[:, :k], pred[:, :k])
+    assert np.abs(np.asarray(other[:, k] - pred[:, k])).max() > 1e-4
+
+
+def test_infer_latent_actions_pads_the_last_step(lam):
+    model, variables = lam
+    frames = jax.random.randint(jax.random.key(4), (B, T, 8, 8, 3), 0, 256).astype(jnp.uint8)
+    actions = jax.jit(infer_latent_actions, static_argnums=0)(model, variables["params"], frames)
+    assert actions.shape == (B, T) and actions.dtype == jnp.int32
+    _, q = model.apply(variables, frames.astype(jnp.float32) / 127.5 - 1.0, method=model.encode)
+    np.testing.assert_array_equal(actions[:, :-1], q.indices)
+    np.testing.assert_array_equal(actions[:, -1], 0)
+
+
+def test_parameters_carry_logical_axes():
+    boxed = jax.eval_shape(LatentActionModel(CFG).init, jax.random.key(0), _frames())["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+    assert all(len(x.names) == len(x.value.shape) for x in leaves)
+
+
+def test_bfloat16_activations_give_float32_outputs():
+    model = LatentActionModel(dataclasses.replace(CFG, dtype="bfloat16"))
+    variables = model.init(jax.random.key(0), _frames())
+    pred, q = model.apply(variables, _frames())
+    assert pred.dtype == jnp.float32 and np.all(np.isfinite(pred)) and q.codes.dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.meta.unbox(variables)))
+
+
+def test_forward_flops_match_xla():
+    cfg = dataclasses.replace(CFG, image_size=16, latent_actions=dataclasses.replace(
+        CFG.latent_actions, embed_dim=128, mlp_dim=512, num_heads=4))
+    model, frames = LatentActionModel(cfg), jnp.zeros((1, 6, 16, 16, 3))
+    params = jax.eval_shape(model.init, jax.random.key(0), frames)
+    xla = jax.jit(lambda p: model.apply(p, frames)).lower(params).compile().cost_analysis()["flops"]
+    assert flops.latent_action_forward_flops(cfg, 6) == pytest.approx(xla, rel=0.05)
+
+
+def test_loss_drops_on_a_fixed_batch(tiny_dataset):
+    cfg = config_lib.load(None, [*LAM_OVERRIDES, "model.image_size=16", "data.frames_per_clip=4",
+                                 "data.batch_size=4", "train.warmup_steps=1", "train.steps=20",
+                                 "train.learning_rate=0.01"])
+    loader = make_loader(tiny_dataset, split="train", frames_per_clip=4, batch_size=4, seed=0)
+    batch = {"frame": jnp.asarray(next(iter(loader))["frame"])}
+    model = build_model(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(0), *example_inputs(cfg))["params"])
+    _, metrics = latent_action_loss(params, model, batch)
+    assert set(metrics) == {"loss", "psnr", "psnr_copy_last", "vq_distance", "code_usage"}
+    state = TrainState.create(params, make_optimizer(cfg.train))
+    step = jax.jit(make_train_step(cfg))
+    losses = []
+    for _ in range(20):
+        state, metrics = step(state, batch, None)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.75 * losses[0]
+
+
+def test_stage_trains_resumes_evaluates_and_dry_runs(tmp_path, tiny_overrides, capsys):
+    """`wm train` on the latent_actions stage: checkpoints, resume, `wm eval` (the probe), --dry-run."""
+    run = tmp_path / "lam"
+    overrides = [*tiny_overrides, *LAM_OVERRIDES]
+    args = lambda *extra: ["train", "--config", str(PRESET), "--workdir", str(run)] + [
+        a for o in [*overrides, *extra] for a in ("--set", o)]
+    assert main(args("train.steps=4")) == 0
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    assert main(args("train.steps=6")) == 0
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["stage"] == "latent_actions" and np.isfinite(r["loss"]) for r in rows)
+
+    assert main(["eval", "--workdir", str(run)]) == 0
+    probe = json.loads((run / "eval" / "metrics.json").read_text())["latent_actions"]
+    assert probe["num_test"] > 0 and 0 <= probe["majority_map_accuracy"] <= 1 and 0 < probe["chance"] <= 1
+    assert "| majority map latent → action |" in (run / "eval" / "report.md").read_text()
+
+    capsys.readouterr()
+    assert main(args("data.dir=/nonexistent") + ["--dry-run"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = config_lib.load(PRESET, [*overrides, "data.dir=/nonexistent"])
+    variables = jax.eval_shape(build_model(cfg).init, jax.random.key(0), *example_inputs(cfg))
+    assert report["stage"] == "latent_actions" and report["parameters"] == param_count(variables["params"])
+    assert report["flops_per_step"] == flops.train_step_flops(cfg) > 0
