@@ -57,6 +57,8 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines.writer import sha256_file as file_sha256  # one file-hash helper for datasets and videos
+
 SCHEME = "wm_jax-ss-cells-v1"
 DEFAULT_KEY = 0x776D5F6A61785F31  # b"wm_jax_1" as an int; public, documented, not a secret
 STRENGTH = 3  # grey levels per pixel: PSNR >= 38.59 dB
@@ -260,13 +262,6 @@ def sidecar_path(video_path: str | Path) -> Path:
     return video_path.with_name(video_path.name + ".json")
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(2**20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_manifest(video_path: str | Path, info: dict[str, Any], key: int = DEFAULT_KEY,
