@@ -5,7 +5,8 @@ reported, and a config that does not fit the device stops here with exit 2), the
 on a synthetic batch already on the devices: random frames and actions of the config's
 shapes, so the figure is the step's own speed, not the loader's (the loader's share is
 `data_wait_fraction` in a real run's `metrics.jsonl`). The dynamics stage runs a randomly
-initialised tokenizer: its encode costs the same as a trained one's.
+initialised tokenizer (and latent action model, with `train.latent_actions_workdir`):
+their encoders cost the same as trained ones'.
 
 FLOPs are the analytic model FLOPs (`wm_jax.models.flops`); MFU divides the achieved
 TFLOP/s per device by the device's peak (`wm_jax.telemetry.PEAK_TFLOPS`, or
@@ -72,18 +73,17 @@ def run(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
         raise ConfigError(f"the step does not fit the device:\n{dry_run.format_report(report)}")
     mesh, rules = placement.mesh, placement.rules
     state = create_train_state(cfg, mesh, rules, placement.state)
-    tokenizer = None
-    if placement.tokenizer_state is not None:
-        tokenizer = create_train_state(cfg, mesh, rules, placement.tokenizer_state, stage="tokenizer").params
+    frozen = {stage: create_train_state(cfg, mesh, rules, shardings, stage=stage).params
+              for stage, shardings in placement.frozen_states.items()} or None
     batch = synthetic_batch(cfg, mesh, rules, cfg.seed)
     telemetry.info(f"initialised the state, {time.perf_counter() - t0:.1f} s since start")
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for _ in range(warmup):
-            state, metrics = step_fn(state, batch, tokenizer)
+            state, metrics = step_fn(state, batch, frozen)
         jax.block_until_ready(state)
         start = time.perf_counter()
         for _ in range(steps):
-            state, metrics = step_fn(state, batch, tokenizer)
+            state, metrics = step_fn(state, batch, frozen)
         jax.block_until_ready((state, metrics))
         step_s = (time.perf_counter() - start) / steps
     device = jax.devices()[0]

@@ -111,7 +111,8 @@ for layout in json.loads(sys.argv[3]):
     state = create_train_state(cfg, mesh, rules, shardings)
     tok = None
     if cfg.train.stage == "dynamics":
-        tok = create_train_state(cfg, mesh, rules, state_shardings(cfg, mesh, rules, stage="tokenizer")[1], stage="tokenizer").params
+        tok_shardings = state_shardings(cfg, mesh, rules, stage="tokenizer")[1]
+        tok = {"tokenizer": create_train_state(cfg, mesh, rules, tok_shardings, stage="tokenizer").params}
     step_fn = jit_train_step(cfg, mesh, rules, shardings, None if tok is None else jax.tree.map(lambda x: x.sharding, tok),
                              batch_fields(cfg, batches[0]))
     losses = []

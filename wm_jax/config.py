@@ -130,6 +130,10 @@ class TrainConfig:
     grad_clip_norm: float = 1.0
     log_every_steps: int = 10
     tokenizer_workdir: str = ""  # dynamics stage: run directory of a trained tokenizer
+    # Dynamics stage on video without action labels: run directory of a trained latent
+    # action model; its inferred actions replace the records' `action` (model.latent_actions
+    # must match that run, and model.dynamics.num_actions cover its vocabulary).
+    latent_actions_workdir: str = ""
     # Numerics guard: a step with a non-finite loss or gradient is skipped (no update);
     # this many skips in a row stop the run with exit code 3.
     max_nonfinite_steps: int = 3
@@ -471,6 +475,16 @@ def validate(cfg: Config) -> None:
     if cfg.model.dynamics.temporal_window < 0:
         raise ConfigError(f"config key 'model.dynamics.temporal_window' must be >= 0 (0: whole clip); "
                           f"got {cfg.model.dynamics.temporal_window}")
+    if cfg.train.latent_actions_workdir:
+        if cfg.train.stage != "dynamics":
+            raise ConfigError(f"config key 'train.latent_actions_workdir' is for the dynamics stage, not '{cfg.train.stage}'")
+        if not cfg.model.dynamics.use_actions:
+            raise ConfigError("config key 'train.latent_actions_workdir' needs 'model.dynamics.use_actions: true'")
+        if cfg.model.dynamics.num_actions < lam.num_latent_actions:
+            raise ConfigError(
+                f"config key 'model.dynamics.num_actions' ({cfg.model.dynamics.num_actions}) must cover the latent "
+                f"action vocabulary 'model.latent_actions.num_latent_actions' ({lam.num_latent_actions})"
+            )
     if cfg.train.stage in ("dynamics", "latent_actions") and cfg.data.frames_per_clip < 2:
         raise ConfigError(f"config key 'data.frames_per_clip' must be >= 2 for the {cfg.train.stage} stage")
     mesh_axes = {"data", "fsdp", "tensor", "sequence"}

@@ -18,7 +18,7 @@ from wm_jax.models import flops
 from wm_jax.models.latent_actions import LatentActionModel, l2_normalize, vector_quantize
 from wm_jax.telemetry import read_metrics
 from wm_jax.train.state import TrainState, build_model, example_inputs, make_optimizer, param_count
-from wm_jax.train.step import infer_latent_actions, latent_action_loss, make_train_step
+from wm_jax.train.step import dynamics_loss, encode_codes, infer_latent_actions, latent_action_loss, make_train_step
 
 CFG = ModelConfig(
     image_size=8,
@@ -120,8 +120,10 @@ def test_forward_flops_match_xla():
         CFG.latent_actions, embed_dim=128, mlp_dim=512, num_heads=4))
     model, frames = LatentActionModel(cfg), jnp.zeros((1, 6, 16, 16, 3))
     params = jax.eval_shape(model.init, jax.random.key(0), frames)
-    xla = jax.jit(lambda p: model.apply(p, frames)).lower(params).compile().cost_analysis()["flops"]
-    assert flops.latent_action_forward_flops(cfg, 6) == pytest.approx(xla, rel=0.05)
+    xla = lambda fn: jax.jit(fn).lower(params).compile().cost_analysis()["flops"]
+    assert flops.latent_action_forward_flops(cfg, 6) == pytest.approx(xla(lambda p: model.apply(p, frames)), rel=0.05)
+    encode = xla(lambda p: model.apply(p, frames, method=model.encode))
+    assert flops.latent_action_encode_flops(cfg, 6) == pytest.approx(encode, rel=0.05)
 
 
 def test_loss_drops_on_a_fixed_batch(tiny_dataset):
@@ -168,3 +170,53 @@ def test_stage_trains_resumes_evaluates_and_dry_runs(tmp_path, tiny_overrides, c
     variables = jax.eval_shape(build_model(cfg).init, jax.random.key(0), *example_inputs(cfg))
     assert report["stage"] == "latent_actions" and report["parameters"] == param_count(variables["params"])
     assert report["flops_per_step"] == flops.train_step_flops(cfg) > 0
+
+    # The LAM's actions drive a dynamics run (as on video without labels), and its eval.
+    tok, dyn = tmp_path / "tok", tmp_path / "dyn"
+    assert main(["train", "--config", str(PRESET), "--workdir", str(tok)]
+                + [a for o in [*tiny_overrides, "train.steps=2"] for a in ("--set", o)]) == 0
+    dynamics = [*overrides, "train.stage=dynamics", f"train.tokenizer_workdir={tok}",
+                f"train.latent_actions_workdir={run}", "model.dynamics.num_actions=8"]
+    dyn_args = lambda *extra: ["train", "--config", str(PRESET), "--workdir", str(dyn)] + [
+        a for o in [*dynamics, *extra] for a in ("--set", o)]
+    capsys.readouterr()
+    assert main(dyn_args("train.steps=2", "model.latent_actions.mlp_dim=32")) == 2
+    assert "'model.latent_actions'" in capsys.readouterr().err  # not the LAM that run trained
+    assert main(dyn_args("train.steps=2")) == 0
+    assert [r["stage"] for r in read_metrics(dyn / "metrics.jsonl")] == ["dynamics", "dynamics"]
+    assert main(["eval", "--workdir", str(dyn)]) == 0
+    assert np.isfinite(json.loads((dyn / "eval" / "metrics.json").read_text())["controllability"]["delta_psnr"])
+    assert main(dyn_args("data.dir=/nonexistent") + ["--dry-run"]) == 0
+
+
+def test_dynamics_step_uses_the_inferred_actions(lam):
+    """With a frozen LAM the step's loss is the dynamics loss under the LAM's actions, whatever
+    the batch's own actions say."""
+    cfg = config_lib.load(None, [
+        "train.stage=dynamics", "train.latent_actions_workdir=lam", "model.image_size=8",
+        "model.tokenizer.patch_size=4", "model.tokenizer.embed_dim=16", "model.tokenizer.num_layers=1",
+        "model.tokenizer.num_heads=2", "model.tokenizer.mlp_dim=32", "model.dynamics.embed_dim=16",
+        "model.dynamics.num_layers=1", "model.dynamics.num_heads=2", "model.dynamics.mlp_dim=32",
+        "model.dynamics.num_actions=4", f"data.frames_per_clip={T}",
+        *(f"model.latent_actions.{f.name}={getattr(CFG.latent_actions, f.name)}"
+          for f in dataclasses.fields(CFG.latent_actions)),
+    ])
+    model, tokenizer = build_model(cfg), build_model(cfg, "tokenizer")
+    init = lambda m, stage: nn.meta.unbox(m.init(jax.random.key(2), *example_inputs(cfg, stage))["params"])
+    frozen = {"tokenizer": init(tokenizer, "tokenizer"), "latent_actions": lam[1]["params"]}
+    params = init(model, "dynamics")
+    frames = ((np.asarray(_frames(3)) + 1) * 127.5).astype(np.uint8)
+    own = {"frame": frames, "action": np.tile(np.arange(T) % K, (B, 1)).astype(np.int32),
+           "action_valid": np.ones((B, T), bool)}
+    step = jax.jit(make_train_step(cfg))
+    state = TrainState.create(params, make_optimizer(cfg.train))
+    _, from_step = step(state, own, frozen)
+    _, shuffled = step(state, {**own, "action": own["action"][:, ::-1]}, frozen)
+    inferred = infer_latent_actions(lam[0], lam[1]["params"], jnp.asarray(frames))
+    codes = encode_codes(tokenizer, frozen["tokenizer"], jnp.asarray(frames))
+    expect, _ = dynamics_loss(params, model, {**own, "action": inferred}, codes)
+    with_own, _ = dynamics_loss(params, model, own, codes)
+    assert float(from_step["loss"]) == float(shuffled["loss"])
+    np.testing.assert_allclose(float(from_step["loss"]), float(expect), rtol=1e-6)
+    assert abs(float(with_own) - float(expect)) > 1e-6
+

@@ -29,9 +29,11 @@ from wm_jax.config import Config, MeshConfig
 from wm_jax.eval import metrics as M
 from wm_jax.export import is_bundle, tokenizer_source
 from wm_jax.models.dynamics import DynamicsModel, make_controls
+from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.tokenizer import VideoTokenizer
 from wm_jax.rollout import decode_codes, encode_frames, rollout
 from wm_jax.train.loop import check_dataset, load_run_config, restore_params
+from wm_jax.train.step import infer_latent_actions
 
 
 def held_out_clips(data_dir: str, cfg: Config, frames: int, split: str | None = None,
@@ -218,6 +220,19 @@ def ground_truth_metrics(clips: dict[str, np.ndarray], ctx: int, gen_true: np.nd
     }
 
 
+def with_inferred_actions(clips: dict[str, np.ndarray], cfg: Config, mesh: Any, rules: Any) -> dict[str, np.ndarray]:
+    """The clips with `action` int32 [B,T] inferred from their frames by the latent action
+    model the dynamics run was trained on (`train.latent_actions_workdir`), as in training:
+    "true actions" are then the inferred ones (Genie's ΔtPSNR with inferred actions)."""
+    lam_params, _, step = restore_params(cfg.train.latent_actions_workdir, mesh, rules)
+    telemetry.info(f"actions: inferred by the latent action model {cfg.train.latent_actions_workdir} step {step}")
+    infer = jax.jit(infer_latent_actions, static_argnums=0)
+    lam, n = LatentActionModel(cfg.model), clips["frame"].shape[0]
+    actions = np.concatenate([np.asarray(infer(lam, lam_params, clips["frame"][i : i + cfg.eval.batch_size]))
+                              for i in range(0, n, cfg.eval.batch_size)])
+    return {**clips, "action": actions, "action_valid": np.ones(actions.shape, bool)}
+
+
 def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | None = None, out_dir: str | Path | None = None) -> dict:
     """Restores `workdir`'s checkpoint and writes the eval report; returns the metrics dict."""
     workdir = Path(workdir)
@@ -242,11 +257,14 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
 
     ctx, horizon = cfg.eval.context_frames, cfg.eval.horizon
     clips = held_out_clips(data_dir, cfg, ctx + horizon)
+    if dyn_params is not None and cfg.train.latent_actions_workdir:
+        clips = with_inferred_actions(clips, cfg, mesh, rules)
     frames, actions = clips["frame"], clips["action"]
     n = frames.shape[0]
     rng = np.random.default_rng(cfg.seed)
     random_actions = actions.copy()  # random from the first generated step on
-    random_actions[:, ctx - 1 :] = rng.integers(0, cfg.model.dynamics.num_actions, actions[:, ctx - 1 :].shape)
+    vocab = cfg.model.latent_actions.num_latent_actions if cfg.train.latent_actions_workdir else cfg.model.dynamics.num_actions
+    random_actions[:, ctx - 1 :] = rng.integers(0, vocab, actions[:, ctx - 1 :].shape)
     dynamics = DynamicsModel(cfg.model)
     steering = [k for k in ("camera", "camera_valid", "cut", "action_valid") if k in clips]
 

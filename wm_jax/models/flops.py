@@ -62,19 +62,26 @@ def dynamics_forward_flops(cfg: ModelConfig, frames: int) -> int:
     return flops + transformer_forward_flops(streams * frames, n, dc.embed_dim, dc.mlp_dim, dc.num_layers, memory)
 
 
-def latent_action_forward_flops(cfg: ModelConfig, frames: int) -> int:
-    """Forward FLOPs of `LatentActionModel` on one clip of `frames` frames: the encoder
-    runs on each of the frames-1 pairs (one step of 6-channel patches), the causal decoder
-    on frames 0..T-2."""
-    lc, n, t = cfg.latent_actions, num_patches(cfg), frames - 1
+def latent_action_encode_flops(cfg: ModelConfig, frames: int) -> int:
+    """Forward FLOPs of `LatentActionModel.encode` on one clip of `frames` frames: the
+    encoder runs on each of the frames-1 pairs (one step of 6-channel patches)."""
+    lc, n = cfg.latent_actions, num_patches(cfg)
     patch_dim = lc.patch_size**2 * 3
     # Per pair: patch embedding of n double patches, the pooled latent, its similarity to K codes.
     encoder = n * 2 * 2 * patch_dim * lc.embed_dim + 2 * lc.embed_dim * lc.latent_dim + 2 * lc.latent_dim * lc.num_latent_actions
     encoder += transformer_forward_flops(1, n, lc.embed_dim, lc.mlp_dim, lc.num_layers)
+    return (frames - 1) * encoder
+
+
+def latent_action_forward_flops(cfg: ModelConfig, frames: int) -> int:
+    """Forward FLOPs of `LatentActionModel` on one clip of `frames` frames: the encoder on
+    the pairs, the causal decoder on frames 0..T-2."""
+    lc, n, t = cfg.latent_actions, num_patches(cfg), frames - 1
+    patch_dim = lc.patch_size**2 * 3
     # Per frame: patch embedding in and out, the action embedding.
     decoder = t * (n * 2 * 2 * patch_dim * lc.embed_dim + 2 * lc.latent_dim * lc.embed_dim)
     decoder += transformer_forward_flops(t, n, lc.embed_dim, lc.mlp_dim, lc.num_layers)
-    return t * encoder + decoder
+    return latent_action_encode_flops(cfg, frames) + decoder
 
 
 def train_step_flops(cfg: Config) -> int:
@@ -82,7 +89,8 @@ def train_step_flops(cfg: Config) -> int:
 
     Tokenizer stage: forward + backward of encode/decode on B clips of T frames.
     Dynamics stage: the frozen tokenizer encodes the T frames (and the identity bank's
-    reference frame; forward only), the dynamics model trains on T-1 input frames.
+    reference frame; forward only), a frozen latent action model (if any) infers the
+    actions, the dynamics model trains on T-1 input frames.
     Latent actions stage: forward + backward of the LAM on B clips of T frames.
     """
     b, t = cfg.data.batch_size, cfg.data.frames_per_clip
@@ -91,7 +99,8 @@ def train_step_flops(cfg: Config) -> int:
     if cfg.train.stage == "latent_actions":
         return b * TRAIN_FACTOR * latent_action_forward_flops(cfg.model, t)
     encoded = t + (1 if cfg.model.dynamics.use_identity_bank else 0)  # + the reference frame
-    return b * (tokenizer_encode_flops(cfg.model, encoded) + TRAIN_FACTOR * dynamics_forward_flops(cfg.model, t - 1))
+    inferred = latent_action_encode_flops(cfg.model, t) if cfg.train.latent_actions_workdir else 0
+    return b * (tokenizer_encode_flops(cfg.model, encoded) + inferred + TRAIN_FACTOR * dynamics_forward_flops(cfg.model, t - 1))
 
 
 def tokens_per_step(cfg: Config) -> int:

@@ -19,7 +19,7 @@ from wm_jax import sharding
 from wm_jax.config import Config
 from wm_jax.models import flops
 from wm_jax.train.state import param_count, state_shardings
-from wm_jax.train.step import batch_specs, jit_train_step
+from wm_jax.train.step import batch_specs, frozen_stages, jit_train_step
 
 GIB = 2**30
 
@@ -27,12 +27,12 @@ GIB = 2**30
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Where a compiled step's inputs live: the mesh, its rules, the state's shardings and
-    (dynamics stage) the tokenizer state's shardings, else None."""
+    the frozen models' state shardings by stage (`frozen_stages`; empty for most stages)."""
 
     mesh: Mesh
     rules: Any
     state: Any
-    tokenizer_state: Any
+    frozen_states: dict[str, Any]
 
 
 def compile_report(cfg: Config) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def compile_report(cfg: Config) -> dict[str, Any]:
 def compile_step(cfg: Config) -> tuple[Any, dict[str, Any], Placement]:
     """Compiles one train step of `cfg` on the current devices: (executable, plan, placement).
 
-    The executable takes (state, batch, tokenizer params or None) placed on the shardings
+    The executable takes (state, batch, frozen params or None: `make_train_step`) placed on the shardings
     of `placement` and `batch_specs`.
 
     Keys: parameters, mesh, devices, flops_per_step (analytic, global), xla_flops_per_device
@@ -57,12 +57,11 @@ def compile_step(cfg: Config) -> tuple[Any, dict[str, Any], Placement]:
     rules = sharding.logical_rules(cfg.mesh)
     sharding.check_batch_divisible(cfg.data.batch_size, mesh, rules)
     abstract, shardings = state_shardings(cfg, mesh, rules)
-    tok_abstract, tok_shardings = (
-        state_shardings(cfg, mesh, rules, stage="tokenizer") if cfg.train.stage == "dynamics" else (None, None)
-    )
-    step_fn = jit_train_step(cfg, mesh, rules, shardings, tok_shardings and tok_shardings.params)
+    frozen = {stage: state_shardings(cfg, mesh, rules, stage=stage) for stage in frozen_stages(cfg)}
+    frozen_abstract = {k: a.params for k, (a, _) in frozen.items()} or None
+    step_fn = jit_train_step(cfg, mesh, rules, shardings, {k: s.params for k, (_, s) in frozen.items()} or None)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = step_fn.lower(abstract, batch_specs(cfg, mesh, rules), tok_abstract and tok_abstract.params).compile()
+        compiled = step_fn.lower(abstract, batch_specs(cfg, mesh, rules), frozen_abstract).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # older jax returns one dict per program
@@ -90,7 +89,7 @@ def compile_step(cfg: Config) -> tuple[Any, dict[str, Any], Placement]:
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         report["device_bytes_limit"] = stats["bytes_limit"]
-    return compiled, report, Placement(mesh, rules, shardings, tok_shardings)
+    return compiled, report, Placement(mesh, rules, shardings, {k: s for k, (_, s) in frozen.items()})
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -29,7 +29,7 @@ from wm_jax import distributed, export, provenance, sharding, telemetry
 from wm_jax.config import Config, ConfigError
 from wm_jax.models import flops
 from wm_jax.train.state import TrainState, create_train_state, param_count, param_counts_by_module, state_shardings
-from wm_jax.train.step import batch_fields, jit_train_step
+from wm_jax.train.step import batch_fields, frozen_stages, jit_train_step
 
 EXIT_PREEMPTED = 42
 
@@ -147,24 +147,40 @@ def restore_params(workdir: str | Path, mesh: Any, rules: Any, step: int | None 
     return params, run_cfg, step
 
 
-def load_tokenizer(cfg: Config, mesh: Any, rules: Any) -> Any:
-    """Frozen tokenizer parameters for the dynamics stage, checked against `cfg.model.tokenizer`."""
-    if not cfg.train.tokenizer_workdir:
-        raise ConfigError("config key 'train.tokenizer_workdir' must name a trained tokenizer run for stage dynamics")
-    params, tok_cfg, step = restore_params(cfg.train.tokenizer_workdir, mesh, rules)
-    if tok_cfg.model.tokenizer != cfg.model.tokenizer or tok_cfg.model.image_size != cfg.model.image_size:
-        raise ConfigError(
-            f"config keys 'model.tokenizer'/'model.image_size' differ from the tokenizer run "
-            f"{cfg.train.tokenizer_workdir}: {config_lib.to_dict(tok_cfg.model)['tokenizer']} "
-            f"vs {config_lib.to_dict(cfg.model)['tokenizer']}"
-        )
-    telemetry.info(f"tokenizer: {cfg.train.tokenizer_workdir} step {step}")
-    return params
+# The frozen models a dynamics run reads: config key naming the run, and the model
+# config section that must match it.
+FROZEN_RUNS = {"tokenizer": ("train.tokenizer_workdir", "tokenizer"),
+               "latent_actions": ("train.latent_actions_workdir", "latent_actions")}
+
+
+def load_frozen(cfg: Config, mesh: Any, rules: Any) -> dict[str, Any] | None:
+    """Parameters of the trained models cfg's stage reads but does not train
+    (`frozen_stages`: the tokenizer, and a latent action model), by stage, each checked
+    against its `model.*` section; None for stages that read none."""
+    frozen = {}
+    for stage in frozen_stages(cfg):
+        key, section = FROZEN_RUNS[stage]
+        workdir = getattr(cfg.train, key.split(".")[1])
+        if not workdir:
+            raise ConfigError(f"config key '{key}' must name a trained {stage} run for stage {cfg.train.stage}")
+        params, run_cfg, step = restore_params(workdir, mesh, rules)
+        ours, theirs = getattr(cfg.model, section), getattr(run_cfg.model, section)
+        if ours != theirs or run_cfg.model.image_size != cfg.model.image_size:
+            raise ConfigError(
+                f"config keys 'model.{section}'/'model.image_size' differ from the {stage} run {workdir}: "
+                f"{config_lib.to_dict(run_cfg.model)[section]} (image_size {run_cfg.model.image_size}) vs "
+                f"{config_lib.to_dict(cfg.model)[section]} (image_size {cfg.model.image_size})"
+            )
+        telemetry.info(f"{stage}: {workdir} step {step}")
+        frozen[stage] = params
+    return frozen or None
 
 
 def batch_fingerprint(batch: dict[str, np.ndarray]) -> int:
-    """CRC32 of this process's frames and actions: identical batches, identical numbers."""
-    return zlib.crc32(np.ascontiguousarray(batch["action"]).tobytes(), zlib.crc32(np.ascontiguousarray(batch["frame"]).tobytes()))
+    """CRC32 of this process's frames and actions (where the batch has them): identical
+    batches, identical numbers."""
+    crc = zlib.crc32(np.ascontiguousarray(batch["frame"]).tobytes())
+    return zlib.crc32(np.ascontiguousarray(batch["action"]).tobytes(), crc) if "action" in batch else crc
 
 
 def loss_zscore(loss: float, recent: collections.deque) -> float:
@@ -213,7 +229,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                        indent=2)
         )
 
-    tokenizer_params = load_tokenizer(cfg, mesh, rules) if cfg.train.stage == "dynamics" else None
+    frozen = load_frozen(cfg, mesh, rules)
     abstract, shardings = state_shardings(cfg, mesh, rules)
     # Each process loads its own slice of the global batch (ShardByJaxProcess); with
     # data.worker_count > 0 grain's worker processes read and decode it, off this thread.
@@ -248,10 +264,9 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     by_module = ", ".join(f"{k} {v:,}" for k, v in param_counts_by_module(state.params).items())
     telemetry.info(f"parameters per module: {by_module}")
 
-    # The restored tokenizer parameters already sit on their shardings.
-    tokenizer_shardings = jax.tree.map(lambda x: x.sharding, tokenizer_params)
+    # The restored frozen parameters already sit on their shardings.
     fields = batch_fields(cfg, manifest["fields"])
-    step_fn = jit_train_step(cfg, mesh, rules, shardings, tokenizer_shardings, fields)
+    step_fn = jit_train_step(cfg, mesh, rules, shardings, jax.tree.map(lambda x: x.sharding, frozen), fields)
     # Every process restored the same step (or none) and is about to run collectives.
     distributed.barrier("state_ready", cfg.train.barrier_timeout_s)
     frames_per_step = cfg.data.batch_size * cfg.data.frames_per_clip
@@ -278,7 +293,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                 wait_s += time.perf_counter() - t0
                 skipped_windows += int(local[SKIPPED].sum()) if SKIPPED in local else 0
                 batch = sharding.shard_batch({k: local[k] for k in fields}, mesh, rules)
-                state, metrics = step_fn(state, batch, tokenizer_params)
+                state, metrics = step_fn(state, batch, frozen)
                 step += 1
                 # One scalar read per step: the guard must count consecutive skips exactly.
                 if bool(metrics["skipped"]):

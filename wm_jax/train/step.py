@@ -115,25 +115,45 @@ def dynamics_loss(
     return loss, {"loss": loss, "token_accuracy": accuracy, "mask_fraction": jnp.mean(mask)}
 
 
+def with_latent_actions(batch: Batch, lam: LatentActionModel, lam_params: Any) -> Batch:
+    """The batch with `action` int32 [B,T] inferred by a trained LAM from its frames and
+    `action_valid` true (the last step, with no next frame, is never a dynamics input)."""
+    actions = jax.lax.stop_gradient(infer_latent_actions(lam, lam_params, batch["frame"]))
+    return {**batch, "action": actions, "action_valid": jnp.ones(actions.shape, bool)}
+
+
+def frozen_stages(cfg: Config) -> list[str]:
+    """The trained models the step of cfg's stage reads but does not train, by stage name:
+    the keys of `make_train_step`'s frozen parameters."""
+    if cfg.train.stage != "dynamics":
+        return []
+    return ["tokenizer"] + (["latent_actions"] if cfg.train.latent_actions_workdir else [])
+
+
 def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
-    """(state, batch, tokenizer_params) -> (state, metrics); tokenizer_params is None for that stage."""
+    """(state, batch, frozen) -> (state, metrics). frozen: None for the tokenizer and
+    latent-action stages; for dynamics {"tokenizer": params} and, with
+    `train.latent_actions_workdir`, "latent_actions": the LAM's params."""
     model = build_model(cfg)
     tokenizer = VideoTokenizer(cfg.model)
+    lam = LatentActionModel(cfg.model)
     tx = make_optimizer(cfg.train)
 
-    def loss_fn(params: Any, batch: Batch, tokenizer_params: Any, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+    def loss_fn(params: Any, batch: Batch, frozen: Any, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         if cfg.train.stage == "tokenizer":
             return tokenizer_loss(params, model, batch)
         if cfg.train.stage == "latent_actions":
             return latent_action_loss(params, model, batch)
-        codes = encode_codes(tokenizer, tokenizer_params, batch["frame"])
-        return dynamics_loss(params, model, batch, codes, reference_codes(tokenizer, tokenizer_params, batch), rng)
+        if cfg.train.latent_actions_workdir:
+            batch = with_latent_actions(batch, lam, frozen["latent_actions"])
+        codes = encode_codes(tokenizer, frozen["tokenizer"], batch["frame"])
+        return dynamics_loss(params, model, batch, codes, reference_codes(tokenizer, frozen["tokenizer"], batch), rng)
 
-    def train_step(state: TrainState, batch: Batch, tokenizer_params: Any) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, batch: Batch, frozen: Any) -> tuple[TrainState, Metrics]:
         # The step's randomness (MaskGIT masks) from the seed and the step: a resumed run
         # draws the same masks as an uninterrupted one.
         rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tokenizer_params, rng)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, frozen, rng)
         grad_norm = optax.tree.norm(grads)
         # Numerics guard: a non-finite loss or gradient leaves params and optimizer untouched.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -156,17 +176,20 @@ FIELD_RANKS = {"frame": 5, "action": 2, "action_valid": 2, "camera": 3, "camera_
 
 def batch_fields(cfg: Config, available: Iterable[str] | None = None) -> dict[str, int]:
     """Field name -> rank of what the step of cfg's stage reads, among the `available`
-    fields of the dataset (None: all). The dynamics stage needs `action`; the conditioning
-    fields it uses are optional (absent means unknown: masked)."""
+    fields of the dataset (None: all). The dynamics stage needs `action`, unless a latent
+    action model infers them; the conditioning fields it uses are optional (absent means
+    unknown: masked)."""
     names = ["frame"]
     if cfg.train.stage == "dynamics":
         dc = cfg.model.dynamics
-        names += ["action", "action_valid"]
+        inferred = bool(cfg.train.latent_actions_workdir)
+        names += [] if inferred else ["action", "action_valid"]
         names += ["camera", "camera_valid"] if dc.use_camera else []
         names += ["cut"] if dc.use_cuts else []
         names += ["reference"] if dc.use_identity_bank else []
-        if available is not None and "action" not in available:
-            raise ValueError("the dynamics stage needs the dataset field 'action' (per-step actions)")
+        if available is not None and "action" not in available and not inferred:
+            raise ValueError("the dynamics stage needs the dataset field 'action' (per-step actions), "
+                             "or 'train.latent_actions_workdir' to infer them")
     return {k: FIELD_RANKS[k] for k in names if available is None or k in available}
 
 
@@ -186,20 +209,21 @@ def batch_specs(cfg: Config, mesh: Mesh, rules: Any) -> dict[str, jax.ShapeDtype
 
 
 def jit_train_step(
-    cfg: Config, mesh: Mesh, rules: Any, shardings: Any, tokenizer_shardings: Any = None, fields: dict[str, int] | None = None
+    cfg: Config, mesh: Mesh, rules: Any, shardings: Any, frozen_shardings: Any = None, fields: dict[str, int] | None = None
 ) -> Callable[..., Any]:
     """The train step under `jax.jit` with explicit shardings and the state donated.
 
-    shardings: the state's sharding tree (from `state_shardings`); tokenizer_shardings:
-    the frozen tokenizer's parameter shardings (dynamics stage), None for the tokenizer
-    stage; fields: the batch's fields (`batch_fields`; default: all the stage may read).
+    shardings: the state's sharding tree (from `state_shardings`); frozen_shardings: the
+    shardings of the frozen parameters (`make_train_step`'s frozen: dynamics stage), None
+    for the other stages; fields: the batch's fields (`batch_fields`; default: all the
+    stage may read).
     Build it outside, and call it inside, `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
     """
     fields = batch_fields(cfg) if fields is None else fields
     batch = {k: batch_sharding(mesh, rules, nd) for k, nd in fields.items()}
     return jax.jit(
         make_train_step(cfg),
-        in_shardings=(shardings, batch, tokenizer_shardings),
+        in_shardings=(shardings, batch, frozen_shardings),
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
