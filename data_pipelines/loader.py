@@ -13,6 +13,7 @@ holding such a record is logged and replaced by the next good window instead.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -194,31 +195,67 @@ class WindowSource(grain.sources.RandomAccessDataSource):
         raise DatasetError(f"every window of {self._repr} holds a bad record")
 
 
-class WindowSampler:
-    """grain's IndexSampler order, unsharded (the DataLoader shards), minus the numpy
-    Generator IndexSampler builds for every element when seeded: ~70 µs each, a tenth
-    of a window's loading, and nothing here draws from it. The same order and repr
-    (which a saved iterator state is checked against), so existing states still resume.
+class BatchSource(grain.sources.RandomAccessDataSource):
+    """Random-access batches: batch j ↦ the elements `order[j*B]` .. `order[j*B + B - 1]`
+    of `source`, each field stacked to [B, ...] (the last batch of a finite order may be
+    shorter). A batch is one grain element, so what grain does per element (sampling,
+    prefetch bookkeeping, the hand-over from a worker process) is paid once per batch,
+    not once per window.
+
+    order: global element index -> key of `source` (a shuffled `grain.MapDataset.range`
+    reshuffles per pass); num_elements: how many it has, None for no end.
     """
 
-    def __init__(self, num_records: int, *, shuffle: bool, num_epochs: int | None, seed: int | None):
-        self._reference = grain.samplers.IndexSampler(
-            num_records=num_records, shard_options=grain.sharding.NoSharding(), shuffle=shuffle,
-            num_epochs=num_epochs, seed=seed)
-        keys = grain.MapDataset.range(num_records)
-        self._keys = keys.shuffle(seed=seed) if shuffle else keys  # reshuffled per epoch
-        self._len = len(self._reference)
+    def __init__(self, source: grain.sources.RandomAccessDataSource, order: grain.MapDataset, *,
+                 batch_size: int, num_elements: int | None, drop_remainder: bool, order_repr: str):
+        if batch_size < 1:
+            raise DatasetError(f"batch_size must be >= 1; got {batch_size}")
+        self._source, self._order, self._B = source, order, batch_size
+        self._num_elements = num_elements
+        if num_elements is None:
+            self._len = sys.maxsize
+        else:
+            self._len = num_elements // batch_size if drop_remainder else -(-num_elements // batch_size)
+        # Checked when an iterator state is restored: the data and the order.
+        self._repr = f"BatchSource({source!r}, {order_repr}, batch_size={batch_size}, drop_remainder={drop_remainder})"
 
     def __len__(self) -> int:
         return self._len
 
     def __repr__(self) -> str:
-        return repr(self._reference)
+        return self._repr
+
+    def __getitem__(self, j: int) -> dict[str, np.ndarray]:
+        first = j * self._B
+        last = first + self._B if self._num_elements is None else min(first + self._B, self._num_elements)
+        elements = [self._source[int(self._order[i])] for i in range(first, last)]
+        return {name: np.stack([e[name] for e in elements]) for name in elements[0]}
+
+
+class BatchSampler:
+    """Batches 0, 1, 2, ... in order (the order of windows lives in `BatchSource`); the
+    DataLoader gives each JAX process every P-th batch."""
+
+    def __init__(self, num_batches: int):
+        self._len = num_batches
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return "BatchSampler()"
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if not 0 <= index < self._len:
-            raise IndexError(f"sampler index {index} is outside [0, {self._len})")
-        return grain.RecordMetadata(index=index, record_key=self._keys[index])
+            raise IndexError(f"batch index {index} is outside [0, {self._len})")
+        return grain.RecordMetadata(index=index, record_key=index)
+
+
+def element_order(num_records: int, *, shuffle: bool, seed: int | None) -> grain.MapDataset:
+    """Global element index -> record key: 0..n-1 repeated, or shuffled afresh on every
+    pass (the same order as grain's IndexSampler for this seed)."""
+    keys = grain.MapDataset.range(num_records)
+    return keys.shuffle(seed=seed) if shuffle else keys
 
 
 def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int,
@@ -235,40 +272,35 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int
     schema field (or those in `fields`) stacked to [B, T, ...]: frame uint8
     [B, T, S, S, 3], action int32 [B, T], camera float32 [B, T, 7], cut bool [B, T],
     entity_boxes float32 [B, T, E, 4], ... `num_epochs=None` repeats forever.
-    `shard_options` defaults to one shard per JAX process. `read_options` defaults to a
-    read-ahead of a few batches (grain's default, 500 windows on 16 threads, costs
-    seconds and memory per start). A bad record raises DatasetError (naming shard,
-    record and field) unless `skip_bad_records`: then its window is logged and replaced
-    by the next good one, and batches carry SKIPPED int32 [B] (1 per replaced window)
-    for the caller to count. The order of batches is a function of `seed`, the shard
-    and `worker_count`; `iter(loader).get_state()` resumes it exactly.
+    `shard_options` defaults to one shard per JAX process (whole batches: process p of P
+    reads batches p, p+P, ...). `read_options` defaults to a read-ahead of a few batches.
+    A bad record raises DatasetError (naming shard, record and field) unless
+    `skip_bad_records`: then its window is logged and replaced by the next good one, and
+    batches carry SKIPPED int32 [B] (1 per replaced window) for the caller to count. The
+    order of batches is a function of `seed` and the shard, not of `worker_count`;
+    `iter(loader).get_state()` resumes it exactly.
     """
     if not Path(data_dir).is_dir():
         raise DatasetError(f"dataset directory {data_dir} does not exist")
     source = WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, fields)
-    # The DataLoader applies shard_options to the sampler's global order (element
-    # i*count + index), so the sampler itself is unsharded.
-    sampler = WindowSampler(len(source), shuffle=shuffle, num_epochs=num_epochs, seed=seed)
-    return data_loader(source, sampler, batch_size=batch_size, worker_count=worker_count,
-                       shard_options=shard_options, drop_remainder=drop_remainder, read_options=read_options)
+    n = len(source)
+    batches = BatchSource(source, element_order(n, shuffle=shuffle, seed=seed), batch_size=batch_size,
+                          num_elements=None if num_epochs is None else n * num_epochs, drop_remainder=drop_remainder,
+                          order_repr=f"shuffle={shuffle}, seed={seed}, num_epochs={num_epochs}")
+    return data_loader(batches, worker_count=worker_count, shard_options=shard_options, read_options=read_options)
 
 
-def data_loader(source: grain.sources.RandomAccessDataSource, sampler: WindowSampler, *,
-                batch_size: int, worker_count: int = 0,
+def data_loader(batches: BatchSource, *, worker_count: int = 0,
                 shard_options: grain.sharding.ShardOptions | None = None,
-                drop_remainder: bool = True,
                 read_options: grain.ReadOptions | None = None) -> grain.DataLoader:
-    """The DataLoader batching `source`'s elements in `sampler`'s order (see make_loader)."""
+    """The DataLoader delivering `batches` in order (see make_loader)."""
     if shard_options is None:
         shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     if worker_count > 0 and not flags.FLAGS.is_parsed():
         # Grain's worker start-up reads absl flags, which fail unless parsed (they are
         # not outside absl.app.run); keep their defaults.
         flags.FLAGS.mark_as_parsed()
-    if read_options is None:
-        read_options = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1),
-                                         prefetch_buffer_size=4 * batch_size)
-    return grain.DataLoader(
-        data_source=source, sampler=sampler, shard_options=shard_options,
-        worker_count=worker_count, read_options=read_options,
-        operations=[grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)])
+    if read_options is None:  # a few batches ahead, read on a few threads per process
+        read_options = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=4)
+    return grain.DataLoader(data_source=batches, sampler=BatchSampler(len(batches)), shard_options=shard_options,
+                            worker_count=worker_count, read_options=read_options)

@@ -4,11 +4,11 @@
 dataset's windows are shuffled (afresh each pass) and repeated forever; grain's
 `MapDataset.mix` interleaves them so that dataset i fills weight_i / sum(weights) of the
 positions of the stream, in a fixed pattern; a shuffle within windows of MIX_WINDOW
-positions breaks that pattern, so that every stretch of the stream, and every P-th
-position of it (what one of P processes or workers reads), holds the datasets in about
-their proportions. Element k of the stream is a pure function of k and the seed, so the
-DataLoader's iterator state (how far each worker has read) resumes it exactly, as for one
-dataset, and processes (ShardByJaxProcess: every P-th position) read disjoint positions.
+positions breaks that pattern, so that every stretch of the stream, and so every batch
+(B consecutive positions; one of P processes reads every P-th batch), holds the datasets
+in about their proportions. Element k of the stream is a pure function of k and the
+seed, so the DataLoader's iterator state (how far each worker has read) resumes it
+exactly, as for one dataset, and processes read disjoint positions.
 
 The datasets must have the same frame size; batches hold only the fields that every one
 of them has, with the same dtype and shape (`common_fields`).
@@ -104,7 +104,8 @@ def make_mixture_loader(mixture: Sequence[tuple[str | os.PathLike, float]], *, s
     sources = [loader.WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, wanted)
                for data_dir, _ in mixture]
     source = MixtureSource(sources, [w for _, w in mixture], seed=seed, shuffle=shuffle)
-    # Shuffling happens in the source: the sampler reads the stream in order.
-    sampler = loader.WindowSampler(len(source), shuffle=False, num_epochs=None, seed=None)
-    return loader.data_loader(source, sampler, batch_size=batch_size, worker_count=worker_count,
-                              shard_options=shard_options, read_options=read_options)
+    # Shuffling happens in the source: batches read the stream in order.
+    batches = loader.BatchSource(source, loader.element_order(len(source), shuffle=False, seed=None),
+                                 batch_size=batch_size, num_elements=None, drop_remainder=True, order_repr="in order")
+    return loader.data_loader(batches, worker_count=worker_count, shard_options=shard_options,
+                              read_options=read_options)

@@ -84,13 +84,21 @@ def test_fields_selects_what_is_decoded(data_dir):
     assert sorted(batch) == ["action", "frame"] and batch["frame"].shape == (B, T, S, S, 3)
 
 
-def test_sampler_keeps_index_sampler_order_and_repr():
-    for shuffle, epochs, seed in ((True, None, 3), (False, 2, None), (True, 3, 7)):
-        ours = loader.WindowSampler(37, shuffle=shuffle, num_epochs=epochs, seed=seed)
-        grains = grain.samplers.IndexSampler(num_records=37, shard_options=grain.sharding.NoSharding(),
-                                             shuffle=shuffle, num_epochs=epochs, seed=seed)
-        assert repr(ours) == repr(grains) and len(ours) == len(grains)
-        assert [ours[i].record_key for i in range(74)] == [grains[i].record_key for i in range(74)]
+@pytest.mark.parametrize("shuffle,epochs,seed,drop", [(True, None, 3, True), (False, 2, 0, True), (True, 3, 7, False)])
+def test_batches_hold_windows_in_index_sampler_order(data_dir, shuffle, epochs, seed, drop):
+    source = loader.WindowSource(data_dir, "train", T, fields=["episode_id", "t"])
+    n = len(source)
+    grains = grain.samplers.IndexSampler(num_records=n, shard_options=grain.sharding.NoSharding(),
+                                         shuffle=shuffle, num_epochs=epochs, seed=seed)
+    it = iter(_loader(data_dir, shuffle=shuffle, num_epochs=epochs, seed=seed, drop_remainder=drop,
+                      fields=["episode_id", "t"]))
+    batches = _take(it, 2 * n // B) if epochs is None else list(it)
+    if epochs is not None:  # every window of every pass, the last batch short unless dropped
+        assert len(batches) == (n * epochs // B if drop else -(-n * epochs // B))
+        assert sum(len(b["t"]) for b in batches) == (n * epochs // B * B if drop else n * epochs)
+    got = [(int(e), int(t)) for b in batches for e, t in zip(b["episode_id"][:, 0], b["t"][:, 0])]
+    want = [(int(w["episode_id"][0]), int(w["t"][0])) for w in (source[grains[i].record_key] for i in range(len(got)))]
+    assert got == want
 
 
 def test_two_workers_are_deterministic_and_resume_exactly(data_dir):
