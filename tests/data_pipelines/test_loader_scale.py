@@ -111,6 +111,7 @@ def test_two_workers_are_deterministic_and_resume_exactly(data_dir):
     first = _take(again, 8)
     del again
     _assert_same_batches(want, first[3:])  # the same seed and worker count: the same batches
+    _assert_same_batches(first, _take(iter(_loader(data_dir)), 8))  # and the same without workers
     resumed = iter(_loader(data_dir, worker_count=2))
     resumed.set_state(state)
     got = _take(resumed, 5)
