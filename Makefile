@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers: most tests are compile-bound, on one core each.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-slow install clean
 
@@ -18,10 +20,10 @@ demo: $(STAMP)
 	$(BIN)/wm demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS)
 
 clean:
 	rm -rf runs/demo

@@ -51,6 +51,37 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_cache(args: argparse.Namespace) -> int:
+    from data_pipelines import latent_cache
+    from data_pipelines.writer import read_manifest
+
+    def log(msg: str) -> None:  # stderr: stdout ends with the JSON line
+        print(msg, file=sys.stderr)
+
+    shown = [time.perf_counter()]
+
+    def progress(split: str, done: int, total: int) -> None:
+        if time.perf_counter() - shown[0] >= 30:  # a line every 30 s at most
+            shown[0] = time.perf_counter()
+            log(f"{split}: {done}/{total} records")
+
+    t0 = time.perf_counter()
+    manifest = latent_cache.build_cache(args.data, args.tokenizer, args.out, batch_size=args.batch_size,
+                                        log=log, progress=progress)
+    seconds = time.perf_counter() - t0
+    records = {split: entry["records"] for split, entry in manifest["splits"].items()}
+    size = read_manifest(args.data)["frame_size"]
+    frames = sum(records.values())
+    summary = {"out": args.out, "records": records, "tokens_per_frame": manifest["tokens_per_frame"],
+               "cache_bytes": latent_cache.stored_bytes(args.out), "frame_bytes": frames * size * size * 3,
+               "seconds": round(seconds, 2), "frames_per_s": round(frames / seconds, 1)}
+    ratio = summary["frame_bytes"] / max(summary["cache_bytes"], 1)
+    print(f"wrote {args.out}: {frames} frames as {manifest['tokens_per_frame']} tokens each, "
+          f"{summary['cache_bytes']} bytes ({ratio:.0f}x smaller than the frames) in {seconds:.1f} s")
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from wm_jax import config as config_lib
     from wm_jax.train.loop import EXIT_PREEMPTED, Preempted, train
@@ -209,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wm", description="wm_jax: pretrain and evaluate video world models")
     sub = p.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="make or inspect datasets").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="make, inspect or cache datasets").add_subparsers(dest="data_command", required=True)
     make = data.add_parser("make", help="write a dataset (ArrayRecord shards + manifest)")
     make.add_argument("--source", required=True, choices=["procedural", "atari", "video"])
     make.add_argument("--out", required=True)
@@ -232,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data.add_parser("inspect", help="verify hashes and print statistics")
     inspect.add_argument("dir")
     inspect.set_defaults(fn=cmd_data_inspect)
+    cache = data.add_parser("cache", help="encode a dataset once with a trained tokenizer into token ids (resumable)")
+    cache.add_argument("--data", required=True, help="dataset directory (wm data make)")
+    cache.add_argument("--tokenizer", required=True, help="tokenizer run directory or bundle")
+    cache.add_argument("--out", required=True, help="cache directory; an unfinished one is resumed")
+    cache.add_argument("--batch-size", type=int, default=32, help="windows of data.frames_per_clip frames per encode")
+    cache.set_defaults(fn=cmd_data_cache)
 
     train = sub.add_parser("train", help="train a stage; resumes if the workdir has checkpoints")
     train.add_argument("--config", required=True, help="YAML file or preset name (experiments/configs)")

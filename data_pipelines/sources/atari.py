@@ -246,13 +246,11 @@ def _decode_replay(data: bytes, where: str) -> tuple[int, bytes]:
     return ale_seed, state
 
 
-def replay_episode(data_dir: str | os.PathLike, episode_id: int,
-                   actions: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-    """uint8 [T, S, S, 3]: the frames the emulator shows, restored from the episode's stored
-    start state, before each of `actions` (int [T] minimal-action-set indices; default the
-    recorded ones, which reproduces the recorded frames bit for bit). Every action is
-    played, also past a game over. DatasetError if the replay file is missing or corrupt.
-    """
+def _start_emulator(data_dir: str | os.PathLike, episode_id: int
+                    ) -> tuple[ale_py.ALEInterface, list, dict, dict]:
+    """(emulator restored to the episode's stored start state, its minimal action set, the
+    manifest's source params, the manifest). DatasetError if the dataset is not Atari, the
+    episode unknown, its replay file missing or corrupt, or the action set changed."""
     manifest = writer.read_manifest(data_dir)
     if manifest["source"] != SOURCE_NAME:
         raise DatasetError(f"{data_dir} holds a {manifest['source']!r} dataset, not {SOURCE_NAME!r}")
@@ -260,14 +258,74 @@ def replay_episode(data_dir: str | os.PathLike, episode_id: int,
     rel = replay_path(episode_id)
     writer.find_episode(manifest, episode_id)  # a clear error for an unknown episode
     ale_seed, state = _decode_replay(writer.read_file(data_dir, manifest, rel), rel)
-    if actions is None:
-        actions = writer.read_episode(data_dir, manifest, episode_id)["action"]
     ale = make_emulator(params["rom"], ale_seed)
     ale.restoreState(_ale_py().ALEState(state))
     action_set = ale.getMinimalActionSet()
     if [a.name for a in action_set] != params["action_set"]:
         raise DatasetError(f"this ale-py's minimal action set for {params['rom']} differs from "
                            f"the dataset's {params['action_set']}")
+    return ale, action_set, params, manifest
+
+
+def replay_episode(data_dir: str | os.PathLike, episode_id: int,
+                   actions: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """uint8 [T, S, S, 3]: the frames the emulator shows, restored from the episode's stored
+    start state, before each of `actions` (int [T] minimal-action-set indices; default the
+    recorded ones, which reproduces the recorded frames bit for bit). Every action is
+    played, also past a game over. DatasetError if the replay file is missing or corrupt.
+    """
+    ale, action_set, params, manifest = _start_emulator(data_dir, episode_id)
+    if actions is None:
+        actions = writer.read_episode(data_dir, manifest, episode_id)["action"]
     actions = check_actions(actions, len(action_set))
     return np.stack([frame for frame, _, _ in play(ale, action_set, actions,
                                                    params["frameskip"], params["size"])])
+
+
+def emulator_at(data_dir: str | os.PathLike, episode_id: int, step: int
+                ) -> tuple[ale_py.ALEInterface, list, dict]:
+    """(emulator, minimal action set, source params) of episode `episode_id` after its first
+    `step` recorded actions, i.e. showing recorded frame `step` (0 <= step < length).
+
+    Replays from the stored start state and checks that every frame passed, frame `step`
+    included, equals the recorded one bit for bit (DatasetError otherwise: a replay that
+    drifted would make any counterfactual from here meaningless)."""
+    ale, action_set, params, manifest = _start_emulator(data_dir, episode_id)
+    recorded = writer.read_episode(data_dir, manifest, episode_id)
+    if not 0 <= step < len(recorded["frame"]):
+        raise ValueError(f"step {step} outside episode {episode_id}'s 0..{len(recorded['frame']) - 1}")
+    size = params["size"]
+    passed = [frame for frame, _, _ in play(ale, action_set, recorded["action"][:step], params["frameskip"], size)]
+    passed.append(resize_area(ale.getScreenRGB(), size))
+    if not np.array_equal(np.stack(passed), recorded["frame"][: step + 1]):
+        raise DatasetError(f"replaying episode {episode_id} of {data_dir} to step {step} does not "
+                           "reproduce its recorded frames (another ale-py or ROM?)")
+    return ale, action_set, params
+
+
+def frames_after(ale: ale_py.ALEInterface, action_set: list, actions: np.ndarray, frameskip: int,
+                 size: int) -> np.ndarray:
+    """uint8 [T, S, S, 3]: the frame shown after each of `actions` (int [T] minimal-action-set
+    indices), each held `frameskip` emulator frames; what a record's action leads to."""
+    out = []
+    for a in check_actions(actions, len(action_set)):
+        for _ in range(frameskip):
+            ale.act(action_set[a])
+        out.append(resize_area(ale.getScreenRGB(), size))
+    return np.stack(out)
+
+
+def branch_frames(data_dir: str | os.PathLike, episode_id: int, step: int,
+                  branches: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
+    """uint8 [K, T, S, S, 3]: from episode `episode_id` at recorded frame `step` (see
+    `emulator_at`), the frames after each action of each of the K branches (int [T] action
+    sequences), every branch starting from the same emulator state (RNG included): the
+    recorded actions give the recorded frames step+1.., other actions the counterfactual
+    ground truth."""
+    ale, action_set, params = emulator_at(data_dir, episode_id, step)
+    start = ale.cloneState(include_rng=True)
+    out = []
+    for actions in branches:
+        ale.restoreState(start)
+        out.append(frames_after(ale, action_set, np.asarray(actions), params["frameskip"], params["size"]))
+    return np.stack(out)

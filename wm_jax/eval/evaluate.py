@@ -1,14 +1,18 @@
 """`wm eval`: restore a run's checkpoint, measure it on held-out episodes, write a report.
 
 Outputs under `RUN/eval/` (or `--out`): `metrics.json` (names of DESIGN.md §8),
-`report.md`, `psnr_vs_horizon.png` and a video grid `rollout.gif` (+ `.mp4` when
-imageio-ffmpeg is installed) showing truth | generated | |difference|.
+`report.md`, `psnr_vs_horizon.png`, `metrics_bars.png` (each headline figure beside its
+controls) and a video grid `rollout.gif` (+ `.mp4` when imageio-ffmpeg is installed)
+showing truth | generated | |difference|.
 
 Besides PSNR/SSIM drift, the ground truth in the records measures what video metrics
 miss (definitions in `wm_jax/eval/metrics.py`): action following (agent position vs the
 simulator's, with true and with shuffled actions), camera following (image shift vs the
 commanded pan), identity persistence (entity crops vs their look in the context) and
-object permanence (entities reappearing from behind the occluder).
+object permanence (entities reappearing from behind the occluder). On an Atari dataset the
+emulator, replayed to each clip's last context frame, renders what the random actions
+would truly have shown: the model's random-action rollout is scored against it
+(counterfactual action following).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines.loader import make_loader
+from data_pipelines.schema import DatasetError
+from data_pipelines.sources import atari
 from wm_jax import checkpoint as ckpt
 from wm_jax import sharding, telemetry
 from wm_jax.config import Config, MeshConfig
@@ -62,9 +68,10 @@ def held_out_clips(data_dir: str, cfg: Config, frames: int, split: str | None = 
 
 # Record fields the evaluation reads (those a dataset has): frames and the controls the
 # rollout is steered by, plus the ground truth of the controllability metrics (camera
-# pose, entity boxes/visibility, shot cuts) and the identity bank's reference frame.
+# pose, entity boxes/visibility, shot cuts), the identity bank's reference frame, and
+# where each clip comes from (to replay an Atari episode to it).
 EVAL_FIELDS = ("frame", "action", "action_valid", "camera", "camera_valid", "cut", "reference",
-               "entity_boxes", "entity_visible")
+               "entity_boxes", "entity_visible", "episode_id", "t")
 # Without these (e.g. Atari), the controllability groups are skipped.
 GROUND_TRUTH = ("camera", "cut", "entity_boxes", "entity_visible")
 
@@ -103,12 +110,96 @@ def plot_drift(result: dict, out: Path) -> None:
     ax.plot(h, result["rollout"]["psnr"], "o-", label="model, true actions")
     ax.plot(h, result["rollout_random_actions"]["psnr"], "s--", label="model, random actions")
     ax.plot(h, result["baseline_copy_last"]["psnr"], "^:", label="copy last frame")
+    if "counterfactual" in result:  # same rollout as "random actions", scored against the emulator's frames
+        ax.plot(h, result["counterfactual"]["psnr_vs_counterfactual_truth"], "d-.",
+                label="model, random actions, vs emulator's counterfactual")
     ax.axhline(result["tokenizer"]["psnr"], color="gray", lw=0.8, label="tokenizer reconstruction")
     ax.set_xlabel("horizon (frames after context)")
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(f"rollout drift, step {result['step']}")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def _lookup(result: dict, *path: str) -> Any:
+    """result[path[0]][path[1]]...; None where a key is absent."""
+    for key in path:
+        if not isinstance(result, dict) or key not in result:
+            return None
+        result = result[key]
+    return result
+
+
+def _finite_mean(values: Any) -> float | None:
+    """Mean of the finite entries of a number or list (None/NaN entries skipped); None if none."""
+    if values is None:
+        return None
+    x = np.asarray(values if isinstance(values, list) else [values], dtype=np.float64)  # None -> NaN
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else None
+
+
+def metric_bar_groups(result: dict) -> list[tuple[str, list[tuple[str, float]]]]:
+    """[(panel title, [(bar label, value), ...]), ...]: each headline metric group of
+    `result` (a metrics dict, before or after `json_safe`), the model's figure first and its
+    controls after it; per-horizon lists are averaged over the horizon. Bars without a
+    value (absent group, None or NaN) are dropped, then panels left without a bar."""
+    mean = lambda *path: _finite_mean(_lookup(result, *path))
+    panels = [
+        ("tokenizer PSNR (dB)", [("reconstruction", mean("tokenizer", "psnr"))]),
+        ("rollout PSNR, mean over horizon (dB)", [
+            ("model", mean("rollout", "psnr")), ("random actions", mean("rollout_random_actions", "psnr")),
+            ("copy last", mean("baseline_copy_last", "psnr"))]),
+        ("rollout SSIM, mean over horizon", [
+            ("model", mean("rollout", "ssim")), ("random actions", mean("rollout_random_actions", "ssim")),
+            ("copy last", mean("baseline_copy_last", "ssim"))]),
+        ("action following: agent within 1.5 px", [
+            ("true actions", mean("action_following", "true_actions", "within_1.5px")),
+            ("random actions", mean("action_following", "random_actions", "within_1.5px"))]),
+        ("camera following: within 1 px", [
+            ("model", mean("camera_following", "model", "within_1px")),
+            ("copy last", mean("camera_following", "baseline_copy_last", "within_1px")),
+            ("truth", mean("camera_following", "truth", "within_1px"))]),
+        ("identity persistence", [
+            ("similarity before cut", mean("identity_persistence", "before_cut")),
+            ("similarity after cut", mean("identity_persistence", "after_cut")),
+            ("swap margin", mean("identity_persistence", "swap_margin"))]),
+        ("object permanence: crop PSNR (dB)", [
+            ("reappearing", mean("object_permanence", "reappear_psnr")),
+            ("other visible steps", mean("object_permanence", "visible_psnr"))]),
+        ("counterfactual (random actions): PSNR, mean over horizon (dB)", [
+            ("model vs counterfactual truth", mean("counterfactual", "psnr_vs_counterfactual_truth")),
+            ("model vs factual truth", mean("counterfactual", "psnr_vs_factual_truth")),
+            ("copy last vs counterfactual truth", mean("counterfactual", "copy_last_psnr_vs_counterfactual_truth"))]),
+    ]
+    kept = [(title, [(label, v) for label, v in bars if v is not None]) for title, bars in panels]
+    return [(title, bars) for title, bars in kept if bars]
+
+
+def plot_metric_bars(result: dict, out: Path) -> None:
+    """Writes a PNG of `metric_bar_groups(result)`: one bar chart per group, model first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = metric_bar_groups(result)
+    cols = max(min(len(groups), 4), 1)
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, bars) in zip(axes.flat, groups):
+        labels, values = zip(*bars)
+        ax.bar(range(len(bars)), values, color=["C0"] + ["C7"] * (len(bars) - 1))  # model vs controls
+        ax.bar_label(ax.containers[0], fmt="%.3g", fontsize=7)
+        ax.set_xticks(range(len(bars)), labels, rotation=25, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=8, wrap=True)
+        ax.margins(y=0.15)
+    for ax in axes.flat[len(groups):]:
+        ax.axis("off")
+    fig.suptitle(f"headline metrics, step {result['step']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -165,6 +256,29 @@ def report_markdown(result: dict, files: dict[str, list[str]]) -> str:
             f"{op['num_reappearances']} reappearances) | {op['reappear_psnr']:.2f} | {op['visible_psnr']:.2f} |",
             "",
         ]
+    if "counterfactual" in result:
+        cf = result["counterfactual"]
+        lines += [
+            "## Counterfactual action following (emulator)",
+            "",
+            "The rollout with random actions, scored against the frames the emulator shows under those "
+            "same actions from the clip's last context frame (counterfactual truth) and against the "
+            "recorded frames (factual truth): a model that follows its actions is closer to the first. "
+            f"The counterfactual frames differ from the factual ones in "
+            f"{cf['counterfactual_truth_differs_fraction']:.0%} of the clips.",
+            "",
+            "| horizon | PSNR vs counterfactual truth | PSNR vs factual truth | SSIM vs counterfactual truth "
+            "| copy last: PSNR vs counterfactual truth |",
+            "|---|---|---|---|---|",
+        ]
+        for i, h in enumerate(cf["horizon"]):
+            lines.append(
+                f"| {h} | {cf['psnr_vs_counterfactual_truth'][i]:.2f} | {cf['psnr_vs_factual_truth'][i]:.2f} "
+                f"| {cf['ssim_vs_counterfactual_truth'][i]:.3f} | {cf['copy_last_psnr_vs_counterfactual_truth'][i]:.2f} |"
+            )
+        lines.append("")
+    for name in files.get("bars", []):
+        lines += ["Each headline metric beside its controls:", "", f"![metric bars]({name})", ""]
     for name in files.get("video", []):
         lines.append(f"Video grid (rows: clips; columns: truth | generated | |difference|): [{name}]({name})")
     if files.get("video"):
@@ -182,6 +296,26 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+def atari_counterfactual_truth(data_dir: str, clips: dict[str, np.ndarray], ctx: int,
+                               actions: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, S, S, 3]: the frames the emulator shows when, from each clip's last
+    context frame, it plays `actions` int [B, C+H] (indices ctx-1.. drive the H generated
+    steps, as in the rollout) instead of the recorded ones.
+
+    clips: held-out records of an Atari dataset, with "episode_id", "t", "action" int
+    [B, C+H] and "frame" uint8 [B, C+H, S, S, 3]. The recorded actions are played from the
+    same emulator state too: DatasetError unless they reproduce the recorded frames, the
+    proof that the counterfactual starts from the true state."""
+    frames = clips["frame"]
+    steps = slice(ctx - 1, frames.shape[1] - 1)  # the actions taking frame ctx-1 to ctx, ..., to the last
+    branches = [atari.branch_frames(data_dir, int(clips["episode_id"][b, 0]), int(clips["t"][b, ctx - 1]),
+                                    [clips["action"][b, steps], actions[b, steps]]) for b in range(len(frames))]
+    factual, counterfactual = np.stack(branches, axis=1)  # [2, B, H, S, S, 3] -> two [B, H, ...]
+    if not np.array_equal(factual, frames[:, ctx:]):
+        raise DatasetError(f"replaying the recorded actions of {data_dir} does not reproduce its held-out frames")
+    return counterfactual
 
 
 def ground_truth_metrics(clips: dict[str, np.ndarray], ctx: int, gen_true: np.ndarray, gen_random: np.ndarray,
@@ -264,6 +398,12 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
     rng = np.random.default_rng(cfg.seed)
     random_actions = actions.copy()  # random from the first generated step on
     vocab = cfg.model.latent_actions.num_latent_actions if cfg.train.latent_actions_workdir else cfg.model.dynamics.num_actions
+    # An emulator can replay what random actions do only with the game's own actions.
+    counterfactual = manifest["source"] == atari.SOURCE_NAME and not cfg.train.latent_actions_workdir
+    if counterfactual:
+        vocab = min(vocab, manifest["source_params"]["num_actions"])
+    elif manifest["source"] == atari.SOURCE_NAME:
+        telemetry.info("counterfactual metrics skipped: random latent actions are no emulator actions")
     random_actions[:, ctx - 1 :] = rng.integers(0, vocab, actions[:, ctx - 1 :].shape)
     dynamics = DynamicsModel(cfg.model)
     steering = [k for k in ("camera", "camera_valid", "cut", "action_valid") if k in clips]
@@ -320,10 +460,15 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
             result.update(ground_truth_metrics(clips, ctx, gen_true, gen_random, copy_last))
         else:
             telemetry.info(f"controllability metrics skipped: the dataset lacks {[k for k in GROUND_TRUTH if k not in clips]}")
+        if counterfactual:
+            cf_truth = atari_counterfactual_truth(data_dir, clips, ctx, random_actions)
+            result["counterfactual"] = M.counterfactual_following(gen_random[:, ctx:], cf_truth, truth, copy_last)
         plot_drift(result, out / "psnr_vs_horizon.png")
         files["video"] = write_video(video_grid(frames[:shown], gen_true[:shown]), out / "rollout")
     else:
         files["video"] = write_video(video_grid(frames[:shown], recon[:shown]), out / "reconstruction")
+    plot_metric_bars(result, out / "metrics_bars.png")
+    files["bars"] = ["metrics_bars.png"]
     (out / "report.md").write_text(report_markdown(result, files))  # "nan" where nothing was measured
     result = json_safe(result)
     (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
