@@ -1,0 +1,442 @@
+"""Latent cache: a dataset's frames encoded once by a trained tokenizer, as FSQ token ids.
+
+Layout::
+
+    OUT/manifest.json      written last: a directory without it is an incomplete cache
+    OUT/progress.json      only while a build is unfinished: what is written so far
+    OUT/<split>.zarr/      tensorstore zarr3 array of token ids, shape [R, N] for the R
+                           records of the split (record order of the dataset's shards),
+                           N tokens per frame; chunks of `chunk_records` whole records,
+                           zstd-compressed with a checksum; dtype the smallest unsigned
+                           integer holding the vocabulary prod(fsq_levels)
+
+Which frames are encoded together. The tokenizer's encoder attends causally across
+time and adds a per-frame temporal position (`VideoTokenizer.encode`), so a frame's codes
+depend on its place in the clip it is encoded in. The cache encodes every episode in
+consecutive windows of C = the tokenizer run's `data.frames_per_clip` frames from its
+first frame (the last window of an episode may be shorter): the codes of frame t of an
+episode are those of `wm_jax.rollout.encode_frames(tokenizer, params, episode[None], C)`.
+A clip cut elsewhere (a training window that starts mid-window, say) encodes to other
+codes: its frames have other positions and predecessors. Windows are encoded `batch_size`
+at a time, padded to one compiled shape [batch_size, C, S, S, 3]; causality keeps the
+padding out of the real frames' codes. Only `frame` is cached (not `reference`).
+
+Guarantees. `progress.json` (replaced atomically) names how many batches of each split
+are written; a build that stops (killed, or an exception) resumes at the next batch when
+run again with the same arguments and writes the same bytes as one that never stopped
+(the batches, hence every encode, are the same). `manifest.json` (atomic, last) records
+the dataset's content hash, the tokenizer run's step and a hash of its `model.tokenizer`
+and `model.image_size` config, and per split a sha256 over the stored token ids.
+`open_cache` refuses an incomplete cache, another dataset or another tokenizer;
+`verify_cache` re-hashes every split.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+from array_record.python.array_record_module import ArrayRecordReader
+
+from data_pipelines import loader, schema, writer
+from data_pipelines.schema import DatasetError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+ZSTD_LEVEL = 3
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer dtype holding ids 0..vocab_size-1."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise DatasetError(f"a vocabulary of {vocab_size} tokens does not fit 32 bits")
+
+
+def tokenizer_hash(model_cfg: Any) -> str:
+    """sha256 of a ModelConfig's `tokenizer` section and `image_size` (what the codes
+    depend on besides the parameters), as canonical JSON; a dynamics run's config gives
+    the same hash as the tokenizer run it reads."""
+    from wm_jax import config as config_lib  # data_pipelines sits below wm_jax: import on use
+
+    section = {"image_size": model_cfg.image_size, "tokenizer": config_lib.to_dict(model_cfg.tokenizer)}
+    return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()
+
+
+def encode_windows(episodes: list[dict], window_frames: int) -> np.ndarray:
+    """int64 [W, 2] (first record, length) of each window: every episode ({episode_id,
+    start, length} index entries) cut into consecutive windows of `window_frames` frames
+    from its start, the last one shorter if need be; in record order. DatasetError unless
+    the episodes tile the split's records from 0 without gaps (as the writer writes them)."""
+    windows, expected = [], 0
+    for episode in episodes:
+        if episode["start"] != expected:
+            raise DatasetError(f"episode {episode['episode_id']} starts at record {episode['start']}, "
+                               f"expected {expected}: the episode index does not tile the records")
+        for offset in range(0, episode["length"], window_frames):
+            windows.append((episode["start"] + offset, min(window_frames, episode["length"] - offset)))
+        expected += episode["length"]
+    return np.asarray(windows, np.int64).reshape(-1, 2)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Writes JSON to a temp name, then renames it over `path`: readers see the old or the new file."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path} is not valid JSON: {e}") from e
+
+
+def _array_spec(path: Path, records: int, tokens: int, dtype: np.dtype, chunk_records: int) -> dict:
+    """The tensorstore spec creating (or opening, if it matches) a split's zarr3 array."""
+    return {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {
+            "shape": [records, tokens],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_records, tokens]}},
+            "data_type": dtype.name,
+            "fill_value": 0,
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                       # The checksum turns a corrupt chunk into a read error naming its file.
+                       {"name": "zstd", "configuration": {"level": ZSTD_LEVEL, "checksum": True}}],
+        },
+        "create": True,
+        "open": True,
+    }
+
+
+def _read_array(store: ts.TensorStore, first: int, count: int, what: str) -> np.ndarray:
+    """Rows first..first+count-1 of a split's array in its stored dtype, [count, N]; a
+    tensorstore error (a corrupt chunk) becomes a DatasetError naming `what`. (A deleted
+    chunk reads as zeros, the fill value: `verify_cache`'s hashes catch it.)"""
+    try:
+        return store[first:first + count].read().result()
+    except ValueError as e:  # tensorstore's errors are ValueErrors naming the chunk file
+        raise DatasetError(f"{what}: {e}") from e
+
+
+def _content_hash(store: ts.TensorStore, rows_per_read: int, what: str) -> str:
+    """sha256 over a split's token ids in record order: the little-endian bytes of the
+    stored dtype, row-major [R, N]."""
+    digest = hashlib.sha256()
+    records = store.shape[0]
+    for first in range(0, records, rows_per_read):
+        rows = _read_array(store, first, min(rows_per_read, records - first), what)
+        digest.update(np.ascontiguousarray(rows, rows.dtype.newbyteorder("<")).tobytes())
+    return digest.hexdigest()
+
+
+class _FrameReader:
+    """Frames of a split's records, read with one range read per shard."""
+
+    def __init__(self, data_dir: str | os.PathLike, manifest: dict, split: str):
+        self._paths = writer.shard_paths(data_dir, manifest, split)
+        self._shard_ends = np.cumsum([s["records"] for s in manifest["splits"][split]["shards"]])
+        self._readers = [ArrayRecordReader(p, loader.READER_OPTIONS) for p in self._paths]
+
+    def read(self, first: int, count: int) -> np.ndarray:
+        """uint8 [count, S, S, 3]: the frames of records first..first+count-1."""
+        data = [d for shard, begin, end in loader.record_ranges(self._shard_ends, first, count)
+                for d in self._readers[shard].read(begin, end)]
+        return np.stack([schema.decode_record(d)["frame"] for d in data])
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+
+
+def _batch_frames(frames: np.ndarray, windows: np.ndarray, batch_size: int, window_frames: int) -> np.ndarray:
+    """frames uint8 [R', S, S, 3] of the records a batch of windows covers (from its first
+    window's first record) -> uint8 [batch_size, C, S, S, 3], each window from its slot's
+    start, zero-padded after its end and after the last window (one compiled shape)."""
+    out = np.zeros((batch_size, window_frames, *frames.shape[1:]), frames.dtype)
+    first = windows[0, 0]
+    for i, (start, length) in enumerate(windows):
+        out[i, :length] = frames[start - first:start - first + length]
+    return out
+
+
+def _span(windows: np.ndarray) -> tuple[int, int]:
+    """(first record, end record) a run of consecutive windows [W, 2] covers."""
+    return int(windows[0, 0]), int(windows[-1].sum())
+
+
+def _unbatch(indices: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """indices [B, C, N] of a batch -> [R', N] of the records its windows cover, in order."""
+    return np.concatenate([indices[i, :length] for i, (_, length) in enumerate(windows)])
+
+
+def _encode_batches(encode: Callable[[np.ndarray], Any], read_frames: Callable[[int, int], np.ndarray],
+                    batches: list[np.ndarray], first_index: int, batch_size: int, window_frames: int,
+                    write: Callable[[int, np.ndarray], None]) -> None:
+    """Encodes each batch of windows (int64 [<=batch_size, 2]) in order and calls
+    write(first_index + k, token ids [R', N] of the records batch k covers).
+
+    encode: uint8 frames [batch_size, C, S, S, 3] -> token ids [batch_size, C, N], a JAX
+    array computed asynchronously: batch k encodes while batch k-1 is written.
+    read_frames(first, count): uint8 [count, S, S, 3] of consecutive records."""
+    pending = None
+    for k, windows in enumerate(batches, first_index):
+        first, end = _span(windows)
+        ids = encode(_batch_frames(read_frames(first, end - first), windows, batch_size, window_frames))
+        if pending is not None:
+            write(pending[0], _unbatch(np.asarray(pending[1]), pending[2]))
+        pending = (k, ids, windows)
+    if pending is not None:
+        write(pending[0], _unbatch(np.asarray(pending[1]), pending[2]))
+
+
+def _tokenizer_identity(workdir: str | os.PathLike) -> tuple[Any, int]:
+    """(run config, step of its newest checkpoint or of its bundle) of a tokenizer run;
+    CheckpointError if it is not a run, ConfigError if it is not a tokenizer's."""
+    from wm_jax import checkpoint as ckpt
+    from wm_jax import export
+    from wm_jax.config import ConfigError
+    from wm_jax.train.loop import load_run_config
+
+    run_cfg = load_run_config(workdir)
+    if run_cfg.train.stage != "tokenizer":
+        raise ConfigError(f"{workdir} is a {run_cfg.train.stage} run, not a tokenizer run (train.stage: tokenizer)")
+    step = export.read_bundle(workdir)["step"] if export.is_bundle(workdir) else ckpt.require_step(workdir, None)
+    return run_cfg, step
+
+
+def _start_progress(root: Path, plan: dict) -> dict[str, int]:
+    """Batches already written per split: {} for a new build (root is created, or must be
+    empty), or those of the unfinished build in root, which must have the same plan."""
+    if (root / MANIFEST).exists():
+        raise DatasetError(f"{root} is already a finished latent cache; remove it to build it again")
+    path = root / PROGRESS
+    if path.is_file():
+        progress = _read_json(path)
+        if progress["plan"] != plan:
+            diff = sorted(k for k in plan if progress["plan"].get(k) != plan[k])
+            raise DatasetError(f"{root} holds an unfinished latent cache built with other settings "
+                               f"(differing: {diff}); build it with the same ones, or remove it")
+        return progress["done"]
+    if root.exists() and any(root.iterdir()):
+        raise DatasetError(f"{root} is not empty and is not a latent cache; refusing to write into it")
+    root.mkdir(parents=True, exist_ok=True)
+    # Written before any array: a directory with arrays always has its plan beside them.
+    _write_json(path, {"plan": plan, "done": {}})
+    return {}
+
+
+def build_cache(data_dir: str | os.PathLike, tokenizer_workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                splits: Iterable[str] | None = None, batch_size: int = 32, chunk_records: int = 256,
+                log: Callable[[str], None] = print,
+                progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Encodes `splits` (default: all) of the dataset at data_dir with the tokenizer run
+    (or bundle) at tokenizer_workdir into a latent cache at out_dir; returns its manifest.
+
+    Per split, `<out>/<split>.zarr` holds token ids [R, N] (dtype `token_dtype`), chunks
+    of [chunk_records, N]. `batch_size` windows of C frames are encoded per call (memory:
+    batch_size*C frames). After each batch is written, `progress(split, records written,
+    R)` is called (an exception from it stops the build like a kill would). Running again
+    with the same arguments resumes an unfinished build. The dataset's shard hashes are
+    verified first; DatasetError for a bad dataset or an out_dir that is a finished
+    cache or something else, CheckpointError/ConfigError for a bad tokenizer run.
+    """
+    from wm_jax import sharding  # the encoder's imports: only a build needs them
+    from wm_jax.config import ConfigError, MeshConfig
+    from wm_jax.models.tokenizer import VideoTokenizer, num_tokens, vocab_size
+    from wm_jax.rollout import encode_frames
+    from wm_jax.train.loop import restore_params
+
+    if batch_size < 1 or chunk_records < 1:
+        raise DatasetError(f"batch_size ({batch_size}) and chunk_records ({chunk_records}) must be >= 1")
+    root = Path(out_dir)
+    data = writer.verify_dataset(data_dir)
+    splits = list(data["splits"]) if splits is None else list(splits)
+    for split in splits:
+        writer.shard_paths(data_dir, data, split)  # DatasetError naming an unknown split
+    run_cfg, step = _tokenizer_identity(tokenizer_workdir)
+    model = run_cfg.model
+    if data["frame_size"] != model.image_size:
+        raise ConfigError(f"tokenizer {tokenizer_workdir} encodes {model.image_size}x{model.image_size} frames, "
+                          f"dataset {data_dir} has {data['frame_size']}x{data['frame_size']}")
+    window_frames, tokens = run_cfg.data.frames_per_clip, num_tokens(model)
+    dtype = token_dtype(vocab_size(model))
+    plan = {"format_version": FORMAT_VERSION, "data_dir": str(Path(data_dir).resolve()),
+            "content_hash": data["content_hash"], "tokenizer_workdir": str(Path(tokenizer_workdir).resolve()),
+            "tokenizer_step": step, "tokenizer_hash": tokenizer_hash(model), "window_frames": window_frames,
+            "batch_size": batch_size, "chunk_records": chunk_records, "splits": splits}
+    done = _start_progress(root, plan)
+
+    mesh = sharding.make_mesh(MeshConfig())  # whatever devices are here
+    params, _, _ = restore_params(tokenizer_workdir, mesh, sharding.logical_rules(run_cfg.mesh), step)
+    tokenizer = VideoTokenizer(model)
+    entries = {}
+    for split in splits:
+        records = data["splits"][split]["num_records"]
+        windows = encode_windows(data["splits"][split]["episodes"], window_frames)
+        batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+        store = ts.open(_array_spec(root / f"{split}.zarr", records, tokens, dtype, chunk_records)).result()
+        start = done.get(split, 0)
+        log(f"{split}: {records} records in {len(windows)} windows of <= {window_frames} frames, "
+            f"{len(batches)} batches" + (f", resuming at batch {start}" if start else ""))
+        frames, t0 = _FrameReader(data_dir, data, split), time.perf_counter()
+
+        def write(k: int, ids: np.ndarray) -> None:
+            """Stores batch k's token ids [R', N], then records it as done."""
+            first, end = _span(batches[k])
+            store[first:end].write(ids.astype(dtype)).result()
+            done[split] = k + 1
+            _write_json(root / PROGRESS, {"plan": plan, "done": done})
+            if progress is not None:
+                progress(split, end, records)
+
+        try:
+            _encode_batches(lambda clip: encode_frames(tokenizer, params, clip, window_frames)[1], frames.read,
+                            batches[start:], start, batch_size, window_frames, write)
+        finally:
+            frames.close()
+        encoded = records - (_span(batches[start])[0] if start < len(batches) else records)
+        seconds = time.perf_counter() - t0
+        log(f"{split}: encoded {encoded} frames in {seconds:.1f} s ({encoded / max(seconds, 1e-9):.0f} frames/s)")
+        entries[split] = {"path": f"{split}.zarr", "records": records, "shape": [records, tokens],
+                          "dtype": dtype.name, "chunk_shape": [chunk_records, tokens],
+                          "content_hash": _content_hash(store, chunk_records * 16, f"split {split!r} of {root}")}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": {"dir": plan["data_dir"], "content_hash": data["content_hash"], "frame_size": data["frame_size"]},
+        "tokenizer": {"workdir": plan["tokenizer_workdir"], "step": step, "config_hash": plan["tokenizer_hash"],
+                      "window_frames": window_frames, "batch_size": batch_size, "dtype": model.dtype},
+        "fsq_levels": list(model.tokenizer.fsq_levels),
+        "tokens_per_frame": tokens,
+        "vocab_size": vocab_size(model),
+        "splits": entries,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+    _write_json(root / MANIFEST, manifest)
+    (root / PROGRESS).unlink()
+    return manifest
+
+
+class LatentCache:
+    """Read access to a finished latent cache (see `open_cache`). Pickles as its
+    directory and manifest; each process (grain workers) reopens the arrays on first use."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root, self.manifest = root, manifest
+        self._stores: dict[str, ts.TensorStore] = {}
+
+    def __getstate__(self) -> dict:
+        return {"root": self.root, "manifest": self.manifest}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"], state["manifest"])
+
+    def num_records(self, split: str) -> int:
+        return self._entry(split)["records"]
+
+    def _entry(self, split: str) -> dict:
+        if split not in self.manifest["splits"]:
+            raise DatasetError(f"split {split!r} not in latent cache {self.root} "
+                               f"(has {sorted(self.manifest['splits'])})")
+        return self.manifest["splits"][split]
+
+    def _store(self, split: str) -> ts.TensorStore:
+        """The split's array, opened once per process and checked against the manifest."""
+        if split not in self._stores:
+            entry = self._entry(split)
+            path = self.root / entry["path"]
+            try:
+                store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+                                 "open": True}, read=True).result()
+            except ValueError as e:
+                raise DatasetError(f"latent cache array {path} is missing or unreadable: {e}") from e
+            if list(store.shape) != entry["shape"] or store.dtype.numpy_dtype.name != entry["dtype"]:
+                raise DatasetError(f"latent cache array {path} has shape {list(store.shape)} and dtype "
+                                   f"{store.dtype.numpy_dtype.name}; its manifest says {entry['shape']}, {entry['dtype']}")
+            self._stores[split] = store
+        return self._stores[split]
+
+    def read(self, split: str, first: int, count: int) -> np.ndarray:
+        """int32 [count, N] token ids of records first..first+count-1 of `split` (one
+        tensorstore read)."""
+        records = self.num_records(split)
+        if not (0 <= first and 0 <= count and first + count <= records):
+            raise DatasetError(f"records {first}..{first + count - 1} are outside split {split!r} "
+                               f"of latent cache {self.root} ({records} records)")
+        ids = _read_array(self._store(split), first, count, f"split {split!r} of latent cache {self.root}")
+        return ids.astype(np.int32)
+
+    def codes(self, split: str, first: int, count: int) -> np.ndarray:
+        """float32 [count, N, L] FSQ codes in [-1, 1] of the same records as `read`."""
+        from wm_jax.models.tokenizer import indices_to_codes  # numpy in, numpy out
+
+        return np.asarray(indices_to_codes(self.read(split, first, count), tuple(self.manifest["fsq_levels"])),
+                          np.float32)
+
+
+def open_cache(cache_dir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
+               expect_content_hash: str | None = None,
+               tokenizer_workdir: str | os.PathLike | None = None) -> LatentCache:
+    """The finished latent cache at cache_dir, its arrays opened and checked against its
+    manifest. Given data_dir (or expect_content_hash), the cache must be of that dataset
+    (content hash); given tokenizer_workdir, of that run's newest step and tokenizer
+    config. DatasetError naming the path otherwise."""
+    root = Path(cache_dir)
+    if not root.is_dir():
+        raise DatasetError(f"latent cache directory {root} does not exist")
+    if not (root / MANIFEST).is_file():
+        raise DatasetError(f"{root / MANIFEST} is missing: {root} is an incomplete latent cache "
+                           "(its build stopped before it finished); run `wm data cache` again to finish it")
+    manifest = _read_json(root / MANIFEST)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(f"{root / MANIFEST}: format version {manifest.get('format_version')!r} is unsupported "
+                           f"(this code reads version {FORMAT_VERSION})")
+    cached = manifest["dataset"]["content_hash"]
+    expected = [(expect_content_hash, "expected")] if expect_content_hash else []
+    if data_dir is not None:
+        expected.append((writer.read_manifest(data_dir)["content_hash"], f"dataset {data_dir} has"))
+    for content_hash, whose in expected:
+        if content_hash != cached:
+            raise DatasetError(f"latent cache {root} is of dataset content hash {cached} "
+                               f"({manifest['dataset']['dir']}); {whose} {content_hash}")
+    if tokenizer_workdir is not None:
+        run_cfg, step = _tokenizer_identity(tokenizer_workdir)
+        ours = manifest["tokenizer"]
+        if (step, tokenizer_hash(run_cfg.model)) != (ours["step"], ours["config_hash"]):
+            raise DatasetError(f"latent cache {root} was encoded by tokenizer {ours['workdir']} at step {ours['step']} "
+                               f"(config hash {ours['config_hash'][:16]}); {tokenizer_workdir} is at step {step} "
+                               f"(config hash {tokenizer_hash(run_cfg.model)[:16]}): build the cache again")
+    cache = LatentCache(root, manifest)
+    for split in manifest["splits"]:
+        cache._store(split)
+    return cache
+
+
+def verify_cache(cache_dir: str | os.PathLike) -> dict:
+    """Re-hashes every split's stored token ids and compares them with the manifest;
+    returns the manifest, or raises DatasetError naming the split (and a corrupt chunk's
+    file)."""
+    cache = open_cache(cache_dir)
+    for split, entry in cache.manifest["splits"].items():
+        what = f"split {split!r} of latent cache {cache.root}"
+        actual = _content_hash(cache._store(split), entry["chunk_shape"][0] * 16, what)
+        if actual != entry["content_hash"]:
+            raise DatasetError(f"{what} is corrupt: sha256 {actual}, manifest expects {entry['content_hash']}")
+    return cache.manifest
+
+
+def stored_bytes(cache_dir: str | os.PathLike) -> int:
+    """Bytes of the files under a cache's split arrays (chunks and metadata)."""
+    return sum(p.stat().st_size for p in Path(cache_dir).glob("*.zarr/**/*") if p.is_file())

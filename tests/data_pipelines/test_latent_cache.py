@@ -1,0 +1,166 @@
+"""Latent cache on real components: a procedural dataset, a tokenizer trained for 2 steps,
+tensorstore zarr3 arrays."""
+
+import json
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import PRESET, TINY_OVERRIDES
+from data_pipelines import latent_cache, writer
+from data_pipelines.schema import DatasetError
+from wm_jax import config as config_lib
+from wm_jax import sharding
+from wm_jax.cli import main
+from wm_jax.config import MeshConfig
+from wm_jax.models.tokenizer import VideoTokenizer
+from wm_jax.rollout import encode_frames
+from wm_jax.train.loop import load_run_config, restore_params, train
+
+# 5-frame windows: the dataset's 24-frame episodes end in a 4-frame window (padded in its
+# batch); 4 windows per batch, 32-record chunks: batches straddle chunk boundaries.
+BUILD = {"batch_size": 4, "chunk_records": 32}
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tiny_dataset, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("latent_cache") / "tok"
+    overrides = TINY_OVERRIDES + [f"data.dir={tiny_dataset}", "train.steps=2", "data.frames_per_clip=5"]
+    train(config_lib.load(PRESET, overrides), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny_dataset, tokenizer_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("latent_cache") / "cache"
+    latent_cache.build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None, **BUILD)
+    return out
+
+
+def _chunk_bytes(cache: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.glob("*.zarr/**/*")) if p.is_file()}
+
+
+def test_codes_equal_the_tokenizers_encoding(tiny_dataset, tokenizer_run, cache_dir):
+    cfg = load_run_config(tokenizer_run)
+    params, _, _ = restore_params(tokenizer_run, sharding.make_mesh(MeshConfig()), sharding.logical_rules(cfg.mesh))
+    cache = latent_cache.open_cache(cache_dir, data_dir=tiny_dataset, tokenizer_workdir=tokenizer_run)
+    # A grain worker gets the cache pickled: paths and manifest only, arrays reopened there.
+    cache = pickle.loads(pickle.dumps(cache))
+    manifest = writer.read_manifest(tiny_dataset)
+    assert cache.manifest["tokens_per_frame"] == 16 and cache.manifest["splits"]["train"]["dtype"] == "uint8"
+    for split in ("train", "val"):
+        assert cache.num_records(split) == manifest["splits"][split]["num_records"]
+        for episode in manifest["splits"][split]["episodes"][:2]:
+            frames = writer.read_episode(tiny_dataset, manifest, episode["episode_id"])["frame"]
+            codes, indices = encode_frames(VideoTokenizer(cfg.model), params, frames[None], cfg.data.frames_per_clip)
+            start, length = episode["start"], episode["length"]
+            np.testing.assert_array_equal(cache.codes(split, start, length), np.asarray(codes[0]))
+            ids = cache.read(split, start, length)
+            assert ids.dtype == np.int32 and ids.shape == (length, 16)
+            np.testing.assert_array_equal(ids, np.asarray(indices[0]))
+    with pytest.raises(DatasetError, match="outside split 'val'"):
+        cache.read("val", 20, 5)
+    with pytest.raises(DatasetError, match="split 'nope' not in latent cache"):
+        cache.read("nope", 0, 1)
+
+
+def test_interrupted_build_resumes_to_the_same_bytes(tiny_dataset, tokenizer_run, cache_dir, tmp_path):
+    out = tmp_path / "cache"
+    calls = []
+
+    def stop_after_first_batch(split, done, total):
+        calls.append((split, done, total))
+        raise Stop
+
+    with pytest.raises(Stop):
+        latent_cache.build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None,
+                                 progress=stop_after_first_batch, **BUILD)
+    # Batch 0 (4 windows of 5 frames) is written and recorded; no manifest yet.
+    assert calls == [("train", 20, 168)]
+    assert json.loads((out / "progress.json").read_text())["done"] == {"train": 1}
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(DatasetError, match="incomplete latent cache"):
+        latent_cache.open_cache(out)
+    with pytest.raises(DatasetError, match=r"other settings \(differing: \['batch_size'\]\)"):
+        latent_cache.build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None, batch_size=8, chunk_records=32)
+
+    logged = []
+    resumed = latent_cache.build_cache(tiny_dataset, tokenizer_run, out, log=logged.append, **BUILD)
+    assert "resuming at batch 1" in logged[0]
+    assert not (out / "progress.json").exists()
+    whole = json.loads((cache_dir / "manifest.json").read_text())
+    for split, entry in whole["splits"].items():
+        assert resumed["splits"][split]["content_hash"] == entry["content_hash"]
+    assert _chunk_bytes(out) == _chunk_bytes(cache_dir)
+    with pytest.raises(DatasetError, match="already a finished latent cache"):
+        latent_cache.build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None, **BUILD)
+
+
+def test_incomplete_or_missing_cache_is_refused(cache_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(cache_dir, partial)
+    (partial / "manifest.json").unlink()
+    with pytest.raises(DatasetError, match=re.escape(f"{partial / 'manifest.json'}") + r" is missing: .* incomplete latent cache.*"
+                                           r"run `wm data cache` again to finish it"):
+        latent_cache.open_cache(partial)
+    with pytest.raises(DatasetError, match=re.escape(f"latent cache directory {tmp_path / 'none'} does not exist")):
+        latent_cache.open_cache(tmp_path / "none")
+
+
+def test_mismatches_and_corruption_are_named(tiny_dataset, tokenizer_run, cache_dir, tmp_path):
+    with pytest.raises(DatasetError, match=re.escape(f"latent cache {cache_dir} is of dataset content hash") + ".*; expected 00"):
+        latent_cache.open_cache(cache_dir, expect_content_hash="0" * 64)
+    # A tokenizer run with another tokenizer config (same checkpoint files).
+    other = tmp_path / "other_tok"
+    shutil.copytree(tokenizer_run, other)
+    cfg = (other / "config.yaml").read_text()
+    (other / "config.yaml").write_text(cfg.replace("mlp_dim: 64", "mlp_dim: 128", 1))
+    with pytest.raises(DatasetError, match=re.escape(f"latent cache {cache_dir} was encoded by tokenizer") + ".* step 2 .*; "
+                       + re.escape(f"{other} is at step 2")):
+        latent_cache.open_cache(cache_dir, tokenizer_workdir=other)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(cache_dir, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["splits"]["val"]["shape"] = [23, 16]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match=re.escape(f"latent cache array {bad / 'val.zarr'} has shape [24, 16]")):
+        latent_cache.open_cache(bad)
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(cache_dir, flipped)
+    assert latent_cache.verify_cache(flipped)["splits"].keys() == {"train", "val", "test"}
+    chunk = flipped / "train.zarr" / "c" / "2" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=re.escape(f"split 'train' of latent cache {flipped}: ") + ".*" + re.escape(str(chunk))):
+        latent_cache.verify_cache(flipped)
+
+
+def test_cli_builds_the_same_cache_and_exits_2_without_a_tokenizer(tiny_dataset, tokenizer_run, cache_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["data", "cache", "--data", str(tiny_dataset), "--tokenizer", str(tokenizer_run),
+                 "--out", str(out), "--batch-size", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert lines[0].startswith(f"wrote {out}: 240 frames as 16 tokens each")
+    assert summary["records"] == {"train": 168, "val": 24, "test": 48}
+    assert summary["frame_bytes"] == 240 * 16 * 16 * 3 and 0 < summary["cache_bytes"] < summary["frame_bytes"]
+    # chunk_records defaults to 256 here: other chunk files, the same token ids.
+    ours = latent_cache.verify_cache(out)["splits"]
+    theirs = json.loads((cache_dir / "manifest.json").read_text())["splits"]
+    assert {s: e["content_hash"] for s, e in ours.items()} == {s: e["content_hash"] for s, e in theirs.items()}
+
+    missing = tmp_path / "no_run"
+    assert main(["data", "cache", "--data", str(tiny_dataset), "--tokenizer", str(missing), "--out", str(tmp_path / "x")]) == 2
+    assert f"{missing} is not a run directory" in capsys.readouterr().err
