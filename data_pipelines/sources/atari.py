@@ -7,7 +7,8 @@ the last of `num_frames`). ALE's own sticky actions are off (repeat_action_proba
 0), so an episode is a deterministic function of its start state and its actions: the
 dataset stores each episode's emulator start state (`replay/episode_XXXXXX.msgpack`,
 sha256 in the manifest), and `replay_episode` re-runs the emulator from it under the
-recorded or any other actions (counterfactual ground truth for evaluation).
+recorded or any other actions; `branch_frames` does so from any recorded step
+(counterfactual ground truth for `wm eval`).
 
 The records carry no camera or entity fields: absent from the spec, they are unknown for
 every frame. ale-py (the `envs` extra) is imported on first use, so the other sources

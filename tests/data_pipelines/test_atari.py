@@ -75,6 +75,30 @@ def test_counterfactual_replay_differs(pong):
         atari.replay_episode(pong, 0, actions=[0, 6])
 
 
+def test_emulator_at_a_step_shows_the_recorded_frame_and_continues_it(pong):
+    recorded = writer.read_episode(pong, writer.read_manifest(pong), 1)
+    for step in (0, 9, FRAMES - 1):
+        ale, action_set, params = atari.emulator_at(pong, 1, step)
+        np.testing.assert_array_equal(atari.resize_area(ale.getScreenRGB(), S), recorded["frame"][step])
+        if step < FRAMES - 1:
+            after = atari.frames_after(ale, action_set, recorded["action"][step:-1], params["frameskip"], S)
+            np.testing.assert_array_equal(after, recorded["frame"][step + 1 :])
+    with pytest.raises(ValueError, match=r"step 24 outside episode 1's 0..23"):
+        atari.emulator_at(pong, 1, FRAMES)
+
+
+def test_branches_start_from_one_state_and_counterfactuals_differ(pong):
+    recorded = writer.read_episode(pong, writer.read_manifest(pong), 0)
+    step, factual = 8, recorded["action"][8:-1]
+    right = PONG_ACTIONS.index("RIGHT")
+    other = np.where(factual == right, PONG_ACTIONS.index("LEFT"), right)
+    branches = atari.branch_frames(pong, 0, step, [factual, other, factual])
+    assert branches.shape == (3, FRAMES - 1 - step, S, S, 3) and branches.dtype == np.uint8
+    np.testing.assert_array_equal(branches[0], recorded["frame"][step + 1 :])
+    np.testing.assert_array_equal(branches[2], branches[0])  # the state is restored between branches
+    assert (branches[1] != branches[0]).any()  # (the paddle soon pins at a wall: not every step)
+
+
 def test_corrupt_replay_file_is_refused(pong, tmp_path):
     copy = tmp_path / "pong"
     shutil.copytree(pong, copy)

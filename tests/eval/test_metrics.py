@@ -310,3 +310,21 @@ def test_shape_mismatches_raise_value_errors_naming_both_shapes(call, first, sec
 def test_videos_must_be_five_dimensional():
     with pytest.raises(ValueError, match=r"\[B, T, H, W, C\]"):
         M.ssim_per_horizon(V[0], V[0])
+
+
+# ------------------------------------------------------------------------ counterfactual
+
+
+def test_counterfactual_following_scores_the_model_against_both_truths():
+    rng = np.random.default_rng(0)
+    factual = rng.integers(0, 256, (3, 2, 16, 16, 3), dtype=np.uint8)
+    counterfactual = factual.copy()
+    counterfactual[:2, 1, :4] = 255 - counterfactual[:2, 1, :4]  # clip 2: the actions changed nothing
+    copy_last = np.repeat(factual[:, :1], 2, axis=1)
+    r = M.counterfactual_following(counterfactual, counterfactual, factual, copy_last)  # a perfect model
+    assert r["horizon"] == [1, 2] and r["counterfactual_truth_differs_fraction"] == pytest.approx(2 / 3)
+    assert r["psnr_vs_counterfactual_truth"] == [100.0, 100.0] and r["ssim_vs_counterfactual_truth"] == [1.0, 1.0]
+    assert r["psnr_vs_factual_truth"][0] == 100.0 and r["psnr_vs_factual_truth"][1] < 100.0
+    assert r["copy_last_psnr_vs_counterfactual_truth"][0] == 100.0
+    with pytest.raises(ValueError, match="shape mismatch"):
+        M.counterfactual_following(counterfactual, counterfactual[:, :1], factual, copy_last)
