@@ -31,6 +31,7 @@ from benchmarks import results
 from wm_jax import config as config_lib
 from wm_jax import telemetry
 from wm_jax.config import Config, ConfigError
+from wm_jax.models.tokenizer import vocab_size
 from wm_jax.train import dry_run
 from wm_jax.train.state import create_train_state
 from wm_jax.train.step import batch_specs
@@ -40,7 +41,8 @@ COLUMNS = ["machine", "config", "params", "mesh", "dtype", "step s", "tokens/s",
 
 def synthetic_batch(cfg: Config, mesh: Any, rules: Any, seed: int = 0) -> dict[str, jax.Array]:
     """Every field the step reads (`batch_specs`), random where it carries content (frames
-    uint8, actions int32, camera poses float32), valid and cut-free, created on the mesh."""
+    uint8, actions and cached token ids int32, camera poses float32), valid and cut-free,
+    created on the mesh."""
     specs = batch_specs(cfg, mesh, rules)
     keys = dict(zip(specs, jax.random.split(jax.random.key(seed), len(specs))))
 
@@ -49,6 +51,8 @@ def synthetic_batch(cfg: Config, mesh: Any, rules: Any, seed: int = 0) -> dict[s
             return jax.random.randint(keys[name], spec.shape, 0, 256, jnp.int32).astype(jnp.uint8)
         if name == "action":
             return jax.random.randint(keys[name], spec.shape, 0, cfg.model.dynamics.num_actions, jnp.int32)
+        if name == "codes":  # token ids, as a latent cache holds
+            return jax.random.randint(keys[name], spec.shape, 0, vocab_size(cfg.model), jnp.int32)
         if spec.dtype == jnp.float32:
             return jax.random.normal(keys[name], spec.shape)
         return jnp.full(spec.shape, name.endswith("_valid"))

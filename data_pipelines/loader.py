@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import grain
 import numpy as np
@@ -29,6 +30,8 @@ from data_pipelines.schema import DatasetError
 # Batch field of a loader with skip_bad_records: int32 [B], 1 where the element stands in
 # for a sampled window that held a bad record.
 SKIPPED = "bad_windows_skipped"
+# Batch field of a loader with a latent cache: its token ids int32 [B, T, N].
+CODES = "codes"
 # What the C++ ArrayRecord reader raises for an unreadable file or chunk.
 READ_ERRORS = (RuntimeError, ValueError)
 # A window's records are consecutive: read them with one range read per shard, no readahead.
@@ -99,7 +102,8 @@ def open_shards(paths: list[str]) -> grain.sources.ArrayRecordDataSource:
 
 class WindowSource(grain.sources.RandomAccessDataSource):
     """Random-access source: window k ↦ T records of one episode, every field (or those
-    in `fields`) stacked to [T, ...] (with skip_bad_records, plus SKIPPED: int32 []).
+    in `fields`) stacked to [T, ...] (with skip_bad_records, plus SKIPPED: int32 []; with
+    a `latent_cache`, plus CODES: its token ids int32 [T, N] of the same records).
 
     A window is read with one range read per shard it spans and, once a record has been
     decoded and checked in full, decoded with that record's byte layout
@@ -108,8 +112,9 @@ class WindowSource(grain.sources.RandomAccessDataSource):
 
     def __init__(self, data_dir: str | os.PathLike, split: str, frames_per_clip: int,
                  window_stride: int = 1, skip_bad_records: bool = False,
-                 fields: Iterable[str] | None = None):
+                 fields: Iterable[str] | None = None, latent_cache: Any = None):
         manifest, self._starts = _split_windows(data_dir, split, frames_per_clip, window_stride)
+        self._split, self._cache = split, latent_cache
         self._paths = writer.shard_paths(data_dir, manifest, split)
         self._records = open_shards(self._paths)  # single-record reads, to name a bad record
         self._shard_ends = np.cumsum([s["records"] for s in manifest["splits"][split]["shards"]])
@@ -124,6 +129,8 @@ class WindowSource(grain.sources.RandomAccessDataSource):
         # content, not its path, so a moved dataset still resumes.
         self._repr = (f"WindowSource(content_hash={manifest['content_hash']}, split={split}, "
                       f"frames_per_clip={frames_per_clip}, window_stride={window_stride})")
+        if latent_cache is not None:
+            self._repr = self._repr[:-1] + f", latent_cache={latent_cache.manifest['splits'][split]['content_hash']})"
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -164,6 +171,12 @@ class WindowSource(grain.sources.RandomAccessDataSource):
                 for data in self._reader(shard).read(begin, end)]
 
     def _window(self, k: int) -> dict[str, np.ndarray]:
+        window = self._records_window(k)
+        if self._cache is not None:
+            window[CODES] = self._cache.read(self._split, int(self._starts[k]), self._T)
+        return window
+
+    def _records_window(self, k: int) -> dict[str, np.ndarray]:
         first = int(self._starts[k])
         try:
             data = self._read(first)
@@ -265,7 +278,8 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int
                 drop_remainder: bool = True,
                 read_options: grain.ReadOptions | None = None,
                 skip_bad_records: bool = False,
-                fields: Iterable[str] | None = None) -> grain.DataLoader:
+                fields: Iterable[str] | None = None,
+                latent_cache: Any = None) -> grain.DataLoader:
     """A grain DataLoader over windows of `frames_per_clip` steps of `split`.
 
     `batch_size` is per process. Each element of `iter(loader)` is a dict with every
@@ -278,11 +292,13 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int
     `skip_bad_records`: then its window is logged and replaced by the next good one, and
     batches carry SKIPPED int32 [B] (1 per replaced window) for the caller to count. The
     order of batches is a function of `seed` and the shard, not of `worker_count`;
-    `iter(loader).get_state()` resumes it exactly.
+    `iter(loader).get_state()` resumes it exactly. With a `latent_cache`
+    (`data_pipelines.latent_cache.open_cache` of this dataset) batches also carry CODES,
+    the cached token ids int32 [B, T, N] of their records.
     """
     if not Path(data_dir).is_dir():
         raise DatasetError(f"dataset directory {data_dir} does not exist")
-    source = WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, fields)
+    source = WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, fields, latent_cache)
     n = len(source)
     batches = BatchSource(source, element_order(n, shuffle=shuffle, seed=seed), batch_size=batch_size,
                           num_elements=None if num_epochs is None else n * num_epochs, drop_remainder=drop_remainder,

@@ -36,6 +36,8 @@ def test_overrides_are_typed():
         ("train.stage=dynamic", ["train.stage", "dynamics"]),
         ("model.image_size=30", ["model.image_size", "patch_size"]),
         ("trainsteps", ["key=value"]),
+        ("data.latent_cache=cache", ["data.latent_cache", "dynamics"]),  # the preset trains the tokenizer
+        ("train.latent_actions_workdir=lam", ["train.latent_actions_workdir", "dynamics"]),
     ],
 )
 def test_bad_overrides_name_the_key(override, words):

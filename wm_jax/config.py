@@ -40,6 +40,9 @@ class DataConfig:
     # weight / sum(weights) of the windows (data_pipelines.mixture). Frame sizes must be
     # equal; only the fields every dataset has (same dtype and shape) are batched.
     mixture: tuple[tuple[str, float], ...] = ()
+    # Dynamics stage: a latent cache of `dir` (`wm data cache`, encoded by
+    # train.tokenizer_workdir); the step reads its token ids instead of encoding frames.
+    latent_cache: str = ""
 
 
 @dataclass(frozen=True)
@@ -485,6 +488,9 @@ def validate(cfg: Config) -> None:
                 f"config key 'model.dynamics.num_actions' ({cfg.model.dynamics.num_actions}) must cover the latent "
                 f"action vocabulary 'model.latent_actions.num_latent_actions' ({lam.num_latent_actions})"
             )
+    if cfg.data.latent_cache and (cfg.train.stage != "dynamics" or cfg.data.mixture):
+        raise ConfigError("config key 'data.latent_cache' is for the dynamics stage on one dataset ('data.dir'), "
+                          "not a mixture or another stage")
     if cfg.train.stage in ("dynamics", "latent_actions") and cfg.data.frames_per_clip < 2:
         raise ConfigError(f"config key 'data.frames_per_clip' must be >= 2 for the {cfg.train.stage} stage")
     mesh_axes = {"data", "fsdp", "tensor", "sequence"}

@@ -16,9 +16,11 @@ from data_pipelines.schema import DatasetError
 from wm_jax import config as config_lib
 from wm_jax import sharding
 from wm_jax.cli import main
-from wm_jax.config import MeshConfig
+from wm_jax.config import ConfigError, MeshConfig
+from wm_jax.models import flops
 from wm_jax.models.tokenizer import VideoTokenizer
 from wm_jax.rollout import encode_frames
+from wm_jax.telemetry import read_metrics
 from wm_jax.train.loop import load_run_config, restore_params, train
 
 # 5-frame windows: the dataset's 24-frame episodes end in a 4-frame window (padded in its
@@ -164,3 +166,22 @@ def test_cli_builds_the_same_cache_and_exits_2_without_a_tokenizer(tiny_dataset,
     missing = tmp_path / "no_run"
     assert main(["data", "cache", "--data", str(tiny_dataset), "--tokenizer", str(missing), "--out", str(tmp_path / "x")]) == 2
     assert f"{missing} is not a run directory" in capsys.readouterr().err
+
+
+def test_dynamics_trains_on_cached_codes_as_on_frames(tiny_dataset, tokenizer_run, cache_dir, tmp_path):
+    """The same batches give the same losses whether the step encodes frames or reads the
+    cache; windows the cache does not hold whole are refused."""
+    common = TINY_OVERRIDES + [f"data.dir={tiny_dataset}", "train.stage=dynamics", "train.steps=3",
+                               f"train.tokenizer_workdir={tokenizer_run}", "data.frames_per_clip=5",
+                               "data.window_stride=5"]
+    cfgs = {"frames": config_lib.load(PRESET, common),
+            "cache": config_lib.load(PRESET, common + [f"data.latent_cache={cache_dir}"])}
+    for run, cfg in cfgs.items():
+        train(cfg, tmp_path / run)
+    rows = {run: read_metrics(tmp_path / run / "metrics.jsonl") for run in cfgs}
+    np.testing.assert_allclose([r["loss"] for r in rows["cache"]], [r["loss"] for r in rows["frames"]], rtol=1e-5)
+    encode = 8 * flops.tokenizer_encode_flops(cfgs["frames"].model, 5)  # the frames' encode, not run from the cache
+    assert flops.train_step_flops(cfgs["frames"]) - flops.train_step_flops(cfgs["cache"]) == encode
+    for bad in ("data.window_stride=1", "data.frames_per_clip=6"):
+        with pytest.raises(ConfigError, match="data.window_stride"):
+            train(config_lib.load(PRESET, common + [f"data.latent_cache={cache_dir}", bad]), tmp_path / "bad")

@@ -89,8 +89,9 @@ def train_step_flops(cfg: Config) -> int:
 
     Tokenizer stage: forward + backward of encode/decode on B clips of T frames.
     Dynamics stage: the frozen tokenizer encodes the T frames (and the identity bank's
-    reference frame; forward only), a frozen latent action model (if any) infers the
-    actions, the dynamics model trains on T-1 input frames.
+    reference frame; forward only; with a latent cache only the reference), a frozen
+    latent action model (if any) infers the actions, the dynamics model trains on T-1
+    input frames.
     Latent actions stage: forward + backward of the LAM on B clips of T frames.
     """
     b, t = cfg.data.batch_size, cfg.data.frames_per_clip
@@ -98,7 +99,7 @@ def train_step_flops(cfg: Config) -> int:
         return b * TRAIN_FACTOR * tokenizer_forward_flops(cfg.model, t)
     if cfg.train.stage == "latent_actions":
         return b * TRAIN_FACTOR * latent_action_forward_flops(cfg.model, t)
-    encoded = t + (1 if cfg.model.dynamics.use_identity_bank else 0)  # + the reference frame
+    encoded = (0 if cfg.data.latent_cache else t) + (1 if cfg.model.dynamics.use_identity_bank else 0)
     inferred = latent_action_encode_flops(cfg.model, t) if cfg.train.latent_actions_workdir else 0
     return b * (tokenizer_encode_flops(cfg.model, encoded) + inferred + TRAIN_FACTOR * dynamics_forward_flops(cfg.model, t - 1))
 

@@ -20,8 +20,9 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from data_pipelines import latent_cache
 from data_pipelines import mixture as mixture_lib
-from data_pipelines.loader import SKIPPED, make_loader
+from data_pipelines.loader import CODES, SKIPPED, make_loader
 from data_pipelines.writer import DatasetError, read_manifest, verify_dataset
 from wm_jax import checkpoint as ckpt
 from wm_jax import config as config_lib
@@ -113,12 +114,32 @@ def check_mixture(cfg: Config, split: str, warn: Callable[[str], None] | None = 
 
 def loaded_fields(cfg: Config, available: Iterable[str]) -> list[str]:
     """The record fields the loader decodes and ships: those the step of cfg's stage
-    reads (`batch_fields`) and those `batch_fingerprint` hashes. Leaving the others in
-    the records saves their decoding and, with worker processes, a shared-memory
-    transfer each per batch."""
+    reads (`batch_fields`) and `action` (`batch_fingerprint` hashes it). Leaving the
+    others in the records saves their decoding and, with worker processes, a
+    shared-memory transfer each per batch (with a latent cache: the frames)."""
     available = list(available)
-    wanted = set(batch_fields(cfg, available)) | {"frame", "action"}
+    wanted = set(batch_fields(cfg, available + ([CODES] if cfg.data.latent_cache else []))) | {"action"}
     return [k for k in available if k in wanted]
+
+
+def open_latent_cache(cfg: Config, manifest: dict) -> Any:
+    """The latent cache of `data.latent_cache` (None if unset), checked to be of this
+    dataset and tokenizer run, and to hold exactly the codes the tokenizer gives each
+    training window: the encoder is causal in time, so the cache's windows of C frames
+    from each episode's start must contain every training window from its first frame."""
+    if not cfg.data.latent_cache:
+        return None
+    cache = latent_cache.open_cache(cfg.data.latent_cache, expect_content_hash=manifest["content_hash"],
+                                    tokenizer_workdir=cfg.train.tokenizer_workdir)
+    c = cache.manifest["tokenizer"]["window_frames"]
+    if cfg.data.window_stride % c or cfg.data.frames_per_clip > c:
+        raise ConfigError(
+            f"config keys 'data.window_stride' ({cfg.data.window_stride}) and 'data.frames_per_clip' "
+            f"({cfg.data.frames_per_clip}): latent cache {cfg.data.latent_cache} holds codes of windows of {c} frames "
+            f"from each episode's start; set data.window_stride to a multiple of {c} and data.frames_per_clip <= {c}"
+        )
+    telemetry.info(f"latent cache: {cfg.data.latent_cache} (codes of windows of {c} frames)")
+    return cache
 
 
 def load_run_config(workdir: str | Path) -> Config:
@@ -177,10 +198,13 @@ def load_frozen(cfg: Config, mesh: Any, rules: Any) -> dict[str, Any] | None:
 
 
 def batch_fingerprint(batch: dict[str, np.ndarray]) -> int:
-    """CRC32 of this process's frames and actions (where the batch has them): identical
-    batches, identical numbers."""
-    crc = zlib.crc32(np.ascontiguousarray(batch["frame"]).tobytes())
-    return zlib.crc32(np.ascontiguousarray(batch["action"]).tobytes(), crc) if "action" in batch else crc
+    """CRC32 of this process's frames (or cached codes) and actions, those the batch has:
+    identical batches, identical numbers."""
+    crc = 0
+    for name in ("frame", CODES, "action"):
+        if name in batch:
+            crc = zlib.crc32(np.ascontiguousarray(batch[name]).tobytes(), crc)
+    return crc
 
 
 def loss_zscore(loss: float, recent: collections.deque) -> float:
@@ -246,7 +270,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     if cfg.data.mixture:
         loader = mixture_lib.make_mixture_loader(cfg.data.mixture, **loader_args)
     else:
-        loader = make_loader(cfg.data.dir, **loader_args)
+        loader = make_loader(cfg.data.dir, **loader_args, latent_cache=open_latent_cache(cfg, manifest))
     batches = iter(loader)
     damaged: list[str] = []
     found = ckpt.restore_newest_good(manager, abstract, cfg, workdir, warn=damaged.append)
@@ -265,7 +289,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     telemetry.info(f"parameters per module: {by_module}")
 
     # The restored frozen parameters already sit on their shardings.
-    fields = batch_fields(cfg, manifest["fields"])
+    fields = batch_fields(cfg, list(manifest["fields"]) + ([CODES] if cfg.data.latent_cache else []))
     step_fn = jit_train_step(cfg, mesh, rules, shardings, jax.tree.map(lambda x: x.sharding, frozen), fields)
     # Every process restored the same step (or none) and is about to run collectives.
     distributed.barrier("state_ready", cfg.train.barrier_timeout_s)

@@ -14,7 +14,7 @@ from wm_jax.config import Config
 from wm_jax.eval.metrics import psnr_from_mse
 from wm_jax.models.dynamics import make_controls, sample_maskgit_mask, token_loss
 from wm_jax.models.latent_actions import LatentActionModel
-from wm_jax.models.tokenizer import VideoTokenizer, vocab_size
+from wm_jax.models.tokenizer import VideoTokenizer, indices_to_codes, num_tokens, vocab_size
 from wm_jax.sharding import batch_sharding
 from wm_jax.train.state import TrainState, build_model, make_optimizer
 
@@ -146,7 +146,10 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
             return latent_action_loss(params, model, batch)
         if cfg.train.latent_actions_workdir:
             batch = with_latent_actions(batch, lam, frozen["latent_actions"])
-        codes = encode_codes(tokenizer, frozen["tokenizer"], batch["frame"])
+        if cfg.data.latent_cache:  # token ids read from the cache: no encode
+            codes = indices_to_codes(batch["codes"], cfg.model.tokenizer.fsq_levels)
+        else:
+            codes = encode_codes(tokenizer, frozen["tokenizer"], batch["frame"])
         return dynamics_loss(params, model, batch, codes, reference_codes(tokenizer, frozen["tokenizer"], batch), rng)
 
     def train_step(state: TrainState, batch: Batch, frozen: Any) -> tuple[TrainState, Metrics]:
@@ -169,20 +172,25 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
     return train_step
 
 
-# Record fields a train step may read, with their rank: frame uint8 [B,T,S,S,3], action
-# int32 [B,T], camera float32 [B,T,7], cut bool [B,T], reference uint8 [B,T,S,S,3], ...
-FIELD_RANKS = {"frame": 5, "action": 2, "action_valid": 2, "camera": 3, "camera_valid": 2, "cut": 2, "reference": 5}
+# Batch fields a train step may read, with their rank: frame uint8 [B,T,S,S,3], action
+# int32 [B,T], camera float32 [B,T,7], cut bool [B,T], reference uint8 [B,T,S,S,3], ...;
+# codes int32 [B,T,N] are token ids from a latent cache (data.latent_cache), not a record field.
+FIELD_RANKS = {"frame": 5, "action": 2, "action_valid": 2, "camera": 3, "camera_valid": 2, "cut": 2, "reference": 5,
+               "codes": 3}
 
 
 def batch_fields(cfg: Config, available: Iterable[str] | None = None) -> dict[str, int]:
     """Field name -> rank of what the step of cfg's stage reads, among the `available`
-    fields of the dataset (None: all). The dynamics stage needs `action`, unless a latent
-    action model infers them; the conditioning fields it uses are optional (absent means
-    unknown: masked)."""
+    fields of the batches (None: all). The dynamics stage needs `action`, unless a latent
+    action model infers them, and reads `codes` instead of `frame` from a latent cache
+    (frames still, when a latent action model reads them); the conditioning fields it
+    uses are optional (absent means unknown: masked)."""
     names = ["frame"]
     if cfg.train.stage == "dynamics":
         dc = cfg.model.dynamics
         inferred = bool(cfg.train.latent_actions_workdir)
+        if cfg.data.latent_cache:
+            names = ["codes"] + (["frame"] if inferred else [])
         names += [] if inferred else ["action", "action_valid"]
         names += ["camera", "camera_valid"] if dc.use_camera else []
         names += ["cut"] if dc.use_cuts else []
@@ -201,6 +209,7 @@ def batch_specs(cfg: Config, mesh: Mesh, rules: Any) -> dict[str, jax.ShapeDtype
         "frame": ((b, t, s, s, 3), jnp.uint8), "reference": ((b, t, s, s, 3), jnp.uint8),
         "action": ((b, t), jnp.int32), "camera": ((b, t, 7), jnp.float32),
         "action_valid": ((b, t), jnp.bool_), "camera_valid": ((b, t), jnp.bool_), "cut": ((b, t), jnp.bool_),
+        "codes": ((b, t, num_tokens(cfg.model)), jnp.int32),
     }
     return {
         k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1], sharding=batch_sharding(mesh, rules, rank))
