@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,27 @@ class WindowSource(grain.sources.RandomAccessDataSource):
         return {name: np.stack([rec[name] for rec in records]) for name in records[0]
                 if self._fields is None or name in self._fields}
 
+    def batch(self, ks: Sequence[int]) -> dict[str, np.ndarray]:
+        """Windows ks stacked to [B, T, ...]. Their B*T records are read and decoded at
+        once with the learned layout (numpy's per-call costs paid per batch, not per
+        window); any window that cannot be (a read error, a record with another layout,
+        nothing learned yet) sends the batch through the window-by-window path, which
+        checks in full, names a bad record or, with skip_bad_records, replaces its window."""
+        if self._layout is not None:
+            try:
+                data = [d for k in ks for d in self._read(int(self._starts[k]))]
+            except READ_ERRORS:
+                data = None
+            stacked = None if data is None else layout.decode_window(data, self._layout, self._fields)
+            if stacked is not None:
+                batch = {name: a.reshape((len(ks), self._T, *a.shape[1:])) for name, a in stacked.items()}
+                if self._cache is not None:
+                    batch[CODES] = np.stack([self._cache.read(self._split, int(self._starts[k]), self._T) for k in ks])
+                if self._skip_bad_records:
+                    batch[SKIPPED] = np.zeros(len(ks), np.int32)
+                return batch
+        return stack_windows([self[k] for k in ks])
+
     def __getitem__(self, k: int) -> dict[str, np.ndarray]:
         if not self._skip_bad_records:
             return self._window(k)
@@ -208,19 +229,52 @@ class WindowSource(grain.sources.RandomAccessDataSource):
         raise DatasetError(f"every window of {self._repr} holds a bad record")
 
 
-class BatchSource(grain.sources.RandomAccessDataSource):
-    """Random-access batches: batch j ↦ the elements `order[j*B]` .. `order[j*B + B - 1]`
-    of `source`, each field stacked to [B, ...] (the last batch of a finite order may be
-    shorter). A batch is one grain element, so what grain does per element (sampling,
-    prefetch bookkeeping, the hand-over from a worker process) is paid once per batch,
-    not once per window.
+def stack_windows(windows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """B windows {name: [T, ...]} -> one batch {name: [B, T, ...]}."""
+    return {name: np.stack([w[name] for w in windows]) for name in windows[0]}
 
-    order: global element index -> key of `source` (a shuffled `grain.MapDataset.range`
-    reshuffles per pass); num_elements: how many it has, None for no end.
+
+class WindowOrder:
+    """Global element index -> window key: passes over `num_windows` windows, one after
+    the other, each in order or (shuffle) in its own permutation drawn from (seed, pass).
+    A pass's permutation is computed once per process (int32/int64 [num_windows]) and
+    kept while elements of that pass are asked for."""
+
+    def __init__(self, num_windows: int, *, shuffle: bool, seed: int | None):
+        self._n, self._shuffle, self._seed = num_windows, shuffle, seed
+        self._cached: tuple[int, np.ndarray] | None = None  # (pass, permutation): one attribute, for read threads
+
+    def __repr__(self) -> str:
+        return f"WindowOrder(shuffle={self._shuffle}, seed={self._seed})"
+
+    def _permutation(self, p: int) -> np.ndarray:
+        cached = self._cached
+        if cached is None or cached[0] != p:
+            cached = (p, np.random.default_rng([self._seed or 0, p]).permutation(self._n))
+            self._cached = cached
+        return cached[1]
+
+    def keys(self, first: int, stop: int) -> np.ndarray:
+        """int64 [stop - first]: the window keys of elements first..stop-1."""
+        index = np.arange(first, stop, dtype=np.int64)
+        if not self._shuffle:
+            return index % self._n
+        passes, within = np.divmod(index, self._n)
+        return np.concatenate([self._permutation(int(p))[within[passes == p]] for p in np.unique(passes)])
+
+
+class BatchSource(grain.sources.RandomAccessDataSource):
+    """Random-access batches: batch j ↦ the windows of elements j*B .. j*B + B - 1 of
+    `order` (`WindowOrder.keys`), from `source.batch(keys)` as [B, ...] per field (the
+    last batch of a finite order may be shorter). A batch is one grain element, so what
+    grain does per element (sampling, prefetch bookkeeping, the hand-over from a worker
+    process) is paid once per batch, not once per window.
+
+    num_elements: how many elements the order has, None for no end.
     """
 
-    def __init__(self, source: grain.sources.RandomAccessDataSource, order: grain.MapDataset, *,
-                 batch_size: int, num_elements: int | None, drop_remainder: bool, order_repr: str):
+    def __init__(self, source: grain.sources.RandomAccessDataSource, order: WindowOrder, *,
+                 batch_size: int, num_elements: int | None, drop_remainder: bool):
         if batch_size < 1:
             raise DatasetError(f"batch_size must be >= 1; got {batch_size}")
         self._source, self._order, self._B = source, order, batch_size
@@ -230,7 +284,8 @@ class BatchSource(grain.sources.RandomAccessDataSource):
         else:
             self._len = num_elements // batch_size if drop_remainder else -(-num_elements // batch_size)
         # Checked when an iterator state is restored: the data and the order.
-        self._repr = f"BatchSource({source!r}, {order_repr}, batch_size={batch_size}, drop_remainder={drop_remainder})"
+        self._repr = (f"BatchSource({source!r}, {order!r}, batch_size={batch_size}, num_elements={num_elements}, "
+                      f"drop_remainder={drop_remainder})")
 
     def __len__(self) -> int:
         return self._len
@@ -241,8 +296,7 @@ class BatchSource(grain.sources.RandomAccessDataSource):
     def __getitem__(self, j: int) -> dict[str, np.ndarray]:
         first = j * self._B
         last = first + self._B if self._num_elements is None else min(first + self._B, self._num_elements)
-        elements = [self._source[int(self._order[i])] for i in range(first, last)]
-        return {name: np.stack([e[name] for e in elements]) for name in elements[0]}
+        return self._source.batch(self._order.keys(first, last).tolist())
 
 
 class BatchSampler:
@@ -262,13 +316,6 @@ class BatchSampler:
         if not 0 <= index < self._len:
             raise IndexError(f"batch index {index} is outside [0, {self._len})")
         return grain.RecordMetadata(index=index, record_key=index)
-
-
-def element_order(num_records: int, *, shuffle: bool, seed: int | None) -> grain.MapDataset:
-    """Global element index -> record key: 0..n-1 repeated, or shuffled afresh on every
-    pass (the same order as grain's IndexSampler for this seed)."""
-    keys = grain.MapDataset.range(num_records)
-    return keys.shuffle(seed=seed) if shuffle else keys
 
 
 def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int,
@@ -300,9 +347,8 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int
         raise DatasetError(f"dataset directory {data_dir} does not exist")
     source = WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, fields, latent_cache)
     n = len(source)
-    batches = BatchSource(source, element_order(n, shuffle=shuffle, seed=seed), batch_size=batch_size,
-                          num_elements=None if num_epochs is None else n * num_epochs, drop_remainder=drop_remainder,
-                          order_repr=f"shuffle={shuffle}, seed={seed}, num_epochs={num_epochs}")
+    batches = BatchSource(source, WindowOrder(n, shuffle=shuffle, seed=seed), batch_size=batch_size,
+                          num_elements=None if num_epochs is None else n * num_epochs, drop_remainder=drop_remainder)
     return data_loader(batches, worker_count=worker_count, shard_options=shard_options, read_options=read_options)
 
 

@@ -84,6 +84,10 @@ class MixtureSource(grain.sources.RandomAccessDataSource):
     def __getitem__(self, k: int) -> dict[str, np.ndarray]:
         return self._mixed[k]
 
+    def batch(self, ks: Sequence[int]) -> dict[str, np.ndarray]:
+        """Positions ks stacked to [B, T, ...] (`loader.BatchSource` reads batches so)."""
+        return loader.stack_windows([self[k] for k in ks])
+
 
 def make_mixture_loader(mixture: Sequence[tuple[str | os.PathLike, float]], *, split: str,
                         frames_per_clip: int, batch_size: int, seed: int, window_stride: int = 1,
@@ -105,7 +109,7 @@ def make_mixture_loader(mixture: Sequence[tuple[str | os.PathLike, float]], *, s
                for data_dir, _ in mixture]
     source = MixtureSource(sources, [w for _, w in mixture], seed=seed, shuffle=shuffle)
     # Shuffling happens in the source: batches read the stream in order.
-    batches = loader.BatchSource(source, loader.element_order(len(source), shuffle=False, seed=None),
-                                 batch_size=batch_size, num_elements=None, drop_remainder=True, order_repr="in order")
+    batches = loader.BatchSource(source, loader.WindowOrder(len(source), shuffle=False, seed=None),
+                                 batch_size=batch_size, num_elements=None, drop_remainder=True)
     return loader.data_loader(batches, worker_count=worker_count, shard_options=shard_options,
                               read_options=read_options)
