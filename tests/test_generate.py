@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import watermark as bench_watermark
 from conftest import PRESET, REPO, TINY_OVERRIDES
 from wm_jax.cli import main
 from wm_jax.generate import (DEFAULT_POSE, ScriptError, load_script, output_paths, parse_script, read_source,
@@ -310,3 +311,9 @@ def test_generate_from_trained_runs(tmp_path, tiny_dataset, capsys):
     info = json.loads(Path(f"{out}.json").read_text())["provenance"]
     assert info["model"]["step"] == 2 and info["model"]["checkpoint"].endswith("checkpoints/2/state")
     assert info["model"]["tokenizer"]["workdir"] == str(tok.resolve())
+
+    # `wm bench watermark --workdir`: generated clips are marked, real ones (same size) not.
+    result = bench_watermark.run_generated(dyn, script, clips=3)
+    assert (result["frames"], result["frame_size"]) == (14, 128)
+    assert result["detect_rate_marked"] == 1.0 and result["false_positive_rate"] == 0.0
+    assert result["false_positive_rate_after_mp4"] == 0.0
