@@ -119,17 +119,25 @@ def run_generated(workdir: str | Path, script: str | Path, clips: int = 100, key
     with tempfile.TemporaryDirectory(prefix="wm_bench_watermark_") as tmp:
         generated, real = generated_and_real(workdir, script, clips, seed, tmp)
         for i, (marked, clip) in enumerate(zip(generated, real)):
-            votes = wmk.cell_votes(marked)
-            scores["marked"].append(wmk.score_votes(votes, key))
-            scores["wrong_key"].append(wmk.score_votes(votes, (wmk.check_key(key) + 1 + i) % 2**64))
-            scores["real"].append(wmk.detect(clip, key)[0])
-            scores["marked_mp4"].append(wmk.detect(mp4_round_trip(marked, tmp, fps), key)[0])
-            scores["real_mp4"].append(wmk.detect(mp4_round_trip(clip, tmp, fps), key)[0])
+            score_pair(scores, marked, clip, key, i, tmp, fps)
     t, h, w, _ = generated[0].shape
     return {**rates(scores), "psnr_db": None, "psnr_db_min": None, "clips": clips, "frames": t, "frame_size": h,
             "strength": wmk.STRENGTH, "cell": wmk.cell_size(h, w), "mp4_fps": fps, "threshold": wmk.THRESHOLD,
             "generated_by": {"workdir": str(workdir), "script": str(script), "seed": seed},
             "seconds": time.perf_counter() - start}
+
+
+def score_pair(scores: dict[str, list[float]], marked: np.ndarray, real: np.ndarray, key: int, i: int,
+               directory: str, fps: float) -> None:
+    """Appends the detection scores of clip pair i (uint8 [T, H, W, 3] each) to `scores`:
+    marked and real as they are and after an mp4 round trip, and marked under a wrong key."""
+    votes = wmk.cell_votes(marked)
+    scores["marked"].append(wmk.score_votes(votes, key))
+    # A different wrong key per clip: one fixed pair of keys would be a single sample.
+    scores["wrong_key"].append(wmk.score_votes(votes, (wmk.check_key(key) + 1 + i) % 2**64))
+    scores["real"].append(wmk.detect(real, key)[0])
+    scores["marked_mp4"].append(wmk.detect(mp4_round_trip(marked, directory, fps), key)[0])
+    scores["real_mp4"].append(wmk.detect(mp4_round_trip(real, directory, fps), key)[0])
 
 
 def rates(scores: dict[str, list[float]]) -> dict[str, Any]:
@@ -161,13 +169,7 @@ def run(clips: int = 200, frames: int = 16, size: int = 64, key: int = wmk.DEFAU
             real = procedural_clip(clips + i, frames, size, seed)  # another world, never marked
             marked = wmk.embed(clip, key, strength)
             psnrs.append(wmk.psnr(clip, marked))
-            votes = wmk.cell_votes(marked)
-            scores["marked"].append(wmk.score_votes(votes, key))
-            # A different wrong key per clip: one fixed pair of keys would be a single sample.
-            scores["wrong_key"].append(wmk.score_votes(votes, (wmk.check_key(key) + 1 + i) % 2**64))
-            scores["real"].append(wmk.detect(real, key)[0])
-            scores["marked_mp4"].append(wmk.detect(mp4_round_trip(marked, tmp, fps), key)[0])
-            scores["real_mp4"].append(wmk.detect(mp4_round_trip(real, tmp, fps), key)[0])
+            score_pair(scores, marked, real, key, i, tmp, fps)
     return {
         **rates(scores),
         "psnr_db": float(np.mean(psnrs)),
