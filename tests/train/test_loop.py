@@ -105,6 +105,10 @@ def test_incompatible_checkpoint_exits_2(tmp_path, tiny_overrides, capsys):
     assert _run_cli("train", "--config", PRESET, *args, "--workdir", run) == 2
     err = capsys.readouterr().err
     assert "model.tokenizer.embed_dim" in err and "32" in err and "48" in err
+    # The same model, but a loader the saved data position does not fit (another window stride).
+    args = sum((["--set", o] for o in tiny_overrides + ["train.steps=4", "data.window_stride=2"]), [])
+    assert _run_cli("train", "--config", PRESET, *args, "--workdir", run) == 2
+    assert "data position saved at step 2 does not fit this loader" in capsys.readouterr().err
 
 
 def test_sigterm_saves_and_exits_42(tmp_path, tiny_overrides):

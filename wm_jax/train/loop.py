@@ -278,7 +278,13 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         state, start_step = create_train_state(cfg, mesh, rules, shardings), 0
     else:
         start_step, state, data_state = found
-        batches.set_state(_decode_iterator_state(data_state))
+        try:
+            batches.set_state(_decode_iterator_state(data_state))
+        except ValueError as e:  # grain names the saved and the current source/sampler
+            raise ckpt.CheckpointError(
+                f"{workdir}: the data position saved at step {start_step} does not fit this loader (another "
+                f"dataset, batch size, data.worker_count, latent cache or loader version); resume with the "
+                f"settings it was saved with, or train in a new workdir: {e}") from e
         telemetry.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start_step}")
     telemetry.info(
         f"stage {cfg.train.stage}: {param_count(state.params):,} parameters, "
