@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev,video,envs]"
+	$(BIN)/pip install -e ".[dev,video,envs,mujoco]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,7 +9,7 @@ import numpy as np
 
 from data_pipelines import loader, schema, writer
 from data_pipelines.schema import DatasetError
-from data_pipelines.sources import atari, procedural, video_files
+from data_pipelines.sources import atari, mujoco, procedural, video_files
 
 # A source module provides SOURCE_NAME, GENERATOR_VERSION, record_spec(size, **params),
 # generate_episode(seed, episode_id, num_frames, size=size, **params), and FPS or
@@ -22,10 +22,11 @@ from data_pipelines.sources import atari, procedural, video_files
 # call them, e.g. "videos"), and input_episodes(item, episode_ids, num_frames, size,
 # **params): an item's episodes, each numbered with next(episode_ids).
 SOURCES: dict[str, ModuleType] = {procedural.SOURCE_NAME: procedural, atari.SOURCE_NAME: atari,
-                                  video_files.SOURCE_NAME: video_files}
+                                  video_files.SOURCE_NAME: video_files, mujoco.SOURCE_NAME: mujoco}
 SOURCE_PARAMS: dict[str, dict] = {procedural.SOURCE_NAME: {"num_entities": 3},
                                   atari.SOURCE_NAME: atari.DEFAULT_PARAMS,
-                                  video_files.SOURCE_NAME: video_files.DEFAULT_PARAMS}
+                                  video_files.SOURCE_NAME: video_files.DEFAULT_PARAMS,
+                                  mujoco.SOURCE_NAME: mujoco.DEFAULT_PARAMS}
 DEFAULT_EPISODES = DEFAULT_FRAMES = 64  # of a generating source
 
 
@@ -64,7 +65,8 @@ def make_dataset(source: str, out: str | os.PathLike, *, size: int, episodes: in
     test ids); returns the manifest. A source with inputs (video) takes no `episodes`: its
     splits divide the inputs, each giving episodes of at most `frames` steps (None: whole).
     `params` are the source's own (SOURCE_PARAMS), e.g. num_entities for procedural,
-    game/policy/frameskip/sticky_prob for atari, videos/stride/cut_ratio for video."""
+    game/policy/frameskip/sticky_prob for atari, videos/stride/cut_ratio for video,
+    num_objects for mujoco."""
     params = source_params(source, params)
     mod = SOURCES[source]
     # Validate before anything is generated or written.

@@ -32,7 +32,8 @@ def cmd_data_make(args: argparse.Namespace) -> int:
 
     # Only the source flags given are passed: the source's defaults fill in the rest, and
     # a flag the source does not take is refused by name.
-    names = ("game", "policy", "frameskip", "sticky_prob", "videos", "stride", "cut_ratio", "episodes", "frames")
+    names = ("game", "policy", "frameskip", "sticky_prob", "videos", "stride", "cut_ratio", "num_objects",
+             "episodes", "frames")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     manifest = make_dataset(
         args.source, args.out, size=args.size, seed=args.seed, val_fraction=args.val_fraction,
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="make, inspect or cache datasets").add_subparsers(dest="data_command", required=True)
     make = data.add_parser("make", help="write a dataset (ArrayRecord shards + manifest)")
-    make.add_argument("--source", required=True, choices=["procedural", "atari", "video"])
+    make.add_argument("--source", required=True, choices=["procedural", "atari", "video", "mujoco"])
     make.add_argument("--out", required=True)
     make.add_argument("--episodes", type=int, help="episodes to generate (default 64; not for video)")
     make.add_argument("--frames", type=int, help="steps per episode, at most (default 64; video: whole videos)")
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--stride", type=int, help="video: keep every STRIDE-th frame (default 1)")
     make.add_argument("--cut-ratio", type=float, help="video without side-file shot ids: a frame difference this many "
                       "times the running median is a cut (default 3)")
+    make.add_argument("--num-objects", type=int, help="mujoco: objects in each episode's scene (default 5)")
     make.set_defaults(fn=cmd_data_make)
     inspect = data.add_parser("inspect", help="verify hashes and print statistics")
     inspect.add_argument("dir")
