@@ -96,5 +96,5 @@ def test_make_dataset_and_stats(tmp_path):
     assert sum(train["action_histogram"].values()) == 60
     assert 0 < train["cut_rate"] <= 3 * 2 / 60
     assert stats["frame_size"] == S
-    with pytest.raises(DatasetError, match="known sources: \\['atari', 'procedural', 'video'\\]"):
+    with pytest.raises(DatasetError, match="known sources: \\['atari', 'mujoco', 'procedural', 'video'\\]"):
         datasets.make_dataset("nope", tmp_path / "x", episodes=2, frames=2, size=S)
