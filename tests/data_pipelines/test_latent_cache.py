@@ -2,7 +2,6 @@
 tensorstore zarr3 arrays."""
 
 import json
-import pickle
 import re
 import shutil
 from pathlib import Path
@@ -55,8 +54,11 @@ def test_codes_equal_the_tokenizers_encoding(tiny_dataset, tokenizer_run, cache_
     cfg = load_run_config(tokenizer_run)
     params, _, _ = restore_params(tokenizer_run, sharding.make_mesh(MeshConfig()), sharding.logical_rules(cfg.mesh))
     cache = latent_cache.open_cache(cache_dir, data_dir=tiny_dataset, tokenizer_workdir=tokenizer_run)
-    # A grain worker gets the cache pickled: paths and manifest only, arrays reopened there.
-    cache = pickle.loads(pickle.dumps(cache))
+    # A grain worker gets the cache's state (paths and manifest only) and reopens the arrays.
+    state = cache.__getstate__()
+    assert set(state) == {"root", "manifest"}
+    cache = latent_cache.LatentCache.__new__(latent_cache.LatentCache)
+    cache.__setstate__(state)
     manifest = writer.read_manifest(tiny_dataset)
     assert cache.manifest["tokens_per_frame"] == 16 and cache.manifest["splits"]["train"]["dtype"] == "uint8"
     for split in ("train", "val"):
