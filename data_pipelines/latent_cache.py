@@ -143,7 +143,7 @@ def _content_hash(store: ts.TensorStore, rows_per_read: int, what: str) -> str:
 
 
 class _FrameReader:
-    """Frames of a split's records, read with one range read per shard."""
+    """Frames of a split's records, read with one `loader.read_range` per shard."""
 
     def __init__(self, data_dir: str | os.PathLike, manifest: dict, split: str):
         self._paths = writer.shard_paths(data_dir, manifest, split)
@@ -153,7 +153,7 @@ class _FrameReader:
     def read(self, first: int, count: int) -> np.ndarray:
         """uint8 [count, S, S, 3]: the frames of records first..first+count-1."""
         data = [d for shard, begin, end in loader.record_ranges(self._shard_ends, first, count)
-                for d in self._readers[shard].read(begin, end)]
+                for d in loader.read_range(self._readers[shard], begin, end)]
         return np.stack([schema.decode_record(d)["frame"] for d in data])
 
     def close(self) -> None:

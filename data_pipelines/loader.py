@@ -12,10 +12,12 @@ holding such a record is logged and replaced by the next good window instead.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,14 @@ SKIPPED = "bad_windows_skipped"
 CODES = "codes"
 # What the C++ ArrayRecord reader raises for an unreadable file or chunk.
 READ_ERRORS = (RuntimeError, ValueError)
-# A window's records are consecutive: read them with one range read per shard, no readahead.
+# An element of an endless loader (what grain hands from a worker process to the
+# caller) holds as many whole batches as add up to about this many bytes, so grain's
+# per-element costs (a shared-memory block per array, queues: ~1 ms) are paid once per
+# several small batches rather than once per batch.
+ELEMENT_BYTES = 4 << 20
+MAX_BATCHES_PER_ELEMENT = 64
+# A window's records are consecutive: read them with a seek and sequential reads, no
+# readahead (`read_range`).
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 
 
@@ -82,6 +91,15 @@ def record_ranges(shard_ends: np.ndarray, first: int, count: int) -> list[tuple[
     return ranges
 
 
+def read_range(reader: ArrayRecordReader, begin: int, end: int) -> list[bytes]:
+    """Records begin..end-1 of one shard, read on this thread: a seek, then sequential
+    reads. (The reader's range read `read(begin, end)` hands every record to a thread pool
+    and back: 2.3x slower on one process here, and it does not scale with processes.)
+    The reader keeps a position: one reader per thread."""
+    reader.seek(begin)
+    return [reader.read() for _ in range(end - begin)]
+
+
 def bad_record(shard: str, index: int, error: Exception) -> DatasetError:
     """The error for record `index` of `shard` that failed to read, decode or check."""
     return DatasetError(f"bad record {index} of shard {shard}: {str(error) or type(error).__name__}")
@@ -105,7 +123,7 @@ class WindowSource(grain.sources.RandomAccessDataSource):
     in `fields`) stacked to [T, ...] (with skip_bad_records, plus SKIPPED: int32 []; with
     a `latent_cache`, plus CODES: its token ids int32 [T, N] of the same records).
 
-    A window is read with one range read per shard it spans and, once a record has been
+    A window is read with one `read_range` per shard it spans and, once a record has been
     decoded and checked in full, decoded with that record's byte layout
     (`data_pipelines.layout`); a record that differs from it is decoded and checked in full.
     """
@@ -123,8 +141,7 @@ class WindowSource(grain.sources.RandomAccessDataSource):
         self._T = frames_per_clip
         self._skip_bad_records = skip_bad_records
         self._layout: layout.Layout | None = None  # learned from the first window read in full
-        self._readers: list[ArrayRecordReader | None] = [None] * len(self._paths)
-        self._lock = threading.Lock()
+        self._thread = threading.local()  # its readers: {shard: ArrayRecordReader}
         # The repr is checked when an iterator state is restored: name the data by its
         # content, not its path, so a moved dataset still resumes.
         self._repr = (f"WindowSource(content_hash={manifest['content_hash']}, split={split}, "
@@ -137,6 +154,14 @@ class WindowSource(grain.sources.RandomAccessDataSource):
 
     def __repr__(self) -> str:
         return self._repr
+
+    def window_bytes(self) -> int:
+        """Bytes of one window as batches carry it: its loaded fields (and cached ids)."""
+        record = sum(np.dtype(dtype).itemsize * math.prod(shape) for name, (dtype, shape) in self._spec.items()
+                     if self._fields is None or name in self._fields)
+        if self._cache is not None:
+            record += 4 * self._cache.manifest["splits"][self._split]["shape"][1]
+        return record * self._T
 
     def _record(self, index: int, data: bytes | None) -> dict[str, np.ndarray]:
         """Record `index` of the split (read now if `data` is None), decoded and checked
@@ -151,24 +176,25 @@ class WindowSource(grain.sources.RandomAccessDataSource):
             raise bad_record(self._paths[shard], local, e) from e
 
     def __getstate__(self) -> dict:
-        # Grain's worker processes unpickle the source: readers and locks are per process.
-        return {**self.__dict__, "_readers": None, "_lock": None}
+        # Grain's worker processes unpickle the source: readers are per process and thread.
+        return {**self.__dict__, "_thread": None}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _readers=[None] * len(state["_paths"]), _lock=threading.Lock())
+        self.__dict__.update(state, _thread=threading.local())
 
     def _reader(self, shard: int) -> ArrayRecordReader:
-        if self._readers[shard] is None:
-            with self._lock:  # grain's read threads share the source; a reader is thread-safe
-                if self._readers[shard] is None:
-                    self._readers[shard] = ArrayRecordReader(self._paths[shard], READER_OPTIONS)
-        return self._readers[shard]
+        """This thread's reader of `shard` (grain's read threads share the source, and a
+        reader's position is its own), opened on first use."""
+        readers = self._thread.__dict__.setdefault("readers", {})
+        if shard not in readers:
+            readers[shard] = ArrayRecordReader(self._paths[shard], READER_OPTIONS)
+        return readers[shard]
 
     def _read(self, first: int) -> list[bytes]:
-        """The T records of the split from record `first` on, one range read per shard.
+        """The T records of the split from record `first` on, one `read_range` per shard.
         (ArrayRecordDataSource.__getitems__ starts a thread pool per call: 10x slower.)"""
         return [data for shard, begin, end in record_ranges(self._shard_ends, first, self._T)
-                for data in self._reader(shard).read(begin, end)]
+                for data in read_range(self._reader(shard), begin, end)]
 
     def _window(self, k: int) -> dict[str, np.ndarray]:
         window = self._records_window(k)
@@ -263,29 +289,56 @@ class WindowOrder:
         return np.concatenate([self._permutation(int(p))[within[passes == p]] for p in np.unique(passes)])
 
 
+def auto_batches_per_element(batch_bytes: int) -> int:
+    """How many batches of `batch_bytes` bytes an element of an endless loader holds:
+    enough for ELEMENT_BYTES, at most MAX_BATCHES_PER_ELEMENT, at least 1."""
+    return max(1, min(MAX_BATCHES_PER_ELEMENT, -(-ELEMENT_BYTES // max(1, batch_bytes))))
+
+
 class BatchSource(grain.sources.RandomAccessDataSource):
-    """Random-access batches: batch j ↦ the windows of elements j*B .. j*B + B - 1 of
-    `order` (`WindowOrder.keys`), from `source.batch(keys)` as [B, ...] per field (the
-    last batch of a finite order may be shorter). A batch is one grain element, so what
-    grain does per element (sampling, prefetch bookkeeping, the hand-over from a worker
-    process) is paid once per batch, not once per window.
+    """Random-access groups of this shard's batches. Global batch g is the windows of
+    elements g*B .. g*B + B - 1 of `order` (`WindowOrder.keys`); shard p of P (a JAX
+    process) takes batches p, p+P, p+2P, ... (as many per shard with
+    `shard.drop_remainder`), and its element j holds its batches j*K .. j*K + K - 1
+    (K = `batches_per_element`): `source.batch(keys)` of their windows, [K*B, ...] per
+    field, which `BatchIterator` cuts into batches of B. A shard's batches are the same
+    whatever K is. The last element of a finite order may hold fewer batches and, without
+    drop_remainder, the last batch fewer windows. What grain does per element (sampling,
+    prefetch bookkeeping, the hand-over from a worker process) is paid once per K
+    batches, not once per window.
 
     num_elements: how many elements the order has, None for no end.
     """
 
     def __init__(self, source: grain.sources.RandomAccessDataSource, order: WindowOrder, *,
-                 batch_size: int, num_elements: int | None, drop_remainder: bool):
-        if batch_size < 1:
-            raise DatasetError(f"batch_size must be >= 1; got {batch_size}")
-        self._source, self._order, self._B = source, order, batch_size
-        self._num_elements = num_elements
+                 batch_size: int, num_elements: int | None, drop_remainder: bool,
+                 shard: grain.sharding.ShardOptions, batches_per_element: int = 1):
+        if batch_size < 1 or batches_per_element < 1:
+            raise DatasetError(f"batch_size ({batch_size}) and batches_per_element ({batches_per_element}) "
+                               f"must be >= 1")
+        self._source, self._order, self._B, self._K = source, order, batch_size, batches_per_element
+        self._p, self._P = shard.shard_index, shard.shard_count
+        self._end = None  # the windows the batches cover
         if num_elements is None:
             self._len = sys.maxsize
         else:
-            self._len = num_elements // batch_size if drop_remainder else -(-num_elements // batch_size)
-        # Checked when an iterator state is restored: the data and the order.
+            self._end = num_elements - num_elements % batch_size if drop_remainder else num_elements
+            batches = -(-self._end // batch_size)
+            mine = batches // self._P if shard.drop_remainder else len(range(self._p, batches, self._P))
+            self._batches = mine
+            self._len = -(-mine // batches_per_element)
+        # Checked when an iterator state is restored: the data, the order, the shard and the grouping.
         self._repr = (f"BatchSource({source!r}, {order!r}, batch_size={batch_size}, num_elements={num_elements}, "
-                      f"drop_remainder={drop_remainder})")
+                      f"drop_remainder={drop_remainder}, shard={self._p}/{self._P}, "
+                      f"batches_per_element={batches_per_element})")
+
+    @property
+    def batch_size(self) -> int:
+        return self._B
+
+    @property
+    def batches_per_element(self) -> int:
+        return self._K
 
     def __len__(self) -> int:
         return self._len
@@ -294,14 +347,18 @@ class BatchSource(grain.sources.RandomAccessDataSource):
         return self._repr
 
     def __getitem__(self, j: int) -> dict[str, np.ndarray]:
-        first = j * self._B
-        last = first + self._B if self._num_elements is None else min(first + self._B, self._num_elements)
-        return self._source.batch(self._order.keys(first, last).tolist())
+        stop = (j + 1) * self._K if self._end is None else min((j + 1) * self._K, self._batches)
+        keys = []
+        for i in range(j * self._K, stop):
+            first = (i * self._P + self._p) * self._B
+            last = first + self._B if self._end is None else min(first + self._B, self._end)
+            keys.append(self._order.keys(first, last))
+        return self._source.batch(np.concatenate(keys).tolist())
 
 
 class BatchSampler:
-    """Batches 0, 1, 2, ... in order (the order of windows lives in `BatchSource`); the
-    DataLoader gives each JAX process every P-th batch."""
+    """Elements 0, 1, 2, ... of a `BatchSource` in order (the order of windows and the
+    process's share of them live in the source)."""
 
     def __init__(self, num_batches: int):
         self._len = num_batches
@@ -314,8 +371,62 @@ class BatchSampler:
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if not 0 <= index < self._len:
-            raise IndexError(f"batch index {index} is outside [0, {self._len})")
+            raise IndexError(f"element index {index} is outside [0, {self._len})")
         return grain.RecordMetadata(index=index, record_key=index)
+
+
+class BatchIterator(Iterator[dict[str, np.ndarray]]):
+    """Batches of B windows cut from the elements (groups of batches) of a grain
+    iterator; `get_state`/`set_state` give and take the position of the next batch."""
+
+    def __init__(self, elements: Any, batch_size: int):
+        self._elements, self._B = elements, batch_size
+        self._element: dict[str, np.ndarray] | None = None
+        self._count = self._taken = 0  # batches in the current element, and handed out
+        self._before = elements.get_state()  # the grain state from which the current element is next
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._element is None or self._taken == self._count:
+            skip = self._taken if self._element is None else 0  # batches of a restored element already taken
+            if self._element is not None:
+                self._before = self._elements.get_state()
+            element = next(self._elements)
+            self._element, self._taken = element, skip
+            self._count = -(-len(next(iter(element.values()))) // self._B)
+        b, self._taken = self._taken * self._B, self._taken + 1
+        return {name: a[b:b + self._B] for name, a in self._element.items()}
+
+    def get_state(self) -> bytes:
+        """JSON bytes: grain's state before the current element, and how many of its
+        batches were handed out."""
+        if self._element is not None and self._taken == self._count:  # the next batch starts an element
+            self._before, self._element, self._taken = self._elements.get_state(), None, 0
+        return json.dumps({"element": json.loads(self._before), "batches_taken": self._taken}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        """Resumes at a `get_state()`; ValueError if it is not a state of such a loader
+        (grain's ValueError if it is of another source, sampler or worker count)."""
+        try:
+            saved = json.loads(state)
+            element, taken = json.dumps(saved["element"]).encode(), int(saved["batches_taken"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"not a data position of this loader (no element state and batches taken): {e}") from e
+        self._elements.set_state(element)
+        self._before, self._element, self._taken = element, None, taken
+
+
+class Loader(Iterable[dict[str, np.ndarray]]):
+    """Iterable of batches (`BatchIterator`) over a grain DataLoader of `BatchSource`
+    elements."""
+
+    def __init__(self, elements: grain.DataLoader, batch_size: int, batches_per_element: int):
+        self._elements, self._B, self.batches_per_element = elements, batch_size, batches_per_element
+
+    def __iter__(self) -> BatchIterator:
+        return BatchIterator(iter(self._elements), self._B)
 
 
 def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int,
@@ -326,43 +437,55 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int
                 read_options: grain.ReadOptions | None = None,
                 skip_bad_records: bool = False,
                 fields: Iterable[str] | None = None,
-                latent_cache: Any = None) -> grain.DataLoader:
-    """A grain DataLoader over windows of `frames_per_clip` steps of `split`.
+                latent_cache: Any = None,
+                batches_per_element: int | None = None) -> Loader:
+    """A loader over windows of `frames_per_clip` steps of `split`.
 
     `batch_size` is per process. Each element of `iter(loader)` is a dict with every
     schema field (or those in `fields`) stacked to [B, T, ...]: frame uint8
     [B, T, S, S, 3], action int32 [B, T], camera float32 [B, T, 7], cut bool [B, T],
     entity_boxes float32 [B, T, E, 4], ... `num_epochs=None` repeats forever.
     `shard_options` defaults to one shard per JAX process (whole batches: process p of P
-    reads batches p, p+P, ...). `read_options` defaults to a read-ahead of a few batches.
-    A bad record raises DatasetError (naming shard, record and field) unless
+    reads batches p, p+P, ...). `read_options` defaults to a read-ahead of a few
+    elements. A bad record raises DatasetError (naming shard, record and field) unless
     `skip_bad_records`: then its window is logged and replaced by the next good one, and
     batches carry SKIPPED int32 [B] (1 per replaced window) for the caller to count. The
-    order of batches is a function of `seed` and the shard, not of `worker_count`;
-    `iter(loader).get_state()` resumes it exactly. With a `latent_cache`
+    order of batches is a function of `seed` and the shard, not of `worker_count` or
+    `batches_per_element`; `iter(loader).get_state()` resumes it exactly. With a `latent_cache`
     (`data_pipelines.latent_cache.open_cache` of this dataset) batches also carry CODES,
     the cached token ids int32 [B, T, N] of their records.
+
+    `batches_per_element`: batches per grain element (`BatchSource`; the batches do not
+    depend on it); None chooses `auto_batches_per_element` of the batch's bytes.
     """
     if not Path(data_dir).is_dir():
         raise DatasetError(f"dataset directory {data_dir} does not exist")
     source = WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, fields, latent_cache)
     n = len(source)
+    if batches_per_element is None:
+        batches_per_element = auto_batches_per_element(source.window_bytes() * batch_size)
     batches = BatchSource(source, WindowOrder(n, shuffle=shuffle, seed=seed), batch_size=batch_size,
-                          num_elements=None if num_epochs is None else n * num_epochs, drop_remainder=drop_remainder)
-    return data_loader(batches, worker_count=worker_count, shard_options=shard_options, read_options=read_options)
+                          num_elements=None if num_epochs is None else n * num_epochs, drop_remainder=drop_remainder,
+                          shard=process_shard(shard_options), batches_per_element=batches_per_element)
+    return data_loader(batches, worker_count=worker_count, read_options=read_options)
+
+
+def process_shard(shard_options: grain.sharding.ShardOptions | None) -> grain.sharding.ShardOptions:
+    """`shard_options`, or by default one shard per JAX process (dropping the remainder)."""
+    return grain.sharding.ShardByJaxProcess(drop_remainder=True) if shard_options is None else shard_options
 
 
 def data_loader(batches: BatchSource, *, worker_count: int = 0,
-                shard_options: grain.sharding.ShardOptions | None = None,
-                read_options: grain.ReadOptions | None = None) -> grain.DataLoader:
-    """The DataLoader delivering `batches` in order (see make_loader)."""
-    if shard_options is None:
-        shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+                read_options: grain.ReadOptions | None = None) -> Loader:
+    """The loader delivering the batches of `batches` (already this process's) in order
+    (see make_loader)."""
     if worker_count > 0 and not flags.FLAGS.is_parsed():
         # Grain's worker start-up reads absl flags, which fail unless parsed (they are
         # not outside absl.app.run); keep their defaults.
         flags.FLAGS.mark_as_parsed()
-    if read_options is None:  # a few batches ahead, read on a few threads per process
+    if read_options is None:  # a few elements ahead, read on a few threads per process
         read_options = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=4)
-    return grain.DataLoader(data_source=batches, sampler=BatchSampler(len(batches)), shard_options=shard_options,
-                            worker_count=worker_count, read_options=read_options)
+    elements = grain.DataLoader(data_source=batches, sampler=BatchSampler(len(batches)),
+                                shard_options=grain.sharding.NoSharding(), worker_count=worker_count,
+                                read_options=read_options)
+    return Loader(elements, batches.batch_size, batches.batches_per_element)

@@ -95,8 +95,8 @@ def make_mixture_loader(mixture: Sequence[tuple[str | os.PathLike, float]], *, s
                         shard_options: grain.sharding.ShardOptions | None = None,
                         read_options: grain.ReadOptions | None = None,
                         skip_bad_records: bool = False,
-                        fields: Iterable[str] | None = None) -> grain.DataLoader:
-    """A grain DataLoader over the mixture of (dataset dir, weight) pairs: batches as
+                        fields: Iterable[str] | None = None) -> loader.Loader:
+    """A loader over the mixture of (dataset dir, weight) pairs: batches as
     `make_loader`'s, of the fields common to every dataset (or those of them in
     `fields`), forever. Resumes from `iter(loader).get_state()` exactly."""
     manifests = [writer.read_manifest(data_dir) for data_dir, _ in mixture]  # names a missing one
@@ -108,8 +108,10 @@ def make_mixture_loader(mixture: Sequence[tuple[str | os.PathLike, float]], *, s
     sources = [loader.WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, wanted)
                for data_dir, _ in mixture]
     source = MixtureSource(sources, [w for _, w in mixture], seed=seed, shuffle=shuffle)
-    # Shuffling happens in the source: batches read the stream in order.
+    # Shuffling happens in the source: batches read the stream in order. The sources
+    # load the same fields: their windows have one size.
     batches = loader.BatchSource(source, loader.WindowOrder(len(source), shuffle=False, seed=None),
-                                 batch_size=batch_size, num_elements=None, drop_remainder=True)
-    return loader.data_loader(batches, worker_count=worker_count, shard_options=shard_options,
-                              read_options=read_options)
+                                 batch_size=batch_size, num_elements=None, drop_remainder=True,
+                                 shard=loader.process_shard(shard_options), batches_per_element=loader.auto_batches_per_element(
+                                     sources[0].window_bytes() * batch_size))
+    return loader.data_loader(batches, worker_count=worker_count, read_options=read_options)

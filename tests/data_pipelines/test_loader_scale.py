@@ -11,6 +11,8 @@ import grain
 import numpy as np
 import pytest
 
+from array_record.python.array_record_module import ArrayRecordReader
+
 from conftest import REPO
 from data_pipelines import datasets, layout, loader, schema, writer
 
@@ -110,6 +112,66 @@ def test_batched_decode_equals_window_by_window(data_dir):
     source[0]  # learns the layout: later batches take the batched path
     ks = [5, 0, 7, 20, len(source) - 1]  # 7 and 20 cross shards
     _assert_same_batches([loader.stack_windows([source[k] for k in ks])], [source.batch(ks)])
+
+
+def test_read_range_reads_what_a_range_read_does(data_dir):
+    path = writer.shard_paths(data_dir, writer.read_manifest(data_dir), "train")[0]
+    reader = ArrayRecordReader(path, loader.READER_OPTIONS)
+    for begin, end in [(0, 4), (13, 20), (5, 6)]:
+        assert loader.read_range(reader, begin, end) == reader.read(begin, end)
+    assert loader.read_range(reader, 3, 3) == []
+    reader.close()
+
+
+def test_batches_per_element_follows_the_batch_bytes():
+    assert loader.auto_batches_per_element(loader.ELEMENT_BYTES) == 1
+    assert loader.auto_batches_per_element(10 * loader.ELEMENT_BYTES) == 1  # one big batch per element
+    assert loader.auto_batches_per_element(loader.ELEMENT_BYTES // 4) == 4
+    assert loader.auto_batches_per_element(loader.ELEMENT_BYTES // 4 - 1) == 5  # enough to reach ELEMENT_BYTES
+    assert loader.auto_batches_per_element(1) == loader.MAX_BATCHES_PER_ELEMENT
+
+
+def _keys(batches):
+    return [[(int(e), int(t)) for e, t in zip(b["episode_id"][:, 0], b["t"][:, 0])] for b in batches]
+
+
+@pytest.mark.parametrize("epochs,drop,shard", [(None, True, (0, 1)), (2, False, (0, 1)), (2, True, (1, 3)),
+                                               (3, False, (2, 3)), (None, True, (1, 2))])
+def test_batches_do_not_depend_on_how_many_an_element_holds(data_dir, epochs, drop, shard):
+    def batches(k):
+        it = iter(_loader(data_dir, num_epochs=epochs, drop_remainder=drop, batches_per_element=k,
+                          shard_options=grain.sharding.ShardOptions(*shard, drop_remainder=True),
+                          fields=["episode_id", "t"]))
+        return _take(it, 23) if epochs is None else list(it)
+
+    want = batches(1)
+    for k in (3, 64):
+        _assert_same_batches(want, batches(k))
+    n = loader.num_windows(data_dir, "train", T)
+    if epochs is not None:  # shard p of P: global batches p, p+P, ...; as many per shard
+        everything = _keys(list(iter(_loader(data_dir, num_epochs=epochs, drop_remainder=drop,
+                                             batches_per_element=1, fields=["episode_id", "t"]))))
+        assert len(everything) == (n * epochs // B if drop else -(-n * epochs // B))
+        p, count = shard
+        assert _keys(want) == everything[p:len(everything) // count * count:count]
+
+
+@pytest.mark.parametrize("taken", [0, 2, 3, 5])
+def test_resume_inside_an_element(data_dir, taken):
+    """3 batches per element: a state taken before, inside and at the end of an element."""
+    def make():
+        return iter(_loader(data_dir, batches_per_element=3, fields=["episode_id", "t"]))
+
+    it = make()
+    _take(it, taken)
+    state = it.get_state()
+    want = _take(it, 7)
+    resumed = make()
+    resumed.set_state(state)
+    assert resumed.get_state() == state  # nothing read yet: the same position
+    _assert_same_batches(want, _take(resumed, 7))
+    with pytest.raises(ValueError, match="not a data position"):
+        make().set_state(b'{"last_seen_indices": {"0": 3}}')  # grain's own state, not this loader's
 
 
 def test_two_workers_are_deterministic_and_resume_exactly(data_dir):

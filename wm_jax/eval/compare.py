@@ -28,6 +28,11 @@ FIGURES: tuple[tuple[str, Callable[[dict], float]], ...] = (
     ("camera following: within 1 px", lambda m: m["camera_following"]["model"]["within_1px"]),
     ("identity persistence: swap margin", lambda m: m["identity_persistence"]["swap_margin"]),
     ("object permanence: reappearance PSNR (dB)", lambda m: m["object_permanence"]["reappear_psnr"]),
+    ("counterfactual: PSNR vs emulator's counterfactual (dB)",
+     lambda m: np.mean(m["counterfactual"]["psnr_vs_counterfactual_truth"])),
+    ("counterfactual − factual PSNR (dB, > 0: follows actions)",
+     lambda m: np.mean(m["counterfactual"]["psnr_vs_counterfactual_truth"])
+     - np.mean(m["counterfactual"]["psnr_vs_factual_truth"])),
 )
 
 
