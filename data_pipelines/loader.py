@@ -12,6 +12,7 @@ holding such a record is logged and replaced by the next good window instead.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -377,34 +378,49 @@ class BatchSampler:
 
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
     """Batches of B windows cut from the elements (groups of batches) of a grain
-    iterator; `get_state`/`set_state` give and take the position of the next batch."""
+    iterator; `get_state`/`set_state` give and take the position of the next batch.
+
+    Once an element is taken, the next one is fetched on a thread while its batches are
+    handed out, so the first element from each worker process (whose start-up takes
+    seconds) is asked for early, not when training reaches it."""
 
     def __init__(self, elements: Any, batch_size: int):
         self._elements, self._B = elements, batch_size
+        self._fetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="next-element")
+        self._ahead: concurrent.futures.Future | None = None  # the element after the current one
         self._element: dict[str, np.ndarray] | None = None
         self._count = self._taken = 0  # batches in the current element, and handed out
-        self._before = elements.get_state()  # the grain state from which the current element is next
+        self._skip = 0  # batches of the next element a restored state had taken
+        # Grain's states before and after the current element (before: of the next
+        # element when there is no current one). Grain is only asked between fetches.
+        self._before, self._after = elements.get_state(), None
 
     def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._element is None or self._taken == self._count:
-            skip = self._taken if self._element is None else 0  # batches of a restored element already taken
             if self._element is not None:
-                self._before = self._elements.get_state()
-            element = next(self._elements)
-            self._element, self._taken = element, skip
+                self._before, self._element = self._after, None
+            ahead, self._ahead = self._ahead, None
+            element = next(self._elements) if ahead is None else ahead.result()
+            self._after = self._elements.get_state()
+            self._ahead = self._fetcher.submit(next, self._elements)
+            self._element, self._taken, self._skip = element, self._skip, 0
             self._count = -(-len(next(iter(element.values()))) // self._B)
         b, self._taken = self._taken * self._B, self._taken + 1
         return {name: a[b:b + self._B] for name, a in self._element.items()}
 
     def get_state(self) -> bytes:
-        """JSON bytes: grain's state before the current element, and how many of its
-        batches were handed out."""
-        if self._element is not None and self._taken == self._count:  # the next batch starts an element
-            self._before, self._element, self._taken = self._elements.get_state(), None, 0
-        return json.dumps({"element": json.loads(self._before), "batches_taken": self._taken}).encode()
+        """JSON bytes: grain's state before the element the next batch comes from, and
+        how many of its batches were handed out."""
+        if self._element is None:
+            element, taken = self._before, self._skip
+        elif self._taken == self._count:  # the next batch starts the next element
+            element, taken = self._after, 0
+        else:
+            element, taken = self._before, self._taken
+        return json.dumps({"element": json.loads(element), "batches_taken": taken}).encode()
 
     def set_state(self, state: bytes) -> None:
         """Resumes at a `get_state()`; ValueError if it is not a state of such a loader
@@ -414,8 +430,11 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             element, taken = json.dumps(saved["element"]).encode(), int(saved["batches_taken"])
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"not a data position of this loader (no element state and batches taken): {e}") from e
+        if self._ahead is not None:  # let the fetch in flight finish before grain moves; drop its element
+            concurrent.futures.wait([self._ahead])
+            self._ahead = None
         self._elements.set_state(element)
-        self._before, self._element, self._taken = element, None, taken
+        self._before, self._element, self._skip = element, None, taken
 
 
 class Loader(Iterable[dict[str, np.ndarray]]):
