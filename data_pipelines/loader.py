@@ -96,7 +96,7 @@ def read_range(reader: ArrayRecordReader, begin: int, end: int) -> list[bytes]:
     """Records begin..end-1 of one shard, read on this thread: a seek, then sequential
     reads. (The reader's range read `read(begin, end)` hands every record to a thread pool
     and back: 2.3x slower on one process here, and it does not scale with processes.)
-    The reader keeps a position: one reader per thread."""
+    The reader keeps a position: one thread at a time."""
     reader.seek(begin)
     return [reader.read() for _ in range(end - begin)]
 
@@ -142,7 +142,9 @@ class WindowSource(grain.sources.RandomAccessDataSource):
         self._T = frames_per_clip
         self._skip_bad_records = skip_bad_records
         self._layout: layout.Layout | None = None  # learned from the first window read in full
-        self._thread = threading.local()  # its readers: {shard: ArrayRecordReader}
+        # A reader per shard, opened on first use; a read seeks, so one thread at a time.
+        self._readers: list[ArrayRecordReader | None] = [None] * len(self._paths)
+        self._locks = [threading.Lock() for _ in self._paths]
         # The repr is checked when an iterator state is restored: name the data by its
         # content, not its path, so a moved dataset still resumes.
         self._repr = (f"WindowSource(content_hash={manifest['content_hash']}, split={split}, "
@@ -177,25 +179,25 @@ class WindowSource(grain.sources.RandomAccessDataSource):
             raise bad_record(self._paths[shard], local, e) from e
 
     def __getstate__(self) -> dict:
-        # Grain's worker processes unpickle the source: readers are per process and thread.
-        return {**self.__dict__, "_thread": None}
+        # Grain's worker processes unpickle the source: readers and locks are per process.
+        return {**self.__dict__, "_readers": None, "_locks": None}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _thread=threading.local())
-
-    def _reader(self, shard: int) -> ArrayRecordReader:
-        """This thread's reader of `shard` (grain's read threads share the source, and a
-        reader's position is its own), opened on first use."""
-        readers = self._thread.__dict__.setdefault("readers", {})
-        if shard not in readers:
-            readers[shard] = ArrayRecordReader(self._paths[shard], READER_OPTIONS)
-        return readers[shard]
+        self.__dict__.update(state, _readers=[None] * len(state["_paths"]),
+                             _locks=[threading.Lock() for _ in state["_paths"]])
 
     def _read(self, first: int) -> list[bytes]:
-        """The T records of the split from record `first` on, one `read_range` per shard.
+        """The T records of the split from record `first` on, one `read_range` per shard,
+        holding the shard's lock (grain's read threads share the source; one open file
+        per shard and process, not per thread).
         (ArrayRecordDataSource.__getitems__ starts a thread pool per call: 10x slower.)"""
-        return [data for shard, begin, end in record_ranges(self._shard_ends, first, self._T)
-                for data in read_range(self._reader(shard), begin, end)]
+        data = []
+        for shard, begin, end in record_ranges(self._shard_ends, first, self._T):
+            with self._locks[shard]:
+                if self._readers[shard] is None:
+                    self._readers[shard] = ArrayRecordReader(self._paths[shard], READER_OPTIONS)
+                data += read_range(self._readers[shard], begin, end)
+        return data
 
     def _window(self, k: int) -> dict[str, np.ndarray]:
         window = self._records_window(k)
