@@ -25,8 +25,10 @@ Guarantees. `progress.json` (replaced atomically) names how many batches of each
 are written; a build that stops (killed, or an exception) resumes at the next batch when
 run again with the same arguments and writes the same bytes as one that never stopped
 (the batches, hence every encode, are the same). `manifest.json` (atomic, last) records
-the dataset's content hash, the tokenizer run's step and a hash of its `model.tokenizer`
-and `model.image_size` config, and per split a sha256 over the stored token ids.
+the dataset's content hash, the tokenizer run's step, a hash of its `model.tokenizer`
+and `model.image_size` config and a fingerprint of that step's checkpoint files (so a
+tokenizer retrained to the same step in the same workdir is another tokenizer), and per
+split a sha256 over the stored token ids.
 `open_cache` refuses an incomplete cache, another dataset or another tokenizer;
 `verify_cache` re-hashes every split.
 """
@@ -202,8 +204,9 @@ def _encode_batches(encode: Callable[[np.ndarray], Any], read_frames: Callable[[
         write(pending[0], _unbatch(np.asarray(pending[1]), pending[2]))
 
 
-def _tokenizer_identity(workdir: str | os.PathLike) -> tuple[Any, int]:
-    """(run config, step of its newest checkpoint or of its bundle) of a tokenizer run;
+def _tokenizer_identity(workdir: str | os.PathLike) -> tuple[Any, int, str]:
+    """(run config, step of its newest checkpoint or of its bundle, fingerprint of that
+    checkpoint's or bundle's parameter files: `files_fingerprint`) of a tokenizer run;
     CheckpointError if it is not a run, ConfigError if it is not a tokenizer's."""
     from wm_jax import checkpoint as ckpt
     from wm_jax import export
@@ -213,8 +216,12 @@ def _tokenizer_identity(workdir: str | os.PathLike) -> tuple[Any, int]:
     run_cfg = load_run_config(workdir)
     if run_cfg.train.stage != "tokenizer":
         raise ConfigError(f"{workdir} is a {run_cfg.train.stage} run, not a tokenizer run (train.stage: tokenizer)")
-    step = export.read_bundle(workdir)["step"] if export.is_bundle(workdir) else ckpt.require_step(workdir, None)
-    return run_cfg, step
+    if export.is_bundle(workdir):
+        step, files = export.read_bundle(workdir)["step"], Path(workdir) / "params"
+    else:
+        step = ckpt.require_step(workdir, None)
+        files = ckpt.checkpoint_dir(workdir) / str(step)
+    return run_cfg, step, ckpt.files_fingerprint(files)
 
 
 def _start_progress(root: Path, plan: dict) -> dict[str, int]:
@@ -266,7 +273,7 @@ def build_cache(data_dir: str | os.PathLike, tokenizer_workdir: str | os.PathLik
     splits = list(data["splits"]) if splits is None else list(splits)
     for split in splits:
         writer.shard_paths(data_dir, data, split)  # DatasetError naming an unknown split
-    run_cfg, step = _tokenizer_identity(tokenizer_workdir)
+    run_cfg, step, fingerprint = _tokenizer_identity(tokenizer_workdir)
     model = run_cfg.model
     if data["frame_size"] != model.image_size:
         raise ConfigError(f"tokenizer {tokenizer_workdir} encodes {model.image_size}x{model.image_size} frames, "
@@ -275,7 +282,8 @@ def build_cache(data_dir: str | os.PathLike, tokenizer_workdir: str | os.PathLik
     dtype = token_dtype(vocab_size(model))
     plan = {"format_version": FORMAT_VERSION, "data_dir": str(Path(data_dir).resolve()),
             "content_hash": data["content_hash"], "tokenizer_workdir": str(Path(tokenizer_workdir).resolve()),
-            "tokenizer_step": step, "tokenizer_hash": tokenizer_hash(model), "window_frames": window_frames,
+            "tokenizer_step": step, "tokenizer_hash": tokenizer_hash(model), "tokenizer_fingerprint": fingerprint,
+            "window_frames": window_frames,
             "batch_size": batch_size, "chunk_records": chunk_records, "splits": splits}
     done = _start_progress(root, plan)
 
@@ -317,7 +325,7 @@ def build_cache(data_dir: str | os.PathLike, tokenizer_workdir: str | os.PathLik
         "format_version": FORMAT_VERSION,
         "dataset": {"dir": plan["data_dir"], "content_hash": data["content_hash"], "frame_size": data["frame_size"]},
         "tokenizer": {"workdir": plan["tokenizer_workdir"], "step": step, "config_hash": plan["tokenizer_hash"],
-                      "window_frames": window_frames, "batch_size": batch_size, "dtype": model.dtype},
+                      "fingerprint": fingerprint, "window_frames": window_frames, "batch_size": batch_size, "dtype": model.dtype},
         "fsq_levels": list(model.tokenizer.fsq_levels),
         "tokens_per_frame": tokens,
         "vocab_size": vocab_size(model),
@@ -412,12 +420,15 @@ def open_cache(cache_dir: str | os.PathLike, *, data_dir: str | os.PathLike | No
             raise DatasetError(f"latent cache {root} is of dataset content hash {cached} "
                                f"({manifest['dataset']['dir']}); {whose} {content_hash}")
     if tokenizer_workdir is not None:
-        run_cfg, step = _tokenizer_identity(tokenizer_workdir)
+        run_cfg, step, fingerprint = _tokenizer_identity(tokenizer_workdir)
         ours = manifest["tokenizer"]
-        if (step, tokenizer_hash(run_cfg.model)) != (ours["step"], ours["config_hash"]):
+        theirs = (step, tokenizer_hash(run_cfg.model), fingerprint)
+        if theirs != (ours["step"], ours["config_hash"], ours.get("fingerprint")):
+            recorded = (ours.get("fingerprint") or "none recorded")[:16]
             raise DatasetError(f"latent cache {root} was encoded by tokenizer {ours['workdir']} at step {ours['step']} "
-                               f"(config hash {ours['config_hash'][:16]}); {tokenizer_workdir} is at step {step} "
-                               f"(config hash {tokenizer_hash(run_cfg.model)[:16]}): build the cache again")
+                               f"(config hash {ours['config_hash'][:16]}, parameter files {recorded}); "
+                               f"{tokenizer_workdir} is at step {step} (config hash {theirs[1][:16]}, parameter "
+                               f"files {fingerprint[:16]}): build the cache again")
     cache = LatentCache(root, manifest)
     for split in manifest["splits"]:
         cache._store(split)

@@ -148,6 +148,15 @@ def file_digests(step_dir: Path) -> dict[str, str]:
     return digests
 
 
+def files_fingerprint(directory: Path) -> str:
+    """sha256 of the (relative path, sha256) of every file under `directory`: names a
+    checkpoint step's (or a bundle's parameters') exact bytes. A sealed step's recorded
+    checksums are used, so its files are not read again."""
+    sealed = directory / CHECKSUMS
+    digests = json.loads(sealed.read_text()) if sealed.is_file() else file_digests(directory)
+    return hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
+
+
 def seal(step_dir: Path) -> None:
     """Records the checksums of a finished step (atomically: a killed writer leaves none)."""
     if (step_dir / CHECKSUMS).exists():

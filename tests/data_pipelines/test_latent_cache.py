@@ -123,14 +123,24 @@ def test_incomplete_or_missing_cache_is_refused(cache_dir, tmp_path):
 def test_mismatches_and_corruption_are_named(tiny_dataset, tokenizer_run, cache_dir, tmp_path):
     with pytest.raises(DatasetError, match=re.escape(f"latent cache {cache_dir} is of dataset content hash") + ".*; expected 00"):
         latent_cache.open_cache(cache_dir, expect_content_hash="0" * 64)
-    # A tokenizer run with another tokenizer config (same checkpoint files).
+    # A copy of the tokenizer run (moved runs still match), then another tokenizer config
+    # (same checkpoint files).
     other = tmp_path / "other_tok"
     shutil.copytree(tokenizer_run, other)
+    latent_cache.open_cache(cache_dir, tokenizer_workdir=other)
     cfg = (other / "config.yaml").read_text()
     (other / "config.yaml").write_text(cfg.replace("mlp_dim: 64", "mlp_dim: 128", 1))
     with pytest.raises(DatasetError, match=re.escape(f"latent cache {cache_dir} was encoded by tokenizer") + ".* step 2 .*; "
                        + re.escape(f"{other} is at step 2")):
         latent_cache.open_cache(cache_dir, tokenizer_workdir=other)
+
+    # The same config retrained to the same step from another seed: other parameters.
+    retrained = tmp_path / "retrained_tok"
+    run_cfg = load_run_config(tokenizer_run)
+    train(config_lib.replace(run_cfg, [f"seed={run_cfg.seed + 1}"]), retrained)
+    with pytest.raises(DatasetError, match=r"at step 2 \(config hash (\w+), parameter files \w+\); .* at step 2 "
+                                           r"\(config hash \1, parameter files"):
+        latent_cache.open_cache(cache_dir, tokenizer_workdir=retrained)
 
     bad = tmp_path / "bad"
     shutil.copytree(cache_dir, bad)
