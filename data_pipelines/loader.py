@@ -310,7 +310,7 @@ class BatchSource(grain.sources.RandomAccessDataSource):
     prefetch bookkeeping, the hand-over from a worker process) is paid once per K
     batches, not once per window.
 
-    num_elements: how many elements the order has, None for no end.
+    num_elements: how many positions `order` has (windows over all passes), None for no end.
     """
 
     def __init__(self, source: grain.sources.RandomAccessDataSource, order: WindowOrder, *,
@@ -321,15 +321,14 @@ class BatchSource(grain.sources.RandomAccessDataSource):
                                f"must be >= 1")
         self._source, self._order, self._B, self._K = source, order, batch_size, batches_per_element
         self._p, self._P = shard.shard_index, shard.shard_count
-        self._end = None  # the windows the batches cover
+        self._end = self._batches = None  # the positions the batches cover, and this shard's batches
         if num_elements is None:
             self._len = sys.maxsize
         else:
             self._end = num_elements - num_elements % batch_size if drop_remainder else num_elements
             batches = -(-self._end // batch_size)
-            mine = batches // self._P if shard.drop_remainder else len(range(self._p, batches, self._P))
-            self._batches = mine
-            self._len = -(-mine // batches_per_element)
+            self._batches = batches // self._P if shard.drop_remainder else len(range(self._p, batches, self._P))
+            self._len = -(-self._batches // batches_per_element)
         # Checked when an iterator state is restored: the data, the order, the shard and the grouping.
         self._repr = (f"BatchSource({source!r}, {order!r}, batch_size={batch_size}, num_elements={num_elements}, "
                       f"drop_remainder={drop_remainder}, shard={self._p}/{self._P}, "
