@@ -59,6 +59,7 @@ def held_out_clips(data_dir: str, cfg: Config, frames: int, split: str | None = 
         shuffle=True,
         num_epochs=1,
         shard_options=grain.sharding.NoSharding(),
+        batches_per_element=1,  # read no more clips than are taken (the clips are the same for any grouping)
     )
     clips = [b for _, b in zip(range(num_clips or cfg.eval.num_clips), loader)]
     if not clips:
