@@ -20,10 +20,10 @@ demo: $(STAMP)
 	$(BIN)/wm demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --durations=15
 
 clean:
 	rm -rf runs/demo
