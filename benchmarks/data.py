@@ -15,8 +15,9 @@ in one run on the same dataset:
 Raw and loader are measured `--repeats` times, interleaved (raw, loader, raw, ...) so
 machine noise hits both alike; worker start-up (an element from each worker) and
 `--warmup-batches` are excluded, as is compilation. The loader reads with several
-processes, raw with one thread: with 2 workers on 2 free cores the loader can beat raw. `loader_vs_raw` (target: >= 0.7 with 2 workers) is the median of the
-per-repeat ratios; `loader_vs_train` above 1 means the loader keeps up with training.
+processes, raw with one thread: with 2 workers on 2 free cores the loader can beat raw.
+`loader_vs_raw` (target: >= 0.7 with 2 workers) is the median of the per-repeat
+ratios; `loader_vs_train` above 1 means the loader keeps up with training.
 
 Run: `wm bench data --config tiny_cpu [--data DIR | --episodes 64 --frames 64 --size S]
 [--workers 2] [--clips 2048] [--repeats 3]`.

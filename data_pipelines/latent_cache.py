@@ -283,8 +283,7 @@ def build_cache(data_dir: str | os.PathLike, tokenizer_workdir: str | os.PathLik
     plan = {"format_version": FORMAT_VERSION, "data_dir": str(Path(data_dir).resolve()),
             "content_hash": data["content_hash"], "tokenizer_workdir": str(Path(tokenizer_workdir).resolve()),
             "tokenizer_step": step, "tokenizer_hash": tokenizer_hash(model), "tokenizer_fingerprint": fingerprint,
-            "window_frames": window_frames,
-            "batch_size": batch_size, "chunk_records": chunk_records, "splits": splits}
+            "window_frames": window_frames, "batch_size": batch_size, "chunk_records": chunk_records, "splits": splits}
     done = _start_progress(root, plan)
 
     mesh = sharding.make_mesh(MeshConfig())  # whatever devices are here

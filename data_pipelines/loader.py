@@ -311,11 +311,17 @@ class BatchSource(grain.sources.RandomAccessDataSource):
     batches, not once per window.
 
     num_elements: how many positions `order` has (windows over all passes), None for no end.
+    shard: None for one shard per JAX process. batches_per_element: None for
+    `auto_batches_per_element` of a batch's bytes (`source.window_bytes()` * B).
     """
 
     def __init__(self, source: grain.sources.RandomAccessDataSource, order: WindowOrder, *,
                  batch_size: int, num_elements: int | None, drop_remainder: bool,
-                 shard: grain.sharding.ShardOptions, batches_per_element: int = 1):
+                 shard: grain.sharding.ShardOptions | None = None, batches_per_element: int | None = None):
+        if shard is None:  # one shard per JAX process
+            shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+        if batches_per_element is None:
+            batches_per_element = auto_batches_per_element(source.window_bytes() * batch_size)
         if batch_size < 1 or batches_per_element < 1:
             raise DatasetError(f"batch_size ({batch_size}) and batches_per_element ({batches_per_element}) "
                                f"must be >= 1")
@@ -482,17 +488,10 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int
         raise DatasetError(f"dataset directory {data_dir} does not exist")
     source = WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, fields, latent_cache)
     n = len(source)
-    if batches_per_element is None:
-        batches_per_element = auto_batches_per_element(source.window_bytes() * batch_size)
     batches = BatchSource(source, WindowOrder(n, shuffle=shuffle, seed=seed), batch_size=batch_size,
                           num_elements=None if num_epochs is None else n * num_epochs, drop_remainder=drop_remainder,
-                          shard=process_shard(shard_options), batches_per_element=batches_per_element)
+                          shard=shard_options, batches_per_element=batches_per_element)
     return data_loader(batches, worker_count=worker_count, read_options=read_options)
-
-
-def process_shard(shard_options: grain.sharding.ShardOptions | None) -> grain.sharding.ShardOptions:
-    """`shard_options`, or by default one shard per JAX process (dropping the remainder)."""
-    return grain.sharding.ShardByJaxProcess(drop_remainder=True) if shard_options is None else shard_options
 
 
 def data_loader(batches: BatchSource, *, worker_count: int = 0,

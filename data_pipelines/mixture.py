@@ -70,7 +70,7 @@ class MixtureSource(grain.sources.RandomAccessDataSource):
         mixed = grain.MapDataset.mix(parts, [float(w) for w in weights])
         if shuffle:
             mixed = grain.experimental.WindowShuffleMapDataset(mixed, window_size=MIX_WINDOW, seed=seed)
-        self._mixed = mixed
+        self._mixed, self._sources = mixed, list(sources)
         # Checked when an iterator state is restored, like WindowSource's: by content.
         self._repr = (f"MixtureSource(sources=[{', '.join(map(repr, sources))}], "
                       f"weights={[float(w) for w in weights]}, seed={seed}, shuffle={shuffle})")
@@ -83,6 +83,10 @@ class MixtureSource(grain.sources.RandomAccessDataSource):
 
     def __getitem__(self, k: int) -> dict[str, np.ndarray]:
         return self._mixed[k]
+
+    def window_bytes(self) -> int:
+        """Bytes of one window (the sources load the same fields: one size)."""
+        return self._sources[0].window_bytes()
 
     def batch(self, ks: Sequence[int]) -> dict[str, np.ndarray]:
         """Positions ks stacked to [B, T, ...] (`loader.BatchSource` reads batches so)."""
@@ -108,10 +112,7 @@ def make_mixture_loader(mixture: Sequence[tuple[str | os.PathLike, float]], *, s
     sources = [loader.WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, wanted)
                for data_dir, _ in mixture]
     source = MixtureSource(sources, [w for _, w in mixture], seed=seed, shuffle=shuffle)
-    # Shuffling happens in the source: batches read the stream in order. The sources
-    # load the same fields: their windows have one size.
+    # Shuffling happens in the source: batches read the stream in order.
     batches = loader.BatchSource(source, loader.WindowOrder(len(source), shuffle=False, seed=None),
-                                 batch_size=batch_size, num_elements=None, drop_remainder=True,
-                                 shard=loader.process_shard(shard_options), batches_per_element=loader.auto_batches_per_element(
-                                     sources[0].window_bytes() * batch_size))
+                                 batch_size=batch_size, num_elements=None, drop_remainder=True, shard=shard_options)
     return loader.data_loader(batches, worker_count=worker_count, read_options=read_options)
