@@ -23,7 +23,7 @@ from data_pipelines.sources import atari, mujoco, procedural, video_files
 # **params): an item's episodes, each numbered with next(episode_ids).
 SOURCES: dict[str, ModuleType] = {procedural.SOURCE_NAME: procedural, atari.SOURCE_NAME: atari,
                                   video_files.SOURCE_NAME: video_files, mujoco.SOURCE_NAME: mujoco}
-SOURCE_PARAMS: dict[str, dict] = {procedural.SOURCE_NAME: {"num_entities": 3},
+SOURCE_PARAMS: dict[str, dict] = {procedural.SOURCE_NAME: procedural.DEFAULT_PARAMS,
                                   atari.SOURCE_NAME: atari.DEFAULT_PARAMS,
                                   video_files.SOURCE_NAME: video_files.DEFAULT_PARAMS,
                                   mujoco.SOURCE_NAME: mujoco.DEFAULT_PARAMS}

@@ -33,7 +33,7 @@ def cmd_data_make(args: argparse.Namespace) -> int:
     # Only the source flags given are passed: the source's defaults fill in the rest, and
     # a flag the source does not take is refused by name.
     names = ("game", "policy", "frameskip", "sticky_prob", "videos", "stride", "cut_ratio", "num_objects",
-             "episodes", "frames")
+             "episodes", "frames", "version", "action_persistence")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     manifest = make_dataset(
         args.source, args.out, size=args.size, seed=args.seed, val_fraction=args.val_fraction,
@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--cut-ratio", type=float, help="video without side-file shot ids: a frame difference this many "
                       "times the running median is a cut (default 3)")
     make.add_argument("--num-objects", type=int, help="mujoco: objects in each episode's scene (default 5)")
+    make.add_argument("--version", type=int, help="procedural: world version, 3 (commanded camera, independent "
+                      "actions; default) or 2 (camera follows the agent)")
+    make.add_argument("--action-persistence", type=float, help="procedural: probability that the random policy "
+                      "repeats its previous action (default 0.2 in v3, 0.75 in v2)")
     make.set_defaults(fn=cmd_data_make)
     inspect = data.add_parser("inspect", help="verify hashes and print statistics")
     inspect.add_argument("dir")

@@ -84,6 +84,18 @@ class DynamicsConfig:
     # decodes a frame in `maskgit_steps` parallel refinement passes (cosine schedule).
     objective: str = "causal"
     maskgit_steps: int = 8  # "maskgit": decoding passes per generated frame (K)
+    # How the controls (action + camera move + cut) reach the model. "add": one vector added
+    # to every token of the frame at the input; "adaln": adaLN-zero, a per-block shift,
+    # scale and gate of each sub-layer computed from the controls (DiT), so they act in
+    # every layer; "token": a per-frame control token prepended to the frame's tokens,
+    # attended to in every layer. Control embeddings start at unit scale in every mode.
+    action_conditioning: str = "add"
+    # Training: the share of steps whose action is replaced by "no action", so that one
+    # model also predicts unconditionally (classifier-free guidance at sampling).
+    action_dropout: float = 0.0
+    # Leave the first frame of a new shot out of the loss: after a cut the new framing is
+    # not predictable from the past, and its tokens would dominate the loss.
+    mask_cut_loss: bool = True
 
 
 @dataclass(frozen=True)
@@ -208,6 +220,13 @@ class EvalConfig:
     num_clips: int = 32
     batch_size: int = 16
     video_clips: int = 4  # clips shown in the truth | generated grid
+    # Rollout sampling: 0 = greedy argmax; > 0 samples each token's softmax at this
+    # temperature (top_k > 0 keeps the k most likely values of each FSQ digit / code).
+    temperature: float = 0.0
+    top_k: int = 0
+    # Classifier-free guidance on actions (a model trained with action_dropout > 0): logits
+    # = uncond + guidance * (cond - uncond); 1 is plain conditional sampling.
+    guidance: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -224,6 +243,7 @@ class Config:
 STAGES = ("tokenizer", "dynamics", "latent_actions")
 DYNAMICS_HEADS = ("factorized", "joint")
 DYNAMICS_OBJECTIVES = ("causal", "maskgit")
+ACTION_CONDITIONINGS = ("add", "adaln", "token")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn")
 REMAT_POLICIES = ("full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
@@ -415,6 +435,7 @@ def validate(cfg: Config) -> None:
         "train.stage": (cfg.train.stage, STAGES),
         "model.dynamics.head": (cfg.model.dynamics.head, DYNAMICS_HEADS),
         "model.dynamics.objective": (cfg.model.dynamics.objective, DYNAMICS_OBJECTIVES),
+        "model.dynamics.action_conditioning": (cfg.model.dynamics.action_conditioning, ACTION_CONDITIONINGS),
         "model.dtype": (cfg.model.dtype, DTYPES),
         "model.attention": (cfg.model.attention, ATTENTION_IMPLS),
         "model.remat_policy": (cfg.model.remat_policy, REMAT_POLICIES),
@@ -475,6 +496,13 @@ def validate(cfg: Config) -> None:
             )
     if any(level < 2 for level in cfg.model.tokenizer.fsq_levels) or not cfg.model.tokenizer.fsq_levels:
         raise ConfigError("config key 'model.tokenizer.fsq_levels' needs levels >= 2")
+    unit = {"model.dynamics.action_dropout": cfg.model.dynamics.action_dropout}
+    for key, v in unit.items():
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"config key '{key}' must be in [0, 1); got {v}")
+    if cfg.eval.temperature < 0 or cfg.eval.top_k < 0 or not cfg.eval.guidance >= 0:
+        raise ConfigError(f"config keys 'eval.temperature', 'eval.top_k' and 'eval.guidance' must be >= 0; got "
+                          f"{cfg.eval.temperature}, {cfg.eval.top_k}, {cfg.eval.guidance}")
     if cfg.model.dynamics.temporal_window < 0:
         raise ConfigError(f"config key 'model.dynamics.temporal_window' must be >= 0 (0: whole clip); "
                           f"got {cfg.model.dynamics.temporal_window}")

@@ -18,6 +18,7 @@ committing them; the uncached engine reruns the buffer K times.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -27,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax.models import layers
-from wm_jax.models.dynamics import Controls, DynamicsModel, maskgit_schedule, maskgit_update, predict_codes
-from wm_jax.models.tokenizer import VideoTokenizer, codes_to_indices, num_tokens
+from wm_jax.models.dynamics import (Controls, DynamicsModel, guide_logits, maskgit_schedule, maskgit_update,
+                                    sample_codes, sequence_tokens)
+from wm_jax.models.tokenizer import VideoTokenizer, codes_to_indices
 from wm_jax.train.step import float_to_frames, frames_to_float
 
 
@@ -103,20 +105,48 @@ def cache_slots(cfg: Any, frames: int) -> int:
 def init_caches(cfg: Any, batch: int, slots: int) -> list[dict[str, jax.Array]]:
     """Empty per-layer temporal key/value caches: {"key", "value": [B*N, slots, heads, K]}."""
     dc = cfg.dynamics
-    shape = (batch * num_tokens(cfg), slots, dc.num_heads, dc.embed_dim // dc.num_heads)
+    shape = (batch * sequence_tokens(cfg), slots, dc.num_heads, dc.embed_dim // dc.num_heads)
     dtype = layers.dtype_of(cfg.dtype)
     # Separate buffers: the decode step donates (updates in place) each of them.
     return [{"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for _ in range(dc.num_layers)]
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(5,))
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the causal objective picks a frame's tokens from its logits (static under jit).
+
+    temperature 0: greedy argmax; > 0: sampled (`sample_codes`, top_k values kept, 0:
+    all). guidance != 1: classifier-free guidance on actions (`guide_logits`); the engine
+    then runs every row twice, with and without its actions."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    guidance: float = 1.0
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1.0
+
+
+def _next_codes(cfg: Any, logits: jax.Array, sampling: Sampling, key: Any, position: jax.Array) -> jax.Array:
+    """logits [B', N, *] of one frame -> its codes [B', N, L]. Guided, B' = 2B: both halves
+    get the same (guided) codes, so the unconditional rows follow the conditional ones."""
+    if sampling.guided:
+        logits = guide_logits(logits, sampling.guidance)
+    key = None if key is None else jax.random.fold_in(key, position)
+    codes = sample_codes(logits, cfg, key, sampling.temperature, sampling.top_k)
+    return jnp.concatenate([codes, codes]) if sampling.guided else codes
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(5,))
 def _cached_step(
     dynamics: DynamicsModel, params: Any, code: jax.Array, controls: Controls, position: jax.Array,
     state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array], memory: Any, memory_mask: Any,
+    key: Any, sampling: Sampling,
 ) -> tuple[jax.Array, tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]]:
     """Frame `position` (codes [B,1,N,L]) through the model against the cache state
-    (caches, slot positions int32 [W], slot segments int32 [B,W]) -> greedy codes [B,N,L]
-    of the next frame, and the state with this frame written into slot position % W."""
+    (caches, slot positions int32 [W], slot segments int32 [B,W]) -> codes [B,N,L] of the
+    next frame (`sampling`), and the state with this frame written into slot position % W."""
     caches, slot_pos, slot_seg = state
     slot = position % slot_pos.shape[0]
     slot_pos = slot_pos.at[slot].set(position)
@@ -125,18 +155,20 @@ def _cached_step(
         {"params": params}, code, controls, position, caches, slot_pos, slot_seg, memory, memory_mask,
         method=dynamics.decode_step,
     )
-    return predict_codes(logits[:, 0], dynamics.cfg), (caches, slot_pos, slot_seg)
+    return _next_codes(dynamics.cfg, logits[:, 0], sampling, key, position), (caches, slot_pos, slot_seg)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 9))
 def _uncached_step(
     dynamics: DynamicsModel, params: Any, codes: jax.Array, controls: Controls, positions: jax.Array,
-    last: jax.Array, reference_codes: Any, reference_mask: Any,
+    last: jax.Array, reference_codes: Any, reference_mask: Any, key: Any, sampling: Sampling,
 ) -> jax.Array:
     """The whole visible buffer codes [B,S,N,L] at `positions` [B,S] through the model ->
-    greedy codes [B,N,L] of the frame after buffer index `last`."""
+    codes [B,N,L] of the frame after buffer index `last` (`sampling`)."""
     logits = dynamics.apply({"params": params}, codes, controls, reference_codes, reference_mask, positions)
-    return predict_codes(jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False), dynamics.cfg)
+    position = jax.lax.dynamic_index_in_dim(positions[0], last, keepdims=False)
+    return _next_codes(dynamics.cfg, jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False), sampling,
+                       key, position)
 
 
 def _maskgit_frame(
@@ -236,8 +268,10 @@ def rollout(
     cached: bool = True,
     key: jax.Array | None = None,
     temperature: float = 0.0,
+    top_k: int = 0,
+    guidance: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Generates `horizon` frames of tokens after the context, greedily (argmax).
+    """Generates `horizon` frames of tokens after the context (greedy by default).
 
     The causal objective predicts a frame in one pass; "maskgit" in
     `model.dynamics.maskgit_steps` passes (cosine schedule, most confident tokens first).
@@ -249,13 +283,15 @@ def rollout(
       reference_codes: float [B, M, L] codes of each shot's reference frame for the
         identity bank (reference_mask bool [B]); ignored by a model without one.
       cached: the key/value-cached engine (else recompute the visible frames each step).
-      key, temperature: "maskgit" only: temperature > 0 adds Gumbel noise (from `key`) to
-        the confidences that order the unmasking; 0 is deterministic.
+      key, temperature: "causal": temperature > 0 samples each token (top_k: of its k most
+        likely values; 0: all) from `key`; "maskgit": temperature > 0 adds Gumbel noise to
+        the confidences that order the unmasking. 0 is deterministic.
+      guidance: "causal": classifier-free guidance on actions (1: none; `Sampling`).
     Returns:
       (codes [B, horizon, N, L], indices int32 [B, horizon, N]) of the generated frames.
     """
     new = jnp.stack(list(rollout_frames(dynamics, params, context_codes, controls, horizon, reference_codes,
-                                        reference_mask, cached, key, temperature)), axis=1)
+                                        reference_mask, cached, key, temperature, top_k, guidance)), axis=1)
     return new, codes_to_indices(new, dynamics.cfg.tokenizer.fsq_levels)
 
 
@@ -270,6 +306,8 @@ def rollout_frames(
     cached: bool = True,
     key: jax.Array | None = None,
     temperature: float = 0.0,
+    top_k: int = 0,
+    guidance: float = 1.0,
 ) -> Iterator[jax.Array]:
     """`rollout` one frame at a time: yields the codes [B, N, L] of each generated frame as
     soon as its step is dispatched (JAX dispatches asynchronously: the array may still be
@@ -277,12 +315,19 @@ def rollout_frames(
     run. Same arguments as `rollout`; errors are raised at the first `next`."""
     c = _check_lengths(context_codes, controls, horizon)
     maskgit = dynamics.cfg.dynamics.objective == "maskgit"
-    if maskgit and temperature and key is None:
-        raise ValueError("a MaskGIT rollout with temperature > 0 needs a key")
+    if temperature and key is None:
+        raise ValueError("a rollout with temperature > 0 needs a key")
+    sampling = Sampling(0.0 if maskgit else float(temperature), int(top_k), float(guidance))
+    if maskgit and sampling.guided:
+        raise ValueError("classifier-free guidance is for the causal objective")
     temperature = float(temperature) if maskgit else 0.0
-    b, _, n, levels = context_codes.shape
     frames = c + horizon
     controls = controls.at(slice(0, frames - 1))
+    rows = context_codes.shape[0]
+    if sampling.guided:  # every row twice: as given, and with its actions masked
+        context_codes, controls, reference_codes, reference_mask = _with_unconditional(
+            context_codes, controls, reference_codes, reference_mask)
+    b, _, n, levels = context_codes.shape
     if cached:
         memory = _memory(dynamics, params, reference_codes, reference_mask, b, n, levels)
         slots = cache_slots(dynamics.cfg, frames)
@@ -300,7 +345,8 @@ def rollout_frames(
             nxt, state = _cached_maskgit_step(dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state,
                                               *memory, key, temperature)
         elif cached:  # (a MaskGIT context frame: its all-masked pass, committed, is all it needs)
-            nxt, state = _cached_step(dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state, *memory)
+            nxt, state = _cached_step(dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state, *memory,
+                                      key, sampling)
         elif p >= c - 1:
             first = max(0, p + 1 - span)
             buf = jnp.stack(codes[first : p + 1], axis=1)
@@ -310,7 +356,17 @@ def rollout_frames(
             ctrl = jax.tree.map(lambda a: jnp.pad(a[:, idx], [(0, 0), (0, span - a[:, idx].shape[1])] + [(0, 0)] * (a.ndim - 2)), controls)
             pos = jnp.pad(all_pos[:, idx], ((0, 0), (0, span - all_pos[:, idx].shape[1])), constant_values=frames)
             args = (dynamics, params, buf, ctrl, pos, jnp.int32(p - first), reference_codes, reference_mask)
-            nxt = _uncached_maskgit_step(*args, key, temperature) if maskgit else _uncached_step(*args)
+            nxt = _uncached_maskgit_step(*args, key, temperature) if maskgit else _uncached_step(*args, key, sampling)
         if p >= c - 1:
             codes.append(nxt)
-            yield nxt
+            yield nxt[:rows]
+
+
+def _with_unconditional(context_codes: jax.Array, controls: Controls, reference_codes: Any, reference_mask: Any
+                        ) -> tuple[jax.Array, Controls, Any, Any]:
+    """A batch of B rows -> 2B: the rows as given, then the same rows with every action
+    masked (the unconditional half of classifier-free guidance)."""
+    twice = lambda a: None if a is None else jnp.concatenate([a, a])
+    uncond = controls.replace(action_mask=jnp.zeros_like(controls.action_mask))
+    controls = jax.tree.map(lambda a, u: jnp.concatenate([a, u]), controls, uncond)
+    return twice(context_codes), controls, twice(reference_codes), twice(reference_mask)

@@ -19,19 +19,35 @@ seen through an S×S view whose *centre* is the camera position. The agent and c
 positions are unwrapped (the recorded camera pose is continuous); entities and
 occluders are drawn at their copy nearest the camera. Everything scales with S and stays
 legible at S=32. Entity motion and shot timing come from the world generator only, so
-caller-supplied actions change the agent and the camera, never the rest of the world.
+caller-supplied actions change the agent (and, in v2, the camera), never the rest of the world.
+
+World versions (source parameter `version`):
+
+* **3** (default): controls are the user's, never the outcome. The policy draws a fresh
+  action each step except with probability `action_persistence` (default 0.2), and the
+  camera moves exactly as commanded: one pan per shot, independent of the agent, and at a
+  cut a framing that shows the agent on the side the pan moves away from, so the agent
+  crosses the view instead of leaving it. The recorded camera pose is thus the integral
+  of the commanded moves, and it carries no information about the actions.
+* **2**: the camera follows the agent with a dead zone (its realised pose, fed to a model
+  as a control, leaks the actions) and the policy repeats its action with probability
+  0.75. Kept so that v2 datasets can be regenerated and replayed (counterfactuals).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from data_pipelines import schema
 
 SOURCE_NAME = "procedural"
-GENERATOR_VERSION = "2.0"
+GENERATOR_VERSION = "3.0"
+WORLD_VERSIONS = (2, 3)
+DEFAULT_PARAMS = {"num_entities": 3, "version": 3, "action_persistence": None}
 FPS = 15.0
 NUM_ACTIONS = 5  # 0 noop, 1 up, 2 down, 3 left, 4 right
 ACTION_DELTAS = np.array([[0, 0], [0, -1], [0, 1], [-1, 0], [1, 0]], np.float64)
@@ -47,7 +63,9 @@ WORLD_SCALE = 1.5
 FOLLOW_ZONE = 0.125
 # Short shots: every 16-frame clip contains a cut, and about 2 in 3 8-frame clips do.
 SHOT_LENGTH_RANGE = (6, 14)  # inclusive, in steps
-POLICY_PERSISTENCE = 0.75
+# Probability that the random policy repeats its previous action, by world version (v3:
+# low, so each step's action carries fresh information a model must read).
+POLICY_PERSISTENCE = {2: 0.75, 3: 0.2}
 # At a cut the camera is re-framed: of CAMERA_CANDIDATES centres drawn within
 # +-CUT_FRAMING·S of the agent (x and y; the agent stays in view, with a margin for one
 # step of drift, and `follow` glides back to the dead zone), the first is taken that
@@ -178,7 +196,7 @@ def under_occluder(world: World, pos: np.ndarray, margin: float = 0.0) -> np.nda
 
 
 def random_policy(rng: np.random.Generator, num_frames: int,
-                  persistence: float = POLICY_PERSISTENCE) -> np.ndarray:
+                  persistence: float = POLICY_PERSISTENCE[2]) -> np.ndarray:
     """int32 [num_frames] actions: repeat the previous one with prob `persistence`."""
     fresh = rng.integers(0, NUM_ACTIONS, size=num_frames)
     keep = rng.random(num_frames) < persistence
@@ -210,11 +228,15 @@ def camera_step(world: World, camera: np.ndarray, camera_vel: np.ndarray,
     return cam, np.where((cam - panned) * camera_vel < 0, -camera_vel, camera_vel)
 
 
-def step(world: World, state: State, action: int) -> State:
-    """The state after applying `action` to `state` (the agent is unwrapped: never clamped)."""
+def step(world: World, state: State, action: int, follow_agent: bool = True) -> State:
+    """The state after applying `action` to `state` (the agent is unwrapped: never clamped).
+    follow_agent: the v2 dead-zone camera; False (v3) pans exactly as commanded."""
     agent = state.agent + ACTION_DELTAS[action] * world.agent_speed
     pos = (state.entity_pos + state.entity_vel) % world.extent
-    cam, cam_vel = camera_step(world, state.camera, state.camera_vel, agent)
+    if follow_agent:
+        cam, cam_vel = camera_step(world, state.camera, state.camera_vel, agent)
+    else:
+        cam, cam_vel = state.camera + state.camera_vel, state.camera_vel
     return State(agent=agent, entity_pos=pos, entity_vel=state.entity_vel, camera=cam, camera_vel=cam_vel)
 
 
@@ -242,9 +264,12 @@ def aim_at_occluder(world: World, pos: np.ndarray, vel: np.ndarray) -> np.ndarra
 
 
 def camera_paths(world: World, cameras: np.ndarray, pan: np.ndarray,
-                 agent_path: np.ndarray) -> np.ndarray:
+                 agent_path: np.ndarray, follow_agent: bool = True) -> np.ndarray:
     """float64 [C, H, 2]: the camera centre at each step of a shot that opens at each of
-    cameras [C, 2] with pan [2], while the agent walks agent_path [H, 2] (H >= 1)."""
+    cameras [C, 2] with pan [2], while the agent walks agent_path [H, 2] (H >= 1; without
+    `follow_agent` only its length matters: the camera pans as commanded)."""
+    if not follow_agent:
+        return cameras[:, None] + np.arange(len(agent_path))[:, None] * pan
     cam, vel = cameras, np.broadcast_to(pan, cameras.shape)
     path = [cam]
     for agent in agent_path[1:]:
@@ -269,7 +294,7 @@ def views_ahead(world: World, state: State, cameras: np.ndarray) -> tuple[np.nda
 
 
 def new_shot(rng: np.random.Generator, world: World, state: State, returning: np.ndarray,
-             agent_path: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+             agent_path: np.ndarray, version: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Camera centre and nonzero pan [2] (float64) for a shot opening in `state`.
 
     Candidate framings (see CUT_FRAMING) rank by: shows an entity flagged in `returning`
@@ -278,12 +303,19 @@ def new_shot(rng: np.random.Generator, world: World, state: State, returning: np
     best wins. agent_path [H, 2] is the agent's centre over the H steps of the shot (the
     actions are known in advance, so the camera's path is too). The generator draws the
     same numbers whatever the state, so the world's own randomness stays action-free.
+
+    Version 3: the camera then pans as commanded (no following), so the framings put the
+    agent on the side the pan moves away from: it crosses the view during the shot.
     """
     reach = int(CUT_FRAMING * world.size)
     offsets = rng.integers(-reach, reach + 1, size=(CAMERA_CANDIDATES, 2))
     pan = PAN_DIRECTIONS[rng.integers(len(PAN_DIRECTIONS))] * world.pan_speed
+    follow_agent = version == 2
+    if not follow_agent:
+        offsets = np.where(pan != 0, -np.abs(offsets) * np.sign(pan), offsets)
     cameras = np.round(state.agent) + offsets
-    visible, hidden = views_ahead(world, state, camera_paths(world, cameras, pan, agent_path))
+    paths = camera_paths(world, cameras, pan, agent_path, follow_agent)
+    visible, hidden = views_ahead(world, state, paths)
     shows = (visible[:, :RETURN_STEPS] & returning).any(axis=(1, 2))
     hidden_after_seen = hidden & np.logical_or.accumulate(visible, axis=1)
     back = visible[:, 1:] & np.logical_or.accumulate(hidden_after_seen, axis=1)[:, :-1]
@@ -405,21 +437,35 @@ def episode_rngs(seed: int, episode_id: int) -> tuple[np.random.Generator, np.ra
     return np.random.default_rng(world_ss), np.random.default_rng(policy_ss)
 
 
-def generate_episode(seed: int, episode_id: int, num_frames: int, size: int = 64,
-                     num_entities: int = 3,
-                     actions: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
-    """Schema-v1 records for one episode, deterministic in (seed, episode_id).
+def describe(num_entities: int, version: int, action_persistence: float | None) -> dict:
+    """Validates the source parameters; the manifest records the persistence in effect."""
+    if version not in WORLD_VERSIONS:
+        raise schema.DatasetError(f"procedural world version {version!r} unknown; known: {WORLD_VERSIONS}")
+    persistence = POLICY_PERSISTENCE[version] if action_persistence is None else action_persistence
+    if not 0.0 <= persistence <= 1.0:
+        raise schema.DatasetError(f"action_persistence must be in [0, 1], got {persistence}")
+    return {"action_persistence": float(persistence)}
 
-    `actions` (int [num_frames] in [0, NUM_ACTIONS)) replaces the random policy;
-    actions[t] takes frame t to frame t+1. Every record holds the same read-only
-    `reference` array (`render_reference`).
+
+def generate_episode(seed: int, episode_id: int, num_frames: int, size: int = 64,
+                     num_entities: int = 3, actions: np.ndarray | None = None, version: int = 3,
+                     action_persistence: float | None = None) -> list[dict[str, np.ndarray]]:
+    """Schema-v1 records for one episode, deterministic in (seed, episode_id) and the
+    world `version` (2 or 3, see the module docstring).
+
+    `actions` (int [num_frames] in [0, NUM_ACTIONS)) replaces the random policy, whose
+    repeat probability is `action_persistence` (None: the version's default); actions[t]
+    takes frame t to frame t+1. Given the recorded actions, this reproduces an episode
+    bit for bit; given others, it shows what they would have done (the counterfactual).
+    Every record holds the same read-only `reference` array (`render_reference`).
     """
+    persistence = describe(num_entities, version, action_persistence)["action_persistence"]
     world_rng, policy_rng = episode_rngs(seed, episode_id)
     world = make_world(world_rng, size, num_entities)
     agent, pos, vel = initial_bodies(world_rng, world)
     cuts = shot_cuts(world_rng, num_frames)
     if actions is None:
-        actions = random_policy(policy_rng, num_frames)
+        actions = random_policy(policy_rng, num_frames, persistence)
     actions = np.asarray(actions)
     if (actions.shape != (num_frames,) or actions.min(initial=0) < 0
             or actions.max(initial=0) >= NUM_ACTIONS):
@@ -441,7 +487,7 @@ def generate_episode(seed: int, episode_id: int, num_frames: int, size: int = 64
             shot_end = t + 1 + int(np.argmax(np.r_[cuts[t + 1:], True]))
             path = agent_path(world, state.agent, actions[t:shot_end - 1])
             # The first shot, or one after a shot without entities, may open on any entity.
-            cam, cam_vel = new_shot(world_rng, world, state, seen if seen.any() else ~seen, path)
+            cam, cam_vel = new_shot(world_rng, world, state, seen if seen.any() else ~seen, path, version)
             state = dataclasses.replace(state, camera=cam, camera_vel=cam_vel)
             seen = np.zeros(num_entities, bool)
         frame, boxes, visible = render(world, state)
@@ -462,10 +508,48 @@ def generate_episode(seed: int, episode_id: int, num_frames: int, size: int = 64
             "reward": np.asarray(float(touching(world, state)), np.float32),
             "done": np.asarray(t == num_frames - 1),
         })
-        state = step(world, state, int(actions[t]))
+        state = step(world, state, int(actions[t]), follow_agent=version == 2)
     return records
 
 
-def record_spec(size: int, num_entities: int) -> schema.Spec:
+def record_spec(size: int, num_entities: int, **_: object) -> schema.Spec:
     """The schema spec of this source's records (E = 1 + num_entities: the agent is id 0)."""
     return schema.field_spec(size, 1 + num_entities)
+
+
+def replay(source_params: Mapping[str, Any], episode_id: int, start_t: int = 0,
+           actions: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Episode `episode_id` of a procedural dataset, regenerated from its manifest's
+    `source_params` (seed, size, frames, num_entities; version and action_persistence
+    where recorded: datasets made before world version 3 lack them and are version 2).
+
+    The recorded actions (the policy's, drawn as `generate_episode` draws them) are played,
+    except that `actions` int [K] replace those of steps start_t..start_t+K-1 (actions[k]
+    takes frame start_t+k to start_t+k+1). Returns every record field stacked over the
+    episode's steps, e.g. frame uint8 [T, S, S, 3], entity_boxes float32 [T, E, 4],
+    entity_visible bool [T, E], action int32 [T]. Unreplaced, this reproduces the
+    dataset's records bit for bit; replaced, it shows what the other actions would have
+    done (the counterfactual). Steps up to start_t stay as recorded in world version 3; in
+    version 2 a cut frames its shot by looking ahead at the agent's path through it, so
+    other actions can also reframe the steps of their shot before start_t.
+    """
+    p = source_params
+    num_frames, version = int(p["frames"]), int(p.get("version", 2))
+    persistence = describe(int(p["num_entities"]), version, p.get("action_persistence"))["action_persistence"]
+    played = random_policy(episode_rngs(int(p["seed"]), episode_id)[1], num_frames, persistence)
+    if actions is not None:
+        actions = np.asarray(actions)
+        if actions.ndim != 1 or not 0 <= start_t <= start_t + len(actions) <= num_frames:
+            raise ValueError(f"actions of shape {actions.shape} from step {start_t} do not fit an episode of "
+                             f"{num_frames} steps")
+        played[start_t:start_t + len(actions)] = actions
+    records = generate_episode(int(p["seed"]), episode_id, num_frames, size=int(p["size"]),
+                               num_entities=int(p["num_entities"]), actions=played, version=version,
+                               action_persistence=persistence)
+    return {k: np.stack([r[k] for r in records]) for k in records[0]}
+
+
+def agent_moves(size: int) -> np.ndarray:
+    """float64 [NUM_ACTIONS, 2]: the agent's move (x, y px) per step under each action at
+    view size S (ACTION_DELTAS times the world's agent speed; the no-op's is zero)."""
+    return ACTION_DELTAS * make_world(np.random.default_rng(0), size, 1).agent_speed

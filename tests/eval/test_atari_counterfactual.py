@@ -57,6 +57,11 @@ def test_eval_of_an_atari_run_scores_against_the_counterfactual_truth(pong16, tm
                 "copy_last_psnr_vs_counterfactual_truth"):
         assert len(cf[key]) == 3 and np.all(np.isfinite(cf[key])), key
     assert 0 <= cf["counterfactual_truth_differs_fraction"] <= 1
+    for group in (cf, cf["copy_last"]):
+        assert group["margin_db"] == group["psnr_vs_counterfactual"] - group["psnr_vs_factual"]
+    assert np.isfinite(cf["action_blind"]["psnr_vs_counterfactual"]) and cf["num_clips"] == 4
+    assert "agent_within_1.5px" not in cf and "action_probe" not in metrics  # no agent to find in Pong
+    assert np.isfinite(metrics["controllability"]["delta_psnr_per_horizon"]).all()
     assert "action_following" not in metrics  # no simulator ground truth in Atari records
     report = (dyn / "eval" / "report.md").read_text()
     assert "Counterfactual action following" in report and "](metrics_bars.png)" in report

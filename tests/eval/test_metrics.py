@@ -328,3 +328,53 @@ def test_counterfactual_following_scores_the_model_against_both_truths():
     assert r["copy_last_psnr_vs_counterfactual_truth"][0] == 100.0
     with pytest.raises(ValueError, match="shape mismatch"):
         M.counterfactual_following(counterfactual, counterfactual[:, :1], factual, copy_last)
+
+
+def test_counterfactual_following_scalars_and_baselines_on_agent_videos():
+    """Context ends with the agent at (10, 10); the recorded actions move it right, the
+    counterfactual ones down, 2 px a step. A model that follows the actions it was given
+    is the counterfactual truth itself; one that ignores them shows the factual frames."""
+    steps = np.arange(1, 4)[None, :, None]  # horizons 1..3, two clips
+    start = np.full((2, 1, 2), 10)
+    factual = _agent_video(start + steps * [2, 0])
+    counterfactual = _agent_video(start + steps * [0, 2])
+    copy_last = np.repeat(_agent_video(start), 3, axis=1)
+    cut = np.array([[False, False, True], [False, False, False]])  # clip 0 is reframed at step 3
+    agent_steps = M.before_first_cut(cut)
+    r = M.counterfactual_following(counterfactual, counterfactual, factual, copy_last, agent_steps)
+    assert r["psnr_vs_counterfactual"] == 100.0 and r["psnr_vs_factual"] < 100.0
+    assert r["margin_db"] == pytest.approx(r["psnr_vs_counterfactual"] - r["psnr_vs_factual"]) and r["margin_db"] > 0
+    assert r["agent_within_1.5px"] == 1.0 and r["num_agent_steps"] == 5
+    assert r["copy_last"]["agent_within_1.5px"] == 0.0 and r["action_blind"]["agent_within_1.5px"] == 0.0
+    assert r["copy_last"]["psnr_vs_counterfactual"] == pytest.approx(M.psnr(counterfactual, copy_last).mean())
+    assert r["action_blind"]["psnr_vs_counterfactual"] == pytest.approx(M.psnr(counterfactual, factual).mean())
+    assert r["copy_last"]["psnr_vs_counterfactual"] == pytest.approx(np.mean(r["copy_last_psnr_vs_counterfactual_truth"]))
+    blind = M.counterfactual_following(factual, counterfactual, factual, copy_last, agent_steps)  # ignores the actions
+    assert blind["margin_db"] < 0 and blind["agent_within_1.5px"] == 0.0
+    assert "agent_within_1.5px" not in M.counterfactual_following(factual, counterfactual, factual, copy_last)
+
+
+def test_before_first_cut_and_masked_action_following():
+    cut = np.array([[False, True, False], [False, False, False], [True, False, False]])
+    np.testing.assert_array_equal(M.before_first_cut(cut), [[1, 0, 0], [1, 1, 1], [0, 0, 0]])
+    path = np.array([[[4 + 2 * t, 10] for t in range(3)]])
+    truth, off = _agent_video(path), _agent_video(path + [0, 3])
+    off[0, 0] = truth[0, 0]  # only the first step is right
+    scored = M.action_following(off, truth, mask=np.array([[True, False, False]]))
+    assert scored["within_1.5px"] == 1.0 and scored["num_steps"] == 1
+    assert M.action_following(off, truth)["within_1.5px"] == pytest.approx(1 / 3)
+
+
+def test_delta_psnr_summary_at_t4_and_before_a_cut():
+    true = np.array([[30.0, 28.0, 26.0, 24.0, 22.0], [30.0, 29.0, 28.0, 27.0, 26.0]])
+    rand = np.array([[30.0, 27.0, 24.0, 21.0, 20.0], [30.0, 29.0, 28.0, 26.0, 26.0]])
+    cut = np.zeros((2, 5), bool)
+    cut[1, 2] = True  # clip 1: a cut among the first 4 generated frames
+    r = M.delta_psnr_summary(true, rand, cut)
+    assert r["delta_psnr_t4"] == pytest.approx(2.0)  # (3 + 1) / 2
+    assert r["delta_psnr_per_horizon"] == pytest.approx([0.0, 0.5, 1.0, 2.0, 1.0])
+    assert r["delta_psnr_t4_before_cut"] == pytest.approx(3.0) and r["num_clips_before_cut"] == 1
+    cut[1, 2], cut[1, 4] = False, True  # a cut after t=4 does not count
+    assert M.delta_psnr_summary(true, rand, cut)["num_clips_before_cut"] == 2
+    short = M.delta_psnr_summary(true[:, :3], rand[:, :3])  # horizon 3 < 4: nothing to measure
+    assert np.isnan(short["delta_psnr_t4"]) and "delta_psnr_t4_before_cut" not in short

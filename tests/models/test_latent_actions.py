@@ -128,7 +128,7 @@ def test_forward_flops_match_xla():
 
 def test_loss_drops_on_a_fixed_batch(tiny_dataset):
     cfg = config_lib.load(None, [*LAM_OVERRIDES, "model.image_size=16", "data.frames_per_clip=4",
-                                 "data.batch_size=4", "train.warmup_steps=1", "train.steps=20",
+                                 "data.batch_size=4", "train.warmup_steps=1", "train.steps=40",
                                  "train.learning_rate=0.01"])
     loader = make_loader(tiny_dataset, split="train", frames_per_clip=4, batch_size=4, seed=0)
     batch = {"frame": jnp.asarray(next(iter(loader))["frame"])}
@@ -139,7 +139,7 @@ def test_loss_drops_on_a_fixed_batch(tiny_dataset):
     state = TrainState.create(params, make_optimizer(cfg.train))
     step = jax.jit(make_train_step(cfg))
     losses = []
-    for _ in range(20):
+    for _ in range(40):  # v3 batches (independent camera) take ~40 steps to halve the loss
         state, metrics = step(state, batch, None)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.75 * losses[0]

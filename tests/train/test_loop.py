@@ -51,7 +51,8 @@ def test_train_checkpoint_resume_eval(tmp_path, tiny_overrides):
     assert metrics["step"] == 3 and len(metrics["dataset_hash"]) == 64
     for group in ("rollout", "baseline_copy_last"):
         assert metrics[group]["horizon"] == [1, 2, 3] and np.all(np.isfinite(metrics[group]["psnr"]))
-    assert set(metrics["controllability"]) == {"psnr_true_actions", "psnr_random_actions", "delta_psnr"}
+    assert set(metrics["controllability"]) == {"psnr_true_actions", "psnr_random_actions", "delta_psnr", "delta_psnr_t4",
+                                               "delta_psnr_per_horizon", "delta_psnr_t4_before_cut", "num_clips_before_cut"}
     assert len(metrics["rollout"]["ssim"]) == 3 and all(-1 <= v <= 1 for v in metrics["rollout"]["ssim"])
     assert set(metrics["action_following"]) == {"true_actions", "random_actions"}
     assert set(metrics["camera_following"]) == {"model", "baseline_copy_last", "truth"}

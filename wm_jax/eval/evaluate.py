@@ -9,10 +9,13 @@ Besides PSNR/SSIM drift, the ground truth in the records measures what video met
 miss (definitions in `wm_jax/eval/metrics.py`): action following (agent position vs the
 simulator's, with true and with shuffled actions), camera following (image shift vs the
 commanded pan), identity persistence (entity crops vs their look in the context) and
-object permanence (entities reappearing from behind the occluder). On an Atari dataset the
-emulator, replayed to each clip's last context frame, renders what the random actions
-would truly have shown: the model's random-action rollout is scored against it
-(counterfactual action following).
+object permanence (entities reappearing from behind the occluder). Genie's protocol
+(ΔtPSNR at t = 4, true vs random actions) comes with counterfactual truth: on an Atari or
+procedural dataset the simulator, replayed to each clip's last context frame, renders what
+the random actions would truly have shown, and the model's random-action rollout is scored
+against it (counterfactual action following). On procedural data a one-step probe also
+measures how far each action moves the agent in the model's prediction
+(`wm_jax/eval/action_probe.py`). `headline(metrics)` lists the figures that sum a run up.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import numpy as np
 
 from data_pipelines.loader import make_loader
 from data_pipelines.schema import DatasetError
-from data_pipelines.sources import atari
+from data_pipelines.sources import atari, procedural
 from wm_jax import checkpoint as ckpt
 from wm_jax import sharding, telemetry
 from wm_jax.config import Config, MeshConfig
+from wm_jax.eval import action_probe
 from wm_jax.eval import metrics as M
 from wm_jax.export import is_bundle, tokenizer_source
 from wm_jax.models.dynamics import DynamicsModel, make_controls
@@ -111,9 +115,9 @@ def plot_drift(result: dict, out: Path) -> None:
     ax.plot(h, result["rollout"]["psnr"], "o-", label="model, true actions")
     ax.plot(h, result["rollout_random_actions"]["psnr"], "s--", label="model, random actions")
     ax.plot(h, result["baseline_copy_last"]["psnr"], "^:", label="copy last frame")
-    if "counterfactual" in result:  # same rollout as "random actions", scored against the emulator's frames
+    if "counterfactual" in result:  # same rollout as "random actions", scored against the simulator's frames
         ax.plot(h, result["counterfactual"]["psnr_vs_counterfactual_truth"], "d-.",
-                label="model, random actions, vs emulator's counterfactual")
+                label="model, random actions, vs simulator's counterfactual")
     ax.axhline(result["tokenizer"]["psnr"], color="gray", lw=0.8, label="tokenizer reconstruction")
     ax.set_xlabel("horizon (frames after context)")
     ax.set_ylabel("PSNR (dB)")
@@ -175,9 +179,56 @@ def metric_bar_groups(result: dict) -> list[tuple[str, list[tuple[str, float]]]]
             ("model vs counterfactual truth", mean("counterfactual", "psnr_vs_counterfactual_truth")),
             ("model vs factual truth", mean("counterfactual", "psnr_vs_factual_truth")),
             ("copy last vs counterfactual truth", mean("counterfactual", "copy_last_psnr_vs_counterfactual_truth"))]),
+        ("ΔtPSNR at t=4, true − random actions (dB)", [
+            ("all clips", mean("controllability", "delta_psnr_t4")),
+            ("no cut by t=4", mean("controllability", "delta_psnr_t4_before_cut"))]),
+        ("counterfactual: agent within 1.5 px", [
+            ("model", mean("counterfactual", "agent_within_1.5px")),
+            ("copy last", mean("counterfactual", "copy_last", "agent_within_1.5px")),
+            ("action blind", mean("counterfactual", "action_blind", "agent_within_1.5px"))]),
+        ("counterfactual margin: PSNR vs counterfactual − vs factual (dB)", [
+            ("model", mean("counterfactual", "margin_db")),
+            ("copy last", mean("counterfactual", "copy_last", "margin_db"))]),
+        ("action probe: agent move in one step (px)", [
+            ("model", mean("action_probe", "displacement_px")),
+            ("commanded", mean("action_probe", "commanded_px"))]),
     ]
     kept = [(title, [(label, v) for label, v in bars if v is not None]) for title, bars in panels]
     return [(title, bars) for title, bars in kept if bars]
+
+
+def _figures(values: list[float | None], spec: str) -> str:
+    """Values formatted with `spec` and joined by " / " ("n/a" for a missing one)."""
+    return " / ".join("n/a" if v is None else format(v, spec) for v in values)
+
+
+def headline(result: dict) -> list[tuple[str, str]]:
+    """[(label, formatted value), ...]: the figures that sum an evaluation up, from `result`
+    (a metrics dict, before or after `json_safe`), for the report's first table and for a
+    printout. Rows of absent groups are left out; "n/a" marks a figure with nothing to
+    measure (e.g. ΔtPSNR at t=4 when the horizon is shorter)."""
+    mean = lambda *path: _finite_mean(_lookup(result, *path))
+    rows = [("tokenizer reconstruction PSNR (dB)", _figures([mean("tokenizer", "psnr")], ".2f"))]
+    if "rollout" in result:
+        rows += [
+            ("rollout PSNR, mean over horizons (dB): model / copy-last",
+             _figures([mean("rollout", "psnr"), mean("baseline_copy_last", "psnr")], ".2f")),
+            ("ΔtPSNR at t=4, true − random actions (dB): all clips / no cut by t=4",
+             _figures([mean("controllability", "delta_psnr_t4"), mean("controllability", "delta_psnr_t4_before_cut")],
+                      "+.2f")),
+        ]
+    if "agent_within_1.5px" in result.get("counterfactual", {}):
+        within = [mean("counterfactual", *k, "agent_within_1.5px") for k in ((), ("copy_last",), ("action_blind",))]
+        rows.append(("counterfactual: agent within 1.5 px: model / copy-last / action-blind", _figures(within, ".3f")))
+    if "margin_db" in result.get("counterfactual", {}):
+        rows.append(("counterfactual margin, PSNR vs counterfactual − vs factual (dB): model / copy-last",
+                     _figures([mean("counterfactual", "margin_db"), mean("counterfactual", "copy_last", "margin_db")],
+                              "+.2f")))
+    if "action_probe" in result:
+        rows.append(("action probe, agent move in one step (px): model / commanded (fraction)",
+                     _figures([mean("action_probe", "displacement_px"), mean("action_probe", "commanded_px")], ".2f")
+                     + f" ({_figures([mean('action_probe', 'fraction')], '.2f')})"))
+    return rows
 
 
 def plot_metric_bars(result: dict, out: Path) -> None:
@@ -206,12 +257,91 @@ def plot_metric_bars(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def counterfactual_markdown(cf: dict) -> list[str]:
+    """Report lines of the counterfactual group (`M.counterfactual_following` + clip counts)."""
+    lines = [
+        "## Counterfactual action following",
+        "",
+        "The rollout with random actions, scored against the frames the simulator shows under those "
+        "same actions from the clip's last context frame (counterfactual truth) and against the "
+        "recorded frames (factual truth): a model that follows its actions is closer to the first "
+        "(margin > 0). Action-blind: the factual frames as prediction, what a perfect model that "
+        "ignores its actions would score. The counterfactual frames differ from the factual ones in "
+        f"{cf['counterfactual_truth_differs_fraction']:.0%} of the clips.",
+        "",
+    ]
+    if "margin_db" in cf:
+        blind = cf["action_blind"]
+        lines += [
+            "| prediction | PSNR vs counterfactual (dB) | PSNR vs factual (dB) | margin (dB) | agent within 1.5 px |",
+            "|---|---|---|---|---|",
+            *(f"| {name} | {g['psnr_vs_counterfactual']:.2f} | {g['psnr_vs_factual']:.2f} | {g['margin_db']:+.2f} "
+              f"| {_figures([_finite_mean(g.get('agent_within_1.5px'))], '.3f')} |"
+              for name, g in (("model", cf), ("copy last", cf["copy_last"]))),
+            f"| action blind | {blind['psnr_vs_counterfactual']:.2f} | (100, capped) | | "
+            f"{_figures([_finite_mean(blind.get('agent_within_1.5px'))], '.3f')} |",
+            "",
+        ]
+    if "num_agent_steps" in cf:
+        lines += [f"The agent is scored on {cf['num_agent_steps']} generated steps before any shot cut (a cut "
+                  "reframes the view around the agent).", ""]
+    if cf.get("num_clips_reframed"):
+        lines += [f"{cf['num_clips_reframed']} clips left out: the random actions reframed their context (a world "
+                  "v2 cut frames its shot by looking ahead at the agent's path).", ""]
+    lines += [
+        "| horizon | PSNR vs counterfactual truth | PSNR vs factual truth | SSIM vs counterfactual truth "
+        "| copy last: PSNR vs counterfactual truth |",
+        "|---|---|---|---|---|",
+    ]
+    for i, h in enumerate(cf["horizon"]):
+        lines.append(
+            f"| {h} | {cf['psnr_vs_counterfactual_truth'][i]:.2f} | {cf['psnr_vs_factual_truth'][i]:.2f} "
+            f"| {cf['ssim_vs_counterfactual_truth'][i]:.3f} | {cf['copy_last_psnr_vs_counterfactual_truth'][i]:.2f} |"
+        )
+    return lines + [""]
+
+
+def probe_markdown(probe: dict) -> list[str]:
+    """Report lines of the action_probe group (`action_probe.probe_scores`)."""
+    per_action = probe["displacement_px_per_action"]
+    names = [f"a{a}" for a in range(1, len(per_action) + 1)]
+    return [
+        "## Action probe (one step, teacher-forced)",
+        "",
+        "Frame C predicted from the true context once per action forced into it; the agent's move from "
+        "the no-op prediction to each move action's, along that action's direction, vs the world's "
+        f"per-step move ({probe['commanded_px']:.2f} px), over {probe['num_clips']} clips "
+        "(frame C not a cut, the agent found in both predictions). Procedural actions: a1 up, a2 down, "
+        "a3 left, a4 right.",
+        "",
+        "| action | " + " | ".join(names) + " | mean | fraction of commanded |",
+        "|---" * (len(names) + 3) + "|",
+        "| move (px) | " + " | ".join(_figures([_finite_mean(d)], "+.2f") for d in per_action)
+        + f" | {_figures([_finite_mean(probe['displacement_px'])], '+.2f')} "
+        f"| {_figures([_finite_mean(probe['fraction'])], '.2f')} |",
+        "",
+    ]
+
+
 def report_markdown(result: dict, files: dict[str, list[str]]) -> str:
     lines = [
         f"# Evaluation of `{result['workdir']}` at step {result['step']}",
         "",
         f"Dataset `{result['data_dir']}` split `{result['split']}` (content hash `{result['dataset_hash'][:16]}…`), "
         f"{result['num_clips']} held-out clips.",
+        "",
+        "## Headline",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        *(f"| {label} | {value} |" for label, value in headline(result)),
+        "",
+    ]
+    if "rollout" in result:
+        lines += ["ΔtPSNR \"no cut by t=4\": the clips without a shot cut among the first 4 generated frames (a "
+                  "cut reframes the view, so where the agent will be is then unknowable, whatever the actions).", ""]
+    lines += [
+        "## Details",
         "",
         "| metric | value |",
         "|---|---|",
@@ -228,13 +358,13 @@ def report_markdown(result: dict, files: dict[str, list[str]]) -> str:
             "",
             "## PSNR per horizon step",
             "",
-            "| horizon | model | random actions | copy last |",
-            "|---|---|---|---|",
+            "| horizon | model | random actions | copy last | ΔtPSNR (per clip, mean) |",
+            "|---|---|---|---|---|",
         ]
         for i, h in enumerate(result["rollout"]["horizon"]):
             lines.append(
                 f"| {h} | {result['rollout']['psnr'][i]:.2f} | {result['rollout_random_actions']['psnr'][i]:.2f} "
-                f"| {result['baseline_copy_last']['psnr'][i]:.2f} |"
+                f"| {result['baseline_copy_last']['psnr'][i]:.2f} | {c['delta_psnr_per_horizon'][i]:+.3f} |"
             )
         lines += ["", "![PSNR vs horizon](psnr_vs_horizon.png)", ""]
     if "action_following" in result:
@@ -258,26 +388,9 @@ def report_markdown(result: dict, files: dict[str, list[str]]) -> str:
             "",
         ]
     if "counterfactual" in result:
-        cf = result["counterfactual"]
-        lines += [
-            "## Counterfactual action following (emulator)",
-            "",
-            "The rollout with random actions, scored against the frames the emulator shows under those "
-            "same actions from the clip's last context frame (counterfactual truth) and against the "
-            "recorded frames (factual truth): a model that follows its actions is closer to the first. "
-            f"The counterfactual frames differ from the factual ones in "
-            f"{cf['counterfactual_truth_differs_fraction']:.0%} of the clips.",
-            "",
-            "| horizon | PSNR vs counterfactual truth | PSNR vs factual truth | SSIM vs counterfactual truth "
-            "| copy last: PSNR vs counterfactual truth |",
-            "|---|---|---|---|---|",
-        ]
-        for i, h in enumerate(cf["horizon"]):
-            lines.append(
-                f"| {h} | {cf['psnr_vs_counterfactual_truth'][i]:.2f} | {cf['psnr_vs_factual_truth'][i]:.2f} "
-                f"| {cf['ssim_vs_counterfactual_truth'][i]:.3f} | {cf['copy_last_psnr_vs_counterfactual_truth'][i]:.2f} |"
-            )
-        lines.append("")
+        lines += counterfactual_markdown(result["counterfactual"])
+    if "action_probe" in result:
+        lines += probe_markdown(result["action_probe"])
     for name in files.get("bars", []):
         lines += ["Each headline metric beside its controls:", "", f"![metric bars]({name})", ""]
     for name in files.get("video", []):
@@ -317,6 +430,77 @@ def atari_counterfactual_truth(data_dir: str, clips: dict[str, np.ndarray], ctx:
     if not np.array_equal(factual, frames[:, ctx:]):
         raise DatasetError(f"replaying the recorded actions of {data_dir} does not reproduce its held-out frames")
     return counterfactual
+
+
+def procedural_counterfactual_truth(source_params: dict, clips: dict[str, np.ndarray], ctx: int,
+                                    actions: np.ndarray) -> dict[str, np.ndarray]:
+    """What the procedural world shows when, from each clip's last context frame, it plays
+    `actions` int [B, C+H] (indices ctx-1.. drive the H generated steps, as in the rollout)
+    instead of the recorded ones: "frame" uint8 [B, H, S, S, 3], "entity_boxes" float32
+    [B, H, E, 4], "entity_visible" bool [B, H, E], and "same_context" bool [B]: whether the
+    clip's context frames stay as recorded (always in world version 3; a version-2 cut
+    frames its shot by looking ahead at the agent's path, so later actions can reframe it).
+
+    clips: held-out records with "episode_id", "t" and "frame" [B, C+H, ...]; source_params:
+    the dataset manifest's. Each episode is first regenerated with its recorded actions:
+    DatasetError unless that reproduces the clip's frames bit for bit."""
+    frames, branches = clips["frame"], []
+    for b in range(len(frames)):
+        episode, t0 = int(clips["episode_id"][b, 0]), int(clips["t"][b, 0])
+        span = slice(t0, t0 + frames.shape[1])
+        if not np.array_equal(procedural.replay(source_params, episode)["frame"][span], frames[b]):
+            raise DatasetError(f"regenerating episode {episode} from the manifest's source_params does not reproduce "
+                               "its held-out frames")
+        branch = procedural.replay(source_params, episode, t0 + ctx - 1, actions[b, ctx - 1 : -1])
+        branches.append({k: branch[k][span] for k in ("frame", "entity_boxes", "entity_visible")})
+    out = {k: np.stack([br[k] for br in branches]) for k in branches[0]}
+    same = (out["frame"][:, :ctx] == frames[:, :ctx]).all(axis=(1, 2, 3, 4))
+    return {"same_context": same, **{k: v[:, ctx:] for k, v in out.items()}}
+
+
+def counterfactual_metrics(manifest: dict, data_dir: str, clips: dict[str, np.ndarray], ctx: int,
+                           actions: np.ndarray, generated: np.ndarray, copy_last: np.ndarray) -> dict | None:
+    """The counterfactual group: `M.counterfactual_following` of the rollout generated uint8
+    [B, H, ...] under `actions` int [B, C+H] (copy_last [B, H, ...] the frozen control)
+    against the simulator's frames under those actions (Atari's emulator or the procedural
+    world). Procedural: the agent is scored at the generated steps before any cut (a cut
+    reframes the view around the agent), on the clips whose context the branch leaves
+    as recorded; None if there is none."""
+    factual = clips["frame"][:, ctx:]
+    if manifest["source"] == atari.SOURCE_NAME:
+        truth = atari_counterfactual_truth(data_dir, clips, ctx, actions)
+        return {**M.counterfactual_following(generated, truth, factual, copy_last), "num_clips": len(factual)}
+    branch = procedural_counterfactual_truth(manifest["source_params"], clips, ctx, actions)
+    keep = branch["same_context"]
+    if not keep.any():
+        telemetry.info("counterfactual metrics skipped: the random actions reframe every clip's context")
+        return None
+    agent_steps = M.before_first_cut(clips["cut"][keep, ctx:])
+    scores = M.counterfactual_following(generated[keep], branch["frame"][keep], factual[keep], copy_last[keep],
+                                        agent_steps)
+    return {**scores, "num_clips": int(keep.sum()), "num_clips_reframed": int((~keep).sum())}
+
+
+def rollout_metrics(clips: dict[str, np.ndarray], ctx: int, gen_true: np.ndarray, gen_random: np.ndarray,
+                    copy_last: np.ndarray) -> dict[str, dict]:
+    """The rollout, rollout_random_actions, baseline_copy_last (PSNR/SSIM per horizon step)
+    and controllability (Genie's ΔtPSNR) groups. gen_true / gen_random / copy_last: uint8
+    [B, H, h, w, 3], the generated steps only; clips: records [B, C+H, ...]."""
+    truth = clips["frame"][:, ctx:]
+    hs = list(range(1, truth.shape[1] + 1))
+    out = {name: {"horizon": hs, "psnr": [float(v) for v in M.psnr_per_horizon(truth, video)],
+                  "ssim": [float(v) for v in M.ssim_per_horizon(truth, video)]}
+           for name, video in (("rollout", gen_true), ("rollout_random_actions", gen_random),
+                               ("baseline_copy_last", copy_last))}
+    true_psnr, random_psnr = out["rollout"]["psnr"], out["rollout_random_actions"]["psnr"]
+    cut = clips["cut"][:, ctx:] if "cut" in clips else None
+    out["controllability"] = {
+        "psnr_true_actions": float(np.mean(true_psnr)),
+        "psnr_random_actions": float(np.mean(random_psnr)),
+        "delta_psnr": M.delta_psnr(np.asarray(true_psnr), np.asarray(random_psnr)),
+        **M.delta_psnr_summary(M.psnr(truth, gen_true), M.psnr(truth, gen_random), cut),
+    }
+    return out
 
 
 def ground_truth_metrics(clips: dict[str, np.ndarray], ctx: int, gen_true: np.ndarray, gen_random: np.ndarray,
@@ -368,6 +552,27 @@ def with_inferred_actions(clips: dict[str, np.ndarray], cfg: Config, mesh: Any, 
     return {**clips, "action": actions, "action_valid": np.ones(actions.shape, bool)}
 
 
+def draw_random_actions(cfg: Config, manifest: dict, actions: np.ndarray, ctx: int) -> tuple[np.ndarray, bool]:
+    """actions int [B, C+H] with those from index ctx-1 on (the one into the first generated
+    frame onwards) drawn at random (seed `cfg.seed`), and whether the dataset's simulator
+    can replay them (counterfactual truth: Atari's emulator, the procedural world). A
+    simulator replays only its own actions: they are drawn from those where it can, from
+    the latent actions for a run on inferred ones, else from the model's action vocabulary."""
+    vocab = cfg.model.dynamics.num_actions
+    world_actions = {atari.SOURCE_NAME: manifest["source_params"].get("num_actions"),
+                     procedural.SOURCE_NAME: procedural.NUM_ACTIONS}.get(manifest["source"])
+    replayable = world_actions is not None and not cfg.train.latent_actions_workdir
+    if replayable:
+        vocab = min(vocab, world_actions)
+    elif cfg.train.latent_actions_workdir:
+        vocab = cfg.model.latent_actions.num_latent_actions
+        if world_actions is not None:
+            telemetry.info("counterfactual metrics skipped: random latent actions are no simulator actions")
+    random_actions = actions.copy()
+    random_actions[:, ctx - 1 :] = np.random.default_rng(cfg.seed).integers(0, vocab, actions[:, ctx - 1 :].shape)
+    return random_actions, replayable
+
+
 def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | None = None, out_dir: str | Path | None = None) -> dict:
     """Restores `workdir`'s checkpoint and writes the eval report; returns the metrics dict."""
     workdir = Path(workdir)
@@ -396,37 +601,41 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
         clips = with_inferred_actions(clips, cfg, mesh, rules)
     frames, actions = clips["frame"], clips["action"]
     n = frames.shape[0]
-    rng = np.random.default_rng(cfg.seed)
-    random_actions = actions.copy()  # random from the first generated step on
-    vocab = cfg.model.latent_actions.num_latent_actions if cfg.train.latent_actions_workdir else cfg.model.dynamics.num_actions
-    # An emulator can replay what random actions do only with the game's own actions.
-    counterfactual = manifest["source"] == atari.SOURCE_NAME and not cfg.train.latent_actions_workdir
-    if counterfactual:
-        vocab = min(vocab, manifest["source_params"]["num_actions"])
-    elif manifest["source"] == atari.SOURCE_NAME:
-        telemetry.info("counterfactual metrics skipped: random latent actions are no emulator actions")
-    random_actions[:, ctx - 1 :] = rng.integers(0, vocab, actions[:, ctx - 1 :].shape)
+    random_actions, counterfactual = draw_random_actions(cfg, manifest, actions, ctx)
+    # The probe needs the world's action -> motion map: the procedural world's, with its actions.
+    probe_moves = (procedural.agent_moves(manifest["source_params"]["size"])
+                   if counterfactual and manifest["source"] == procedural.SOURCE_NAME else None)
+    if probe_moves is None and dyn_params is not None:
+        telemetry.info("action probe skipped: it needs the procedural world's actions (a known action -> motion map)")
     dynamics = DynamicsModel(cfg.model)
     steering = [k for k in ("camera", "camera_valid", "cut", "action_valid") if k in clips]
 
-    def generate(context: jax.Array, acts: np.ndarray, s: slice) -> np.ndarray:
+    def reference(s: slice) -> jax.Array | None:
+        """The identity bank's reference codes [B, N, L] of clips s (None: no bank)."""
+        if "reference" in clips and cfg.model.dynamics.use_identity_bank:
+            return encode_frames(tokenizer, tok_params, clips["reference"][s, :1], chunk)[0][:, 0]
+        return None
+
+    def generate(context: jax.Array, acts: np.ndarray, s: slice, ref: jax.Array | None) -> np.ndarray:
         """Context codes [B,C,N,L] + actions (and the clips' camera, cuts, reference) ->
         uint8 frames [B,C+H,...] (context reconstructed)."""
         controls = make_controls({"action": acts, **{k: clips[k][s] for k in steering}})
-        reference = None
-        if "reference" in clips and cfg.model.dynamics.use_identity_bank:
-            reference = encode_frames(tokenizer, tok_params, clips["reference"][s, :1], chunk)[0][:, 0]
-        new, _ = rollout(dynamics, dyn_params, context, controls, horizon, reference)
+        new, _ = rollout(dynamics, dyn_params, context, controls, horizon, ref)
         return decode_codes(tokenizer, tok_params, jnp.concatenate([context, new], axis=1), chunk)
 
-    recon, gen_true, gen_random = [], [], []
+    recon, gen_true, gen_random, probed = [], [], [], []
     for i in range(0, n, cfg.eval.batch_size):
         s = slice(i, min(i + cfg.eval.batch_size, n))
         codes, _ = encode_frames(tokenizer, tok_params, frames[s], chunk)
         recon.append(decode_codes(tokenizer, tok_params, codes, chunk))
         if dyn_params is not None:
-            gen_true.append(generate(codes[:, :ctx], actions[s], s))
-            gen_random.append(generate(codes[:, :ctx], random_actions[s], s))
+            ref = reference(s)
+            gen_true.append(generate(codes[:, :ctx], actions[s], s, ref))
+            gen_random.append(generate(codes[:, :ctx], random_actions[s], s, ref))
+        if dyn_params is not None and probe_moves is not None:
+            steps = {k: clips[k][s, : ctx + 1] for k in ["action", *steering]}
+            probed.append(action_probe.forced_next_frames(dynamics, dyn_params, tokenizer, tok_params, codes[:, :ctx],
+                                                          steps, len(probe_moves), ref, chunk))
     recon = np.concatenate(recon)
     result: dict[str, Any] = {
         "step": step,
@@ -443,27 +652,19 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
     shown = min(cfg.eval.video_clips, n)
     if dyn_params is not None:
         gen_true, gen_random = np.concatenate(gen_true), np.concatenate(gen_random)
-        truth = frames[:, ctx:]
         copy_last = np.repeat(frames[:, ctx - 1 : ctx], horizon, axis=1)
-        hs = list(range(1, horizon + 1))
-        per_h = lambda g: [float(v) for v in M.psnr_per_horizon(truth, g)]
-        per_h_ssim = lambda g: [float(v) for v in M.ssim_per_horizon(truth, g)]
-        for name, video in (("rollout", gen_true[:, ctx:]), ("rollout_random_actions", gen_random[:, ctx:]),
-                            ("baseline_copy_last", copy_last)):
-            result[name] = {"horizon": hs, "psnr": per_h(video), "ssim": per_h_ssim(video)}
-        true_psnr, random_psnr = result["rollout"]["psnr"], result["rollout_random_actions"]["psnr"]
-        result["controllability"] = {
-            "psnr_true_actions": float(np.mean(true_psnr)),
-            "psnr_random_actions": float(np.mean(random_psnr)),
-            "delta_psnr": M.delta_psnr(np.asarray(true_psnr), np.asarray(random_psnr)),
-        }
+        result.update(rollout_metrics(clips, ctx, gen_true[:, ctx:], gen_random[:, ctx:], copy_last))
         if all(k in clips for k in GROUND_TRUTH):
             result.update(ground_truth_metrics(clips, ctx, gen_true, gen_random, copy_last))
         else:
             telemetry.info(f"controllability metrics skipped: the dataset lacks {[k for k in GROUND_TRUTH if k not in clips]}")
         if counterfactual:
-            cf_truth = atari_counterfactual_truth(data_dir, clips, ctx, random_actions)
-            result["counterfactual"] = M.counterfactual_following(gen_random[:, ctx:], cf_truth, truth, copy_last)
+            cf = counterfactual_metrics(manifest, data_dir, clips, ctx, random_actions, gen_random[:, ctx:], copy_last)
+            if cf is not None:
+                result["counterfactual"] = cf
+        if probed:
+            result["action_probe"] = action_probe.probe_scores(np.concatenate(probed, axis=1), probe_moves,
+                                                               ~clips["cut"][:, ctx])
         plot_drift(result, out / "psnr_vs_horizon.png")
         files["video"] = write_video(video_grid(frames[:shown], gen_true[:shown]), out / "rollout")
     else:

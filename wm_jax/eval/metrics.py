@@ -9,6 +9,8 @@ covers [j, j+1) x [i, i+1), so its centre is (j + 0.5, i + 0.5); boxes are float
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,6 +22,7 @@ SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 
 AGENT_MIN_VALUE = 200  # procedural agent is (250, 250, 250); no entity has all channels >= 200
 AGENT_TOLERANCE_PX = 1.5  # below the agent's step (2 px at S=32): ignoring an action misses
+GENIE_HORIZON = 4  # Genie reports ΔtPSNR at t = 4 frames after the context
 
 
 def _check_same_shape(a: np.ndarray, b: np.ndarray, names: tuple[str, str]) -> None:
@@ -137,6 +140,45 @@ def delta_psnr(psnr_true_actions: np.ndarray, psnr_random_actions: np.ndarray, h
     if not 1 <= horizon <= diff.shape[-1]:
         raise ValueError(f"horizon {horizon} outside 1..{diff.shape[-1]}")
     return float(diff[..., horizon - 1].mean())
+
+
+def before_first_cut(cut: np.ndarray) -> np.ndarray:
+    """bool [B, H]: the steps of cut bool [B, H] (shot starts) before each clip's first
+    cut. The cut step itself is excluded: a new shot's framing is not predictable."""
+    return ~np.logical_or.accumulate(np.asarray(cut, bool), axis=1)
+
+
+def delta_psnr_summary(psnr_true_actions: np.ndarray, psnr_random_actions: np.ndarray,
+                       cut: np.ndarray | None = None) -> dict[str, float | list[float] | int]:
+    """Genie's ΔtPSNR from per-clip PSNRs float [B, H] (dB, each rollout against the
+    factual truth at horizon steps 1..H) of the true- and random-action rollouts.
+
+    Returns {"delta_psnr_t4": `delta_psnr` at t = GENIE_HORIZON (NaN when H is shorter),
+    "delta_psnr_per_horizon": [H]} and, given `cut` bool [B, H] (shot starts among the
+    generated frames), "delta_psnr_t4_before_cut": the same over the clips without a cut
+    among the first GENIE_HORIZON generated frames (a cut reframes the view around the
+    agent: where it will be is then unknowable, whatever the actions), with their count
+    "num_clips_before_cut".
+    """
+    true, rand = np.asarray(psnr_true_actions, np.float64), np.asarray(psnr_random_actions, np.float64)
+    _check_same_shape(true, rand, ("psnr_true_actions", "psnr_random_actions"))
+    steps = true.shape[-1]
+
+    def at_t4(keep: np.ndarray) -> float:  # over the clips where keep bool [B] holds
+        if steps < GENIE_HORIZON or not keep.any():
+            return float("nan")
+        return delta_psnr(true[keep], rand[keep], GENIE_HORIZON)
+
+    out = {
+        "delta_psnr_t4": at_t4(np.ones(true.shape[0], bool)),
+        "delta_psnr_per_horizon": [delta_psnr(true, rand, h) for h in range(1, steps + 1)],
+    }
+    if cut is not None:
+        cut = np.asarray(cut, bool)
+        _check_same_shape(true, cut, ("psnr_true_actions", "cut"))
+        keep = ~cut[:, :GENIE_HORIZON].any(axis=1)
+        out.update(delta_psnr_t4_before_cut=at_t4(keep), num_clips_before_cut=int(keep.sum()))
+    return out
 
 
 # ------------------------------------------------------------------------ camera following
@@ -468,21 +510,26 @@ def agent_position(frames: np.ndarray, min_value: int = AGENT_MIN_VALUE) -> np.n
     return np.stack([x, y], axis=-1)
 
 
-def action_following(generated: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+def action_following(generated: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
     """Is the agent where the true actions put it? generated, truth: uint8 [B, T, h, w, C].
 
     Agent positions come from `agent_position` in both videos (screen pixels). Steps where
-    the true frame shows no agent are ignored. Returns {"mean_distance_px": mean Euclidean
-    distance between generated and true positions where both are found, "within_1.5px":
-    fraction of steps whose distance is below 1.5 px (a generated frame without the agent
-    counts as a miss), "agent_found": fraction of steps where the generated frame shows the
-    agent, "num_steps"}. NaN scores if no step.
+    the true frame shows no agent, or `mask` bool [B, T] (optional) is False, are ignored.
+    Returns {"mean_distance_px": mean Euclidean distance between generated and true
+    positions where both are found, "within_1.5px": fraction of steps whose distance is
+    below 1.5 px (a generated frame without the agent counts as a miss), "agent_found":
+    fraction of steps where the generated frame shows the agent, "num_steps"}. NaN scores
+    if no step.
     """
     g, tr = np.asarray(generated), np.asarray(truth)
     _check_same_shape(tr, g, ("truth", "generated"))
     _check_video(g, "generated")
     pos_g, pos_t = agent_position(g), agent_position(tr)
     in_truth = ~np.isnan(pos_t).any(axis=-1)
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        _check_lead(mask, "mask", g.shape[:2], g)
+        in_truth &= mask
     found = ~np.isnan(pos_g).any(axis=-1) & in_truth
     dist = np.linalg.norm(pos_g - pos_t, axis=-1)
     return {
@@ -496,8 +543,17 @@ def action_following(generated: np.ndarray, truth: np.ndarray) -> dict[str, floa
 # ------------------------------------------------------------------------ counterfactual
 
 
+def psnr_margin(prediction: np.ndarray, counterfactual: np.ndarray, factual: np.ndarray) -> dict[str, float]:
+    """Mean PSNR (dB) of prediction uint8 [B, H, h, w, C] against the counterfactual truth
+    (what the actions it was given show) and against the factual one (the recorded frames),
+    same shapes: {"psnr_vs_counterfactual", "psnr_vs_factual", "margin_db": their
+    difference, > 0 when the prediction is closer to what its actions would have done}."""
+    vs_cf, vs_fa = float(psnr(counterfactual, prediction).mean()), float(psnr(factual, prediction).mean())
+    return {"psnr_vs_counterfactual": vs_cf, "psnr_vs_factual": vs_fa, "margin_db": vs_cf - vs_fa}
+
+
 def counterfactual_following(generated: np.ndarray, counterfactual: np.ndarray, factual: np.ndarray,
-                             copy_last: np.ndarray) -> dict[str, list[float] | list[int] | float]:
+                             copy_last: np.ndarray, agent_steps: np.ndarray | None = None) -> dict[str, Any]:
     """Does the model show what the actions it was given would have done? All uint8 [B, H, h, w, C].
 
     generated: the model's rollout under counterfactual actions; counterfactual: the
@@ -508,18 +564,35 @@ def counterfactual_following(generated: np.ndarray, counterfactual: np.ndarray, 
     coincide (the actions changed nothing on screen) the gap is 0 whatever the model does,
     hence `counterfactual_truth_differs_fraction` (share of clips whose counterfactual
     frames differ from the factual ones at some step). Returns per-horizon lists [H] of
-    mean PSNR (dB) / SSIM over clips, plus that fraction.
+    mean PSNR (dB) / SSIM over clips, that fraction, the `psnr_margin` scalars (means over
+    horizons) of the model and of the two baselines beside it: "copy_last", and
+    "action_blind", the factual frames as prediction (a perfect model that ignores the
+    actions; its PSNR vs factual would be the 100 dB cap, so only vs counterfactual).
+
+    agent_steps bool [B, H] (procedural worlds, optional): the steps where the agent's place
+    is predictable (e.g. `before_first_cut`). Adds "agent_within_1.5px" (`action_following`
+    against the counterfactual truth over those steps) for the model and each baseline,
+    and their count "num_agent_steps".
     """
     g, cf, fa, cl = (np.asarray(x) for x in (generated, counterfactual, factual, copy_last))
     for name, x in (("counterfactual", cf), ("factual", fa), ("copy_last", cl)):
         _check_same_shape(g, x, ("generated", name))
     _check_video(g, "generated")
     per_h = lambda v: [float(x) for x in v]
-    return {
+    out: dict[str, Any] = {
         "horizon": list(range(1, g.shape[1] + 1)),
         "psnr_vs_counterfactual_truth": per_h(psnr_per_horizon(cf, g)),
         "psnr_vs_factual_truth": per_h(psnr_per_horizon(fa, g)),
         "ssim_vs_counterfactual_truth": per_h(ssim_per_horizon(cf, g)),
         "copy_last_psnr_vs_counterfactual_truth": per_h(psnr_per_horizon(cf, cl)),
         "counterfactual_truth_differs_fraction": float((cf != fa).any(axis=(1, 2, 3, 4)).mean()),
+        **psnr_margin(g, cf, fa),
+        "copy_last": psnr_margin(cl, cf, fa),
+        "action_blind": {"psnr_vs_counterfactual": float(psnr(cf, fa).mean())},
     }
+    if agent_steps is not None:
+        model = action_following(g, cf, agent_steps)
+        out.update({"agent_within_1.5px": model["within_1.5px"], "num_agent_steps": model["num_steps"]})
+        for name, prediction in (("copy_last", cl), ("action_blind", fa)):
+            out[name]["agent_within_1.5px"] = action_following(prediction, cf, agent_steps)["within_1.5px"]
+    return out

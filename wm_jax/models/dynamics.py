@@ -28,7 +28,14 @@ from flax import struct
 
 from wm_jax.config import ModelConfig
 from wm_jax.models import layers
-from wm_jax.models.tokenizer import codes_to_digits, codes_to_indices, digits_to_codes, indices_to_codes, vocab_size
+from wm_jax.models.tokenizer import (codes_to_digits, codes_to_indices, digits_to_codes, indices_to_codes, num_tokens,
+                                     vocab_size)
+
+
+# Control embeddings start at unit scale, the scale of the code embeddings they join: at
+# the 0.02 of a position table, the action stayed a negligible bias that training did not
+# grow (rows ~0.2 after training, next to codes ~4) and the model ignored it.
+CONTROL_INIT = nn.initializers.normal(1.0)
 
 
 class ActionEmbedding(nn.Module):
@@ -46,19 +53,25 @@ class ActionEmbedding(nn.Module):
         Where `action_mask` is False, or everywhere when `use_actions` is False, the
         "no action" embedding replaces the action's.
         """
-        none = self.param("no_action", layers.partitioned(nn.initializers.normal(0.02), ("embed",)), (self.embed_dim,))
+        none = self.param("no_action", layers.partitioned(CONTROL_INIT, ("embed",)), (self.embed_dim,))
         if not self.use_actions:
             return jnp.broadcast_to(none, actions.shape + (self.embed_dim,)).astype(self.dtype)
         # The action table is tiny: replicated along its action axis.
         table = self.param(
             "table",
-            layers.partitioned(nn.initializers.normal(0.02), (None, "embed")),
+            layers.partitioned(CONTROL_INIT, (None, "embed")),
             (self.num_actions, self.embed_dim),
         )
         emb = jnp.take(table, actions, axis=0, mode="clip")
         if action_mask is not None:
             emb = jnp.where(action_mask[..., None], emb, none)
         return emb.astype(self.dtype)
+
+
+def sequence_tokens(cfg: ModelConfig) -> int:
+    """Tokens per frame inside the dynamics transformer (and its key/value cache): the
+    tokenizer's N, plus the control token of `action_conditioning: token`."""
+    return num_tokens(cfg) + (cfg.dynamics.action_conditioning == "token")
 
 
 def _digit_mask(levels: tuple[int, ...]) -> np.ndarray:
@@ -91,6 +104,32 @@ def predict_codes(
         return codes
     logp = jnp.max(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
     return codes, (logp.sum(axis=-1) if cfg.dynamics.head == "factorized" else logp)
+
+
+def sample_codes(
+    logits: jax.Array, cfg: ModelConfig, key: jax.Array | None, temperature: float = 0.0, top_k: int = 0
+) -> jax.Array:
+    """logits [..., *logits_shape] -> codes float32 [..., L]: each token (each digit, for
+    the factorized head) drawn from softmax(logits / temperature) over its top_k most
+    likely values (0: all). temperature 0 is greedy (`predict_codes`). Sampling keeps the
+    small, uncertain things (a 2-px agent) that an argmax over a blurred belief erases."""
+    if temperature <= 0:
+        return predict_codes(logits, cfg)
+    x = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(x, min(top_k, x.shape[-1]))[0][..., -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    choice = jax.random.categorical(key, x, axis=-1)
+    levels = cfg.tokenizer.fsq_levels
+    return indices_to_codes(choice, levels) if cfg.dynamics.head == "joint" else digits_to_codes(choice, levels)
+
+
+def guide_logits(logits: jax.Array, guidance: float) -> jax.Array:
+    """Classifier-free guidance: logits [2B, ...] of a batch whose second half has its
+    actions masked -> [B, ...] uncond + guidance * (cond - uncond). Slots that are -inf
+    (a factorized head's missing digits) stay -inf."""
+    cond, uncond = jnp.split(logits, 2, axis=0)
+    return jnp.where(jnp.isfinite(cond), uncond + guidance * (cond - uncond), cond)
 
 
 def token_loss(
@@ -238,7 +277,7 @@ class CameraEmbedding(nn.Module):
     @nn.compact
     def __call__(self, camera: jax.Array, camera_mask: jax.Array) -> jax.Array:
         """camera float [B, T, 7], camera_mask bool [B, T] -> float [B, T, D] in `dtype`."""
-        none = self.param("no_camera", layers.partitioned(nn.initializers.normal(0.02), ("embed",)), (self.embed_dim,))
+        none = self.param("no_camera", layers.partitioned(CONTROL_INIT, ("embed",)), (self.embed_dim,))
         if not self.use_camera:
             return jnp.broadcast_to(none, camera.shape[:-1] + (self.embed_dim,)).astype(self.dtype)
         emb = layers.Dense(self.embed_dim, (None, "embed"), self.dtype, name="proj")(camera)
@@ -257,7 +296,7 @@ class DynamicsModel(nn.Module):
         self.action_embed = ActionEmbedding(dc.num_actions, dc.embed_dim, dc.use_actions, dtype)
         self.camera_embed = CameraEmbedding(dc.embed_dim, dc.use_camera, dtype)
         if dc.use_cuts:
-            self.cut_embed = self.param("cut_embed", layers.partitioned(nn.initializers.normal(0.02), ("embed",)), (dc.embed_dim,))
+            self.cut_embed = self.param("cut_embed", layers.partitioned(CONTROL_INIT, ("embed",)), (dc.embed_dim,))
         if dc.use_identity_bank:
             self.memory_embed = layers.Dense(dc.embed_dim, ("codebook", "embed"), dtype)
             self.memory_pos = layers.PositionEmbedding(dtype, temporal=False)
@@ -273,6 +312,8 @@ class DynamicsModel(nn.Module):
             scan_layers=self.cfg.scan_layers,
         )
         self.final_norm = layers.RMSNorm(dtype)
+        if dc.action_conditioning == "adaln":
+            self.final_modulation = layers.AdaLNModulation(1, dtype)
         self.logits = layers.Dense(math.prod(logits_shape(self.cfg)), ("embed", "vocab"), dtype)
 
     def embed_memory(self, reference_codes: jax.Array) -> jax.Array:
@@ -280,13 +321,30 @@ class DynamicsModel(nn.Module):
         reference frame) -> memory tokens [B, M, D]; computed once per rollout."""
         return self.memory_norm(self.memory_pos(self.memory_embed(reference_codes)[:, None])[:, 0])
 
-    def _inputs(self, codes: jax.Array, controls: Controls) -> jax.Array:
-        """codes [B, T, N, L] + controls -> input tokens [B, T, N, D]."""
+    def _control_vector(self, controls: Controls) -> jax.Array:
+        """controls of T positions -> one conditioning vector per position [B, T, D]."""
         cond = self.action_embed(controls.action, controls.action_mask)
         cond = cond + self.camera_embed(controls.camera, controls.camera_mask)
         if self.cfg.dynamics.use_cuts:
             cond = cond + jnp.where(controls.next_cut[..., None], self.cut_embed.astype(cond.dtype), 0)
-        return self.pos_embed(self.code_embed(codes) + cond[:, :, None, :])
+        return cond
+
+    def _inputs(self, codes: jax.Array, controls: Controls, next_frame: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array | None]:
+        """codes [B, T, N, L] + controls (+ MaskGIT's next-frame embedding [B, T, N, D]) ->
+        (input tokens [B, T, N', D], the adaLN conditioning [B, T, D] or None).
+
+        N' = N + 1 with a control token (`sequence_tokens`), prepended at index 0."""
+        mode = self.cfg.dynamics.action_conditioning
+        cond = self._control_vector(controls)
+        x = self.code_embed(codes)
+        if next_frame is not None:
+            x = x + next_frame
+        if mode == "add":
+            x = x + cond[:, :, None, :]
+        elif mode == "token":
+            x = jnp.concatenate([cond[:, :, None, :].astype(x.dtype), x], axis=2)
+        return self.pos_embed(x), (cond if mode == "adaln" else None)
 
     def _next_frame(self, codes: jax.Array, next_codes: jax.Array | None, next_mask: jax.Array | None) -> jax.Array:
         """MaskGIT: frame t+1's codes [B, T, N, L] where next_mask bool [B, T, N] is False
@@ -302,10 +360,17 @@ class DynamicsModel(nn.Module):
         """Shots as the temporal mask sees them: all one shot when cuts are not used."""
         return controls.segment if self.cfg.dynamics.use_cuts else jnp.zeros_like(controls.segment)
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        """Final tokens [B, T, N, D] -> logits float32 [B, T, N, *logits_shape]."""
+    def _logits(self, x: jax.Array, cond: jax.Array | None) -> jax.Array:
+        """Final tokens [B, T, N', D] (+ adaLN conditioning [B, T, D]) -> logits float32
+        [B, T, N, *logits_shape] (a control token has none)."""
         shape = logits_shape(self.cfg)
-        logits = self.logits(self.final_norm(x)).astype(jnp.float32)
+        if self.cfg.dynamics.action_conditioning == "token":
+            x = x[:, :, 1:]
+        h = self.final_norm(x)
+        if cond is not None:
+            ((shift, scale, _),) = self.final_modulation(cond)
+            h = layers.modulate(h, shift, scale)
+        logits = self.logits(h).astype(jnp.float32)
         logits = logits.reshape(logits.shape[:-1] + shape)
         if self.cfg.dynamics.head == "factorized":
             logits = jnp.where(_digit_mask(self.cfg.tokenizer.fsq_levels), logits, -jnp.inf)
@@ -351,13 +416,13 @@ class DynamicsModel(nn.Module):
             if reference_codes is None:
                 reference_codes, reference_mask = jnp.zeros((b, n, levels), codes.dtype), jnp.zeros((b,), bool)
             memory, memory_mask = self.embed_memory(reference_codes), reference_mask
-        x = self._inputs(codes, controls)
         if dc.objective != "maskgit":
             if next_codes is not None:
                 raise ValueError("next_codes are for model.dynamics.objective 'maskgit'")
-            return self._logits(self.transformer(x, memory, memory_mask, mask, positions))
-        context = x + self._next_frame(codes, None, None)
-        query = x + self._next_frame(codes, next_codes, next_mask)
+            x, cond = self._inputs(codes, controls)
+            return self._logits(self.transformer(x, memory, memory_mask, mask, positions, cond=cond), cond)
+        context, cond = self._inputs(codes, controls, self._next_frame(codes, None, None))
+        query, _ = self._inputs(codes, controls, self._next_frame(codes, next_codes, next_mask))
         # Keys: [context 0..T-1, query 0..T-1]. Context sees context (the temporal mask);
         # query t sees context before t (same shot, window) and query t itself.
         before = mask & (positions[:, None, :] < positions[:, :, None])
@@ -367,8 +432,9 @@ class DynamicsModel(nn.Module):
             jnp.concatenate([before, itself], axis=2),
         ], axis=1)
         x = jnp.concatenate([context, query], axis=1)
-        x = self.transformer(x, memory, memory_mask, mask, jnp.concatenate([positions, positions], axis=1))
-        return self._logits(x[:, t:])
+        both = None if cond is None else jnp.concatenate([cond, cond], axis=1)
+        x = self.transformer(x, memory, memory_mask, mask, jnp.concatenate([positions, positions], axis=1), cond=both)
+        return self._logits(x[:, t:], cond)
 
     def decode_step(
         self,
@@ -407,8 +473,7 @@ class DynamicsModel(nn.Module):
         if not self.cfg.dynamics.use_identity_bank:
             memory = memory_mask = None
         slot = position % key_positions.shape[0]
-        x = self._inputs(codes, controls)
-        if self.cfg.dynamics.objective == "maskgit":
-            x = x + self._next_frame(codes, next_codes, next_mask)
-        x, caches = self.transformer(x, memory, memory_mask, mask, pos, caches, slot)
-        return self._logits(x), caches
+        maskgit = self.cfg.dynamics.objective == "maskgit"
+        x, cond = self._inputs(codes, controls, self._next_frame(codes, next_codes, next_mask) if maskgit else None)
+        x, caches = self.transformer(x, memory, memory_mask, mask, pos, caches, slot, cond)
+        return self._logits(x, cond), caches

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from wm_jax.config import Config, ModelConfig
-from wm_jax.models.dynamics import logits_shape
+from wm_jax.models.dynamics import logits_shape, sequence_tokens
 from wm_jax.models.latent_actions import num_patches
 from wm_jax.models.tokenizer import num_tokens
 
@@ -51,7 +51,9 @@ def dynamics_forward_flops(cfg: ModelConfig, frames: int) -> int:
     """Forward FLOPs of `DynamicsModel` on one clip of `frames` input frames.
 
     Objective "maskgit": the next frame's codes are embedded too, and the transformer runs
-    the context and query streams side by side (2 x frames; the head sees the query's)."""
+    the context and query streams side by side (2 x frames; the head sees the query's).
+    Conditioning "token": the transformer sees N + 1 tokens per frame; "adaln": each block
+    (and the head) maps the frame's control vector to its shifts, scales and gates."""
     dc, n = cfg.dynamics, num_tokens(cfg)
     levels = len(cfg.tokenizer.fsq_levels)
     maskgit = dc.objective == "maskgit"
@@ -59,7 +61,10 @@ def dynamics_forward_flops(cfg: ModelConfig, frames: int) -> int:
     memory = n if dc.use_identity_bank else 0  # the reference frame's tokens
     flops = frames * n * per_token + memory * 2 * dc.embed_dim * levels
     streams = 2 if maskgit else 1
-    return flops + transformer_forward_flops(streams * frames, n, dc.embed_dim, dc.mlp_dim, dc.num_layers, memory)
+    if dc.action_conditioning == "adaln":
+        flops += (streams * dc.num_layers * 9 + 3) * frames * 2 * dc.embed_dim * dc.embed_dim
+    seq = sequence_tokens(cfg)
+    return flops + transformer_forward_flops(streams * frames, seq, dc.embed_dim, dc.mlp_dim, dc.num_layers, memory)
 
 
 def latent_action_encode_flops(cfg: ModelConfig, frames: int) -> int:

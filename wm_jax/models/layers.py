@@ -193,13 +193,36 @@ class Attention(nn.Module):
         return out if cache is None else (out, new_cache)
 
 
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN: x [B, T, N, D] shifted and scaled per frame by shift, scale [B, T, D]."""
+    return x * (1 + scale[:, :, None]) + shift[:, :, None]
+
+
+class AdaLNModulation(nn.Module):
+    """Per-frame conditioning cond [B, T, D] -> (shift, scale, gate) [B, T, D] for each of
+    `num_sublayers` sub-layers. Zero-initialised: the block starts as the unconditioned
+    one (gates are applied as 1 + gate), and learns how each control moves each layer."""
+
+    num_sublayers: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, cond: jax.Array) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+        d = cond.shape[-1]
+        out = Dense(3 * self.num_sublayers * d, ("embed", None), self.dtype, kernel_init=nn.initializers.zeros_init(),
+                    name="proj")(nn.silu(cond))
+        parts = jnp.split(out, 3 * self.num_sublayers, axis=-1)
+        return [tuple(parts[3 * i : 3 * i + 3]) for i in range(self.num_sublayers)]
+
+
 class SpatioTemporalBlock(nn.Module):
     """Pre-norm residual block: spatial attention, temporal attention, MLP.
 
     Spatial attention mixes the N tokens of each frame (no mask) and, when given, memory
     tokens every frame sees; temporal attention mixes the T frames at each token position,
     causally when `causal`. (B, T) or (B, N) are folded into the batch axis so there is no
-    Python loop over time or tokens.
+    Python loop over time or tokens. With `cond` (per-frame conditioning), each sub-layer's
+    normed input is modulated and its output gated (adaLN, `AdaLNModulation`).
     """
 
     num_heads: int
@@ -218,6 +241,7 @@ class SpatioTemporalBlock(nn.Module):
         positions: jax.Array | None = None,
         cache: dict[str, jax.Array] | None = None,
         slot: jax.Array | None = None,
+        cond: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """x [B, T, N, D] -> [B, T, N, D] in `dtype` (and the layer's new cache with `cache`).
 
@@ -225,13 +249,19 @@ class SpatioTemporalBlock(nn.Module):
           True (None: all). temporal_mask: bool [B, T, K] over the K temporal keys (the
           frames, or the cache's slots), replacing the plain causal mask. positions: int
           [B, T] rotary frame positions. cache: {"key", "value": [B*N, W, heads, K]} for
-          decoding one frame (T = 1) at `slot`.
+          decoding one frame (T = 1) at `slot`. cond: [B, T, D] per-frame conditioning (adaLN).
         """
         b, t, n, d = x.shape
         x = constrain_video(x.astype(self.dtype))
+        if cond is None:
+            mods = [None] * 3
+        else:
+            mods = AdaLNModulation(3, self.dtype, name="adaln")(cond.astype(self.dtype))
+        pre = lambda h, m: h if m is None else modulate(h, m[0], m[1])
+        gated = lambda h, m: h if m is None else h * (1 + m[2][:, :, None])
 
         spatial_norm = RMSNorm(self.dtype, name="spatial_norm")
-        h = spatial_norm(x).reshape(b * t, n, d)
+        h = pre(spatial_norm(x), mods[0]).reshape(b * t, n, d)
         mask = None
         if memory is not None:
             memory = spatial_norm(memory)
@@ -239,9 +269,9 @@ class SpatioTemporalBlock(nn.Module):
                 keys = jnp.concatenate([jnp.ones((b, n), bool), jnp.broadcast_to(memory_mask[:, None], (b, memory.shape[1]))], 1)
                 mask = jnp.repeat(keys, t, axis=0)[:, None, None, :]
         h = Attention(self.num_heads, self.dtype, self.attention, name="spatial_attn")(h, mask=mask, memory=memory)
-        x = constrain_video(x + h.reshape(b, t, n, d))
+        x = constrain_video(x + gated(h.reshape(b, t, n, d), mods[0]))
 
-        h = RMSNorm(self.dtype, name="temporal_norm")(x)
+        h = pre(RMSNorm(self.dtype, name="temporal_norm")(x), mods[1])
         h = nn.with_logical_constraint(h.transpose(0, 2, 1, 3), TEMPORAL_AXES).reshape(b * n, t, d)
         mask = None if temporal_mask is None else jnp.repeat(temporal_mask, n, axis=0)[:, None]
         pos = None if positions is None else jnp.repeat(positions, n, axis=0)
@@ -252,10 +282,10 @@ class SpatioTemporalBlock(nn.Module):
         else:
             h, cache = attn(h, mask=mask, positions=pos, cache=cache, slot=slot)
         h = nn.with_logical_constraint(h.reshape(b, n, t, d), TEMPORAL_AXES)
-        x = constrain_video(x + h.transpose(0, 2, 1, 3))
+        x = constrain_video(x + gated(h.transpose(0, 2, 1, 3), mods[1]))
 
-        h = Mlp(self.mlp_dim, self.dtype, name="mlp")(RMSNorm(self.dtype, name="mlp_norm")(x))
-        x = constrain_video(x + h)
+        h = Mlp(self.mlp_dim, self.dtype, name="mlp")(pre(RMSNorm(self.dtype, name="mlp_norm")(x), mods[2]))
+        x = constrain_video(x + gated(h, mods[2]))
         return x if cache is None else (x, cache)
 
 
@@ -293,8 +323,8 @@ class _ScannedBlock(SpatioTemporalBlock):
     carry, the per-layer cache (or None) the scanned input and output."""
 
     @nn.compact
-    def __call__(self, x, memory, memory_mask, temporal_mask, positions, cache, slot):  # type: ignore[override]
-        out = super().__call__(x, memory, memory_mask, temporal_mask, positions, cache, slot)
+    def __call__(self, x, memory, memory_mask, temporal_mask, positions, cache, slot, cond):  # type: ignore[override]
+        out = super().__call__(x, memory, memory_mask, temporal_mask, positions, cache, slot, cond)
         return (out, None) if cache is None else out
 
 
@@ -329,11 +359,12 @@ class Transformer(nn.Module):
         positions: jax.Array | None = None,
         caches: list[dict[str, jax.Array]] | None = None,
         slot: jax.Array | None = None,
+        cond: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, list[dict[str, jax.Array]]]:
         """x [B, T, N, D] -> [B, T, N, D] in `dtype`; the extras are `SpatioTemporalBlock`'s,
         with one cache per layer (and the new caches returned) when decoding."""
         if self.scan_layers:
-            return self._scanned(x, memory, memory_mask, temporal_mask, positions, caches, slot)
+            return self._scanned(x, memory, memory_mask, temporal_mask, positions, caches, slot, cond)
         block = SpatioTemporalBlock
         if self.remat:
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy])
@@ -341,13 +372,13 @@ class Transformer(nn.Module):
         for i in range(self.num_layers):
             layer = block(self.num_heads, self.mlp_dim, self.causal, self.dtype, self.attention, name=f"block_{i}")
             if caches is None:
-                x = layer(x, memory, memory_mask, temporal_mask, positions)
+                x = layer(x, memory, memory_mask, temporal_mask, positions, None, None, cond)
             else:
-                x, cache = layer(x, memory, memory_mask, temporal_mask, positions, caches[i], slot)
+                x, cache = layer(x, memory, memory_mask, temporal_mask, positions, caches[i], slot, cond)
                 new_caches.append(cache)
         return x if caches is None else (x, new_caches)
 
-    def _scanned(self, x, memory, memory_mask, temporal_mask, positions, caches, slot):
+    def _scanned(self, x, memory, memory_mask, temporal_mask, positions, caches, slot, cond):
         block = _ScannedBlock
         if self.remat:
             # prevent_cse=False: scan already keeps the recomputation from being merged away.
@@ -356,12 +387,12 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
             length=self.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(self.num_heads, self.mlp_dim, self.causal, self.dtype, self.attention, name="blocks")
         stacked = None if caches is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
-        x, stacked = stack(x, memory, memory_mask, temporal_mask, positions, stacked, slot)
+        x, stacked = stack(x, memory, memory_mask, temporal_mask, positions, stacked, slot, cond)
         if caches is None:
             return x
         return x, [jax.tree.map(lambda c, i=i: c[i], stacked) for i in range(self.num_layers)]

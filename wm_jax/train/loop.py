@@ -30,7 +30,7 @@ from wm_jax import distributed, export, provenance, sharding, telemetry
 from wm_jax.config import Config, ConfigError
 from wm_jax.models import flops
 from wm_jax.train.state import TrainState, create_train_state, param_count, param_counts_by_module, state_shardings
-from wm_jax.train.step import batch_fields, frozen_stages, jit_train_step
+from wm_jax.train.step import batch_fields, frozen_stages, jit_train_step, make_sensitivity_fn
 
 EXIT_PREEMPTED = 42
 
@@ -297,6 +297,8 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     # The restored frozen parameters already sit on their shardings.
     fields = batch_fields(cfg, list(manifest["fields"]) + ([CODES] if cfg.data.latent_cache else []))
     step_fn = jit_train_step(cfg, mesh, rules, shardings, jax.tree.map(lambda x: x.sharding, frozen), fields)
+    uses_actions = cfg.train.stage == "dynamics" and cfg.model.dynamics.use_actions
+    sensitivity_fn = make_sensitivity_fn(cfg) if uses_actions else None
     # Every process restored the same step (or none) and is about to run collectives.
     distributed.barrier("state_ready", cfg.train.barrier_timeout_s)
     frames_per_step = cfg.data.batch_size * cfg.data.frames_per_clip
@@ -338,6 +340,8 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                     skipped_in_a_row = 0
                 if step % cfg.train.log_every_steps == 0 or step == last:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if sensitivity_fn is not None:  # does the model read its actions yet?
+                        values["action_sensitivity"] = float(sensitivity_fn(state.params, batch, frozen, state.step))
                     # Window averages; the first window of a process includes compilation.
                     elapsed, n = time.perf_counter() - window_start, step - window_step
                     values.update(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable
 
 import jax
@@ -100,19 +101,47 @@ def dynamics_loss(
     per-step fields (`make_controls`); reference: (codes [B,N,L], mask [B]) or Nones.
     Objective "maskgit": position t also sees frame t+1 with a random share of its tokens
     masked (`sample_maskgit_mask` from `rng`, required) and the loss covers those only.
+    With `model.dynamics.mask_cut_loss`, targets that open a new shot are left out; with
+    `action_dropout` > 0 (needs `rng`), that share of the steps loses its action.
     """
+    dc = model.cfg.dynamics
     controls = make_controls(batch)
-    if model.cfg.dynamics.objective != "maskgit":
+    b, t, n, _ = codes.shape
+    if dc.action_dropout > 0:
+        if rng is None:
+            raise ValueError("action_dropout needs an rng")
+        dropped = jax.random.bernoulli(jax.random.fold_in(rng, 1), dc.action_dropout, controls.action_mask.shape)
+        controls = controls.replace(action_mask=controls.action_mask & ~dropped)
+    scored = jnp.ones((b, t - 1, n), bool)
+    if dc.mask_cut_loss:
+        scored = jnp.broadcast_to(~controls.next_cut[..., None], scored.shape)
+    if dc.objective != "maskgit":
         logits = model.apply({"params": params}, codes[:, :-1], controls, *reference)
-        loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg)
+        loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg, scored)
         return loss, {"loss": loss, "token_accuracy": accuracy}
     if rng is None:
         raise ValueError("the maskgit objective needs an rng for its masks")
-    b, t, n, _ = codes.shape
     mask = sample_maskgit_mask(rng, (b, t - 1, n))
     logits = model.apply({"params": params}, codes[:, :-1], controls, *reference, None, codes[:, 1:], mask)
-    loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg, mask)
+    loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg, mask & scored)
     return loss, {"loss": loss, "token_accuracy": accuracy, "mask_fraction": jnp.mean(mask)}
+
+
+def action_sensitivity(
+    params: Any, model: nn.Module, batch: Batch, codes: jax.Array,
+    reference: tuple[jax.Array | None, jax.Array | None] = (None, None), rng: jax.Array | None = None,
+) -> jax.Array:
+    """Loss with shuffled actions − loss with the true ones (float32 scalar) on one batch:
+    > 0 when the model uses its actions. Shuffled: each clip gets the next clip's actions
+    (a roll over the batch, so their distribution is unchanged); action dropout is off."""
+    model = model.clone(cfg=dataclasses.replace(
+        model.cfg, dynamics=dataclasses.replace(model.cfg.dynamics, action_dropout=0.0)))
+    shuffled = {**batch, "action": jnp.roll(batch["action"], 1, axis=0)}
+    if "action_valid" in batch:
+        shuffled["action_valid"] = jnp.roll(batch["action_valid"], 1, axis=0)
+    true_loss, _ = dynamics_loss(params, model, batch, codes, reference, rng)
+    shuffled_loss, _ = dynamics_loss(params, model, shuffled, codes, reference, rng)
+    return shuffled_loss - true_loss
 
 
 def with_latent_actions(batch: Batch, lam: LatentActionModel, lam_params: Any) -> Batch:
@@ -130,13 +159,43 @@ def frozen_stages(cfg: Config) -> list[str]:
     return ["tokenizer"] + (["latent_actions"] if cfg.train.latent_actions_workdir else [])
 
 
+def dynamics_inputs(cfg: Config, batch: Batch, frozen: Any) -> tuple[Batch, jax.Array, tuple[Any, Any]]:
+    """What the dynamics loss reads from a batch: (the batch, with LAM-inferred actions
+    under `train.latent_actions_workdir`; codes float32 [B,T,N,L], from the latent cache or
+    encoded by the frozen tokenizer; the identity bank's (reference codes, mask))."""
+    tokenizer = VideoTokenizer(cfg.model)
+    if cfg.train.latent_actions_workdir:
+        batch = with_latent_actions(batch, LatentActionModel(cfg.model), frozen["latent_actions"])
+    if cfg.data.latent_cache:  # token ids read from the cache: no encode
+        codes = indices_to_codes(batch["codes"], cfg.model.tokenizer.fsq_levels)
+    else:
+        codes = encode_codes(tokenizer, frozen["tokenizer"], batch["frame"])
+    return batch, codes, reference_codes(tokenizer, frozen["tokenizer"], batch)
+
+
+def step_rng(cfg: Config, step: jax.Array) -> jax.Array:
+    """The step's randomness (MaskGIT masks, action dropout) from the seed and the step: a
+    resumed run draws the same as an uninterrupted one."""
+    return jax.random.fold_in(jax.random.key(cfg.seed), step)
+
+
+def make_sensitivity_fn(cfg: Config) -> Callable[[Any, Batch, Any, jax.Array], jax.Array]:
+    """Dynamics stage: (params, batch, frozen, step) -> `action_sensitivity` float32 [],
+    jitted; the loop calls it at log steps only (one extra pair of forward passes)."""
+    model = build_model(cfg)
+
+    def sensitivity(params: Any, batch: Batch, frozen: Any, step: jax.Array) -> jax.Array:
+        batch, codes, reference = dynamics_inputs(cfg, batch, frozen)
+        return action_sensitivity(params, model, batch, codes, reference, step_rng(cfg, step))
+
+    return jax.jit(sensitivity)
+
+
 def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
     """(state, batch, frozen) -> (state, metrics). frozen: None for the tokenizer and
     latent-action stages; for dynamics {"tokenizer": params} and, with
     `train.latent_actions_workdir`, "latent_actions": the LAM's params."""
     model = build_model(cfg)
-    tokenizer = VideoTokenizer(cfg.model)
-    lam = LatentActionModel(cfg.model)
     tx = make_optimizer(cfg.train)
 
     def loss_fn(params: Any, batch: Batch, frozen: Any, rng: jax.Array) -> tuple[jax.Array, Metrics]:
@@ -144,18 +203,11 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
             return tokenizer_loss(params, model, batch)
         if cfg.train.stage == "latent_actions":
             return latent_action_loss(params, model, batch)
-        if cfg.train.latent_actions_workdir:
-            batch = with_latent_actions(batch, lam, frozen["latent_actions"])
-        if cfg.data.latent_cache:  # token ids read from the cache: no encode
-            codes = indices_to_codes(batch["codes"], cfg.model.tokenizer.fsq_levels)
-        else:
-            codes = encode_codes(tokenizer, frozen["tokenizer"], batch["frame"])
-        return dynamics_loss(params, model, batch, codes, reference_codes(tokenizer, frozen["tokenizer"], batch), rng)
+        batch, codes, reference = dynamics_inputs(cfg, batch, frozen)
+        return dynamics_loss(params, model, batch, codes, reference, rng)
 
     def train_step(state: TrainState, batch: Batch, frozen: Any) -> tuple[TrainState, Metrics]:
-        # The step's randomness (MaskGIT masks) from the seed and the step: a resumed run
-        # draws the same masks as an uninterrupted one.
-        rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+        rng = step_rng(cfg, state.step)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, frozen, rng)
         grad_norm = optax.tree.norm(grads)
         # Numerics guard: a non-finite loss or gradient leaves params and optimizer untouched.
