@@ -209,7 +209,7 @@ def _tokenizer_identity(workdir: str | os.PathLike) -> tuple[Any, int, str]:
     checkpoint's or bundle's parameter files: `files_fingerprint`) of a tokenizer run;
     CheckpointError if it is not a run, ConfigError if it is not a tokenizer's."""
     from wm_jax import checkpoint as ckpt
-    from wm_jax import export
+    from wm_jax import export, telemetry
     from wm_jax.config import ConfigError
     from wm_jax.train.loop import load_run_config
 
@@ -218,8 +218,8 @@ def _tokenizer_identity(workdir: str | os.PathLike) -> tuple[Any, int, str]:
         raise ConfigError(f"{workdir} is a {run_cfg.train.stage} run, not a tokenizer run (train.stage: tokenizer)")
     if export.is_bundle(workdir):
         step, files = export.read_bundle(workdir)["step"], Path(workdir) / "params"
-    else:
-        step = ckpt.require_step(workdir, None)
+    else:  # the step restore_params reads: the newest that passes the checkpoint integrity check
+        step, _ = ckpt.read_good(workdir, None, lambda manager, s: None, warn=telemetry.warn)
         files = ckpt.checkpoint_dir(workdir) / str(step)
     return run_cfg, step, ckpt.files_fingerprint(files)
 

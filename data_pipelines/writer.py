@@ -234,9 +234,18 @@ def read_file(data_dir: str | os.PathLike, manifest: dict, rel: str) -> bytes:
 def verify_dataset(data_dir: str | os.PathLike, check_hashes: bool = True) -> dict:
     """Checks shards exist, hold the recorded number of records and (optionally) match
     their sha256, and likewise the listed files; returns the manifest, or raises
-    DatasetError naming the shard or file."""
+    DatasetError naming the shard or file (or the manifest, when it lacks an entry)."""
     manifest = read_manifest(data_dir)
-    root = Path(data_dir)
+    try:
+        _verify_contents(Path(data_dir), manifest, check_hashes)
+    except DatasetError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # an entry missing or of another shape
+        raise DatasetError(f"{Path(data_dir) / MANIFEST} is malformed: {type(e).__name__} {e}") from None
+    return manifest
+
+
+def _verify_contents(root: Path, manifest: dict, check_hashes: bool) -> None:
     for entry in manifest.get("files", []):  # datasets written before "files" have none
         _check_file(root / entry["path"], entry, check_hashes)
     for split, entry in manifest["splits"].items():
@@ -263,7 +272,6 @@ def verify_dataset(data_dir: str | os.PathLike, check_hashes: bool = True) -> di
         if not total == indexed == entry["num_records"]:
             raise DatasetError(f"split {split!r}: shards hold {total} records, episode index "
                                f"covers {indexed}, manifest says {entry['num_records']}")
-    return manifest
 
 
 

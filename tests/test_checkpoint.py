@@ -1,6 +1,8 @@
 """Checkpoint integrity and restore-anywhere, on real orbax checkpoints on disk."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
-from conftest import PRESET, REPO
+from conftest import PRESET, REPO, TINY_OVERRIDES
 from wm_jax import checkpoint as ckpt
 from wm_jax import config as config_lib
 from wm_jax import sharding
@@ -167,3 +169,72 @@ def test_minutes_policy_saves_between_step_saves(tmp_path, tiny_overrides):
     overrides = ["train.steps=3", "checkpoint.every_steps=1000", "checkpoint.max_to_keep=5"]
     train(_cfg(tiny_overrides, *overrides, "checkpoint.every_minutes=1e-9"), run)
     assert _steps(run) == [1, 2, 3]  # every_steps alone would have saved only the final step
+
+
+# ---------------------------------------------------------------- readers (issue #16, case 4)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_dataset):
+    """A tokenizer run with finished, sealed checkpoints 2 and 4 (copy it before damaging it)."""
+    run = tmp_path_factory.mktemp("reader") / "run"
+    train(_cfg(TINY_OVERRIDES + [f"data.dir={tiny_dataset}"], "train.steps=4"), run)
+    return run
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _restore(run, step=None):
+    cfg = config_lib.load(run / "config.yaml")
+    return restore_params(run, sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.mesh), step)
+
+
+def test_eval_falls_back_past_a_damaged_newest_checkpoint_and_exits_2_when_none_is_left(trained_run, tmp_path, capsys):
+    run = _copy(trained_run, tmp_path)
+    _truncate(_largest_file(run / "checkpoints" / "4" / "state"))
+    assert main(["eval", "--workdir", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoints' / '4'} is damaged" in err and "sha256 mismatch" in err
+    assert json.loads((run / "eval" / "metrics.json").read_text())["step"] == 2
+    assert ckpt.finished_steps(run) == [2, 4]  # a reader moves nothing
+    _largest_file(run / "checkpoints" / "2" / "state").unlink()  # partly deleted
+    assert main(["eval", "--workdir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: no usable checkpoint in {run / 'checkpoints'}")
+    assert "step 4" in err and "step 2" in err
+
+
+def test_garbage_checksums_are_named_and_the_step_set_aside_by_every_reader(trained_run, tmp_path, capsys):
+    run = _copy(trained_run, tmp_path)
+    checksums = run / "checkpoints" / "4" / ckpt.CHECKSUMS
+    checksums.write_bytes(b"\x00garbage")
+    _, _, step = _restore(run)
+    assert step == 2 and f"checksum file {checksums}" in capsys.readouterr().err
+    assert main(["export", "--workdir", str(run), "--step", "4", "--out", str(tmp_path / "bundle")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {run / 'checkpoints' / '4'} is damaged: checksum file {checksums}" in err
+    assert "Expecting value" not in err.split("(")[0]
+
+
+def test_a_non_finite_checkpoint_is_never_good(trained_run, tmp_path, capsys):
+    """A NaN state on disk (written by code without the state guard) is skipped by readers
+    and set aside by resume, like a damaged one."""
+    run = _copy(trained_run, tmp_path)
+    cfg = config_lib.load(run / "config.yaml")
+    mesh = sharding.make_mesh(cfg.mesh)
+    abstract, _ = state_shardings(cfg, mesh, sharding.logical_rules(cfg.mesh))
+    manager = ckpt.make_manager(run, cfg.checkpoint)
+    state, data = ckpt.restore(manager, 4, abstract)
+    poisoned = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+    ckpt.save(manager, 6, poisoned, data, cfg, {"step": 6})
+    manager.wait_until_finished()
+    ckpt.seal_finished(manager)
+    _, _, step = _restore(run)
+    assert step == 4 and "holds non-finite (NaN/inf) values" in capsys.readouterr().err
+    warnings = []
+    found = ckpt.restore_newest_good(manager, abstract, cfg, run, warn=warnings.append)
+    manager.close()
+    assert found[0] == 4 and "non-finite" in warnings[0] and ckpt.finished_steps(run) == [2, 4]

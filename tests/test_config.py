@@ -73,3 +73,15 @@ def test_cli_exits_2_on_config_typo(tmp_path, capsys):
 def test_every_shipped_preset_loads(preset):
     """Presets are validated like user configs (base chains, types, divisibility of heads)."""
     config_lib.load(preset)
+
+
+@pytest.mark.parametrize("override, key", [("train.learning_rate=.nan", "train.learning_rate"),
+                                           ("train.learning_rate=.inf", "train.learning_rate"),
+                                           ("eval.guidance=-.inf", "eval.guidance"),
+                                           ("data.mixture=[[a, 1], [b, .nan]]", "data.mixture[1][1]")])
+def test_nonfinite_numbers_exit_2_naming_the_key(tmp_path, capsys, override, key):
+    """Issue #16, case 8: a NaN or infinite number anywhere is refused before anything runs."""
+    code = main(["train", "--config", str(PRESET), "--set", override, "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"config key '{key}' must be a finite number" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -317,3 +317,44 @@ def test_generate_from_trained_runs(tmp_path, tiny_dataset, capsys):
     assert (result["frames"], result["frame_size"]) == (14, 128)
     assert result["detect_rate_marked"] == 1.0 and result["false_positive_rate"] == 0.0
     assert result["false_positive_rate_after_mp4"] == 0.0
+
+
+# ------------------------------------------------------------------ bounds (issue #16, case 5)
+
+
+def _config_only_run(tmp_path, tiny_overrides):
+    """A dynamics run directory with its config alone: every check below happens before a
+    checkpoint is read."""
+    from wm_jax import config as config_lib
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config_lib.dump(config_lib.load(PRESET, tiny_overrides + ["train.stage=dynamics"]), run / "config.yaml")
+    return run
+
+
+def test_a_huge_duration_is_refused_by_line_before_any_allocation(tmp_path, tiny_overrides, capsys):
+    run = _config_only_run(tmp_path, tiny_overrides)
+    script = tmp_path / "huge.yaml"
+    script.write_text("start: {split: test, episode: 0, t: 0, frames: 2}\nshots:\n  - duration: 4\n"
+                      "  - duration: 1000000000\n")
+    args = ["generate", "--workdir", str(run), "--script", str(script), "--out", str(tmp_path / "o.mp4")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "huge.yaml line 4: shots[1].duration: the video would reach 1000000006 frames" in err[0]
+    assert "--max-memory-gib" in err[0]
+    # The limit is the user's: a small one refuses the first shot already.
+    assert main(args[:-2] + ["--out", str(tmp_path / "o.mp4"), "--max-memory-gib", "0.0001"]) == 2
+    assert "huge.yaml line 3: shots[0].duration" in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_an_existing_out_is_refused(tmp_path, tiny_overrides, capsys):
+    run = _config_only_run(tmp_path, tiny_overrides)
+    script = tmp_path / "shots.yaml"
+    script.write_text("start: {split: test, episode: 0, t: 0, frames: 2}\nshots:\n  - duration: 4\n")
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"a user's video")
+    assert main(["generate", "--workdir", str(run), "--script", str(script), "--out", str(out)]) == 2
+    assert f"{out} (or its sidecar) already exists" in capsys.readouterr().err
+    assert out.read_bytes() == b"a user's video"

@@ -34,29 +34,42 @@ def _case(cfg, seed=0):
     controls = make_controls({"action": rng.integers(0, 5, (B, f)).astype(np.int32), "camera": camera, "cut": cut})
     model = DynamicsModel(cfg)
     params = jax.jit(model.init)(jax.random.key(seed), context, controls.at(slice(0, C)), reference)["params"]
+    # adaLN starts at zero (the controls do nothing yet): move every parameter off its init.
+    noise = lambda i, x: x + 0.1 * jax.random.normal(jax.random.key(100 + i), x.shape)
+    leaves, tree = jax.tree.flatten(params)
+    params = jax.tree.unflatten(tree, [noise(i, x) for i, x in enumerate(leaves)])
     return model, params, context, controls, reference
 
 
-@pytest.mark.parametrize("window, objective, temperature", [(0, "causal", 0.0), (6, "causal", 0.0),
-                                                          (6, "maskgit", 0.0), (0, "maskgit", 2.0)],
-                         ids=["whole_context", "sliding_window_6", "maskgit_window_6", "maskgit_gumbel"])
-def test_cached_and_uncached_rollouts_give_identical_tokens(window, objective, temperature):
-    """MaskGIT: 4 decoding passes per frame; the cached engine commits each frame once."""
+@pytest.mark.parametrize(
+    "window, objective, conditioning, sampling",
+    [(0, "causal", "add", {}), (6, "causal", "add", {}), (6, "maskgit", "add", {}),
+     (0, "maskgit", "add", {"temperature": 2.0}), (6, "causal", "adaln", {}), (6, "causal", "token", {}),
+     (0, "maskgit", "token", {}), (0, "maskgit", "adaln", {}),
+     (6, "causal", "adaln", {"temperature": 1.0, "top_k": 3}), (6, "causal", "token", {"guidance": 2.0}),
+     (0, "causal", "add", {"temperature": 0.5, "guidance": 1.5})],
+    ids=["whole_context", "sliding_window_6", "maskgit_window_6", "maskgit_gumbel", "adaln", "token",
+         "maskgit_token", "maskgit_adaln", "adaln_sampled_top3", "token_guided", "sampled_guided"])
+def test_cached_and_uncached_rollouts_give_identical_tokens(window, objective, conditioning, sampling):
+    """MaskGIT: 4 decoding passes per frame; the cached engine commits each frame once.
+    Every conditioning mode, and sampled / guided decoding, give the same tokens cached."""
     cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, temporal_window=window,
-                                                                objective=objective, maskgit_steps=4))
+                                                                objective=objective, maskgit_steps=4,
+                                                                action_conditioning=conditioning))
     model, params, context, controls, reference = _case(cfg)
     key = jax.random.key(5)
-    cached, cached_idx = rollout(model, params, context, controls, H, reference, cached=True, key=key, temperature=temperature)
-    uncached, uncached_idx = rollout(model, params, context, controls, H, reference, cached=False, key=key,
-                                     temperature=temperature)
+    cached, cached_idx = rollout(model, params, context, controls, H, reference, cached=True, key=key, **sampling)
+    uncached, uncached_idx = rollout(model, params, context, controls, H, reference, cached=False, key=key, **sampling)
     assert cached.shape == (B, H, 4, 3) and cached_idx.shape == (B, H, 4)
     np.testing.assert_array_equal(cached_idx, uncached_idx)
     # Not a degenerate rollout: the tokens move.
     assert len(np.unique(np.asarray(cached_idx))) > 5
 
 
-def test_rollout_follows_its_controls_and_reference():
-    model, params, context, controls, reference = _case(CFG)
+@pytest.mark.parametrize("conditioning", ["add", "adaln", "token"])
+def test_rollout_follows_its_controls_and_reference(conditioning):
+    model, params, context, controls, reference = _case(
+        dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, action_conditioning=conditioning)))
     _, base = rollout(model, params, context, controls, 8, reference)
     other_actions = dataclasses.replace(controls, action=(controls.action + 1) % 5)
     _, moved = rollout(model, params, context, other_actions, 8, reference)
@@ -68,3 +81,25 @@ def test_rollout_refuses_too_few_controls():
     model, params, context, controls, reference = _case(CFG)
     with pytest.raises(ValueError, match="need controls for 40 steps"):
         rollout(model, params, context, controls, H + 6, reference)
+
+
+def test_sampling_temperature_zero_and_top1_are_greedy_and_guidance_one_is_plain():
+    model, params, context, controls, reference = _case(CFG)
+    _, greedy = rollout(model, params, context, controls, 6, reference)
+    key = jax.random.key(1)
+    _, top1 = rollout(model, params, context, controls, 6, reference, key=key, temperature=3.0, top_k=1)
+    _, plain = rollout(model, params, context, controls, 6, reference, guidance=1.0)
+    _, hot = rollout(model, params, context, controls, 6, reference, key=key, temperature=3.0)
+    np.testing.assert_array_equal(greedy, top1)
+    np.testing.assert_array_equal(greedy, plain)
+    assert (np.asarray(hot) != np.asarray(greedy)).any()
+    with pytest.raises(ValueError, match="needs a key"):
+        rollout(model, params, context, controls, 6, reference, temperature=1.0)
+
+
+def test_guidance_extrapolates_from_the_unconditional_logits():
+    from wm_jax.models.dynamics import guide_logits
+
+    cond, uncond = jnp.array([[1.0, -jnp.inf, 3.0]]), jnp.array([[2.0, -jnp.inf, 1.0]])
+    guided = guide_logits(jnp.concatenate([cond, uncond]), 2.0)
+    np.testing.assert_allclose(guided, [[0.0, -np.inf, 5.0]])  # uncond + 2 (cond - uncond)

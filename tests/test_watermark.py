@@ -218,3 +218,83 @@ def test_bench_main_prints_json_last_and_appends_a_row(tmp_path, capsys):
     assert result["bench"] == "watermark" and result["clips"] == 2 and result["frame_size"] == 32
     assert result["detect_rate_marked"] == 1.0 and result["psnr_db"] >= 38
     assert "## watermark" in results.read_text() and "`wm bench watermark --clips 2" in results.read_text()
+
+
+# ------------------------------------------------------------ signed provenance (issue #16, case 3)
+
+
+SCRIPT_TEXT = "shots:\n  - duration: 4\n"
+
+
+@pytest.fixture
+def signed_video(tmp_path):
+    """A marked mp4 whose sidecar carries generate-style provenance."""
+    import hashlib
+
+    path = tmp_path / "gen.mp4"
+    info = {"checkpoint_sha256": "ab" * 32, "model": {"step": 12, "sha256": "ab" * 32}, "config": {"seed": 0},
+            "script": {"path": "/s.yaml", "sha256": hashlib.sha256(SCRIPT_TEXT.encode()).hexdigest(),
+                       "text": SCRIPT_TEXT}, "seed": 7}
+    wmk.write_marked_video(clip(), path, info)
+    return path
+
+
+def _edit(video, change):
+    side = wmk.sidecar_path(video)
+    manifest = json.loads(side.read_text())
+    change(manifest)
+    side.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("field, change", [
+    ("provenance.checkpoint_sha256", lambda m: m["provenance"].update(checkpoint_sha256="cd" * 32)),
+    ("provenance.config", lambda m: m["provenance"]["config"].update(seed=1)),
+    ("provenance.script", lambda m: m["provenance"]["script"].update(sha256="0" * 64)),
+    ("provenance.seed", lambda m: m["provenance"].update(seed=8)),
+    ("provenance.seed", lambda m: m["provenance"].pop("seed")),
+    ("created", lambda m: m.update(created="1999-01-01T00:00:00+00:00")),
+])
+def test_any_edit_of_a_signed_sidecar_fails_naming_the_field(signed_video, field, change):
+    _edit(signed_video, change)
+    result = wmk.verify(signed_video)
+    assert not result["manifest_ok"] and "verified" not in result
+    assert any(f"field '{field}' differs from what was signed" in p for p in result["problems"]), result["problems"]
+
+
+def test_a_forger_without_the_key_cannot_re_sign(signed_video):
+    from wm_jax import signature
+
+    def forge(manifest):  # edit the seed and its digest: the HMAC over the digests breaks
+        manifest["provenance"]["seed"] = 8
+        manifest["signature"]["fields"] = signature.field_digests(manifest)
+    _edit(signed_video, forge)
+    problems = wmk.verify(signed_video)["problems"]
+    assert len(problems) == 1 and "signature does not verify under this key" in problems[0]
+    # Re-signed with the forger's own key (and its key id): fails under the signer's key.
+    _edit(signed_video, lambda m: m.update(watermark={**m["watermark"], "key_id": wmk.key_id(OTHER_KEY)},
+                                           signature=signature.sign(m, OTHER_KEY)))
+    problems = wmk.verify(signed_video)["problems"]
+    assert any("key id" in p for p in problems) and any("signature does not verify" in p for p in problems)
+    _edit(signed_video, lambda m: m.pop("signature"))
+    assert any("not signed" in p for p in wmk.verify(signed_video)["problems"])
+
+
+def test_script_hash_must_be_the_scripts_text(tmp_path):
+    path = tmp_path / "v.mp4"
+    wmk.write_marked_video(clip(), path, {"script": {"text": SCRIPT_TEXT, "sha256": "0" * 64}})  # signed as is
+    problems = wmk.verify(path)["problems"]
+    assert len(problems) == 1
+    assert "field 'provenance.script.sha256' is not the sha256 of provenance.script.text" in problems[0]
+
+
+def test_own_key_signs_and_cli_verify_prints_what_it_verified(tmp_path, capsys):
+    path = tmp_path / "own.mp4"
+    wmk.write_marked_video(clip(), path, {"seed": 3, "model": {"step": 9}}, key=OTHER_KEY)
+    assert cli.main(["verify", str(path), "--key", str(OTHER_KEY)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["verified"]["seed"] == 3
+    assert "  seed: 3" in captured.err and "  model_step: 9" in captured.err
+    assert f"signed_with_key_id: {wmk.key_id(OTHER_KEY)}" in captured.err
+    _edit(path, lambda m: m["provenance"].update(seed=4))
+    assert cli.main(["verify", str(path), "--key", str(OTHER_KEY)]) == 1
+    assert "field 'provenance.seed' differs" in capsys.readouterr().err

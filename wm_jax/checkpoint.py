@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from wm_jax import config as config_lib
 from wm_jax.config import CheckpointConfig, Config, ConfigError
+from wm_jax.train.guards import all_finite
 
 ITEMS = ("state", "data", "config", "manifest")
 CHECKSUMS = "wm_checksums.json"  # sha256 of every file of a finished step, written after orbax commits
@@ -152,9 +153,21 @@ def files_fingerprint(directory: Path) -> str:
     """sha256 of the (relative path, sha256) of every file under `directory`: names a
     checkpoint step's (or a bundle's parameters') exact bytes. A sealed step's recorded
     checksums are used, so its files are not read again."""
-    sealed = directory / CHECKSUMS
-    digests = json.loads(sealed.read_text()) if sealed.is_file() else file_digests(directory)
+    digests = read_checksums(directory) if (directory / CHECKSUMS).is_file() else file_digests(directory)
     return hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
+
+
+def read_checksums(step_dir: Path) -> dict[str, str]:
+    """A sealed step's recorded {relative path: sha256}; CheckpointError naming the file
+    when it is not one."""
+    path = step_dir / CHECKSUMS
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checksum file {path} is unreadable or not JSON ({e})") from None
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise CheckpointError(f"checksum file {path} is not a {{file: sha256}} mapping")
+    return recorded
 
 
 def seal(step_dir: Path) -> None:
@@ -174,13 +187,27 @@ def seal_finished(manager: ocp.CheckpointManager) -> None:
         seal(Path(str(manager.directory)) / str(step))
 
 
-def altered_files(step_dir: Path) -> list[str]:
-    """Files of a sealed step that are missing or differ from their recorded sha256 ([] if unsealed)."""
+def verify_step(step_dir: Path) -> None:
+    """The integrity check every reader of a checkpoint runs (resume, eval, export,
+    generate, the latent cache): CheckpointError naming a sealed step's missing or altered
+    files, or its unreadable checksum file. An unsealed step (its writer was killed before
+    sealing) passes: whether it restores is then its test."""
     if not (step_dir / CHECKSUMS).exists():
-        return []
-    recorded = json.loads((step_dir / CHECKSUMS).read_text())
+        return
+    recorded = read_checksums(step_dir)
     actual = file_digests(step_dir)
-    return sorted(name for name, digest in recorded.items() if actual.get(name) != digest)
+    altered = sorted(name for name, digest in recorded.items() if actual.get(name) != digest)
+    if altered:
+        raise CheckpointError(f"checkpoint {step_dir}: sha256 mismatch in {', '.join(altered[:5])}"
+                              + (f" and {len(altered) - 5} more" if len(altered) > 5 else ""))
+
+
+def require_finite(tree: Any, step_dir: Path) -> Any:
+    """`tree` when every value is finite; CheckpointError otherwise (a checkpoint written
+    before the state guard, or by other code: never "good")."""
+    if not bool(all_finite(tree)):
+        raise CheckpointError(f"checkpoint {step_dir} holds non-finite (NaN/inf) values")
+    return tree
 
 
 def quarantine(directory: Path, step: int) -> Path:
@@ -203,12 +230,12 @@ def restore_newest_good(
     the model code, not the files."""
     errors = []
     for step in sorted(manager.all_steps(), reverse=True):
+        step_dir = Path(str(manager.directory)) / str(step)
         try:
-            altered = altered_files(Path(str(manager.directory)) / str(step))
-            if altered:
-                raise CheckpointError(f"sha256 mismatch in {', '.join(altered[:5])}")
+            verify_step(step_dir)
             check_compatible(manager, step, cfg, workdir)
             state, data_state = restore(manager, step, abstract_state)
+            require_finite(state, step_dir)
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 — tensorstore/orbax raise many types for bad bytes
@@ -226,6 +253,47 @@ def restore_newest_good(
     return None
 
 
+def read_good(workdir: str | Path, step: int | None, read: Callable[[ocp.CheckpointManager, int], Any],
+              warn: Callable[[str], None]) -> tuple[int, Any]:
+    """(step, read(manager, step)) for the newest checkpoint of a run that passes
+    `verify_step`, reads and is finite, or for `step` when given. Readers never move
+    anything: a damaged step is named through `warn` and the one before it tried.
+    CheckpointError naming every damaged step when none is left, or the given step when
+    it is damaged."""
+    directory = checkpoint_dir(workdir)
+    candidates = [require_step(workdir, step)] if step is not None else finished_steps(workdir)[::-1]
+    damaged = []
+    manager = make_manager(workdir, CheckpointConfig(async_save=False), read_only=True)
+    try:
+        for s in candidates:
+            try:
+                verify_step(directory / str(s))
+                return s, require_finite(read(manager, s), directory / str(s))
+            except Exception as e:  # noqa: BLE001 — tensorstore/orbax raise many types for bad bytes
+                if step is not None:
+                    raise CheckpointError(f"checkpoint {directory / str(s)} is damaged: {str(e)[:600]}") from None
+                damaged.append(f"step {s}: {str(e)[:300]}")
+                warn(f"checkpoint {directory / str(s)} is damaged, trying the one before: {str(e)[:300]}")
+    finally:
+        manager.close()
+    raise CheckpointError(f"no usable checkpoint in {directory}: " + "; ".join(damaged))
+
+
+def finished_steps(workdir: str | Path) -> list[int]:
+    """A run's finished checkpoint steps, oldest first; CheckpointError when there are none."""
+    ckpt = checkpoint_dir(workdir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"no checkpoints in {workdir} (missing {ckpt})")
+    manager = make_manager(workdir, CheckpointConfig(async_save=False), read_only=True)
+    try:
+        steps = sorted(manager.all_steps())
+    finally:
+        manager.close()
+    if not steps:
+        raise CheckpointError(f"no finished checkpoint in {ckpt}")
+    return steps
+
+
 def latest_step(workdir: str | Path) -> int | None:
     """The newest finished checkpoint step of a run, or None."""
     if not checkpoint_dir(workdir).is_dir():
@@ -239,18 +307,9 @@ def latest_step(workdir: str | Path) -> int | None:
 
 def require_step(workdir: str | Path, step: int | None) -> int:
     """`step` if given and present, else the latest; a clear error when there is none."""
-    ckpt = checkpoint_dir(workdir)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"no checkpoints in {workdir} (missing {ckpt})")
-    manager = make_manager(workdir, CheckpointConfig(async_save=False), read_only=True)
-    try:
-        steps = manager.all_steps()
-    finally:
-        manager.close()
-    if not steps:
-        raise CheckpointError(f"no finished checkpoint in {ckpt}")
+    steps = finished_steps(workdir)
     if step is None:
-        return max(steps)
+        return steps[-1]
     if step not in steps:
-        raise CheckpointError(f"checkpoint step {step} not in {ckpt}; available: {sorted(steps)}")
+        raise CheckpointError(f"checkpoint step {step} not in {checkpoint_dir(workdir)}; available: {steps}")
     return step

@@ -1,8 +1,10 @@
 """`wm` command line: data, train, eval, export, generate, verify, bench, demo.
 
 Exit codes (DESIGN.md §6): 0 ok; 2 bad usage, config or input (the message names the
-key or file); 3 numerics guard; 42 preempted after a successful save; `wm verify` alone
-exits 1 when the video fails a check (watermark not detected, or sidecar missing/mismatched).
+key or file; a run directory another `wm train` holds); 3 numerics guard; 42 preempted
+or interrupted (SIGTERM, SIGUSR1, Ctrl-C) after a successful save; 130 interrupted with
+nothing to save; `wm verify` alone exits 1 when the video fails a check (watermark not
+detected, or sidecar missing, mismatched or not signed by the key).
 """
 
 from __future__ import annotations
@@ -120,14 +122,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from wm_jax.eval.evaluate import evaluate
 
-    result = evaluate(args.workdir, step=args.step, data_dir=args.data, out_dir=args.out)
+    result = evaluate(args.workdir, step=args.step, data_dir=args.data, out_dir=args.out, overrides=args.set)
     out = Path(args.out) if args.out else Path(args.workdir) / "eval"
-    shown = {k: result[k] for k in result if k in ("step", "tokenizer", "controllability")}
     if "latent_actions" in result:  # the probe's figures; its contingency table is in the report
-        shown["latent_actions"] = {k: v for k, v in result["latent_actions"].items() if not isinstance(v, list)}
-    print(json.dumps(shown, indent=2))
+        shown = {k: v for k, v in result["latent_actions"].items() if not isinstance(v, list)}
+        print(json.dumps({"step": result["step"], "latent_actions": shown}, indent=2))
+    else:
+        print_headline(result)
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def print_headline(result: dict) -> None:
+    """The evaluation's headline figures (`evaluate.headline`) as a two-column table."""
+    from wm_jax.eval.evaluate import headline
+
+    rows = [("step", str(result["step"])), *headline(result)]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
 
 
 def cmd_eval_compare(args: argparse.Namespace) -> int:
@@ -195,7 +208,7 @@ def run_demo(out: str | Path, config: str = "tiny_cpu", overrides: list[str] = (
 def cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(args.out, args.config, args.set)
     report = Path(args.out) / "dynamics" / "eval" / "report.md"
-    print(json.dumps({k: result[k] for k in ("tokenizer", "controllability")}, indent=2))
+    print_headline(result)
     print(f"report: {report}")
     return 0
 
@@ -212,20 +225,28 @@ def _watermark_key(text: str) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Prints wm_jax.watermark.verify's dict as JSON; 0 when the watermark is detected and
-    the sidecar matches the file, else 1 (the dict's "problems" say why)."""
+    """Prints wm_jax.watermark.verify's dict as JSON, and on stderr what was verified or
+    what failed; 0 when the watermark is detected and the signed sidecar matches the file,
+    else 1 (the dict's "problems" say why, naming any edited field)."""
     from wm_jax import watermark
 
     result = watermark.verify(args.video, watermark.DEFAULT_KEY if args.key is None else args.key)
+    ok = result["watermark_detected"] and result["manifest_ok"]
+    if ok:
+        print(f"verified {args.video}: watermark score {result['watermark_score']}, signed sidecar:", file=sys.stderr)
+        for name, value in result["verified"].items():
+            print(f"  {name}: {value}", file=sys.stderr)
+    else:
+        print(f"NOT verified {args.video}:", *(f"  {p}" for p in result["problems"]), sep="\n", file=sys.stderr)
     print(json.dumps(result, indent=2))
-    return 0 if result["watermark_detected"] and result["manifest_ok"] else 1
+    return 0 if ok else 1
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from wm_jax.generate import generate
 
     paths = generate(args.workdir, args.script, args.out, seed=args.seed, data_dir=args.data, batch=args.batch,
-                     step=args.step, scale=args.scale)
+                     step=args.step, scale=args.scale, key=args.key, max_memory_gib=args.max_memory_gib)
     for path in paths:
         print(f"wrote {path} (+ {path.name}.json); check it with: wm verify {path}")
     return 0
@@ -296,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--step", type=int)
     ev.add_argument("--data")
     ev.add_argument("--out", help="report directory (eval), or the markdown file written by compare")
+    ev.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                    help="override an eval key for this evaluation, e.g. eval.guidance=2 or eval.temperature=0.5")
     ev.set_defaults(fn=cmd_eval)
 
     exp = sub.add_parser("export", help="write an inference bundle (parameters + config + manifest)")
@@ -309,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see wm bench NAME --help)")
     bench.set_defaults(fn=cmd_bench)
 
+    from wm_jax.generate import DEFAULT_MAX_MEMORY_GIB  # numpy and yaml: light
+
     gen = sub.add_parser("generate", help="roll out a shot list (YAML script) into a watermarked video + sidecar manifest")
     gen.add_argument("--workdir", required=True, help="dynamics run directory or inference bundle")
     gen.add_argument("--script", required=True, help="shot list YAML (README: Generating from a shot list)")
@@ -318,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch", type=int, default=1, help="K independent samples of the script, rolled out together")
     gen.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     gen.add_argument("--scale", type=int, help="integer upscaling of the frames (default: to a side of at least 128 px)")
+    gen.add_argument("--key", type=_watermark_key, help="watermark and signing key, decimal or 0x hex (default: the "
+                     "project's public key; use your own to make the sidecar's signature yours alone)")
+    gen.add_argument("--max-memory-gib", type=float, default=DEFAULT_MAX_MEMORY_GIB,
+                     help="refuse a script whose video would need more memory than this (estimated before any "
+                     f"allocation; default {DEFAULT_MAX_MEMORY_GIB:g})")
     gen.set_defaults(fn=cmd_generate)
 
     ver = sub.add_parser("verify", help="check a video's watermark and sidecar manifest; exit 0 only if both pass")
@@ -339,10 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# A path that is not what a command needs (a file where a directory must be, no
+# permission...): bad input, reported in one line naming the path. Other OSErrors (a full
+# disk, an I/O error) keep their traceback.
+PATH_ERRORS = (FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     from data_pipelines.writer import DatasetError
     from wm_jax.checkpoint import CheckpointError
     from wm_jax.config import ConfigError
+    from wm_jax.train.lock import RunLocked
 
     from absl import logging as absl_logging
 
@@ -350,9 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DatasetError, CheckpointError) as e:
+    except (ConfigError, DatasetError, CheckpointError, RunLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except PATH_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)  # e.g. "[Errno 20] Not a directory: 'runs/x'"
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # `wm train` saves on Ctrl-C once its loop runs; before that, nothing to save
+        print(f"interrupted: wm {args.command} stopped (exit {EXIT_INTERRUPTED})", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ class TrainConfig:
     # action model; its inferred actions replace the records' `action` (model.latent_actions
     # must match that run, and model.dynamics.num_actions cover its vocabulary).
     latent_actions_workdir: str = ""
-    # Numerics guard: a step with a non-finite loss or gradient is skipped (no update);
+    # Numerics guard: a step with a non-finite loss, gradient or updated state is skipped (no update);
     # this many skips in a row stop the run with exit code 3.
     max_nonfinite_steps: int = 3
     spike_window: int = 20  # logged losses the loss-spike z-score is computed over
@@ -397,7 +398,7 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
     try:
         values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if values is None:
         return {}
@@ -429,8 +430,21 @@ def replace(cfg: Config, overrides: list[str]) -> Config:
     return from_dict(apply_overrides(to_dict(cfg), list(overrides)))
 
 
+def nonfinite_values(values: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of the NaN or infinite numbers in plain config data (list items as key[i])."""
+    if isinstance(values, dict):
+        return [kv for name, v in values.items() for kv in nonfinite_values(v, f"{prefix}.{name}" if prefix else name)]
+    if isinstance(values, list):
+        return [kv for i, v in enumerate(values) for kv in nonfinite_values(v, f"{prefix}[{i}]")]
+    return [(prefix, values)] if isinstance(values, float) and not math.isfinite(values) else []
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks the type system cannot express."""
+    # First: a NaN passes every comparison below, and would only surface after compiling.
+    bad = nonfinite_values(to_dict(cfg))
+    if bad:
+        raise ConfigError(f"config key '{bad[0][0]}' must be a finite number; got {bad[0][1]}")
     choices = {
         "train.stage": (cfg.train.stage, STAGES),
         "model.dynamics.head": (cfg.model.dynamics.head, DYNAMICS_HEADS),

@@ -49,6 +49,7 @@ DEFAULT_FPS = 10.0
 DEFAULT_POSE = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0)  # camera at the origin, identity rotation
 POSE_DIM = 7  # x, y, z, qw, qx, qy, qz
 MIN_SIDE = 128  # default output upscaling: the smallest whole factor reaching this side
+DEFAULT_MAX_MEMORY_GIB = 16.0  # `--max-memory-gib`: what a script's video may take, estimated before any allocation
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi")
 
 TOP_KEYS = ("fps", "start", "reference", "shots", "temperature")
@@ -536,6 +537,38 @@ def checkpoint_info(workdir: Path, step: int) -> dict[str, Any]:
             "checkpoint": str(directory.resolve()), "sha256": params_sha256(directory)}
 
 
+def frame_bytes(cfg: Any, scale: int) -> int:
+    """Estimated bytes one generated frame of one sample holds until its video is written:
+    its token codes, its slot of the temporal key/value cache (none with a temporal
+    window), the decoded frame twice (the list of chunks and their concatenation), the
+    upscaled frame four times (`repeat`'s intermediate, the result, the watermark's int16
+    copy) and its controls. An upper estimate: the sum, as if nothing were freed."""
+    from wm_jax.models.tokenizer import num_tokens
+
+    dc, side = cfg.model.dynamics, cfg.model.image_size
+    tokens = num_tokens(cfg.model)
+    kv_cache = 0 if dc.temporal_window else tokens * dc.embed_dim * 2 * dc.num_layers * 4
+    codes = tokens * len(cfg.model.tokenizer.fsq_levels) * 4
+    return codes + kv_cache + 2 * side * side * 3 + 4 * (side * scale) ** 2 * 3 + 256
+
+
+def check_budget(script: Script, *, fps: float, context: int, samples: int, per_frame: int, max_gib: float) -> int:
+    """The video's frame count (context + shots) when its estimated memory (`frame_bytes`
+    each, per sample) fits in `max_gib` GiB; else a ScriptError at the first shot past it,
+    raised before anything of that size is allocated."""
+    frames = context
+    for shot in script.shots:
+        frames += _duration(script, shot, fps)
+        need = frames * samples * per_frame
+        if need > max_gib * 2**30:
+            where = shot.path + (("duration",) if shot.duration is not None else ("timecodes",))
+            raise script.checker.error(where, f"the video would reach {frames} frames x {samples} sample(s) here, "
+                                       f"about {need / 2**30:,.1f} GiB ({per_frame / 2**10:,.0f} KiB per frame), past "
+                                       f"the limit of {max_gib:g} GiB (--max-memory-gib); shorten the shots, lower "
+                                       "--scale or --batch, or raise the limit")
+    return frames
+
+
 def output_paths(out: Path, samples: int) -> list[Path]:
     """OUT.mp4 for one sample; OUT_0.mp4 .. OUT_{K-1}.mp4 for K."""
     if samples == 1:
@@ -554,9 +587,12 @@ def default_scale(size: int) -> int:
 
 def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, seed: int = 0,
              data_dir: str | None = None, batch: int = 1, step: int | None = None,
-             scale: int | None = None) -> list[Path]:
+             scale: int | None = None, key: int | None = None,
+             max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB) -> list[Path]:
     """Rolls out the script with RUN's dynamics model; writes the watermarked video(s) and
-    their sidecars and returns the video paths (see the module docstring)."""
+    their sidecars, marked and signed with `key` (default: the public DEFAULT_KEY), and
+    returns the video paths (see the module docstring). Refuses an existing output and a
+    script whose video would need more than `max_memory_gib` (`check_budget`)."""
     import jax
     import jax.numpy as jnp
 
@@ -578,6 +614,9 @@ def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, s
         raise ConfigError(f"--scale must be >= 1, got {scale}")
     if out.suffix.lower() not in VIDEO_SUFFIXES:
         raise ConfigError(f"--out {out}: write a video file ({', '.join(VIDEO_SUFFIXES)}); GIF palettes erase the watermark")
+    if not max_memory_gib > 0:
+        raise ConfigError(f"--max-memory-gib must be > 0, got {max_memory_gib}")
+    mark_key = watermark.DEFAULT_KEY if key is None else watermark.check_key(key)
     script = load_script(script_path)
     cfg = load_run_config(workdir)  # CheckpointError naming RUN when it is not a run
     if cfg.train.stage != "dynamics":
@@ -590,6 +629,12 @@ def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, s
                         default_frames=cfg.eval.context_frames, size=size)
     fps = script.fps or start["fps"] or DEFAULT_FPS
     ctx = start["frame"].shape[0]
+    scale = scale or default_scale(size)
+    check_budget(script, fps=fps, context=ctx, samples=batch, per_frame=frame_bytes(cfg, scale), max_gib=max_memory_gib)
+    paths = output_paths(out, batch)  # (after the budget: `batch` is bounded now)
+    existing = [p for p in paths if p.exists() or watermark.sidecar_path(p).exists()]
+    if existing:
+        raise ConfigError(f"--out: {existing[0]} (or its sidecar) already exists; choose a new --out or remove it")
     last_pose = start["camera"][-1] if "camera" in start else DEFAULT_POSE
     plan = resolve_shots(script, fps=fps, num_actions=dc.num_actions, last_pose=last_pose, seed=seed, samples=batch)
     reference, reference_info = None, None
@@ -665,7 +710,6 @@ def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, s
                        key=key, temperature=script.temperature),
     )
     video = np.concatenate(list(decode_stream(tokenizer, tok_params, stream, chunk)), axis=1)  # [K, F, S, S, 3]
-    scale = scale or default_scale(size)
     if scale > 1:
         video = video.repeat(scale, axis=2).repeat(scale, axis=3)
 
@@ -695,11 +739,10 @@ def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, s
         "shots": boundaries,
         "samples": batch,
     }
-    paths = output_paths(out, batch)
     out.parent.mkdir(parents=True, exist_ok=True)
     for k, path in enumerate(paths):
         actions = [plan.action[k, s["first_frame"] : s["first_frame"] + s["frames"]].tolist() for s in plan.shots]
         info = {**common, "sample": k, "shots": [{**b, "actions": a} for b, a in zip(boundaries, actions)]}
-        watermark.write_marked_video(video[k], path, info, fps=fps)
+        watermark.write_marked_video(video[k], path, info, key=mark_key, fps=fps)
         telemetry.info(f"wrote {path} ({f} frames, {fps:g} fps) + {watermark.sidecar_path(path).name}")
     return paths

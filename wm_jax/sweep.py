@@ -56,6 +56,7 @@ DISTRIBUTIONS = ("choice", "uniform", "loguniform")
 EVAL_GROUPS = (
     "step", "num_clips", "tokenizer", "rollout", "rollout_random_actions", "baseline_copy_last",
     "controllability", "action_following", "camera_following", "identity_persistence", "object_permanence",
+    "counterfactual", "action_probe", "sampling",
 )
 NAME_MAX = 80  # run names longer than this are cut and made unique with a hash
 ERROR_TAIL_LINES = 30

@@ -126,6 +126,13 @@ def info(message: str) -> None:
         console.print(message)
 
 
+def warn(message: str) -> None:
+    """A warning line from process 0 (stderr, like every console line)."""
+    if jax.process_index() == 0:
+        # One line whatever the width, and no markup: messages hold paths and "[Errno ...]".
+        console.print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
 def repair_jsonl(path: Path) -> None:
     """Drops a partial last line (a process killed mid-write) so appends stay valid JSONL."""
     if not path.exists():

@@ -37,10 +37,12 @@ Scheme (spread spectrum in square cells of the luminance):
   and less still at higher frame rates, where x264 spends fewer bits per frame.
 
 The watermark is a presence bit, not a payload, and is not meant to resist deliberate
-removal (blur, crop, resize or stronger compression weaken it); the sidecar's
-sha256 is what proves a file unchanged. DEFAULT_KEY is the project's public key: it makes
-outputs recognisable as wm_jax's, and is not a secret. Use your own key (any 64-bit int) to
-mark outputs only you can recognise; sidecars record only its `key_id` fingerprint.
+removal (blur, crop, resize or stronger compression weaken it); the sidecar's sha256 is
+what proves a file unchanged, and its HMAC signature (`wm_jax.signature`, keyed by the
+watermark key) what proves the sidecar's provenance unedited. DEFAULT_KEY is the
+project's public key: it makes outputs recognisable as wm_jax's, and is not a secret. Use
+your own key (any 64-bit int) to mark and sign outputs only you can recognise; sidecars
+record only its `key_id` fingerprint.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.writer import sha256_file as file_sha256  # one file-hash helper for datasets and videos
+from wm_jax import signature
 
 SCHEME = "wm_jax-ss-cells-v1"
 DEFAULT_KEY = 0x776D5F6A61785F31  # b"wm_jax_1" as an int; public, documented, not a secret
@@ -72,7 +75,7 @@ THRESHOLD = 5.0  # false-positive probability <= exp(-THRESHOLD**2 / 2) = 3.7e-6
 MIN_SIZE = 16  # pixels; smaller frames have under 64 cells, too few for a reliable score
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601, as in yuv420p video
 MANIFEST_FORMAT = "wm_jax.video_manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: signed (`signature`)
 _PATTERN_DOMAIN = b"wm_jax.watermark.pattern.v1"
 _KEY_ID_DOMAIN = b"wm_jax.watermark.key_id.v1"
 _READ_CHUNK = 64  # frames decoded at a time by `verify`
@@ -269,9 +272,10 @@ def write_manifest(video_path: str | Path, info: dict[str, Any], key: int = DEFA
     """Writes the sidecar of a finished video file and returns its path.
 
     The sidecar holds the video's sha256 and size, the watermark's scheme and key id (never
-    the key), a UTC time, and `info` under "provenance" (whatever the caller knows: checkpoint
-    hash and step, config, script, seed...). `info` must be JSON-serialisable. The write is
-    atomic (temp file, then rename), so a reader never sees half a sidecar.
+    the key), a UTC time, `info` under "provenance" (whatever the caller knows: checkpoint
+    hash and step, config, script, seed...) and a signature of all that under `key`
+    (`signature.sign`). `info` must be JSON-serialisable. The write is atomic (temp file,
+    then rename), so a reader never sees half a sidecar.
     """
     video_path = Path(video_path)
     if not video_path.is_file():
@@ -290,9 +294,11 @@ def write_manifest(video_path: str | Path, info: dict[str, Any], key: int = DEFA
         "provenance": info,
     }
     try:
-        text = json.dumps(manifest, indent=2, allow_nan=False)
+        json.dumps(manifest, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"info for {video_path.name} is not JSON-serialisable: {e}") from None
+    manifest["signature"] = signature.sign(manifest, check_key(key))
+    text = json.dumps(manifest, indent=2)
     out = sidecar_path(video_path)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     try:
@@ -365,39 +371,68 @@ def read_votes(video_path: str | Path) -> tuple[np.ndarray, int]:
     return votes, count
 
 
-def _check_sidecar(video_path: Path, key: int, problems: list[str]) -> bool:
-    """Appends what is wrong with `video_path`'s sidecar to `problems`; True when nothing is."""
+def _check_sidecar(video_path: Path, key: int, problems: list[str]) -> dict | None:
+    """Appends what is wrong with `video_path`'s sidecar to `problems`; the sidecar when nothing is."""
     side = sidecar_path(video_path)
     if not side.is_file():
         problems.append(f"no sidecar manifest {side.name} beside the video")
-        return False
+        return None
     try:
         manifest = json.loads(side.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         problems.append(f"sidecar {side.name} is not readable JSON: {e}")
-        return False
+        return None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         problems.append(f"sidecar {side.name} is not a {MANIFEST_FORMAT} file")
-        return False
-    ok = True
+        return None
+    before = len(problems)
     actual = file_sha256(video_path)
     if manifest.get("sha256") != actual:
         problems.append(f"video sha256 {actual[:16]}… differs from the sidecar's "
                         f"{str(manifest.get('sha256'))[:16]}…: the file was changed or replaced")
-        ok = False
-    recorded = (manifest.get("watermark") or {}).get("key_id")
+    mark = manifest.get("watermark")
+    recorded = mark.get("key_id") if isinstance(mark, dict) else None
     if recorded != key_id(key):
         problems.append(f"sidecar names watermark key id {recorded}, but the key given has id {key_id(key)}")
-        ok = False
-    return ok
+    problems += [f"sidecar {side.name}: {p}" for p in signature.problems(manifest, key)]
+    provenance = manifest.get("provenance")
+    script = provenance.get("script") if isinstance(provenance, dict) else None
+    if isinstance(script, dict) and "text" in script:
+        digest = hashlib.sha256(str(script["text"]).encode()).hexdigest()
+        if script.get("sha256") != digest:
+            problems.append(f"sidecar {side.name}: field 'provenance.script.sha256' is not the sha256 of "
+                            f"provenance.script.text ({digest[:16]}…)")
+    return manifest if len(problems) == before else None
+
+
+def provenance_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a verified sidecar vouches for, short enough for a console: the video's hash,
+    the signing key's id and the provenance's plain values; a nested value (config, shots...)
+    as the sha256 of its canonical JSON, but the model's step and the script's path and
+    hash as themselves."""
+    provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
+    summary: dict[str, Any] = {"video_sha256": manifest["sha256"], "created": manifest.get("created"),
+                               "signed_with_key_id": manifest["watermark"]["key_id"]}
+    for name, value in provenance.items():
+        nested = isinstance(value, (dict, list))
+        summary[name] = "sha256:" + hashlib.sha256(signature.canonical(value)).hexdigest() if nested else value
+    model, script = provenance.get("model"), provenance.get("script")
+    if isinstance(model, dict):
+        summary["model_step"] = model.get("step")
+    if isinstance(script, dict):
+        summary["script"], summary["script_sha256"] = script.get("path"), script.get("sha256")
+    return summary
 
 
 def verify(video_path: str | Path, key: int = DEFAULT_KEY) -> dict[str, Any]:
     """Checks a video file against its sidecar and for the watermark of `key`.
 
     Returns {"video", "key_id", "frames", "watermark_score", "watermark_detected",
-    "threshold", "manifest_ok", "problems"}. Nothing about the file raises: a missing or
-    unreadable video or sidecar, or a hash or key mismatch, is a line in "problems".
+    "threshold", "manifest_ok", "problems"}, and "verified" (`provenance_summary`) when the
+    sidecar passes: the video's hash, the key id, a signature under `key` matching every
+    field, and a script hash matching the script's text. Nothing about the file raises: a
+    missing or unreadable video or sidecar, a hash or key mismatch, an edited field (named)
+    is a line in "problems".
     Detection reads the decoded frames, so it also works on a re-encoded copy (whose
     manifest check then fails, as it should).
     """
@@ -411,7 +446,10 @@ def verify(video_path: str | Path, key: int = DEFAULT_KEY) -> dict[str, Any]:
     if not video_path.is_file():
         problems.append(f"no video file at {video_path}")
         return result
-    result["manifest_ok"] = _check_sidecar(video_path, key, problems)
+    manifest = _check_sidecar(video_path, key, problems)
+    result["manifest_ok"] = manifest is not None
+    if manifest is not None:
+        result["verified"] = provenance_summary(manifest)
     try:
         votes, result["frames"] = read_votes(video_path)
     except Exception as e:  # any decoder failure is a finding about the file, not a crash

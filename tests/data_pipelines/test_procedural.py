@@ -198,3 +198,40 @@ def test_reference_frame_is_a_sprite_sheet_of_the_entity_slots():
     # Looks are drawn per episode, so the reference is worth reading.
     others = [_episode(episode_id=i, frames=1, num_entities=4)[0]["reference"] for i in range(1, 4)]
     assert not any(np.array_equal(ref, other) for other in others)
+
+
+def test_v3_camera_pans_as_commanded_whatever_the_actions():
+    base = _episode(frames=120)
+    cut, cam = _stack(base, "cut"), _stack(base, "camera")[:, :2]
+    moves = np.diff(cam, axis=0)
+    shot = np.cumsum(cut) - 1
+    for s in range(shot.max() + 1):  # one constant, nonzero pan per shot (moves into frames of the shot)
+        within = moves[(shot[1:] == s) & ~cut[1:]]
+        assert len(np.unique(within, axis=0)) == 1 and np.abs(within).max() > 0
+    # Other actions move the agent, never the camera of the shot they start in.
+    first_cut = int(np.flatnonzero(cut[1:])[0]) + 1
+    other = _episode(frames=120, actions=np.zeros(120, np.int32))
+    np.testing.assert_array_equal(_stack(other, "camera")[:first_cut], _stack(base, "camera")[:first_cut])
+    assert not np.array_equal(_stack(other, "entity_boxes")[:first_cut, 0], _stack(base, "entity_boxes")[:first_cut, 0])
+
+
+def test_v3_keeps_the_agent_in_view_and_draws_fresh_actions():
+    visible, repeats = [], []
+    for episode_id in range(6):
+        records = _episode(episode_id=episode_id, frames=64)
+        visible.append(_stack(records, "entity_visible")[:, 0].mean())
+        actions = _stack(records, "action")
+        repeats.append((actions[1:] == actions[:-1]).mean())
+    assert np.mean(visible) > 0.97
+    # persistence 0.2: repeats 0.2 + 0.8 / 5 = 0.36 of the time (v2: 0.75 + 0.25 / 5 = 0.8)
+    assert 0.25 < np.mean(repeats) < 0.47, np.mean(repeats)
+    v2 = _stack(_episode(frames=200, version=2), "action")
+    assert (v2[1:] == v2[:-1]).mean() > 0.7
+
+
+def test_world_version_and_persistence_are_checked():
+    with np.testing.assert_raises_regex(schema.DatasetError, "version 4 unknown"):
+        _episode(frames=4, version=4)
+    with np.testing.assert_raises_regex(schema.DatasetError, "action_persistence must be in"):
+        _episode(frames=4, action_persistence=1.5)
+    assert P.describe(3, 2, None) == {"action_persistence": 0.75}

@@ -390,15 +390,18 @@ def test_token_loss_over_masked_tokens_only():
     assert float(accuracy) == 1.0 and float(loss) < 1e-6
 
 
-@pytest.mark.parametrize("objective, head", [("causal", "joint"), ("maskgit", "factorized")])
-def test_both_objectives_train(objective, head):
+@pytest.mark.parametrize("objective, head, conditioning", [("causal", "joint", "add"), ("maskgit", "factorized", "add"),
+                                                            ("causal", "joint", "adaln"), ("causal", "joint", "token")])
+def test_both_objectives_train(objective, head, conditioning):
     """A procedural next-frame problem: each step the frame's tokens shift one place when
-    the action is 1 and stay when it is 0. One compiled program: init + 120 Adam steps."""
+    the action is 1 and stay when it is 0. One compiled program: init + 120 Adam steps.
+    The trained model reads its actions: shuffling them raises the loss (action_sensitivity)."""
     import optax
 
-    from wm_jax.train.step import dynamics_loss
+    from wm_jax.train.step import action_sensitivity, dynamics_loss
 
-    cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, objective=objective, head=head))
+    cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, objective=objective, head=head,
+                                                                action_conditioning=conditioning))
     model, tx, frames = DynamicsModel(cfg), optax.adam(1e-2), 5
 
     def batch(key):
@@ -422,8 +425,69 @@ def test_both_objectives_train(objective, head):
             updates, opt = tx.update(grads, opt, params)
             return (optax.apply_updates(params, updates), opt), loss
 
-        return jax.lax.scan(step, (params, tx.init(params)), jnp.arange(120))[1]
+        (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(120))
+        steps, codes = batch(jax.random.key(99))
+        return losses, action_sensitivity(params, model, steps, codes, (None, None), jax.random.key(4))
 
-    losses = np.asarray(run(jax.random.key(0)))
+    losses, sensitivity = run(jax.random.key(0))
+    losses = np.asarray(losses)
     assert np.isfinite(losses).all()
     assert losses[-20:].mean() < 0.6 * losses[:5].mean(), losses
+    assert float(sensitivity) > 0.1 * losses[-20:].mean(), (float(sensitivity), losses[-20:].mean())
+
+
+def test_action_sensitivity_is_zero_for_a_model_without_actions(with_actions):
+    from wm_jax.train.step import action_sensitivity
+
+    codes, actions, _ = _inputs()
+    blind = _model(use_actions=False)
+    _, variables = with_actions
+    params = dict(variables["params"], action_embed={"no_action": variables["params"]["action_embed"]["no_action"]})
+    steps = {"action": jnp.pad(actions, ((0, 0), (0, 1)))}
+    frames = jnp.concatenate([codes, codes[:, :1]], axis=1)
+    assert float(action_sensitivity(params, blind, steps, frames)) == 0.0
+    # The same weights with the action table: shuffled actions change the loss.
+    assert float(action_sensitivity(variables["params"], _model(), steps, frames)) != 0.0
+
+
+def test_the_first_frame_of_a_new_shot_is_left_out_of_the_loss(with_actions):
+    from wm_jax.train.step import dynamics_loss
+
+    _, variables = with_actions
+    codes, actions, _ = _inputs()
+    frames = jnp.concatenate([codes, codes[:, :1]], axis=1)  # T + 1 frames
+    cut = jnp.zeros((B, T + 1), bool).at[:, 3].set(True)  # frame 3 opens a shot: position 2's target
+    steps = {"action": jnp.pad(actions, ((0, 0), (0, 1))), "cut": cut}
+    model = _model()
+    logits = model.apply(variables, frames[:, :-1], make_controls(steps))
+    kept = jnp.broadcast_to((jnp.arange(T) != 2)[None, :, None], (B, T, N))
+    expected, _ = token_loss(logits, frames[:, 1:], CFG, kept)
+    loss, _ = dynamics_loss(variables["params"], model, steps, frames)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+    unmasked = DynamicsModel(dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, mask_cut_loss=False)))
+    everything, _ = token_loss(logits, frames[:, 1:], CFG)
+    np.testing.assert_allclose(float(dynamics_loss(variables["params"], unmasked, steps, frames)[0]),
+                               float(everything), rtol=1e-6)
+
+
+@pytest.mark.parametrize("conditioning", ["adaln", "token"])
+@pytest.mark.parametrize("t", [0, 3])
+def test_each_conditioning_mode_is_causal_and_reads_its_actions(conditioning, t):
+    cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, action_conditioning=conditioning))
+    model = DynamicsModel(cfg)
+    codes, actions, mask = _inputs()
+    params = model.init(jax.random.key(1), codes, _controls(actions))["params"]
+    # adaLN starts at zero (controls do nothing yet): move every parameter off its init.
+    leaves, tree = jax.tree.flatten(params)
+    params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
+    apply = jax.jit(lambda c, a: model.apply({"params": params}, c, _controls(a, mask)))
+    base = apply(codes, actions)
+    assert base.shape == (B, T, N, V)
+    codes2, _, _ = _inputs(seed=7)
+    out = apply(codes.at[:, t + 1 :].set(codes2[:, t + 1 :]),
+                actions.at[:, t + 1 :].set((actions[:, t + 1 :] + 1) % 5))
+    np.testing.assert_array_equal(out[:, : t + 1], base[:, : t + 1])
+    assert np.all(np.abs(np.asarray(out[:, t + 1 :] - base[:, t + 1 :])).max(axis=(2, 3)) > 1e-4)
+    # An action alone moves its own position's prediction.
+    moved = apply(codes, actions.at[:, t].set((actions[:, t] + 1) % 5))
+    assert np.abs(np.asarray(moved[:, t] - base[:, t])).max() > 1e-4

@@ -34,6 +34,7 @@ from data_pipelines.schema import DatasetError
 from data_pipelines.sources import atari, procedural
 from wm_jax import checkpoint as ckpt
 from wm_jax import sharding, telemetry
+from wm_jax import config as config_lib
 from wm_jax.config import Config, MeshConfig
 from wm_jax.eval import action_probe
 from wm_jax.eval import metrics as M
@@ -573,10 +574,15 @@ def draw_random_actions(cfg: Config, manifest: dict, actions: np.ndarray, ctx: i
     return random_actions, replayable
 
 
-def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | None = None, out_dir: str | Path | None = None) -> dict:
-    """Restores `workdir`'s checkpoint and writes the eval report; returns the metrics dict."""
+def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | None = None, out_dir: str | Path | None = None,
+             overrides: list[str] = ()) -> dict:
+    """Restores `workdir`'s checkpoint and writes the eval report; returns the metrics dict.
+    overrides: `eval.*` config keys (KEY=VALUE) for this evaluation, e.g. eval.guidance=2."""
     workdir = Path(workdir)
     cfg = load_run_config(workdir)
+    if any(not o.startswith("eval.") for o in overrides):
+        raise config_lib.ConfigError(f"wm eval takes eval.* overrides only; got {list(overrides)}")
+    cfg = config_lib.replace(cfg, list(overrides))
     if cfg.train.stage == "latent_actions":  # no frames to generate: its evaluation is the probe
         from wm_jax.eval.latent_action_probe import evaluate_probe  # imports this module
 
@@ -620,7 +626,9 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
         """Context codes [B,C,N,L] + actions (and the clips' camera, cuts, reference) ->
         uint8 frames [B,C+H,...] (context reconstructed)."""
         controls = make_controls({"action": acts, **{k: clips[k][s] for k in steering}})
-        new, _ = rollout(dynamics, dyn_params, context, controls, horizon, ref)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), s.start)  # the same draws for true and random actions
+        new, _ = rollout(dynamics, dyn_params, context, controls, horizon, ref, key=key, temperature=cfg.eval.temperature,
+                         top_k=cfg.eval.top_k, guidance=cfg.eval.guidance)
         return decode_codes(tokenizer, tok_params, jnp.concatenate([context, new], axis=1), chunk)
 
     recon, gen_true, gen_random, probed = [], [], [], []
@@ -645,6 +653,7 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
         "data_dir": str(data_dir),
         "split": cfg.eval.split,
         "num_clips": int(n),
+        "sampling": {"temperature": cfg.eval.temperature, "top_k": cfg.eval.top_k, "guidance": cfg.eval.guidance},
         "tokenizer": {"psnr": float(M.psnr(frames, recon).mean())},
     }
     files: dict[str, list[str]] = {}

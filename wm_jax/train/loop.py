@@ -29,6 +29,8 @@ from wm_jax import config as config_lib
 from wm_jax import distributed, export, provenance, sharding, telemetry
 from wm_jax.config import Config, ConfigError
 from wm_jax.models import flops
+from wm_jax.train.guards import StopFlag
+from wm_jax.train.lock import RunLock
 from wm_jax.train.state import TrainState, create_train_state, param_count, param_counts_by_module, state_shardings
 from wm_jax.train.step import batch_fields, frozen_stages, jit_train_step, make_sensitivity_fn
 
@@ -36,27 +38,7 @@ EXIT_PREEMPTED = 42
 
 
 class Preempted(Exception):
-    """Raised after a successful save when SIGTERM/SIGUSR1 arrived; the CLI exits 42."""
-
-
-class _StopFlag:
-    """Records SIGTERM/SIGUSR1 so the loop can save at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    """Raised after a successful save when SIGTERM/SIGUSR1/SIGINT arrived; the CLI exits 42."""
 
 
 def check_dataset(cfg: Config, data_dir: str, split: str, warn: Callable[[str], None] | None = None) -> dict:
@@ -151,7 +133,9 @@ def load_run_config(workdir: str | Path) -> Config:
 
 def restore_params(workdir: str | Path, mesh: Any, rules: Any, step: int | None = None) -> tuple[Any, Config, int]:
     """Parameters of a run's checkpoint (no optimizer bytes read), or of an inference bundle,
-    onto `mesh`: (params, run config, step)."""
+    onto `mesh`: (params, run config, step). The checkpoint is the newest that passes the
+    integrity check resume uses (`ckpt.read_good`; damaged ones are named on the console),
+    or `step`: every reader (eval, export, generate, the latent cache) comes through here."""
     run_cfg = load_run_config(workdir)
     abstract, _ = state_shardings(run_cfg, mesh, rules)
     if export.is_bundle(workdir):
@@ -159,12 +143,8 @@ def restore_params(workdir: str | Path, mesh: Any, rules: Any, step: int | None 
         if step is not None and step != info["step"]:
             raise ckpt.CheckpointError(f"bundle {workdir} holds step {info['step']}, not {step}")
         return export.load_bundle_params(workdir, abstract.params), run_cfg, info["step"]
-    step = ckpt.require_step(workdir, step)
-    manager = ckpt.make_manager(workdir, run_cfg.checkpoint, read_only=True)
-    try:
-        params = ckpt.restore_params(manager, step, abstract.params)
-    finally:
-        manager.close()
+    step, params = ckpt.read_good(workdir, step, lambda manager, s: ckpt.restore_params(manager, s, abstract.params),
+                                  warn=telemetry.warn)
     return params, run_cfg, step
 
 
@@ -225,12 +205,32 @@ def _decode_iterator_state(saved: dict) -> bytes:
     return raw.encode() if isinstance(raw, str) else raw
 
 
+def open_workdir(workdir: str | Path) -> Path:
+    """The run directory, created if missing (process 0); ConfigError naming it when it
+    cannot be one (a file, or a parent that is a file or not writable)."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"run directory {workdir} is a file, not a directory; give --workdir a directory")
+    if jax.process_index() == 0:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"run directory {workdir} cannot be created: {e.strerror} ({e.filename})") from None
+    return workdir
+
+
 def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> TrainState:
     """Trains `cfg.train.stage` for `cfg.train.steps` steps in `workdir`; resumes if possible.
 
     `stop_at` ends this invocation after that global step with a checkpoint, as a
-    preemption would (the schedule still runs to `cfg.train.steps` on resume)."""
-    workdir = Path(workdir)
+    preemption would (the schedule still runs to `cfg.train.steps` on resume). The run
+    lock is held throughout: a second writer of `workdir` is refused (RunLocked)."""
+    workdir = open_workdir(workdir)
+    with RunLock(workdir) as lock:
+        return _train(cfg, workdir, stop_at, lock.events)
+
+
+def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tuple[str, str]]) -> TrainState:
     bad_data: list[str] = []  # logged as events once the logger exists
     if cfg.data.mixture:
         manifest = check_mixture(cfg, cfg.data.split, warn=bad_data.append)
@@ -310,13 +310,15 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         logger.event(start_step, "bad_data", message)
     for message in damaged:
         logger.event(start_step, "damaged_checkpoint", message)
+    for kind, message in lock_events:
+        logger.event(start_step, kind, message)
     step, skipped_in_a_row, last_save = start_step, 0, time.monotonic()
     skipped_windows = skipped_logged = 0  # windows with a bad record the loader replaced
     # Checksums are computed off the training thread: hashing a large checkpoint takes seconds.
     sealer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     recent_losses: collections.deque[float] = collections.deque(maxlen=cfg.train.spike_window)
     try:
-        with _StopFlag() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with StopFlag() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             window_start, window_step, wait_s = time.perf_counter(), step, 0.0
             last = min(cfg.train.steps, stop_at or cfg.train.steps)
             while step < last:
@@ -330,11 +332,13 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                 # One scalar read per step: the guard must count consecutive skips exactly.
                 if bool(metrics["skipped"]):
                     skipped_in_a_row += 1
-                    logger.event(step, "nonfinite", f"non-finite loss or gradient: update skipped ({skipped_in_a_row} in a row)")
+                    logger.event(step, "nonfinite", f"non-finite loss, gradient or updated state: update skipped "
+                                 f"({skipped_in_a_row} in a row)")
                     if skipped_in_a_row >= cfg.train.max_nonfinite_steps:
+                        manager.wait_until_finished()  # the newest step named below is on disk
                         raise FloatingPointError(
-                            f"{skipped_in_a_row} consecutive non-finite steps at step {step}; "
-                            f"last good checkpoint: {manager.latest_step()}"
+                            f"{skipped_in_a_row} consecutive non-finite steps at step {step}; last good checkpoint: "
+                            f"{manager.latest_step()} (every saved state is finite: skipped updates are never applied)"
                         )
                 else:
                     skipped_in_a_row = 0
@@ -375,7 +379,8 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                 if preempted:
                     manager.wait_until_finished()
                     ckpt.seal_finished(manager)
-                    logger.event(step, "preempted", f"preemption signal: saved step {step}, exiting {EXIT_PREEMPTED}")
+                    logger.event(step, "preempted", f"{signal.Signals(stop.signal).name if stop.signal else 'stop signal'} "
+                                 f"(here or on another process): saved step {step}, exiting {EXIT_PREEMPTED}")
                     raise Preempted(step)
         manager.wait_until_finished()
         sealer.shutdown(wait=True)
