@@ -471,8 +471,7 @@ def test_the_first_frame_of_a_new_shot_is_left_out_of_the_loss(with_actions):
 
 
 @pytest.mark.parametrize("conditioning", ["adaln", "token"])
-@pytest.mark.parametrize("t", [0, 3])
-def test_each_conditioning_mode_is_causal_and_reads_its_actions(conditioning, t):
+def test_each_conditioning_mode_is_causal_and_reads_its_actions(conditioning, t=2):
     cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, action_conditioning=conditioning))
     model = DynamicsModel(cfg)
     codes, actions, mask = _inputs()
