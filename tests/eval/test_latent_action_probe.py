@@ -67,7 +67,10 @@ def test_trained_latent_actions_predict_the_true_action(tmp_path):
     """The preset's 3000 steps (about 2.5 min on 2 cores): the loss falls and both probes
     beat chance on held-out episodes (measured: chance 0.228, majority map 0.340, linear 0.522)."""
     data = tmp_path / "proc32"
-    make_dataset("procedural", data, episodes=200, frames=32, size=32, seed=0)
+    # World v2, where these figures were measured: v3's independent camera leaves less of the
+    # frame change to the action, and the preset's loss no longer halves in 3000 steps
+    # (0.66 -> 0.44 on v3, 2026-12-02); the latent-action study has not been redone on v3.
+    make_dataset("procedural", data, episodes=200, frames=32, size=32, seed=0, version=2)
     cfg = config_lib.load(PRESETS / "tiny_cpu_latent_actions.yaml", [f"data.dir={data}", "checkpoint.every_steps=3000"])
     train(cfg, tmp_path / "lam")
     rows = read_metrics(tmp_path / "lam" / "metrics.jsonl")
