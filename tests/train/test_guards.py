@@ -48,14 +48,20 @@ def _stderr_lines(proc):
     return lines
 
 
+def _wait_for_first_step(proc, run) -> float:
+    """Waits (at most 300 s) until the run has logged a step or exited; returns the deadline."""
+    deadline = time.time() + 300
+    while not read_metrics(run / "metrics.jsonl") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    return deadline
+
+
 def _interrupted_run(run, overrides):
     """A `wm train` stopped by one Ctrl-C (SIGINT) once it has logged a step: (exit code, stderr)."""
     proc = _train(run, overrides)
     lines = _stderr_lines(proc)
     try:
-        deadline = time.time() + 300
-        while not read_metrics(run / "metrics.jsonl") and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
+        _wait_for_first_step(proc, run)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=300)
     finally:
@@ -83,9 +89,7 @@ def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path, tiny_overrides)
     proc = _train(run, tiny_overrides + LONG)
     lines = _stderr_lines(proc)
     try:
-        deadline = time.time() + 300
-        while not read_metrics(run / "metrics.jsonl") and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
+        deadline = _wait_for_first_step(proc, run)
         proc.send_signal(signal.SIGINT)
         while not any("Ctrl-C again" in line for line in lines) and time.time() < deadline:
             time.sleep(0.05)
