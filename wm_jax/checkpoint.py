@@ -205,7 +205,10 @@ def verify_step(step_dir: Path) -> None:
 def require_finite(tree: Any, step_dir: Path) -> Any:
     """`tree` when every value is finite; CheckpointError otherwise (a checkpoint written
     before the state guard, or by other code: never "good")."""
-    if not bool(all_finite(tree)):
+    # One compiled program: eager per-leaf reductions over sharded arrays dispatch one
+    # small collective program each, and a queue of those deadlocked XLA's CPU runtime
+    # (a device's launch waited on its in-flight slot while the others sat in an all-reduce).
+    if not bool(jax.jit(all_finite)(tree)):
         raise CheckpointError(f"checkpoint {step_dir} holds non-finite (NaN/inf) values")
     return tree
 
