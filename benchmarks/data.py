@@ -152,7 +152,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wm_jax.cli import _preset_path
+    from wm_jax.presets import preset_path
 
     parser = argparse.ArgumentParser(prog="wm bench data", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny_cpu", help="YAML file or preset name (default tiny_cpu)")
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.clips, args.repeats, args.train_steps, args.episodes, args.frames) < 1 or min(args.workers, args.warmup_batches) < 0:
         parser.error("--clips, --repeats, --train-steps, --episodes and --frames must be >= 1; "
                      "--workers and --warmup-batches >= 0")
-    cfg = config_lib.load(_preset_path(args.config), args.set)
+    cfg = config_lib.load(preset_path(args.config), args.set)
     with tempfile.TemporaryDirectory(prefix="wm-bench-data-") as tmp:
         data_dir, data_name = args.data, Path(args.data or "").name
         if data_dir is None:

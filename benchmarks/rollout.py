@@ -98,10 +98,10 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wm_jax.cli import _preset_path
+    from wm_jax.presets import preset_path
 
     parser = argparse.ArgumentParser(prog="wm bench rollout", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="rollout_bench", help="YAML file or preset name (experiments/configs)")
+    parser.add_argument("--config", default="rollout_bench", help="YAML file or preset name (wm_jax/presets)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--horizons", default="16,64,256", help="comma-separated horizons (default 16,64,256)")
     parser.add_argument("--batch", type=int, default=1, help="independent shots generated together (default 1)")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--horizons must be comma-separated integers; got {args.horizons!r}")
     if min(horizons) < 1 or args.batch < 1:
         parser.error("--horizons and --batch must be >= 1")
-    cfg = config_lib.load(_preset_path(args.config), args.set)
+    cfg = config_lib.load(preset_path(args.config), args.set)
     result = run(cfg, horizons, args.batch)
     print_table(result)
     command = " ".join(["wm bench rollout --config", args.config, *(f"--set {s}" for s in args.set), f"--horizons {args.horizons}"])

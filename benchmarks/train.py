@@ -128,10 +128,10 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wm_jax.cli import _preset_path
+    from wm_jax.presets import preset_path
 
     parser = argparse.ArgumentParser(prog="wm bench train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file or preset name (experiments/configs)")
+    parser.add_argument("--config", required=True, help="YAML file or preset name (wm_jax/presets)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
-    cfg = config_lib.load(_preset_path(args.config), args.set)
+    cfg = config_lib.load(preset_path(args.config), args.set)
     result = run(cfg, args.steps, args.warmup)
     print_table(result)
     command = " ".join(["wm bench train --config", args.config, *(f"--set {s}" for s in args.set), f"--steps {args.steps}"])

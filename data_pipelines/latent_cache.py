@@ -31,15 +31,21 @@ tokenizer retrained to the same step in the same workdir is another tokenizer), 
 split a sha256 over the stored token ids.
 `open_cache` refuses an incomplete cache, another dataset or another tokenizer;
 `verify_cache` re-hashes every split.
+
+This module owns the format, writing and reading; it takes the encoder as a function
+(`CacheEncoder`). Restoring a tokenizer run into one is `wm_jax.latent_cache`'s job: the
+data layer imports nothing from `wm_jax`.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +70,32 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise DatasetError(f"a vocabulary of {vocab_size} tokens does not fit 32 bits")
 
 
-def tokenizer_hash(model_cfg: Any) -> str:
-    """sha256 of a ModelConfig's `tokenizer` section and `image_size` (what the codes
-    depend on besides the parameters), as canonical JSON; a dynamics run's config gives
-    the same hash as the tokenizer run it reads."""
-    from wm_jax import config as config_lib  # data_pipelines sits below wm_jax: import on use
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    """What a cache's codes depend on besides the frames: the tokenizer run (as named by
+    the caller), its checkpoint step, a hash of its tokenizer config and a fingerprint of
+    that step's parameter files."""
 
-    section = {"image_size": model_cfg.image_size, "tokenizer": config_lib.to_dict(model_cfg.tokenizer)}
-    return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()
+    workdir: str
+    step: int
+    config_hash: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class CacheEncoder:
+    """A tokenizer as the cache builder sees it. `load()` is called once the build's plan
+    is checked (restoring parameters is the slow part) and returns `encode`: uint8 frames
+    [B, C, S, S, 3] -> token ids [B, C, N] (a JAX array is fine: it is read back while the
+    next batch encodes)."""
+
+    identity: TokenizerIdentity
+    load: Callable[[], Callable[[np.ndarray], Any]]
+    image_size: int
+    window_frames: int  # C: the tokenizer run's data.frames_per_clip
+    tokens_per_frame: int
+    fsq_levels: tuple[int, ...]
+    dtype: str  # the model's activation dtype, recorded in the manifest
 
 
 def encode_windows(episodes: list[dict], window_frames: int) -> np.ndarray:
@@ -204,26 +228,6 @@ def _encode_batches(encode: Callable[[np.ndarray], Any], read_frames: Callable[[
         write(pending[0], _unbatch(np.asarray(pending[1]), pending[2]))
 
 
-def _tokenizer_identity(workdir: str | os.PathLike) -> tuple[Any, int, str]:
-    """(run config, step of its newest checkpoint or of its bundle, fingerprint of that
-    checkpoint's or bundle's parameter files: `files_fingerprint`) of a tokenizer run;
-    CheckpointError if it is not a run, ConfigError if it is not a tokenizer's."""
-    from wm_jax import checkpoint as ckpt
-    from wm_jax import export, telemetry
-    from wm_jax.config import ConfigError
-    from wm_jax.train.loop import load_run_config
-
-    run_cfg = load_run_config(workdir)
-    if run_cfg.train.stage != "tokenizer":
-        raise ConfigError(f"{workdir} is a {run_cfg.train.stage} run, not a tokenizer run (train.stage: tokenizer)")
-    if export.is_bundle(workdir):
-        step, files = export.read_bundle(workdir)["step"], Path(workdir) / "params"
-    else:  # the step restore_params reads: the newest that passes the checkpoint integrity check
-        step, _ = ckpt.read_good(workdir, None, lambda manager, s: None, warn=telemetry.warn)
-        files = ckpt.checkpoint_dir(workdir) / str(step)
-    return run_cfg, step, ckpt.files_fingerprint(files)
-
-
 def _start_progress(root: Path, plan: dict) -> dict[str, int]:
     """Batches already written per split: {} for a new build (root is created, or must be
     empty), or those of the unfinished build in root, which must have the same plan."""
@@ -245,27 +249,21 @@ def _start_progress(root: Path, plan: dict) -> dict[str, int]:
     return {}
 
 
-def build_cache(data_dir: str | os.PathLike, tokenizer_workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
+def write_cache(data_dir: str | os.PathLike, encoder: CacheEncoder, out_dir: str | os.PathLike, *,
                 splits: Iterable[str] | None = None, batch_size: int = 32, chunk_records: int = 256,
                 log: Callable[[str], None] = print,
                 progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Encodes `splits` (default: all) of the dataset at data_dir with the tokenizer run
-    (or bundle) at tokenizer_workdir into a latent cache at out_dir; returns its manifest.
+    """Encodes `splits` (default: all) of the dataset at data_dir with `encoder` into a
+    latent cache at out_dir; returns its manifest.
 
     Per split, `<out>/<split>.zarr` holds token ids [R, N] (dtype `token_dtype`), chunks
     of [chunk_records, N]. `batch_size` windows of C frames are encoded per call (memory:
     batch_size*C frames). After each batch is written, `progress(split, records written,
     R)` is called (an exception from it stops the build like a kill would). Running again
     with the same arguments resumes an unfinished build. The dataset's shard hashes are
-    verified first; DatasetError for a bad dataset or an out_dir that is a finished
-    cache or something else, CheckpointError/ConfigError for a bad tokenizer run.
+    verified first; DatasetError for a bad dataset, frames of another size than the
+    encoder's, or an out_dir that is a finished cache or something else.
     """
-    from wm_jax import sharding  # the encoder's imports: only a build needs them
-    from wm_jax.config import ConfigError, MeshConfig
-    from wm_jax.models.tokenizer import VideoTokenizer, num_tokens, vocab_size
-    from wm_jax.rollout import encode_frames
-    from wm_jax.train.loop import restore_params
-
     if batch_size < 1 or chunk_records < 1:
         raise DatasetError(f"batch_size ({batch_size}) and chunk_records ({chunk_records}) must be >= 1")
     root = Path(out_dir)
@@ -273,22 +271,20 @@ def build_cache(data_dir: str | os.PathLike, tokenizer_workdir: str | os.PathLik
     splits = list(data["splits"]) if splits is None else list(splits)
     for split in splits:
         writer.shard_paths(data_dir, data, split)  # DatasetError naming an unknown split
-    run_cfg, step, fingerprint = _tokenizer_identity(tokenizer_workdir)
-    model = run_cfg.model
-    if data["frame_size"] != model.image_size:
-        raise ConfigError(f"tokenizer {tokenizer_workdir} encodes {model.image_size}x{model.image_size} frames, "
-                          f"dataset {data_dir} has {data['frame_size']}x{data['frame_size']}")
-    window_frames, tokens = run_cfg.data.frames_per_clip, num_tokens(model)
-    dtype = token_dtype(vocab_size(model))
+    who = encoder.identity
+    if data["frame_size"] != encoder.image_size:
+        raise DatasetError(f"tokenizer {who.workdir} encodes {encoder.image_size}x{encoder.image_size} frames, "
+                           f"dataset {data_dir} has {data['frame_size']}x{data['frame_size']}")
+    window_frames, tokens = encoder.window_frames, encoder.tokens_per_frame
+    vocab_size = math.prod(encoder.fsq_levels)
+    dtype = token_dtype(vocab_size)
     plan = {"format_version": FORMAT_VERSION, "data_dir": str(Path(data_dir).resolve()),
-            "content_hash": data["content_hash"], "tokenizer_workdir": str(Path(tokenizer_workdir).resolve()),
-            "tokenizer_step": step, "tokenizer_hash": tokenizer_hash(model), "tokenizer_fingerprint": fingerprint,
+            "content_hash": data["content_hash"], "tokenizer_workdir": str(Path(who.workdir).resolve()),
+            "tokenizer_step": who.step, "tokenizer_hash": who.config_hash, "tokenizer_fingerprint": who.fingerprint,
             "window_frames": window_frames, "batch_size": batch_size, "chunk_records": chunk_records, "splits": splits}
     done = _start_progress(root, plan)
 
-    mesh = sharding.make_mesh(MeshConfig())  # whatever devices are here
-    params, _, _ = restore_params(tokenizer_workdir, mesh, sharding.logical_rules(run_cfg.mesh), step)
-    tokenizer = VideoTokenizer(model)
+    encode = encoder.load()
     entries = {}
     for split in splits:
         records = data["splits"][split]["num_records"]
@@ -310,8 +306,7 @@ def build_cache(data_dir: str | os.PathLike, tokenizer_workdir: str | os.PathLik
                 progress(split, end, records)
 
         try:
-            _encode_batches(lambda clip: encode_frames(tokenizer, params, clip, window_frames)[1], frames.read,
-                            batches[start:], start, batch_size, window_frames, write)
+            _encode_batches(encode, frames.read, batches[start:], start, batch_size, window_frames, write)
         finally:
             frames.close()
         encoded = records - (_span(batches[start])[0] if start < len(batches) else records)
@@ -323,11 +318,12 @@ def build_cache(data_dir: str | os.PathLike, tokenizer_workdir: str | os.PathLik
     manifest = {
         "format_version": FORMAT_VERSION,
         "dataset": {"dir": plan["data_dir"], "content_hash": data["content_hash"], "frame_size": data["frame_size"]},
-        "tokenizer": {"workdir": plan["tokenizer_workdir"], "step": step, "config_hash": plan["tokenizer_hash"],
-                      "fingerprint": fingerprint, "window_frames": window_frames, "batch_size": batch_size, "dtype": model.dtype},
-        "fsq_levels": list(model.tokenizer.fsq_levels),
+        "tokenizer": {"workdir": plan["tokenizer_workdir"], "step": who.step, "config_hash": who.config_hash,
+                      "fingerprint": who.fingerprint, "window_frames": window_frames, "batch_size": batch_size,
+                      "dtype": encoder.dtype},
+        "fsq_levels": list(encoder.fsq_levels),
         "tokens_per_frame": tokens,
-        "vocab_size": vocab_size(model),
+        "vocab_size": vocab_size,
         "splits": entries,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
@@ -385,21 +381,15 @@ class LatentCache:
         ids = _read_array(self._store(split), first, count, f"split {split!r} of latent cache {self.root}")
         return ids.astype(np.int32)
 
-    def codes(self, split: str, first: int, count: int) -> np.ndarray:
-        """float32 [count, N, L] FSQ codes in [-1, 1] of the same records as `read`."""
-        from wm_jax.models.tokenizer import indices_to_codes  # numpy in, numpy out
-
-        return np.asarray(indices_to_codes(self.read(split, first, count), tuple(self.manifest["fsq_levels"])),
-                          np.float32)
-
 
 def open_cache(cache_dir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
                expect_content_hash: str | None = None,
-               tokenizer_workdir: str | os.PathLike | None = None) -> LatentCache:
+               expect_tokenizer: TokenizerIdentity | None = None) -> LatentCache:
     """The finished latent cache at cache_dir, its arrays opened and checked against its
     manifest. Given data_dir (or expect_content_hash), the cache must be of that dataset
-    (content hash); given tokenizer_workdir, of that run's newest step and tokenizer
-    config. DatasetError naming the path otherwise."""
+    (content hash); given expect_tokenizer, of that tokenizer (step, config hash and
+    parameter files; `wm_jax.latent_cache.tokenizer_identity` of a run). DatasetError
+    naming the path otherwise."""
     root = Path(cache_dir)
     if not root.is_dir():
         raise DatasetError(f"latent cache directory {root} does not exist")
@@ -418,16 +408,14 @@ def open_cache(cache_dir: str | os.PathLike, *, data_dir: str | os.PathLike | No
         if content_hash != cached:
             raise DatasetError(f"latent cache {root} is of dataset content hash {cached} "
                                f"({manifest['dataset']['dir']}); {whose} {content_hash}")
-    if tokenizer_workdir is not None:
-        run_cfg, step, fingerprint = _tokenizer_identity(tokenizer_workdir)
-        ours = manifest["tokenizer"]
-        theirs = (step, tokenizer_hash(run_cfg.model), fingerprint)
-        if theirs != (ours["step"], ours["config_hash"], ours.get("fingerprint")):
+    if expect_tokenizer is not None:
+        ours, theirs = manifest["tokenizer"], expect_tokenizer
+        if (theirs.step, theirs.config_hash, theirs.fingerprint) != (ours["step"], ours["config_hash"], ours.get("fingerprint")):
             recorded = (ours.get("fingerprint") or "none recorded")[:16]
             raise DatasetError(f"latent cache {root} was encoded by tokenizer {ours['workdir']} at step {ours['step']} "
                                f"(config hash {ours['config_hash'][:16]}, parameter files {recorded}); "
-                               f"{tokenizer_workdir} is at step {step} (config hash {theirs[1][:16]}, parameter "
-                               f"files {fingerprint[:16]}): build the cache again")
+                               f"{theirs.workdir} is at step {theirs.step} (config hash {theirs.config_hash[:16]}, "
+                               f"parameter files {theirs.fingerprint[:16]}): build the cache again")
     cache = LatentCache(root, manifest)
     for split in manifest["splits"]:
         cache._store(split)

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 
 from data_pipelines.datasets import make_dataset
+from wm_jax.presets import preset_path
 
 REPO = Path(__file__).resolve().parents[1]
-PRESET = REPO / "experiments" / "configs" / "tiny_cpu.yaml"
+PRESET = preset_path("tiny_cpu")
 
 # A model small enough that a train step compiles and runs in about a second on a CPU.
 TINY_OVERRIDES = [

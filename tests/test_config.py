@@ -1,13 +1,12 @@
 """Config schema: presets load, overrides apply, bad keys and types name the key."""
 
-from pathlib import Path
-
 import pytest
 
 from wm_jax import config as config_lib
 from wm_jax.cli import main
+from wm_jax.presets import PRESETS_DIR, preset_path
 
-PRESET = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny_cpu.yaml"
+PRESET = preset_path("tiny_cpu")
 
 
 def test_preset_loads_and_round_trips(tmp_path):
@@ -69,7 +68,7 @@ def test_cli_exits_2_on_config_typo(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("preset", sorted(PRESET.parent.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", sorted(PRESETS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_preset_loads(preset):
     """Presets are validated like user configs (base chains, types, divisibility of heads)."""
     config_lib.load(preset)

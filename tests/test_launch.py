@@ -187,7 +187,7 @@ def test_tpu_vm_dry_run_command(tmp_path, capsys):
     assert "--worker=all" in argv
     assert argv[argv.index("--zone") + 1] == "us-central2-b" and argv[argv.index("--project") + 1] == "proj"
     remote = argv[argv.index("--command") + 1]
-    assert remote == (f"cd {REPO} && WM_DISTRIBUTED=auto wm train --config experiments/configs/tiny_cpu.yaml "
+    assert remote == (f"cd {REPO} && WM_DISTRIBUTED=auto wm train --config tiny_cpu "
                       "--workdir /mnt/runs/x --set train.steps=5")
 
 

@@ -15,20 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from wm_jax.presets import preset_path
+
 EXIT_USAGE = 2
 EXIT_NUMERICS = 3
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PRESETS = REPO_ROOT / "experiments" / "configs"
-
-
-def _preset_path(name_or_path: str) -> Path:
-    """A config path, or the name of a preset in experiments/configs/."""
-    path = Path(name_or_path)
-    if path.exists() or path.suffix in (".yaml", ".yml"):
-        return path
-    return PRESETS / f"{name_or_path}.yaml"
-
-
 def cmd_data_make(args: argparse.Namespace) -> int:
     from data_pipelines.datasets import make_dataset
 
@@ -55,8 +45,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_data_cache(args: argparse.Namespace) -> int:
-    from data_pipelines import latent_cache
+    from data_pipelines.latent_cache import stored_bytes
     from data_pipelines.writer import read_manifest
+    from wm_jax.latent_cache import build_cache
 
     def log(msg: str) -> None:  # stderr: stdout ends with the JSON line
         print(msg, file=sys.stderr)
@@ -69,14 +60,13 @@ def cmd_data_cache(args: argparse.Namespace) -> int:
             log(f"{split}: {done}/{total} records")
 
     t0 = time.perf_counter()
-    manifest = latent_cache.build_cache(args.data, args.tokenizer, args.out, batch_size=args.batch_size,
-                                        log=log, progress=progress)
+    manifest = build_cache(args.data, args.tokenizer, args.out, batch_size=args.batch_size, log=log, progress=progress)
     seconds = time.perf_counter() - t0
     records = {split: entry["records"] for split, entry in manifest["splits"].items()}
     size = read_manifest(args.data)["frame_size"]
     frames = sum(records.values())
     summary = {"out": args.out, "records": records, "tokens_per_frame": manifest["tokens_per_frame"],
-               "cache_bytes": latent_cache.stored_bytes(args.out), "frame_bytes": frames * size * size * 3,
+               "cache_bytes": stored_bytes(args.out), "frame_bytes": frames * size * size * 3,
                "seconds": round(seconds, 2), "frames_per_s": round(frames / seconds, 1)}
     ratio = summary["frame_bytes"] / max(summary["cache_bytes"], 1)
     print(f"wrote {args.out}: {frames} frames as {manifest['tokens_per_frame']} tokens each, "
@@ -89,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from wm_jax import config as config_lib
     from wm_jax.train.loop import EXIT_PREEMPTED, Preempted, train
 
-    cfg = config_lib.load(_preset_path(args.config), args.set)
+    cfg = config_lib.load(preset_path(args.config), args.set)
     if args.dry_run:
         from wm_jax.train import dry_run
 
@@ -183,7 +173,7 @@ def run_demo(out: str | Path, config: str = "tiny_cpu", overrides: list[str] = (
     from wm_jax.train.loop import train
 
     out = Path(out)
-    tok_cfg = config_lib.load(_preset_path(config), overrides)
+    tok_cfg = config_lib.load(preset_path(config), overrides)
     data_dir = Path(tok_cfg.data.dir) if tok_cfg.data.dir else out / "data"
     t0 = time.time()
     if not (data_dir / "manifest.json").exists():
@@ -196,7 +186,7 @@ def run_demo(out: str | Path, config: str = "tiny_cpu", overrides: list[str] = (
     telemetry.info(f"[2/4] tokenizer → {out / 'tokenizer'}")
     train(tok_cfg, out / "tokenizer")
     dyn_overrides = list(overrides) + [f"data.dir={data_dir}", f"train.tokenizer_workdir={out / 'tokenizer'}"]
-    dyn_cfg = config_lib.load(_preset_path(f"{config}_dynamics"), dyn_overrides)
+    dyn_cfg = config_lib.load(preset_path(f"{config}_dynamics"), dyn_overrides)
     telemetry.info(f"[3/4] dynamics → {out / 'dynamics'}")
     train(dyn_cfg, out / "dynamics")
     telemetry.info(f"[4/4] eval → {out / 'dynamics' / 'eval'}")
@@ -298,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.set_defaults(fn=cmd_data_cache)
 
     train = sub.add_parser("train", help="train a stage; resumes if the workdir has checkpoints")
-    train.add_argument("--config", required=True, help="YAML file or preset name (experiments/configs)")
+    train.add_argument("--config", required=True, help="YAML file or preset name (wm_jax/presets)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--workdir", required=True)
     train.add_argument("--dry-run", action="store_true",

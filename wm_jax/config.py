@@ -97,6 +97,11 @@ class DynamicsConfig:
     # Leave the first frame of a new shot out of the loss: after a cut the new framing is
     # not predictable from the past, and its tokens would dominate the loss.
     mask_cut_loss: bool = True
+    # Cut framing: at a cut, the camera's jump (the new shot's commanded framing relative to
+    # the previous shot's last frame) reaches the model through its own embedding, so the
+    # first frame of a new shot becomes predictable where the previous shot showed its
+    # entities. False: a cut carries no position (as before). Needs use_cuts and use_camera.
+    cut_framing: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,7 +267,8 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _closest(key: str, candidates: list[str]) -> str:
+def closest(key: str, candidates: list[str]) -> str:
+    """The error-message suffix ` (did you mean 'X'?)` naming the candidate nearest `key`."""
     match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
@@ -322,7 +328,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if name not in names:
             raise ConfigError(
                 f"unknown config key '{prefix}{name}'"
-                + _closest(f"{prefix}{name}", _all_keys(Config))
+                + closest(f"{prefix}{name}", _all_keys(Config))
             )
         kwargs[name] = _coerce(value, hints[name], prefix + name)
     return cls(**kwargs)
@@ -370,7 +376,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         path, value = parse_override(text)
         dotted = ".".join(path)
         if dotted not in all_keys:
-            raise ConfigError(f"unknown config key '{dotted}'" + _closest(dotted, all_keys))
+            raise ConfigError(f"unknown config key '{dotted}'" + closest(dotted, all_keys))
         node = values
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -456,7 +462,7 @@ def validate(cfg: Config) -> None:
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {allowed}; got '{value}'" + _closest(value, list(allowed)))
+            raise ConfigError(f"config key '{key}' must be one of {allowed}; got '{value}'" + closest(value, list(allowed)))
     positive = {
         "data.frames_per_clip": cfg.data.frames_per_clip,
         "data.batch_size": cfg.data.batch_size,
@@ -542,7 +548,7 @@ def validate(cfg: Config) -> None:
                 if a not in mesh_axes:
                     raise ConfigError(
                         f"config key 'mesh.{key}' maps '{logical}' to unknown mesh axis '{a}'"
-                        + _closest(a, sorted(mesh_axes))
+                        + closest(a, sorted(mesh_axes))
                     )
     shared = {name for name, _ in cfg.mesh.param_rules} & {name for name, _ in cfg.mesh.activation_rules}
     if shared:

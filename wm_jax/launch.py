@@ -2,7 +2,7 @@
 
 Every launcher first loads the config with its `--set` overrides (a bad key exits 2
 before anything starts), then renders what it will run from a template in
-`launch/templates/` (`string.Template`) and, with `--dry-run`, prints it and exits 0.
+`wm_jax/launch_templates/` (`string.Template`, package data) and, with `--dry-run`, prints it and exits 0.
 
 How the processes of one run find each other (see `wm_jax.distributed`):
 - local, k8s: `WM_COORDINATOR`, `WM_NUM_PROCESSES`, `WM_PROCESS_ID`;
@@ -35,10 +35,12 @@ from typing import IO
 import yaml
 
 from wm_jax import config as config_lib
-from wm_jax.cli import REPO_ROOT, _preset_path
 from wm_jax.config import Config, ConfigError
+from wm_jax.presets import preset_name, preset_path
 
-TEMPLATES = REPO_ROOT / "launch" / "templates"
+TEMPLATES = Path(__file__).resolve().parent / "launch_templates"  # package data
+# The source checkout holding this package: where `wm launch tpu-vm` workers `cd` by default.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 K8S_CONFIG_DIR = "/etc/wm"  # where the pods mount the ConfigMap holding the config
 K8S_GRACE_S = 300  # SIGTERM → save at the next step → exit 42 must fit in this
@@ -50,9 +52,10 @@ K8S_PLACEHOLDER_IMAGE = "REPLACE-ME/wm_jax:latest"
 LOCAL_GRACE_S = 10.0
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_SBATCH_WORD = re.compile(r"^[A-Za-z0-9_.,+@=-]+$")
-_SBATCH_PATH = re.compile(r"^[A-Za-z0-9_./+,@=-]+$")
-_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+# What may go into an sbatch script unquoted (also checked by `wm sweep --launcher slurm`).
+SBATCH_WORD = re.compile(r"^[A-Za-z0-9_.,+@=-]+$")
+SBATCH_PATH = re.compile(r"^[A-Za-z0-9_./+,@=-]+$")
+SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 
 
 class LaunchError(ConfigError):
@@ -63,7 +66,7 @@ class LaunchError(ConfigError):
 
 
 def render(template: str, **values: object) -> str:
-    """Fills `launch/templates/<template>`; every placeholder must be given."""
+    """Fills `wm_jax/launch_templates/<template>`; every placeholder must be given."""
     path = TEMPLATES / template
     if not path.is_file():
         raise LaunchError(f"launcher template not found: {path}")
@@ -83,7 +86,7 @@ def train_argv(config: str, workdir: str, overrides: list[str]) -> list[str]:
 
 def load_config(config: str, overrides: list[str]) -> tuple[Path, Config]:
     """The config file and its validated contents; raises ConfigError (exit 2) first."""
-    path = _preset_path(config)
+    path = preset_path(config)
     return path, config_lib.load(path, overrides)
 
 
@@ -93,20 +96,22 @@ def default_job_name(workdir: str) -> str:
     return name[:50].rstrip("-") or "wm"
 
 
-def _check(pattern: re.Pattern, value: str, flag: str, allowed: str) -> str:
+def check_flag(pattern: re.Pattern, value: str, flag: str, allowed: str) -> str:
+    """`value` when `pattern` matches it; else a LaunchError naming `flag` and what is `allowed`."""
     if not pattern.match(value):
         raise LaunchError(f"{flag} {value!r}: {allowed}")
     return value
 
 
 def _check_dns_label(value: str, flag: str, max_len: int = 63) -> str:
-    _check(_DNS_LABEL, value, flag, "must be lower-case letters, digits and '-', starting and ending with a letter or digit")
+    check_flag(_DNS_LABEL, value, flag, "must be lower-case letters, digits and '-', starting and ending with a letter or digit")
     if len(value) > max_len:
         raise LaunchError(f"{flag} {value!r}: at most {max_len} characters")
     return value
 
 
-def _require_tool(name: str, hint: str) -> str:
+def require_tool(name: str, hint: str) -> str:
+    """The path of the cluster tool `name`; a LaunchError with `hint` when it is not on PATH."""
     path = shutil.which(name)
     if path is None:
         raise LaunchError(f"`{name}` is not on PATH: {hint} (or use --dry-run to print what would be run)")
@@ -128,12 +133,12 @@ def _int_at_least(minimum: int):
     return parse
 
 
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
 
 
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"a port is at most 65535; got {value}")
     return value
@@ -278,15 +283,15 @@ def render_slurm(
     """The sbatch script: one task per node, USR1 forwarded to the step, requeue on 42."""
     chdir = chdir or os.getcwd()
     allowed = "only letters, digits and _.,+@=- can go in an #SBATCH line"
-    _check(_SBATCH_WORD, job_name, "--job-name", allowed)
-    _check(_SLURM_TIME, time_limit, "--time", "expected [days-]hours[:minutes[:seconds]], e.g. 24:00:00 or 2-00:00:00")
+    check_flag(SBATCH_WORD, job_name, "--job-name", allowed)
+    check_flag(SLURM_TIME, time_limit, "--time", "expected [days-]hours[:minutes[:seconds]], e.g. 24:00:00 or 2-00:00:00")
     paths = "must be a path of letters, digits and _./+,@=- (it goes in an #SBATCH line)"
-    _check(_SBATCH_PATH, workdir, "--workdir", paths)
-    _check(_SBATCH_PATH, chdir, "the current directory", paths)
+    check_flag(SBATCH_PATH, workdir, "--workdir", paths)
+    check_flag(SBATCH_PATH, chdir, "the current directory", paths)
     extra = []
     for flag, value in (("partition", partition), ("account", account)):
         if value:
-            extra.append(f"#SBATCH --{flag}={_check(_SBATCH_WORD, value, f'--{flag}', allowed)}")
+            extra.append(f"#SBATCH --{flag}={check_flag(SBATCH_WORD, value, f'--{flag}', allowed)}")
     command = [python or sys.executable, "-m", "wm_jax.cli", *train_argv(config, workdir, overrides)]
     return render(
         "slurm.sbatch", job_name=job_name, nodes=nodes, gpus_per_node=gpus_per_node, time=time_limit,
@@ -306,7 +311,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         print(script, end="")
         print(f"# dry run: would write {target} and run `sbatch {target}`", file=sys.stderr)
         return 0
-    sbatch = _require_tool("sbatch", "run this on a SLURM login node")
+    sbatch = require_tool("sbatch", "run this on a SLURM login node")
     target.parent.mkdir(parents=True, exist_ok=True)  # also creates RUN for --output
     target.write_text(script)
     return subprocess.run([sbatch, str(target)]).returncode
@@ -364,15 +369,20 @@ def cmd_k8s(args: argparse.Namespace) -> int:
             print(f"# dry run without --image: the manifest names the placeholder {K8S_PLACEHOLDER_IMAGE}", file=sys.stderr)
         print(manifest, end="")
         return 0
-    kubectl = _require_tool("kubectl", "install it and point it at the cluster")
+    kubectl = require_tool("kubectl", "install it and point it at the cluster")
     return subprocess.run([kubectl, "apply", "-f", "-"], input=manifest, text=True).returncode
 
 
 # ----------------------------------------------------------------------------- tpu-vm
 
 
-def _repo_relative(path: Path) -> str:
-    """`path` relative to the repository when inside it (the workers cd there), else as given."""
+def remote_config(path: Path) -> str:
+    """How the workers name the config: a shipped preset by name (their installed package
+    has it), another file relative to the repository when inside it (they cd there), else
+    as given."""
+    name = preset_name(path)
+    if name is not None:
+        return name
     try:
         return str(path.resolve().relative_to(REPO_ROOT))
     except ValueError:
@@ -396,13 +406,13 @@ def tpu_vm_argv(
 def cmd_tpu_vm(args: argparse.Namespace) -> int:
     path, _ = load_config(args.config, args.set)
     argv = tpu_vm_argv(
-        _repo_relative(path), args.workdir, args.set, tpu_name=args.tpu_name, zone=args.zone,
+        remote_config(path), args.workdir, args.set, tpu_name=args.tpu_name, zone=args.zone,
         project=args.project, repo=args.repo_dir,
     )
     if args.dry_run:
         print(shlex.join(argv))
         return 0
-    argv[0] = _require_tool("gcloud", "install the Google Cloud SDK")
+    argv[0] = require_tool("gcloud", "install the Google Cloud SDK")
     return subprocess.run(argv).returncode
 
 
@@ -410,7 +420,7 @@ def cmd_tpu_vm(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser, workdir_help: str) -> None:
-    parser.add_argument("--config", required=True, help="YAML file or preset name (experiments/configs)")
+    parser.add_argument("--config", required=True, help="YAML file or preset name (wm_jax/presets)")
     parser.add_argument("--workdir", required=True, help=workdir_help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--dry-run", action="store_true", help="print what would be run or submitted, and exit 0")
@@ -427,15 +437,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     local = kinds.add_parser("local", help="N processes on this machine, each with fake CPU devices")
     _common(local, "run directory")
-    local.add_argument("--processes", type=_positive_int, default=2)
-    local.add_argument("--devices-per-process", type=_positive_int, default=4, help="fake CPU devices per process")
+    local.add_argument("--processes", type=positive_int, default=2)
+    local.add_argument("--devices-per-process", type=positive_int, default=4, help="fake CPU devices per process")
     local.add_argument("--port", type=_port, help="coordinator port (default: a free one)")
     local.set_defaults(fn=cmd_local)
 
     slurm = kinds.add_parser("slurm", help="render an sbatch script (requeues on preemption) and submit it")
     _common(slurm, SHARED_WORKDIR)
-    slurm.add_argument("--nodes", type=_positive_int, default=1)
-    slurm.add_argument("--gpus-per-node", type=_non_negative_int, default=8)
+    slurm.add_argument("--nodes", type=positive_int, default=1)
+    slurm.add_argument("--gpus-per-node", type=non_negative_int, default=8)
     slurm.add_argument("--partition")
     slurm.add_argument("--time", default="24:00:00", help="time limit, [days-]hours:minutes:seconds")
     slurm.add_argument("--job-name", help="default: wm-<workdir name>")
@@ -444,8 +454,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     k8s = kinds.add_parser("k8s", help="render a headless Service + Indexed Job and `kubectl apply` it")
     _common(k8s, SHARED_WORKDIR + "; mount one with --pvc")
-    k8s.add_argument("--nodes", type=_positive_int, default=1, help="pods, one process each")
-    k8s.add_argument("--gpus-per-node", type=_non_negative_int, default=8)
+    k8s.add_argument("--nodes", type=positive_int, default=1, help="pods, one process each")
+    k8s.add_argument("--gpus-per-node", type=non_negative_int, default=8)
     k8s.add_argument("--image", help="container image with wm_jax installed (required unless --dry-run)")
     k8s.add_argument("--namespace", default="default")
     k8s.add_argument("--job-name", help="default: wm-<workdir name>")

@@ -45,8 +45,8 @@ import numpy as np
 import yaml
 
 from wm_jax import config as config_lib
-from wm_jax.cli import _preset_path
-from wm_jax.config import Config, ConfigError, _closest
+from wm_jax.config import Config, ConfigError, closest
+from wm_jax.presets import preset_path
 
 SPEC_FIELDS = ("name", "description", "base", "set", "arms", "grid", "random", "seeds", "eval", "metrics", "out")
 RANDOM_FIELDS = ("samples", "seed", "keys")
@@ -120,7 +120,7 @@ def _need(cond: bool, message: str) -> None:
 def check_spec(spec: dict[str, Any]) -> None:
     """Field-level checks; config keys and value types are checked when runs are built."""
     for field in spec:
-        _need(field in SPEC_FIELDS, f"unknown sweep spec field '{field}'" + _closest(str(field), list(SPEC_FIELDS)))
+        _need(field in SPEC_FIELDS, f"unknown sweep spec field '{field}'" + closest(str(field), list(SPEC_FIELDS)))
     for field in ("name", "base"):
         _need(field in spec, f"sweep spec field '{field}' is required")
     name = spec["name"]
@@ -174,7 +174,7 @@ def check_random(random: Any) -> None:
     """`random: {samples: N, seed: S, keys: {key: {choice|uniform|loguniform: ...}}}`."""
     _need(isinstance(random, dict), f"sweep spec field 'random' must be a mapping; got {random!r}")
     for field in random:
-        _need(field in RANDOM_FIELDS, f"unknown field 'random.{field}'" + _closest(str(field), list(RANDOM_FIELDS)))
+        _need(field in RANDOM_FIELDS, f"unknown field 'random.{field}'" + closest(str(field), list(RANDOM_FIELDS)))
     samples = random.get("samples")
     _need(isinstance(samples, int) and not isinstance(samples, bool) and samples > 0,
           f"sweep spec field 'random.samples' must be an int > 0; got {samples!r}")
@@ -187,7 +187,7 @@ def check_random(random: Any) -> None:
         _need(isinstance(dist, dict) and len(dist) == 1,
               f"sweep spec field '{where}' must be one of {{choice: [...]}}, {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}; got {dist!r}")
         (kind, args), = dist.items()
-        _need(kind in DISTRIBUTIONS, f"sweep spec field '{where}': unknown distribution '{kind}'" + _closest(str(kind), list(DISTRIBUTIONS)))
+        _need(kind in DISTRIBUTIONS, f"sweep spec field '{where}': unknown distribution '{kind}'" + closest(str(kind), list(DISTRIBUTIONS)))
         if kind == "choice":
             _need(isinstance(args, list) and len(args) > 0, f"sweep spec field '{where}.choice' must be a non-empty list; got {args!r}")
             continue
@@ -204,7 +204,7 @@ def check_metric(path: Any, with_eval: bool) -> None:
     if group == "train":
         _need("." in path and bool(path.split(".", 1)[1]), f"sweep metric '{path}': name the metrics.jsonl column, e.g. train.loss")
         return
-    _need(group in EVAL_GROUPS, f"sweep metric '{path}': unknown group '{group}'" + _closest(group, ["train", *EVAL_GROUPS]))
+    _need(group in EVAL_GROUPS, f"sweep metric '{path}': unknown group '{group}'" + closest(group, ["train", *EVAL_GROUPS]))
     _need(with_eval, f"sweep metric '{path}' is read from eval/metrics.json: set 'eval: true' in the spec")
 
 
@@ -305,7 +305,7 @@ def resolve_base(base: str, spec_path: str | Path) -> Path:
     beside = Path(spec_path).parent / base
     if Path(base).suffix in (".yaml", ".yml") and beside.is_file():
         return beside
-    path = _preset_path(base)
+    path = preset_path(base)
     if not path.is_file():
         raise SweepError(f"sweep spec field 'base': config not found: {base} (looked for {path})")
     return path
@@ -535,13 +535,13 @@ def render_slurm_array(
     allowed = "only letters, digits and _.,+@=- can go in an #SBATCH line"
     paths = "must be a path of letters, digits and _./+,@=- (it goes in an #SBATCH line)"
     job_name = launch.default_job_name(p.spec["name"])
-    launch._check(launch._SLURM_TIME, time_limit, "--time", "expected [days-]hours[:minutes[:seconds]], e.g. 24:00:00")
-    launch._check(launch._SBATCH_PATH, str(p.out), "sweep out", paths)
-    launch._check(launch._SBATCH_PATH, chdir, "the current directory", paths)
+    launch.check_flag(launch.SLURM_TIME, time_limit, "--time", "expected [days-]hours[:minutes[:seconds]], e.g. 24:00:00")
+    launch.check_flag(launch.SBATCH_PATH, str(p.out), "sweep out", paths)
+    launch.check_flag(launch.SBATCH_PATH, chdir, "the current directory", paths)
     extra = [f"#SBATCH --array=0-{len(p.runs) - 1}"]
     for flag, value in (("partition", partition), ("account", account)):
         if value:
-            extra.append(f"#SBATCH --{flag}={launch._check(launch._SBATCH_WORD, value, f'--{flag}', allowed)}")
+            extra.append(f"#SBATCH --{flag}={launch.check_flag(launch.SBATCH_WORD, value, f'--{flag}', allowed)}")
     argv = run_one_argv(str(Path(p.spec_path).resolve()), "INDEX", extra_set)
     if python:
         argv[0] = python
@@ -830,7 +830,7 @@ def cmd_slurm(p: Plan, args: argparse.Namespace) -> int:
         print(script, end="")
         print(f"# dry run: would write {p.out / 'sweep.json'}, {target} and run `sbatch {target}`", file=sys.stderr)
         return 0
-    sbatch = launch._require_tool("sbatch", "run this on a SLURM login node")
+    sbatch = launch.require_tool("sbatch", "run this on a SLURM login node")
     write_record(p)
     target.write_text(script)
     return subprocess.run([sbatch, str(target)]).returncode
@@ -847,7 +847,7 @@ def cmd_k8s(p: Plan, args: argparse.Namespace) -> int:
         print(manifest, end="")
         print(f"# dry run: {len(p.runs)} Jobs; would write {p.out / 'sweep.json'} and `kubectl apply` them", file=sys.stderr)
         return 0
-    kubectl = launch._require_tool("kubectl", "install it and point it at the cluster")
+    kubectl = launch.require_tool("kubectl", "install it and point it at the cluster")
     write_record(p)
     return subprocess.run([kubectl, "apply", "-f", "-"], input=manifest, text=True).returncode
 
@@ -884,7 +884,7 @@ def cmd_report(spec: str, args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Registers `wm sweep` on the `wm` parser's subcommands."""
-    from wm_jax.launch import _non_negative_int, _positive_int
+    from wm_jax.launch import non_negative_int, positive_int
 
     sw = subparsers.add_parser(
         "sweep", help="run a grid/random sweep of config overrides; `wm sweep report SPEC` tabulates and plots it",
@@ -893,11 +893,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     sw.add_argument("words", nargs="+", metavar="[report|run-one] SPEC", help="the sweep spec (YAML), after report or run-one if given")
     sw.add_argument("--launcher", choices=["local", "slurm", "k8s"], default="local")
-    sw.add_argument("--parallel", type=_positive_int, default=1, help="local: runs at a time (subprocesses when > 1)")
+    sw.add_argument("--parallel", type=positive_int, default=1, help="local: runs at a time (subprocesses when > 1)")
     sw.add_argument("--dry-run", action="store_true", help="print the runs, sbatch script or manifests, and exit 0")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a fixed override for every run")
     sw.add_argument("--index", type=int, help="run-one: the run's index in sweep.json")
-    sw.add_argument("--gpus-per-node", type=_non_negative_int, default=8, help="slurm/k8s: GPUs per run")
+    sw.add_argument("--gpus-per-node", type=non_negative_int, default=8, help="slurm/k8s: GPUs per run")
     sw.add_argument("--time", default="24:00:00", help="slurm: time limit per run")
     sw.add_argument("--partition", help="slurm")
     sw.add_argument("--account", help="slurm")

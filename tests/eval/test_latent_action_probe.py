@@ -5,9 +5,9 @@ import pytest
 
 from data_pipelines.datasets import make_dataset
 from wm_jax import config as config_lib
-from wm_jax.cli import PRESETS
 from wm_jax.eval import latent_action_probe as probe
 from wm_jax.eval.evaluate import evaluate
+from wm_jax.presets import preset_path
 from wm_jax.telemetry import read_metrics
 from wm_jax.train.loop import train
 
@@ -71,7 +71,7 @@ def test_trained_latent_actions_predict_the_true_action(tmp_path):
     # frame change to the action, and the preset's loss no longer halves in 3000 steps
     # (0.66 -> 0.44 on v3, 2026-12-02); the latent-action study has not been redone on v3.
     make_dataset("procedural", data, episodes=200, frames=32, size=32, seed=0, version=2)
-    cfg = config_lib.load(PRESETS / "tiny_cpu_latent_actions.yaml", [f"data.dir={data}", "checkpoint.every_steps=3000"])
+    cfg = config_lib.load(preset_path("tiny_cpu_latent_actions"), [f"data.dir={data}", "checkpoint.every_steps=3000"])
     train(cfg, tmp_path / "lam")
     rows = read_metrics(tmp_path / "lam" / "metrics.jsonl")
     mean = lambda key, part: np.mean([r[key] for r in part])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import hashlib
 import json
 import signal
 import time
@@ -27,7 +28,7 @@ from data_pipelines.writer import DatasetError, read_manifest, verify_dataset
 from wm_jax import checkpoint as ckpt
 from wm_jax import config as config_lib
 from wm_jax import distributed, export, provenance, sharding, telemetry
-from wm_jax.config import Config, ConfigError
+from wm_jax.config import Config, ConfigError, ModelConfig
 from wm_jax.models import flops
 from wm_jax.train.guards import StopFlag
 from wm_jax.train.lock import RunLock
@@ -112,7 +113,7 @@ def open_latent_cache(cfg: Config, manifest: dict) -> Any:
     if not cfg.data.latent_cache:
         return None
     cache = latent_cache.open_cache(cfg.data.latent_cache, expect_content_hash=manifest["content_hash"],
-                                    tokenizer_workdir=cfg.train.tokenizer_workdir)
+                                    expect_tokenizer=tokenizer_identity(cfg.train.tokenizer_workdir)[1])
     c = cache.manifest["tokenizer"]["window_frames"]
     if cfg.data.window_stride % c or cfg.data.frames_per_clip > c:
         raise ConfigError(
@@ -129,6 +130,31 @@ def load_run_config(workdir: str | Path) -> Config:
     if not path.is_file():
         raise ckpt.CheckpointError(f"{workdir} is not a run directory (missing {path})")
     return config_lib.load(path)
+
+
+def tokenizer_hash(model_cfg: ModelConfig) -> str:
+    """sha256 of a ModelConfig's `tokenizer` section and `image_size` (what a tokenizer's
+    codes depend on besides its parameters), as canonical JSON; a dynamics run's config
+    gives the same hash as the tokenizer run it reads."""
+    section = {"image_size": model_cfg.image_size, "tokenizer": config_lib.to_dict(model_cfg.tokenizer)}
+    return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_identity(workdir: str | Path) -> tuple[Config, latent_cache.TokenizerIdentity]:
+    """(run config, identity) of a tokenizer run or bundle, as a latent cache records it:
+    the step of its newest good checkpoint (or of the bundle), its config hash and the
+    fingerprint of that step's parameter files (`checkpoint.files_fingerprint`).
+    CheckpointError if it is not a run, ConfigError if it is not a tokenizer's."""
+    run_cfg = load_run_config(workdir)
+    if run_cfg.train.stage != "tokenizer":
+        raise ConfigError(f"{workdir} is a {run_cfg.train.stage} run, not a tokenizer run (train.stage: tokenizer)")
+    if export.is_bundle(workdir):
+        step, files = export.read_bundle(workdir)["step"], Path(workdir) / "params"
+    else:  # the step restore_params reads: the newest that passes the checkpoint integrity check
+        step, _ = ckpt.read_good(workdir, None, lambda manager, s: None, warn=telemetry.warn)
+        files = ckpt.checkpoint_dir(workdir) / str(step)
+    fingerprint = ckpt.files_fingerprint(files)
+    return run_cfg, latent_cache.TokenizerIdentity(str(workdir), step, tokenizer_hash(run_cfg.model), fingerprint)
 
 
 def restore_params(workdir: str | Path, mesh: Any, rules: Any, step: int | None = None) -> tuple[Any, Config, int]:

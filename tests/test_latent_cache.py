@@ -1,5 +1,6 @@
 """Latent cache on real components: a procedural dataset, a tokenizer trained for 2 steps,
-tensorstore zarr3 arrays."""
+tensorstore zarr3 arrays. Built by `wm_jax.latent_cache`, in the format and read by
+`data_pipelines.latent_cache`."""
 
 import json
 import re
@@ -14,13 +15,14 @@ from data_pipelines import latent_cache, writer
 from data_pipelines.schema import DatasetError
 from wm_jax import config as config_lib
 from wm_jax import sharding
+from wm_jax.latent_cache import build_cache, read_codes
 from wm_jax.cli import main
 from wm_jax.config import ConfigError, MeshConfig
 from wm_jax.models import flops
 from wm_jax.models.tokenizer import VideoTokenizer
 from wm_jax.rollout import encode_frames
 from wm_jax.telemetry import read_metrics
-from wm_jax.train.loop import load_run_config, restore_params, train
+from wm_jax.train.loop import load_run_config, restore_params, tokenizer_identity, train
 
 # 5-frame windows: the dataset's 24-frame episodes end in a 4-frame window (padded in its
 # batch); 4 windows per batch, 32-record chunks: batches straddle chunk boundaries.
@@ -42,7 +44,7 @@ def tokenizer_run(tiny_dataset, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cache_dir(tiny_dataset, tokenizer_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("latent_cache") / "cache"
-    latent_cache.build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None, **BUILD)
+    build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None, **BUILD)
     return out
 
 
@@ -53,7 +55,7 @@ def _chunk_bytes(cache: Path) -> dict[str, bytes]:
 def test_codes_equal_the_tokenizers_encoding(tiny_dataset, tokenizer_run, cache_dir):
     cfg = load_run_config(tokenizer_run)
     params, _, _ = restore_params(tokenizer_run, sharding.make_mesh(MeshConfig()), sharding.logical_rules(cfg.mesh))
-    cache = latent_cache.open_cache(cache_dir, data_dir=tiny_dataset, tokenizer_workdir=tokenizer_run)
+    cache = latent_cache.open_cache(cache_dir, data_dir=tiny_dataset, expect_tokenizer=tokenizer_identity(tokenizer_run)[1])
     # A grain worker gets the cache's state (paths and manifest only) and reopens the arrays.
     state = cache.__getstate__()
     assert set(state) == {"root", "manifest"}
@@ -67,7 +69,7 @@ def test_codes_equal_the_tokenizers_encoding(tiny_dataset, tokenizer_run, cache_
             frames = writer.read_episode(tiny_dataset, manifest, episode["episode_id"])["frame"]
             codes, indices = encode_frames(VideoTokenizer(cfg.model), params, frames[None], cfg.data.frames_per_clip)
             start, length = episode["start"], episode["length"]
-            np.testing.assert_array_equal(cache.codes(split, start, length), np.asarray(codes[0]))
+            np.testing.assert_array_equal(read_codes(cache, split, start, length), np.asarray(codes[0]))
             ids = cache.read(split, start, length)
             assert ids.dtype == np.int32 and ids.shape == (length, 16)
             np.testing.assert_array_equal(ids, np.asarray(indices[0]))
@@ -86,7 +88,7 @@ def test_interrupted_build_resumes_to_the_same_bytes(tiny_dataset, tokenizer_run
         raise Stop
 
     with pytest.raises(Stop):
-        latent_cache.build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None,
+        build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None,
                                  progress=stop_after_first_batch, **BUILD)
     # Batch 0 (4 windows of 5 frames) is written and recorded; no manifest yet.
     assert calls == [("train", 20, 168)]
@@ -95,10 +97,10 @@ def test_interrupted_build_resumes_to_the_same_bytes(tiny_dataset, tokenizer_run
     with pytest.raises(DatasetError, match="incomplete latent cache"):
         latent_cache.open_cache(out)
     with pytest.raises(DatasetError, match=r"other settings \(differing: \['batch_size'\]\)"):
-        latent_cache.build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None, batch_size=8, chunk_records=32)
+        build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None, batch_size=8, chunk_records=32)
 
     logged = []
-    resumed = latent_cache.build_cache(tiny_dataset, tokenizer_run, out, log=logged.append, **BUILD)
+    resumed = build_cache(tiny_dataset, tokenizer_run, out, log=logged.append, **BUILD)
     assert "resuming at batch 1" in logged[0]
     assert not (out / "progress.json").exists()
     whole = json.loads((cache_dir / "manifest.json").read_text())
@@ -106,7 +108,7 @@ def test_interrupted_build_resumes_to_the_same_bytes(tiny_dataset, tokenizer_run
         assert resumed["splits"][split]["content_hash"] == entry["content_hash"]
     assert _chunk_bytes(out) == _chunk_bytes(cache_dir)
     with pytest.raises(DatasetError, match="already a finished latent cache"):
-        latent_cache.build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None, **BUILD)
+        build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None, **BUILD)
 
 
 def test_incomplete_or_missing_cache_is_refused(cache_dir, tmp_path):
@@ -127,12 +129,12 @@ def test_mismatches_and_corruption_are_named(tiny_dataset, tokenizer_run, cache_
     # (same checkpoint files).
     other = tmp_path / "other_tok"
     shutil.copytree(tokenizer_run, other)
-    latent_cache.open_cache(cache_dir, tokenizer_workdir=other)
+    latent_cache.open_cache(cache_dir, expect_tokenizer=tokenizer_identity(other)[1])
     cfg = (other / "config.yaml").read_text()
     (other / "config.yaml").write_text(cfg.replace("mlp_dim: 64", "mlp_dim: 128", 1))
     with pytest.raises(DatasetError, match=re.escape(f"latent cache {cache_dir} was encoded by tokenizer") + ".* step 2 .*; "
                        + re.escape(f"{other} is at step 2")):
-        latent_cache.open_cache(cache_dir, tokenizer_workdir=other)
+        latent_cache.open_cache(cache_dir, expect_tokenizer=tokenizer_identity(other)[1])
 
     # The same config retrained to the same step from another seed: other parameters.
     retrained = tmp_path / "retrained_tok"
@@ -140,7 +142,7 @@ def test_mismatches_and_corruption_are_named(tiny_dataset, tokenizer_run, cache_
     train(config_lib.replace(run_cfg, [f"seed={run_cfg.seed + 1}"]), retrained)
     with pytest.raises(DatasetError, match=r"at step 2 \(config hash (\w+), parameter files \w+\); .* at step 2 "
                                            r"\(config hash \1, parameter files"):
-        latent_cache.open_cache(cache_dir, tokenizer_workdir=retrained)
+        latent_cache.open_cache(cache_dir, expect_tokenizer=tokenizer_identity(retrained)[1])
 
     bad = tmp_path / "bad"
     shutil.copytree(cache_dir, bad)
