@@ -95,7 +95,7 @@ def generated_and_real(workdir: str | Path, script: str | Path, clips: int, seed
     `clips` real windows of T frames of the run's dataset, upscaled the same way."""
     from wm_jax.eval.evaluate import held_out_clips
     from wm_jax.generate import default_scale, generate
-    from wm_jax.train.loop import load_run_config
+    from wm_jax.run import load_run_config
 
     generated = [read_video(p) for p in generate(workdir, script, Path(directory) / "generated.mp4", seed=seed,
                                                  batch=clips)]

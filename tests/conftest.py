@@ -1,11 +1,15 @@
-"""Shared fixtures: a tiny real procedural dataset and a tiny model config."""
+"""Shared fixtures: a tiny real procedural dataset, a tiny model config, and one trained
+tokenizer run and one dynamics run on them for the tests that only read a trained run
+(a test that changes a run copies it first: `shutil.copytree` into its tmp_path)."""
 
 from pathlib import Path
 
 import pytest
 
 from data_pipelines.datasets import make_dataset
+from wm_jax import config as config_lib
 from wm_jax.presets import preset_path
+from wm_jax.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = preset_path("tiny_cpu")
@@ -46,3 +50,21 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_overrides(tiny_dataset) -> list[str]:
     return TINY_OVERRIDES + [f"data.dir={tiny_dataset}"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_run(tmp_path_factory, tiny_dataset) -> Path:
+    """The tiny tokenizer trained 4 steps, with finished, sealed checkpoints 2 and 4."""
+    run = tmp_path_factory.mktemp("shared_runs") / "tokenizer"
+    train(config_lib.load(PRESET, TINY_OVERRIDES + [f"data.dir={tiny_dataset}", "train.steps=4"]), run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def dynamics_run(tiny_dataset, tokenizer_run) -> Path:
+    """The tiny dynamics model trained 2 steps on `tokenizer_run` (checkpoint 2)."""
+    run = tokenizer_run.parent / "dynamics"
+    overrides = [f"data.dir={tiny_dataset}", "train.steps=2", "train.stage=dynamics",
+                 f"train.tokenizer_workdir={tokenizer_run}"]
+    train(config_lib.load(PRESET, TINY_OVERRIDES + overrides), run)
+    return run

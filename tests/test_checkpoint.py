@@ -1,10 +1,7 @@
 """Checkpoint integrity and restore-anywhere, on real orbax checkpoints on disk."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,13 +9,15 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
-from conftest import PRESET, REPO, TINY_OVERRIDES
+from conftest import PRESET
+from multiproc import run_python
 from wm_jax import checkpoint as ckpt
 from wm_jax import config as config_lib
 from wm_jax import sharding
 from wm_jax.cli import main
+from wm_jax.run import restore_params
 from wm_jax.telemetry import read_metrics
-from wm_jax.train.loop import restore_params, train
+from wm_jax.train.loop import train
 from wm_jax.train.state import state_shardings
 
 
@@ -45,10 +44,15 @@ def _flip_one_bit(path):
     path.write_bytes(bytes(raw))
 
 
+def _copy(run, tmp_path):
+    """A copy of a shared trained run, to change."""
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
 @pytest.mark.parametrize("damage, reported", [(_truncate, "/4"), (_flip_one_bit, "sha256 mismatch")], ids=["truncated", "altered"])
-def test_damaged_checkpoint_falls_back_to_previous_step(tmp_path, tiny_overrides, damage, reported):
-    run = tmp_path / "run"
-    train(_cfg(tiny_overrides, "train.steps=4"), run)
+def test_damaged_checkpoint_falls_back_to_previous_step(tmp_path, tiny_overrides, tokenizer_run, damage, reported):
+    run = _copy(tokenizer_run, tmp_path)  # trained 4 steps
     assert (run / "checkpoints" / "4" / ckpt.CHECKSUMS).exists()
     damage(_largest_file(run / "checkpoints" / "4" / "state"))
     train(_cfg(tiny_overrides, "train.steps=6"), run)
@@ -59,15 +63,14 @@ def test_damaged_checkpoint_falls_back_to_previous_step(tmp_path, tiny_overrides
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 3, 4, 5, 6]
 
 
-def test_half_written_checkpoint_directory_is_ignored(tmp_path, tiny_overrides):
-    run = tmp_path / "run"
-    train(_cfg(tiny_overrides, "train.steps=2"), run)
-    partial = run / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000000000"
+def test_half_written_checkpoint_directory_is_ignored(tmp_path, tiny_overrides, tokenizer_run):
+    run = _copy(tokenizer_run, tmp_path)  # trained 4 steps
+    partial = run / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000000000"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "garbage").write_bytes(b"\0" * 100)
-    assert ckpt.latest_step(run) == 2
-    train(_cfg(tiny_overrides, "train.steps=4"), run)
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert ckpt.latest_step(run) == 4
+    train(_cfg(tiny_overrides, "train.steps=6"), run)
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
 # Bytes of array chunks tensorstore decoded from the checkpoint's OCDBT files (process-wide).
@@ -79,13 +82,11 @@ def _decoded_bytes() -> int:
     return sum(v["value"] for m in found for v in m["values"]) if found else -1
 
 
-def test_params_only_restore_matches_full_restore_and_reads_no_optimizer_bytes(tmp_path, tiny_overrides):
+def test_params_only_restore_matches_full_restore_and_reads_no_optimizer_bytes(tiny_overrides, tokenizer_run):
     """Evaluators restore parameters alone (orbax partial restore of the `params` subtree):
     the same values as a full restore, and tensorstore decodes exactly the parameters'
     bytes, none of the optimizer state's (which is twice as large under Adam)."""
-    run = tmp_path / "run"
-    cfg = _cfg(tiny_overrides, "train.steps=2")
-    train(cfg, run)
+    run, cfg = tokenizer_run, _cfg(tiny_overrides, "train.steps=4")
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.logical_rules(cfg.mesh)
     before = _decoded_bytes()
@@ -94,10 +95,10 @@ def test_params_only_restore_matches_full_restore_and_reads_no_optimizer_bytes(t
     abstract, _ = state_shardings(cfg, mesh, rules)
     manager = ckpt.make_manager(run, cfg.checkpoint, read_only=True)
     before = _decoded_bytes()
-    full, _ = ckpt.restore(manager, 2, abstract)
+    full, _ = ckpt.restore(manager, 4, abstract)
     full_read = _decoded_bytes() - before
     manager.close()
-    assert step == 2 and run_cfg == cfg
+    assert step == 4 and run_cfg == cfg
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full.params), strict=True):
         np.testing.assert_array_equal(a, b)
     if before < 0:
@@ -129,9 +130,7 @@ train(config_lib.load(sys.argv[1], sys.argv[4:]), sys.argv[2], stop_at=int(sys.a
 
 
 def _train_on(devices, workdir, stop_at, overrides):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", _RESUME_SCRIPT, str(PRESET), str(workdir), str(stop_at), *overrides],
-                         env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    out = run_python(["-c", _RESUME_SCRIPT, str(PRESET), str(workdir), str(stop_at), *overrides], devices, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -174,26 +173,13 @@ def test_minutes_policy_saves_between_step_saves(tmp_path, tiny_overrides):
 # ---------------------------------------------------------------- readers (issue #16, case 4)
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_dataset):
-    """A tokenizer run with finished, sealed checkpoints 2 and 4 (copy it before damaging it)."""
-    run = tmp_path_factory.mktemp("reader") / "run"
-    train(_cfg(TINY_OVERRIDES + [f"data.dir={tiny_dataset}"], "train.steps=4"), run)
-    return run
-
-
-def _copy(run, tmp_path):
-    shutil.copytree(run, tmp_path / "run")
-    return tmp_path / "run"
-
-
 def _restore(run, step=None):
     cfg = config_lib.load(run / "config.yaml")
     return restore_params(run, sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.mesh), step)
 
 
-def test_eval_falls_back_past_a_damaged_newest_checkpoint_and_exits_2_when_none_is_left(trained_run, tmp_path, capsys):
-    run = _copy(trained_run, tmp_path)
+def test_eval_falls_back_past_a_damaged_newest_checkpoint_and_exits_2_when_none_is_left(tokenizer_run, tmp_path, capsys):
+    run = _copy(tokenizer_run, tmp_path)
     _truncate(_largest_file(run / "checkpoints" / "4" / "state"))
     assert main(["eval", "--workdir", str(run)]) == 0
     err = capsys.readouterr().err
@@ -207,8 +193,8 @@ def test_eval_falls_back_past_a_damaged_newest_checkpoint_and_exits_2_when_none_
     assert "step 4" in err and "step 2" in err
 
 
-def test_garbage_checksums_are_named_and_the_step_set_aside_by_every_reader(trained_run, tmp_path, capsys):
-    run = _copy(trained_run, tmp_path)
+def test_garbage_checksums_are_named_and_the_step_set_aside_by_every_reader(tokenizer_run, tmp_path, capsys):
+    run = _copy(tokenizer_run, tmp_path)
     checksums = run / "checkpoints" / "4" / ckpt.CHECKSUMS
     checksums.write_bytes(b"\x00garbage")
     _, _, step = _restore(run)
@@ -219,10 +205,10 @@ def test_garbage_checksums_are_named_and_the_step_set_aside_by_every_reader(trai
     assert "Expecting value" not in err.split("(")[0]
 
 
-def test_a_non_finite_checkpoint_is_never_good(trained_run, tmp_path, capsys):
+def test_a_non_finite_checkpoint_is_never_good(tokenizer_run, tmp_path, capsys):
     """A NaN state on disk (written by code without the state guard) is skipped by readers
     and set aside by resume, like a damaged one."""
-    run = _copy(trained_run, tmp_path)
+    run = _copy(tokenizer_run, tmp_path)
     cfg = config_lib.load(run / "config.yaml")
     mesh = sharding.make_mesh(cfg.mesh)
     abstract, _ = state_shardings(cfg, mesh, sharding.logical_rules(cfg.mesh))

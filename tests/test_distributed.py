@@ -1,14 +1,11 @@
 """Multi-process start-up and barriers: the decision table, then real JAX processes."""
 
 import json
-import os
-import socket
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from multiproc import cpu_env, finish, free_port, start
 from wm_jax import distributed
 from wm_jax.config import ConfigError
 
@@ -76,29 +73,16 @@ def test_single_process_barrier_returns_at_once():
         distributed.barrier("a/b")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(script: str, processes: int, port: int) -> list[subprocess.Popen]:
-    return [
-        subprocess.Popen(
-            [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ, JAX_PLATFORMS="cpu", WM_COORDINATOR=f"localhost:{port}",
-                     WM_NUM_PROCESSES=str(processes), WM_PROCESS_ID=str(i)),
-        )
-        for i in range(processes)
-    ]
+def _start(script: str, processes: int) -> list[subprocess.Popen]:
+    """`processes` children running `script`, joining one run through WM_* alone."""
+    port = free_port()
+    return start(lambda i: ["-c", script], processes,
+                 env_of=lambda i: cpu_env(WM_COORDINATOR=f"localhost:{port}", WM_NUM_PROCESSES=str(processes),
+                                          WM_PROCESS_ID=str(i)))
 
 
 def _results(procs: list[subprocess.Popen], timeout: float = 120) -> list[dict]:
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    outs = finish(procs, timeout)
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
@@ -116,7 +100,7 @@ print(json.dumps(dict(info, jax_process_count=jax.process_count(), again=distrib
 @pytest.mark.multiprocess
 def test_initialize_from_env_vars():
     """A fresh process joins through WM_* alone (here a run of one process)."""
-    (result,) = _results(_start(_INIT_SCRIPT, 1, _free_port()))
+    (result,) = _results(_start(_INIT_SCRIPT, 1))
     assert result["mode"] == "env" and result["coordinator"].startswith("localhost:")
     assert (result["process_index"], result["process_count"], result["jax_process_count"]) == (0, 1, 1)
     assert result["again"] == "initialized"  # a second call does not try to join twice
@@ -148,7 +132,7 @@ print(json.dumps(result))
 
 @pytest.mark.multiprocess
 def test_barrier_timeout_names_the_missing_process():
-    p0, p1 = _results(_start(_BARRIER_SCRIPT, 2, _free_port()))
+    p0, p1 = _results(_start(_BARRIER_SCRIPT, 2))
     assert [p0["info"]["process_index"], p1["info"]["process_index"]] == [0, 1]
     assert p0["info"]["mode"] == "env" and p0["info"]["process_count"] == 2
     assert p0["second_start_s"] > 1.0  # the repeated name is a new barrier, and it waited

@@ -247,7 +247,7 @@ def _init_bundle(path: Path, cfg, stage: str) -> None:
     from wm_jax import config as config_lib
     from wm_jax import sharding
     from wm_jax.config import MeshConfig
-    from wm_jax.export import BUNDLE_FORMAT
+    from wm_jax.run import BUNDLE_FORMAT
     from wm_jax.train.state import create_train_state, state_shardings
 
     mesh, rules = sharding.make_mesh(MeshConfig()), sharding.logical_rules(cfg.mesh)

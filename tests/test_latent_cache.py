@@ -22,7 +22,8 @@ from wm_jax.models import flops
 from wm_jax.models.tokenizer import VideoTokenizer
 from wm_jax.rollout import encode_frames
 from wm_jax.telemetry import read_metrics
-from wm_jax.train.loop import load_run_config, restore_params, tokenizer_identity, train
+from wm_jax.run import load_run_config, restore_params, tokenizer_identity
+from wm_jax.train.loop import train
 
 # 5-frame windows: the dataset's 24-frame episodes end in a 4-frame window (padded in its
 # batch); 4 windows per batch, 32-record chunks: batches straddle chunk boundaries.

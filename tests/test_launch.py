@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import PRESET, REPO
+from multiproc import cpu_env
 from wm_jax import config as config_lib
 from wm_jax import launch
 from wm_jax.cli import main
@@ -282,7 +283,7 @@ def test_launch_local_2x4_matches_1x8(tmp_path, tiny_overrides):
     single = subprocess.run(
         [sys.executable, "-m", "wm_jax.cli", "train", "--config", str(PRESET), "--workdir", str(tmp_path / "single"), *sets],
         cwd=REPO, capture_output=True, text=True, timeout=600,
-        env=dict(env, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        env=cpu_env(8, base=env),
     )
     assert single.returncode == 0, single.stderr[-3000:]
 

@@ -5,6 +5,8 @@
 - `wm_jax.models` imports nothing from training, evaluation, the CLI or the data pipelines.
 - `data_pipelines` imports nothing from `wm_jax`: the data layer sits below the library.
 - No library module imports the CLI (`wm_jax.cli`); the CLI imports the library.
+- No import cycle among first-party modules at import time (imports inside functions,
+  which run later, are left out: the CLI defers JAX that way).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Use:
     line: int
     target: str  # the imported module, dotted
     name: str | None = None  # the name taken from it, if any
+    at_import: bool = False  # run when the module is imported (not inside a function)
 
 
 def module_name(path: Path) -> str:
@@ -51,15 +54,26 @@ def resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def import_time_nodes(tree: ast.Module) -> set[int]:
+    """ids of the nodes that run when the module is imported: all but function bodies."""
+    found, stack = set(), [tree]
+    while stack:
+        node = stack.pop()
+        found.add(id(node))
+        stack.extend(c for c in ast.iter_child_nodes(node)
+                     if not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+    return found
+
+
 def uses(module: str, tree: ast.Module, packages: set[str]) -> list[Use]:
     """First-party imports of `module`, and attribute reads `alias._name` / `pkg.mod._name`
     on the modules it imported."""
-    found, aliases = [], {}
+    found, aliases, eager = [], {}, import_time_nodes(tree)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
                 if is_first_party(a.name):
-                    found.append(Use(module, node.lineno, a.name))
+                    found.append(Use(module, node.lineno, a.name, at_import=id(node) in eager))
                     root = a.name.split(".")[0]  # `import a.b` binds `a`; `import a.b as c` binds a.b
                     aliases[a.asname or root] = a.name if a.asname else root
         elif isinstance(node, ast.ImportFrom):
@@ -69,10 +83,10 @@ def uses(module: str, tree: ast.Module, packages: set[str]) -> list[Use]:
             for a in node.names:
                 submodule = f"{target}.{a.name}"
                 if submodule in packages or submodule in MODULES:
-                    found.append(Use(module, node.lineno, submodule))
+                    found.append(Use(module, node.lineno, submodule, at_import=id(node) in eager))
                     aliases[a.asname or a.name] = submodule
                 else:
-                    found.append(Use(module, node.lineno, target, a.name))
+                    found.append(Use(module, node.lineno, target, a.name, at_import=id(node) in eager))
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             dotted = dotted_name(node.value)
@@ -131,3 +145,32 @@ def test_data_pipelines_import_nothing_from_wm_jax():
 
 def test_no_library_module_imports_the_cli():
     check(lambda u: u.module != "wm_jax.cli" and within(u.target, "wm_jax.cli"))
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The modules of `graph` (module -> modules it imports) that reach themselves, grouped
+    by mutual reachability: each group one cycle (or a knot of cycles), sorted."""
+    def reachable(start: str) -> set[str]:
+        seen, stack = set(), [start]
+        while stack:
+            for nxt in graph.get(stack.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return seen
+
+    reach = {m: reachable(m) for m in graph}
+    return sorted({tuple(sorted(n for n in reach[m] if m in reach.get(n, ()))) for m in graph if m in reach[m]})
+
+
+def test_import_cycles_are_found():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [("a", "b", "c")]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_at_import_time():
+    graph: dict[str, set[str]] = {}
+    for u in USES:
+        if u.at_import and u.target in MODULES and u.target != u.module:
+            graph.setdefault(u.module, set()).add(u.target)
+    assert import_cycles(graph) == []

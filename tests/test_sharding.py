@@ -2,15 +2,13 @@
 check: every layout trains like one device."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import PRESET, REPO
+from conftest import PRESET
+from multiproc import run_python
 from wm_jax import config as config_lib
 from wm_jax import sharding
 from wm_jax.config import ConfigError, MeshConfig
@@ -73,15 +71,10 @@ def test_indivisible_parameter_is_named_with_shape_and_axes():
         "'train.stage=dynamics', 'mesh.data=1', 'mesh.fsdp=8'])\n"
         "state_shardings(cfg, s.make_mesh(cfg.mesh), s.logical_rules(cfg.mesh))\n"
     )
-    out = _run_with_devices(8, ["-c", code])
+    out = run_python(["-c", code], devices=8)
     assert out.returncode != 0
     assert "ConfigError: parameter action_embed/no_action of shape (60,): dimension 0 (60)" in out.stderr
     assert "('fsdp',) (8 shards)" in out.stderr
-
-
-def _run_with_devices(devices: int, args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, cwd=REPO, timeout=900)
 
 
 # Trains 5 steps of one config on real loader batches under each layout (one process,
@@ -130,7 +123,7 @@ LAYOUTS = [(1, 1, 1, 1), (8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 2, 1), (2, 1, 2, 2)]
 
 
 def _layout_results(overrides: list[str], layouts: list[tuple]) -> dict:
-    out = _run_with_devices(8, ["-c", _LAYOUT_SCRIPT, str(PRESET), json.dumps(overrides), json.dumps(layouts)])
+    out = run_python(["-c", _LAYOUT_SCRIPT, str(PRESET), json.dumps(overrides), json.dumps(layouts)], devices=8)
     assert out.returncode == 0, out.stderr[-4000:]
     return {tuple(json.loads(k)): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 

@@ -15,10 +15,18 @@ import sys
 import time
 from pathlib import Path
 
+# What parsing the command line needs (no JAX: `wm --help` and `wm launch` stay fast); each
+# command imports the rest.
+from wm_jax import config as config_lib
+from wm_jax import launch, sweep
+from wm_jax.config import ConfigError
+from wm_jax.generate import DEFAULT_MAX_MEMORY_GIB
 from wm_jax.presets import preset_path
 
 EXIT_USAGE = 2
 EXIT_NUMERICS = 3
+
+
 def cmd_data_make(args: argparse.Namespace) -> int:
     from data_pipelines.datasets import make_dataset
 
@@ -76,7 +84,6 @@ def cmd_data_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from wm_jax import config as config_lib
     from wm_jax.train.loop import EXIT_PREEMPTED, Preempted, train
 
     cfg = config_lib.load(preset_path(args.config), args.set)
@@ -167,7 +174,6 @@ def run_demo(out: str | Path, config: str = "tiny_cpu", overrides: list[str] = (
     """data → tokenizer → dynamics → eval with the presets `config` and `config`_dynamics;
     returns the eval metrics."""
     from data_pipelines.datasets import make_dataset
-    from wm_jax import config as config_lib
     from wm_jax import telemetry
     from wm_jax.eval.evaluate import evaluate
     from wm_jax.train.loop import train
@@ -305,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("runs", nargs="*", metavar="compare RUN", help="`compare` followed by run directories")
     ev.add_argument("--workdir")
     ev.add_argument("--step", type=int)
-    ev.add_argument("--data")
+    ev.add_argument("--data", help="dataset directory (default: the run's data.dir; give it for a run whose dataset "
+                    "is no longer there)")
     ev.add_argument("--out", help="report directory (eval), or the markdown file written by compare")
     ev.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                     help="override an eval key for this evaluation, e.g. eval.guidance=2 or eval.temperature=0.5")
@@ -321,8 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["checkpoint", "data", "rollout", "train", "watermark"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see wm bench NAME --help)")
     bench.set_defaults(fn=cmd_bench)
-
-    from wm_jax.generate import DEFAULT_MAX_MEMORY_GIB  # numpy and yaml: light
 
     gen = sub.add_parser("generate", help="roll out a shot list (YAML script) into a watermarked video + sidecar manifest")
     gen.add_argument("--workdir", required=True, help="dynamics run directory or inference bundle")
@@ -350,11 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default="tiny_cpu")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(fn=cmd_demo)
-    from wm_jax import launch
-
     launch.add_parser(sub)  # wm launch {local,slurm,k8s,tpu-vm}
-    from wm_jax import sweep
-
     sweep.add_parser(sub)  # wm sweep SPEC | report SPEC | run-one SPEC --index I
     return p
 
@@ -369,7 +370,6 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ct
 def main(argv: list[str] | None = None) -> int:
     from data_pipelines.writer import DatasetError
     from wm_jax.checkpoint import CheckpointError
-    from wm_jax.config import ConfigError
     from wm_jax.train.lock import RunLocked
 
     from absl import logging as absl_logging

@@ -18,48 +18,17 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import orbax.checkpoint as ocp
 
 from wm_jax import checkpoint as ckpt
 from wm_jax import config as config_lib
-from wm_jax import provenance
-from wm_jax.config import Config, MeshConfig
-
-BUNDLE_FORMAT = "wm_jax.bundle/1"
-
-
-def is_bundle(path: str | Path) -> bool:
-    return (Path(path) / "bundle.json").is_file()
-
-
-def read_bundle(path: str | Path) -> dict:
-    info = json.loads((Path(path) / "bundle.json").read_text())
-    if info.get("format") != BUNDLE_FORMAT:
-        raise ckpt.CheckpointError(f"{path}: unsupported bundle format {info.get('format')!r} (expected {BUNDLE_FORMAT})")
-    return info
-
-
-def tokenizer_source(path: str | Path, cfg: Config) -> Path:
-    """Where a dynamics model's tokenizer lives: inside a bundle, or the run's tokenizer_workdir."""
-    return Path(path) / "tokenizer" if is_bundle(path) else Path(cfg.train.tokenizer_workdir)
-
-
-def load_bundle_params(path: str | Path, abstract_params: Any) -> Any:
-    """The bundle's parameters onto the shardings of `abstract_params`."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        try:
-            return checkpointer.restore(Path(path).resolve() / "params", abstract_params)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ckpt.CheckpointError(f"bundle {path}: parameters do not fit the model: {str(e)[:600]}") from e
+from wm_jax import provenance, sharding
+from wm_jax.config import MeshConfig
+from wm_jax.run import BUNDLE_FORMAT, load_run_config, restore_params, tokenizer_source
 
 
 def _write(workdir: Path, out: Path, step: int | None) -> dict:
-    # Imported here: the loop reads bundles through this module.
-    from wm_jax import sharding
-    from wm_jax.train.loop import load_run_config, restore_params
-
     mesh = sharding.make_mesh(MeshConfig())
     rules = sharding.logical_rules(load_run_config(workdir).mesh)
     params, cfg, step = restore_params(workdir, mesh, rules, step)

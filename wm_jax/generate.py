@@ -530,7 +530,7 @@ def params_sha256(directory: Path) -> str:
 def checkpoint_info(workdir: Path, step: int) -> dict[str, Any]:
     """Where a run's (or bundle's) parameters at `step` are, and their hash."""
     from wm_jax import checkpoint as ckpt
-    from wm_jax.export import is_bundle
+    from wm_jax.run import is_bundle
 
     directory = workdir / "params" if is_bundle(workdir) else ckpt.checkpoint_dir(workdir) / str(step) / "state"
     return {"workdir": str(workdir.resolve()), "bundle": is_bundle(workdir), "step": int(step),
@@ -599,11 +599,10 @@ def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, s
     from wm_jax import config as config_lib
     from wm_jax import sharding, telemetry, watermark
     from wm_jax.config import MeshConfig
-    from wm_jax.export import tokenizer_source
     from wm_jax.models.dynamics import DynamicsModel, make_controls
     from wm_jax.models.tokenizer import VideoTokenizer
     from wm_jax.rollout import decode_stream, encode_frames, rollout_frames
-    from wm_jax.train.loop import load_run_config, restore_params
+    from wm_jax.run import load_run_config, restore_params, tokenizer_source
 
     workdir, out = Path(workdir), Path(out)
     if batch < 1:

@@ -2,7 +2,7 @@
 
 The cache's format, writing and reading live in `data_pipelines.latent_cache`, which
 takes the encoder as a function; this module restores a tokenizer run (or bundle) into
-one. The run's identity the cache records and checks is `train.loop.tokenizer_identity`.
+one. The run's identity the cache records and checks is `run.tokenizer_identity`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from wm_jax import sharding
 from wm_jax.config import MeshConfig
 from wm_jax.models.tokenizer import VideoTokenizer, indices_to_codes, num_tokens
 from wm_jax.rollout import encode_frames
-from wm_jax.train.loop import restore_params, tokenizer_identity
+from wm_jax.run import restore_params, tokenizer_identity
 
 
 def cache_encoder(workdir: str | os.PathLike) -> CacheEncoder:

@@ -45,6 +45,7 @@ import numpy as np
 import yaml
 
 from wm_jax import config as config_lib
+from wm_jax import launch
 from wm_jax.config import Config, ConfigError, closest
 from wm_jax.presets import preset_path
 
@@ -529,8 +530,6 @@ def render_slurm_array(
 ) -> str:
     """An sbatch array job from the `wm launch slurm` template: task i runs `wm sweep
     run-one SPEC --index i` (requeued on exit 42 like a single run)."""
-    from wm_jax import launch
-
     chdir = chdir or os.getcwd()
     allowed = "only letters, digits and _.,+@=- can go in an #SBATCH line"
     paths = "must be a path of letters, digits and _./+,@=- (it goes in an #SBATCH line)"
@@ -556,8 +555,6 @@ def render_slurm_array(
 def render_k8s_jobs(p: Plan, *, namespace: str, gpus_per_node: int, image: str, pvc: str | None = None) -> str:
     """One ConfigMap + Service + Job (the `wm launch k8s` manifest) per run, as one YAML stream.
     The Jobs train only: run `wm sweep SPEC` afterwards for the evaluations (training is skipped)."""
-    from wm_jax import launch
-
     prefix = launch.default_job_name(p.spec["name"])[:40].rstrip("-")
     docs = [
         launch.render_k8s(run.config, run.workdir, name=f"{prefix}-{run.index}", namespace=namespace, nodes=1,
@@ -821,8 +818,6 @@ def cmd_local(p: Plan, args: argparse.Namespace) -> int:
 
 
 def cmd_slurm(p: Plan, args: argparse.Namespace) -> int:
-    from wm_jax import launch
-
     script = render_slurm_array(p, args.set, gpus_per_node=args.gpus_per_node, time_limit=args.time,
                                 partition=args.partition, account=args.account)
     target = p.out / "slurm.sbatch"
@@ -837,8 +832,6 @@ def cmd_slurm(p: Plan, args: argparse.Namespace) -> int:
 
 
 def cmd_k8s(p: Plan, args: argparse.Namespace) -> int:
-    from wm_jax import launch
-
     if not args.image and not args.dry_run:
         raise SweepError("--image is required: the container image with wm_jax installed")
     manifest = render_k8s_jobs(p, namespace=args.namespace, gpus_per_node=args.gpus_per_node,
@@ -884,8 +877,6 @@ def cmd_report(spec: str, args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Registers `wm sweep` on the `wm` parser's subcommands."""
-    from wm_jax.launch import non_negative_int, positive_int
-
     sw = subparsers.add_parser(
         "sweep", help="run a grid/random sweep of config overrides; `wm sweep report SPEC` tabulates and plots it",
         description="wm sweep SPEC.yaml [--launcher local|slurm|k8s] | wm sweep report SPEC.yaml | "
@@ -893,11 +884,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     sw.add_argument("words", nargs="+", metavar="[report|run-one] SPEC", help="the sweep spec (YAML), after report or run-one if given")
     sw.add_argument("--launcher", choices=["local", "slurm", "k8s"], default="local")
-    sw.add_argument("--parallel", type=positive_int, default=1, help="local: runs at a time (subprocesses when > 1)")
+    sw.add_argument("--parallel", type=launch.positive_int, default=1, help="local: runs at a time (subprocesses when > 1)")
     sw.add_argument("--dry-run", action="store_true", help="print the runs, sbatch script or manifests, and exit 0")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a fixed override for every run")
     sw.add_argument("--index", type=int, help="run-one: the run's index in sweep.json")
-    sw.add_argument("--gpus-per-node", type=non_negative_int, default=8, help="slurm/k8s: GPUs per run")
+    sw.add_argument("--gpus-per-node", type=launch.non_negative_int, default=8, help="slurm/k8s: GPUs per run")
     sw.add_argument("--time", default="24:00:00", help="slurm: time limit per run")
     sw.add_argument("--partition", help="slurm")
     sw.add_argument("--account", help="slurm")

@@ -15,8 +15,9 @@ from data_pipelines import datasets, loader, schema, writer
 from data_pipelines.schema import DatasetError
 from wm_jax import config as config_lib
 from wm_jax.cli import main
+from wm_jax.run import check_dataset
 from wm_jax.telemetry import read_metrics
-from wm_jax.train.loop import check_dataset, train
+from wm_jax.train.loop import train
 
 S, T = 16, 4
 

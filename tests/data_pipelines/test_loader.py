@@ -1,14 +1,11 @@
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import grain
 import numpy as np
 import pytest
 
 from data_pipelines import datasets, loader
+from multiproc import finish, free_port, start
 from data_pipelines.schema import DatasetError
 
 S, T = 16, 6
@@ -121,18 +118,10 @@ print(json.dumps({"process": jax.process_index(), "windows": keys}))
 def test_shard_by_jax_process_splits_windows_across_real_processes(data_dir):
     """Two JAX processes (jax.distributed on localhost): the default ShardByJaxProcess
     gives each its own, disjoint half of the windows."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen([sys.executable, "-c", _PROCESS_SCRIPT, f"127.0.0.1:{port}", str(i), str(data_dir)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
-        for i in range(2)
-    ]
+    port = free_port()
+    procs = start(lambda i: ["-c", _PROCESS_SCRIPT, f"127.0.0.1:{port}", str(i), str(data_dir)], 2)
     outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
+    for p, (out, err) in zip(procs, finish(procs)):
         assert p.returncode == 0, err[-2000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
     assert sorted(o["process"] for o in outs) == [0, 1]

@@ -2,10 +2,6 @@
 with worker processes and with two JAX processes."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import grain
 import numpy as np
@@ -13,8 +9,8 @@ import pytest
 
 from array_record.python.array_record_module import ArrayRecordReader
 
-from conftest import REPO
 from data_pipelines import datasets, layout, loader, schema, writer
+from multiproc import finish, free_port, start
 
 S, T, B = 16, 4, 4
 
@@ -224,20 +220,9 @@ def test_two_jax_processes_resume_their_own_disjoint_shards(data_dir):
     """Two JAX processes (jax.distributed on localhost, ShardByJaxProcess), each with two
     grain workers: after restoring its iterator state, each yields exactly the batches it
     would have without the interruption, and the processes read disjoint windows."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen([sys.executable, "-c", _PROCESS_SCRIPT, f"127.0.0.1:{port}", str(i), str(data_dir), "2"],
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    port = free_port()
+    procs = start(lambda i: ["-c", _PROCESS_SCRIPT, f"127.0.0.1:{port}", str(i), str(data_dir), "2"], 2)
+    outs = finish(procs)
     results = []
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]

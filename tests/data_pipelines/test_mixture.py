@@ -12,7 +12,8 @@ from data_pipelines.schema import DatasetError
 from data_pipelines.sources import procedural
 from wm_jax import config as config_lib
 from wm_jax.config import ConfigError
-from wm_jax.train.loop import check_mixture, train
+from wm_jax.run import check_mixture
+from wm_jax.train.loop import train
 
 S, T, B = 16, 4, 4
 FIRST_B = 100  # episode ids of dataset b start here; dataset a's are below

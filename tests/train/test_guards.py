@@ -16,8 +16,8 @@ from wm_jax import checkpoint as ckpt
 from wm_jax import sharding
 from wm_jax.cli import main
 from wm_jax.config import MeshConfig
+from wm_jax.run import restore_params
 from wm_jax.telemetry import read_metrics
-from wm_jax.train.loop import restore_params
 
 
 def test_an_overflowing_update_is_rolled_back_and_never_checkpointed(tmp_path, tiny_overrides, capsys):

@@ -13,8 +13,8 @@ import pytest
 from conftest import PRESET, REPO
 from wm_jax import config as config_lib
 from wm_jax import sharding
+from wm_jax.run import restore_params
 from wm_jax.telemetry import read_metrics
-from wm_jax.train.loop import restore_params
 
 STEPS = 16
 

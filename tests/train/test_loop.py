@@ -1,7 +1,6 @@
 """End to end on real components: grain → mesh → jit step → orbax → resume → eval."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import PRESET, REPO, TINY_OVERRIDES
+from multiproc import cpu_env, finish, free_port, start
 from wm_jax import config as config_lib
 from wm_jax.cli import main
 from wm_jax.eval.evaluate import evaluate
@@ -28,27 +28,25 @@ def _leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
 
 
-def test_train_checkpoint_resume_eval(tmp_path, tiny_overrides):
+def test_train_checkpoint_resume_eval(tmp_path, tiny_overrides, tokenizer_run, dynamics_run):
     tok = tmp_path / "tok"
-    first = train(_cfg(tiny_overrides, "train.steps=4"), tok)
+    shutil.copytree(tokenizer_run, tok)  # trained 4 steps (conftest)
     assert sorted(int(p.name) for p in (tok / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     assert (tok / "config.yaml").exists() and list((tok / "tb").iterdir())
     # Running again with more steps resumes at 4: only steps 5 and 6 are logged anew.
-    train(_cfg(tiny_overrides, "train.steps=6"), tok)
+    assert train(_cfg(tiny_overrides, "train.steps=6"), tok) is not None
     rows = read_metrics(tok / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert first is not None
     # Throughput on every logged step; a CPU has no peak in the table, so no MFU is made up.
     for row in rows:
         assert row["tokens_per_s"] > 0 and row["tflops_per_device"] > 0 and 0 <= row["data_wait_fraction"] < 1
         assert "mfu" not in row
 
-    dyn = tmp_path / "dyn"
-    train(_cfg(tiny_overrides, "train.steps=3", "train.stage=dynamics", f"train.tokenizer_workdir={tok}"), dyn)
-    result = evaluate(dyn)
-    metrics = json.loads((dyn / "eval" / "metrics.json").read_text())
+    out = tmp_path / "eval"  # the shared run stays as it is
+    result = evaluate(dynamics_run, out_dir=out)
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result))
-    assert metrics["step"] == 3 and len(metrics["dataset_hash"]) == 64
+    assert metrics["step"] == 2 and len(metrics["dataset_hash"]) == 64
     for group in ("rollout", "baseline_copy_last"):
         assert metrics[group]["horizon"] == [1, 2, 3] and np.all(np.isfinite(metrics[group]["psnr"]))
     assert set(metrics["controllability"]) == {"psnr_true_actions", "psnr_random_actions", "delta_psnr", "delta_psnr_t4",
@@ -61,7 +59,7 @@ def test_train_checkpoint_resume_eval(tmp_path, tiny_overrides):
     assert "reappear_psnr" in metrics["object_permanence"]
     assert np.isfinite(metrics["tokenizer"]["psnr"])
     for name in ("report.md", "psnr_vs_horizon.png", "rollout.gif"):
-        assert (dyn / "eval" / name).stat().st_size > 0
+        assert (out / name).stat().st_size > 0
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_overrides):
@@ -99,17 +97,17 @@ def test_corrupt_shard_exits_2(tmp_path, tiny_dataset, capsys):
     assert shard.name in err and "sha256" in err
 
 
-def test_incompatible_checkpoint_exits_2(tmp_path, tiny_overrides, capsys):
+def test_incompatible_checkpoint_exits_2(tmp_path, tiny_overrides, tokenizer_run, capsys):
     run = tmp_path / "run"
-    train(_cfg(tiny_overrides, "train.steps=2"), run)
-    args = sum((["--set", o] for o in tiny_overrides + ["train.steps=4", "model.tokenizer.embed_dim=48"]), [])
+    shutil.copytree(tokenizer_run, run)  # trained 4 steps
+    args = sum((["--set", o] for o in tiny_overrides + ["train.steps=6", "model.tokenizer.embed_dim=48"]), [])
     assert _run_cli("train", "--config", PRESET, *args, "--workdir", run) == 2
     err = capsys.readouterr().err
     assert "model.tokenizer.embed_dim" in err and "32" in err and "48" in err
     # The same model, but a loader the saved data position does not fit (another window stride).
-    args = sum((["--set", o] for o in tiny_overrides + ["train.steps=4", "data.window_stride=2"]), [])
+    args = sum((["--set", o] for o in tiny_overrides + ["train.steps=6", "data.window_stride=2"]), [])
     assert _run_cli("train", "--config", PRESET, *args, "--workdir", run) == 2
-    assert "data position saved at step 2 does not fit this loader" in capsys.readouterr().err
+    assert "data position saved at step 4 does not fit this loader" in capsys.readouterr().err
 
 
 def test_sigterm_saves_and_exits_42(tmp_path, tiny_overrides):
@@ -141,28 +139,17 @@ def test_sigterm_saves_and_exits_42(tmp_path, tiny_overrides):
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, tiny_overrides):
     """Two real JAX processes (2 fake CPU devices each) train one model; only process 0 gets
     SIGTERM, yet both save the same step and exit 42."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = tmp_path / "run"
+    port, run = free_port(), tmp_path / "run"
     args = sum((["--set", o] for o in tiny_overrides + ["train.steps=100000", "checkpoint.every_steps=100000"]), [])
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "wm_jax.cli", "train", "--config", str(PRESET), *args, "--workdir", str(run),
-             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(2)
-    ]
+    procs = start(lambda i: ["-m", "wm_jax.cli", "train", "--config", str(PRESET), *args, "--workdir", str(run),
+                             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                  2, env_of=lambda i: cpu_env(2), stdout=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while not read_metrics(run / "metrics.jsonl") and time.time() < deadline and all(p.poll() is None for p in procs):
             time.sleep(0.5)
         procs[0].send_signal(signal.SIGTERM)
-        errs = [p.communicate(timeout=300)[1] for p in procs]
+        errs = [err for _, err in finish(procs)]
     finally:
         for p in procs:
             p.kill()

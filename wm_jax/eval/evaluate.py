@@ -38,12 +38,11 @@ from wm_jax import config as config_lib
 from wm_jax.config import Config, MeshConfig
 from wm_jax.eval import action_probe
 from wm_jax.eval import metrics as M
-from wm_jax.export import is_bundle, tokenizer_source
 from wm_jax.models.dynamics import DynamicsModel, make_controls
 from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.tokenizer import VideoTokenizer
 from wm_jax.rollout import decode_codes, encode_frames, rollout
-from wm_jax.train.loop import check_dataset, load_run_config, restore_params
+from wm_jax.run import check_dataset, is_bundle, load_run_config, restore_params, tokenizer_source
 from wm_jax.train.step import infer_latent_actions
 
 

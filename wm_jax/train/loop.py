@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import hashlib
 import json
 import signal
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,75 +23,21 @@ from flax import linen as nn
 from data_pipelines import latent_cache
 from data_pipelines import mixture as mixture_lib
 from data_pipelines.loader import CODES, SKIPPED, make_loader
-from data_pipelines.writer import DatasetError, read_manifest, verify_dataset
 from wm_jax import checkpoint as ckpt
-from wm_jax import config as config_lib
-from wm_jax import distributed, export, provenance, sharding, telemetry
-from wm_jax.config import Config, ConfigError, ModelConfig
+from wm_jax import distributed, provenance, sharding, telemetry
+from wm_jax.config import Config, ConfigError
 from wm_jax.models import flops
+from wm_jax.run import check_dataset, check_mixture, load_frozen, tokenizer_identity, write_run_config
 from wm_jax.train.guards import StopFlag
 from wm_jax.train.lock import RunLock
 from wm_jax.train.state import TrainState, create_train_state, param_count, param_counts_by_module, state_shardings
-from wm_jax.train.step import batch_fields, frozen_stages, jit_train_step, make_sensitivity_fn
+from wm_jax.train.step import batch_fields, jit_train_step, make_sensitivity_fn
 
 EXIT_PREEMPTED = 42
 
 
 class Preempted(Exception):
     """Raised after a successful save when SIGTERM/SIGUSR1/SIGINT arrived; the CLI exits 42."""
-
-
-def check_dataset(cfg: Config, data_dir: str, split: str, warn: Callable[[str], None] | None = None) -> dict:
-    """Verifies the dataset (hashes included) and that its frames fit the model.
-
-    Given `warn` (a callable taking a message) and `data.skip_bad_records`, a hash
-    mismatch is passed to it instead of raised: the loader skips what it cannot read.
-    Missing or unreadable shards raise either way."""
-    if not data_dir:
-        raise ConfigError("config key 'data.dir' is empty: point it at a dataset made by `wm data make`")
-    try:
-        manifest = verify_dataset(data_dir)
-    except DatasetError as e:
-        if not (cfg.data.skip_bad_records and warn):
-            raise
-        manifest = verify_dataset(data_dir, check_hashes=False)
-        warn(f"{e} (data.skip_bad_records: training on, skipping windows that fail to load)")
-    if split not in manifest["splits"]:
-        raise DatasetError(f"dataset {data_dir} has no split '{split}'; it has {sorted(manifest['splits'])}")
-    size = manifest["frame_size"]
-    if size != cfg.model.image_size:
-        raise ConfigError(
-            f"config key 'model.image_size' is {cfg.model.image_size} but dataset {data_dir} has "
-            f"{size}x{size} frames"
-        )
-    return manifest
-
-
-def check_mixture(cfg: Config, split: str, warn: Callable[[str], None] | None = None) -> dict:
-    """`check_dataset` for every dataset of `data.mixture`, once they are known to exist
-    (a missing one is named with its index) and to share one frame size.
-
-    Returns what the run needs of a manifest: frame_size, fields (those every dataset has
-    with one dtype and shape: the only ones batched), content_hash (of the mixture: the
-    datasets' hashes and weights) and mixture (each dataset's dir, weight and content
-    hash, plus the fields kept and dropped) for the run's manifest.json."""
-    sizes = {}
-    for i, (data_dir, _) in enumerate(cfg.data.mixture):
-        try:
-            sizes[data_dir] = read_manifest(data_dir)["frame_size"]
-        except DatasetError as e:
-            raise DatasetError(f"config key 'data.mixture[{i}]': {e}") from e
-    if len(set(sizes.values())) > 1:
-        raise DatasetError(f"config key 'data.mixture': the datasets' frame sizes differ: {sizes}")
-    manifests = [check_dataset(cfg, data_dir, split, warn) for data_dir, _ in cfg.data.mixture]
-    kept, dropped = mixture_lib.common_fields([m["fields"] for m in manifests])
-    if dropped:
-        telemetry.info(f"data.mixture: fields {dropped} are not in every dataset with one dtype and shape: not batched")
-    hashes, weights = [m["content_hash"] for m in manifests], [w for _, w in cfg.data.mixture]
-    datasets = [{"dir": d, "weight": w, "content_hash": h} for (d, w), h in zip(cfg.data.mixture, hashes)]
-    return {"frame_size": manifests[0]["frame_size"], "fields": {k: manifests[0]["fields"][k] for k in kept},
-            "content_hash": mixture_lib.mixture_hash(hashes, weights),
-            "mixture": {"datasets": datasets, "fields": kept, "dropped_fields": dropped}}
 
 
 def loaded_fields(cfg: Config, available: Iterable[str]) -> list[str]:
@@ -123,84 +68,6 @@ def open_latent_cache(cfg: Config, manifest: dict) -> Any:
         )
     telemetry.info(f"latent cache: {cfg.data.latent_cache} (codes of windows of {c} frames)")
     return cache
-
-
-def load_run_config(workdir: str | Path) -> Config:
-    path = Path(workdir) / "config.yaml"
-    if not path.is_file():
-        raise ckpt.CheckpointError(f"{workdir} is not a run directory (missing {path})")
-    return config_lib.load(path)
-
-
-def tokenizer_hash(model_cfg: ModelConfig) -> str:
-    """sha256 of a ModelConfig's `tokenizer` section and `image_size` (what a tokenizer's
-    codes depend on besides its parameters), as canonical JSON; a dynamics run's config
-    gives the same hash as the tokenizer run it reads."""
-    section = {"image_size": model_cfg.image_size, "tokenizer": config_lib.to_dict(model_cfg.tokenizer)}
-    return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()
-
-
-def tokenizer_identity(workdir: str | Path) -> tuple[Config, latent_cache.TokenizerIdentity]:
-    """(run config, identity) of a tokenizer run or bundle, as a latent cache records it:
-    the step of its newest good checkpoint (or of the bundle), its config hash and the
-    fingerprint of that step's parameter files (`checkpoint.files_fingerprint`).
-    CheckpointError if it is not a run, ConfigError if it is not a tokenizer's."""
-    run_cfg = load_run_config(workdir)
-    if run_cfg.train.stage != "tokenizer":
-        raise ConfigError(f"{workdir} is a {run_cfg.train.stage} run, not a tokenizer run (train.stage: tokenizer)")
-    if export.is_bundle(workdir):
-        step, files = export.read_bundle(workdir)["step"], Path(workdir) / "params"
-    else:  # the step restore_params reads: the newest that passes the checkpoint integrity check
-        step, _ = ckpt.read_good(workdir, None, lambda manager, s: None, warn=telemetry.warn)
-        files = ckpt.checkpoint_dir(workdir) / str(step)
-    fingerprint = ckpt.files_fingerprint(files)
-    return run_cfg, latent_cache.TokenizerIdentity(str(workdir), step, tokenizer_hash(run_cfg.model), fingerprint)
-
-
-def restore_params(workdir: str | Path, mesh: Any, rules: Any, step: int | None = None) -> tuple[Any, Config, int]:
-    """Parameters of a run's checkpoint (no optimizer bytes read), or of an inference bundle,
-    onto `mesh`: (params, run config, step). The checkpoint is the newest that passes the
-    integrity check resume uses (`ckpt.read_good`; damaged ones are named on the console),
-    or `step`: every reader (eval, export, generate, the latent cache) comes through here."""
-    run_cfg = load_run_config(workdir)
-    abstract, _ = state_shardings(run_cfg, mesh, rules)
-    if export.is_bundle(workdir):
-        info = export.read_bundle(workdir)
-        if step is not None and step != info["step"]:
-            raise ckpt.CheckpointError(f"bundle {workdir} holds step {info['step']}, not {step}")
-        return export.load_bundle_params(workdir, abstract.params), run_cfg, info["step"]
-    step, params = ckpt.read_good(workdir, step, lambda manager, s: ckpt.restore_params(manager, s, abstract.params),
-                                  warn=telemetry.warn)
-    return params, run_cfg, step
-
-
-# The frozen models a dynamics run reads: config key naming the run, and the model
-# config section that must match it.
-FROZEN_RUNS = {"tokenizer": ("train.tokenizer_workdir", "tokenizer"),
-               "latent_actions": ("train.latent_actions_workdir", "latent_actions")}
-
-
-def load_frozen(cfg: Config, mesh: Any, rules: Any) -> dict[str, Any] | None:
-    """Parameters of the trained models cfg's stage reads but does not train
-    (`frozen_stages`: the tokenizer, and a latent action model), by stage, each checked
-    against its `model.*` section; None for stages that read none."""
-    frozen = {}
-    for stage in frozen_stages(cfg):
-        key, section = FROZEN_RUNS[stage]
-        workdir = getattr(cfg.train, key.split(".")[1])
-        if not workdir:
-            raise ConfigError(f"config key '{key}' must name a trained {stage} run for stage {cfg.train.stage}")
-        params, run_cfg, step = restore_params(workdir, mesh, rules)
-        ours, theirs = getattr(cfg.model, section), getattr(run_cfg.model, section)
-        if ours != theirs or run_cfg.model.image_size != cfg.model.image_size:
-            raise ConfigError(
-                f"config keys 'model.{section}'/'model.image_size' differ from the {stage} run {workdir}: "
-                f"{config_lib.to_dict(run_cfg.model)[section]} (image_size {run_cfg.model.image_size}) vs "
-                f"{config_lib.to_dict(cfg.model)[section]} (image_size {cfg.model.image_size})"
-            )
-        telemetry.info(f"{stage}: {workdir} step {step}")
-        frozen[stage] = params
-    return frozen or None
 
 
 def batch_fingerprint(batch: dict[str, np.ndarray]) -> int:
@@ -273,11 +140,8 @@ def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tu
     mixture_info = {"mixture": manifest["mixture"]} if cfg.data.mixture else {}
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        config_lib.dump(cfg, workdir / "config.yaml")
-        (workdir / "manifest.json").write_text(
-            json.dumps({**provenance.run_manifest(dataset_hash=dataset_hash, mesh_shape=dict(mesh.shape)), **mixture_info},
-                       indent=2)
-        )
+        write_run_config(cfg, workdir, {**provenance.run_manifest(dataset_hash=dataset_hash, mesh_shape=dict(mesh.shape)),
+                                        **mixture_info})
 
     frozen = load_frozen(cfg, mesh, rules)
     abstract, shardings = state_shardings(cfg, mesh, rules)
