@@ -64,6 +64,21 @@ def test_cached_and_uncached_rollouts_give_identical_tokens(window, objective, c
     assert len(np.unique(np.asarray(cached_idx))) > 5
 
 
+def test_cut_framing_rolls_out_the_same_cached_and_follows_the_framing():
+    cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, action_conditioning="adaln",
+                                                                cut_framing=True, cut_framing_shift=True))
+    model, params, context, controls, reference = _case(cfg)
+    # Each cut framed a patch and a half away: the shift moves the tokens, not only the embedding.
+    framed = controls.replace(camera=controls.camera.at[..., :2].add(controls.next_cut[..., None] * jnp.array([6.0, -5.0])))
+    _, cached = rollout(model, params, context, framed, H, reference, cached=True)
+    _, uncached = rollout(model, params, context, framed, H, reference, cached=False)
+    np.testing.assert_array_equal(cached, uncached)
+    _, unframed = rollout(model, params, context, controls, H, reference)
+    # Clip 0 cuts into frame 12, the rollout's 10th frame: the same until then, not after.
+    same = (np.asarray(cached) == np.asarray(unframed)).all(axis=-1)[0]
+    assert same[:9].all() and not same[9:].all()
+
+
 @pytest.mark.parametrize("conditioning", ["add", "adaln", "token"])
 def test_rollout_follows_its_controls_and_reference(conditioning):
     model, params, context, controls, reference = _case(

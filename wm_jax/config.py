@@ -95,13 +95,19 @@ class DynamicsConfig:
     # model also predicts unconditionally (classifier-free guidance at sampling).
     action_dropout: float = 0.0
     # Leave the first frame of a new shot out of the loss: after a cut the new framing is
-    # not predictable from the past, and its tokens would dominate the loss.
+    # not predictable from the past, and its tokens would dominate the loss. A cut whose
+    # framing the model is told (cut_framing / cut_framing_shift) stays in the loss.
     mask_cut_loss: bool = True
-    # Cut framing: at a cut, the camera's jump (the new shot's commanded framing relative to
-    # the previous shot's last frame) reaches the model through its own embedding, so the
-    # first frame of a new shot becomes predictable where the previous shot showed its
-    # entities. False: a cut carries no position (as before). Needs use_cuts and use_camera.
+    # Cut framing, a camera command: at a cut, the camera's jump (the new shot's framing
+    # relative to the previous shot's last frame) reaches the model through its own
+    # embedding (an MLP into the control vector). False: a cut carries no position. Needs
+    # use_cuts and use_camera. At the demo budget it made identity after cuts worse
+    # (experiments/results/identity_cuts); cut_framing_shift is the one that helps.
     cut_framing: bool = False
+    # Cut framing as a shift: at a cut, the last frame's tokens are moved by the framing jump
+    # (whole patches; a 2-D pan camera in pixels), tokens that were out of view replaced by a
+    # learned vector, so the model re-draws what stays in view. Needs use_cuts and use_camera.
+    cut_framing_shift: bool = False
 
 
 @dataclass(frozen=True)

@@ -179,8 +179,8 @@ def test_make_controls_aligns_each_transition():
     c = make_controls(steps)
     assert c.action.shape == (B, T) and c.camera.shape == (B, T, 7)
     np.testing.assert_array_equal(c.action, steps["action"][:, :-1])
-    delta = steps["camera"][:, 1:, :3] - steps["camera"][:, :-1, :3]
-    np.testing.assert_allclose(c.camera[:, :, :3], np.where(steps["cut"][:, 1:, None], 0, delta))
+    # Every transition's position delta, the cut's included: there it is the new framing.
+    np.testing.assert_allclose(c.camera[:, :, :3], steps["camera"][:, 1:, :3] - steps["camera"][:, :-1, :3])
     np.testing.assert_array_equal(c.next_cut[0], [False, False, True, False, False, False])
     np.testing.assert_array_equal(c.segment[0], [0, 0, 0, 1, 1, 1])  # frame 3 starts shot 1
     assert bool(c.camera_mask.all()) and bool(c.action_mask.all())
@@ -229,6 +229,46 @@ def test_a_cut_resets_scene_context_but_not_identities(steered):
     # Without the cut, the past is visible again.
     uncut = apply(variables, earlier, make_controls(_steps()), reference)
     assert _changed(apply(variables, codes, make_controls(_steps()), reference), uncut)[3:].all()
+
+
+def test_make_controls_gives_a_cut_its_framing():
+    # One clip, 4 frames: a pan of +1 px in x, then a cut at frame 2 framed 10 px right
+    # and 4 px up of the previous shot's last frame, then the new shot pans on.
+    camera = np.zeros((1, 4, 7), np.float32)
+    camera[0, :, :2] = [[0, 0], [1, 0], [11, -4], [12, -4]]
+    camera[..., 3] = 1.0
+    c = make_controls({"action": np.zeros((1, 4), np.int32), "camera": camera, "cut": np.array([[1, 0, 1, 0]], bool)})
+    np.testing.assert_array_equal(c.next_cut[0], [False, True, False])
+    np.testing.assert_allclose(c.camera[0, :, :3], [[1, 0, 0], [10, -4, 0], [1, 0, 0]])
+
+
+@pytest.mark.parametrize("embed, shift", [(True, False), (False, True), (False, False)])
+def test_a_cut_framing_steers_the_first_frame_of_its_shot_only(embed, shift):
+    cfg = dataclasses.replace(STEERED, dynamics=dataclasses.replace(STEERED.dynamics, cut_framing=embed,
+                                                                    cut_framing_shift=shift))
+    framing = embed or shift
+    model = DynamicsModel(cfg)
+    codes, steps = _inputs()[0], _steps(cut_at=3)  # position 2 predicts frame 3, the cut
+    reframed = dict(steps, camera=steps["camera"].copy())
+    reframed["camera"][:, 3:, :2] += [7.0, -3.0]  # the new shot framed elsewhere, the same pans
+    variables = jax.jit(model.init)(jax.random.key(2), codes, make_controls(steps))
+    apply = jax.jit(model.apply)
+    changed = _changed(apply(variables, codes, make_controls(steps)), apply(variables, codes, make_controls(reframed)))
+    # With the framing, the cut frame's prediction follows it, and nothing else does (later
+    # positions see the new shot only); without, a cut carries no position.
+    np.testing.assert_array_equal(changed, [False, False, framing, False, False, False])
+    assert ("framing_embed" in variables["params"]) == embed and ("unseen_embed" in variables["params"]) == shift
+
+
+def test_shift_tokens_moves_the_view_with_the_camera():
+    from wm_jax.models.dynamics import shift_tokens
+
+    x = jnp.arange(16.0).reshape(1, 1, 16, 1)  # a 4 x 4 grid of 4-px patches, row-major
+    shifted, in_view = shift_tokens(x, jnp.array([[[4.0, -5.0]]]), grid=4, patch=4)  # 1 patch right, 1 up
+    # What was at (row, col) is now at (row + 1, col - 1); the new top row and right column were unseen.
+    np.testing.assert_array_equal(np.asarray(shifted)[0, 0, :, 0].reshape(4, 4)[1:, :3], [[1, 2, 3], [5, 6, 7], [9, 10, 11]])
+    np.testing.assert_array_equal(np.asarray(in_view)[0, 0].reshape(4, 4),
+                                  [[0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]])
 
 
 def test_identity_bank_is_ignored_when_masked(steered):
@@ -468,6 +508,25 @@ def test_the_first_frame_of_a_new_shot_is_left_out_of_the_loss(with_actions):
     everything, _ = token_loss(logits, frames[:, 1:], CFG)
     np.testing.assert_allclose(float(dynamics_loss(variables["params"], unmasked, steps, frames)[0]),
                                float(everything), rtol=1e-6)
+
+
+def test_a_cut_with_a_framing_stays_in_the_loss():
+    from wm_jax.train.step import dynamics_loss
+
+    cfg = dataclasses.replace(STEERED, dynamics=dataclasses.replace(STEERED.dynamics, cut_framing=True))
+    model, codes, steps = DynamicsModel(cfg), _inputs()[0], _steps(cut_at=3)
+    frames = jnp.concatenate([codes, codes[:, :1]], axis=1)  # T + 1 frames
+    variables = model.init(jax.random.key(2), codes, make_controls(steps))
+    logits = model.apply(variables, frames[:, :-1], make_controls(steps))
+    everything, _ = token_loss(logits, frames[:, 1:], cfg)
+    np.testing.assert_allclose(float(dynamics_loss(variables["params"], model, steps, frames)[0]), float(everything),
+                               rtol=1e-6)
+    # Where the camera is unknown the model is told no framing: the cut is left out again.
+    blind = dict(steps, camera_valid=np.zeros((B, T + 1), bool))
+    logits = model.apply(variables, frames[:, :-1], make_controls(blind))
+    kept = jnp.broadcast_to((jnp.arange(T) != 2)[None, :, None], (B, T, N))
+    np.testing.assert_allclose(float(dynamics_loss(variables["params"], model, blind, frames)[0]),
+                               float(token_loss(logits, frames[:, 1:], cfg, kept)[0]), rtol=1e-6)
 
 
 @pytest.mark.parametrize("conditioning", ["adaln", "token"])

@@ -2,12 +2,12 @@
 
 Inputs are the FSQ code vectors of frames 0..T-1 (projected linearly: continuous inputs
 share structure between neighbouring codes, unlike an index embedding) plus the controls
-that take frame t to t+1 (`Controls`: action, camera move, a cut into a new shot), each
-embedded and masked where unknown. Temporal attention is causal with rotary frame
-positions, stays inside a shot, and optionally sees only the last `temporal_window`
-frames; every frame also attends to an identity bank (memory tokens made from the
-episode's reference frame), which cuts do not clear. `decode_step` runs one new frame
-against a key/value cache of the past (the rollout engine in `wm_jax/rollout.py`).
+that take frame t to t+1 (`Controls`: action, camera move, a cut into a new shot and its
+framing), each embedded and masked where unknown. Temporal attention is causal with
+rotary frame positions, stays inside a shot, and optionally sees only the last
+`temporal_window` frames; every frame also attends to an identity bank (memory tokens
+made from the episode's reference frame), which cuts do not clear. `decode_step` runs one
+new frame against a key/value cache of the past (the rollout engine in `wm_jax/rollout.py`).
 
 Objective (`model.dynamics.objective`): "causal" predicts all of frame t+1's tokens at
 position t in one pass; "maskgit" also feeds position t frame t+1 partially masked and
@@ -204,9 +204,10 @@ class Controls:
     """What takes frame t to t+1, for input positions t = 0..T-1 of a clip.
 
     action int32 [B, T] and action_mask bool [B, T]; camera float32 [B, T, 7]: the pose
-    change (position delta, zeroed across a cut, then the rotation of frame t+1) and
-    camera_mask bool [B, T]; next_cut bool [B, T]: frame t+1 starts a new shot; segment
-    int32 [B, T]: the shot of input frame t (temporal attention stays inside one).
+    change (position delta, then the rotation of frame t+1; across a cut the delta is the
+    new shot's framing relative to the previous shot's last frame) and camera_mask bool
+    [B, T]; next_cut bool [B, T]: frame t+1 starts a new shot; segment int32 [B, T]: the
+    shot of input frame t (temporal attention stays inside one).
     """
 
     action: jax.Array
@@ -235,7 +236,7 @@ def make_controls(steps: dict[str, jax.Array]) -> Controls:
     cut = jnp.asarray(steps["cut"], bool) if "cut" in steps else jnp.zeros((b, f), bool)
     if "camera" in steps:
         camera = jnp.asarray(steps["camera"], jnp.float32)
-        delta = jnp.where(cut[:, 1:, None], 0.0, camera[:, 1:, :3] - camera[:, :-1, :3])
+        delta = camera[:, 1:, :3] - camera[:, :-1, :3]
         camera_feat = jnp.concatenate([delta, camera[:, 1:, 3:]], axis=-1)
         camera_valid = valid("camera_valid")
         camera_mask = camera_valid[:, 1:] & camera_valid[:, :-1]
@@ -284,6 +285,43 @@ class CameraEmbedding(nn.Module):
         return jnp.where(camera_mask[..., None], emb, none.astype(self.dtype))
 
 
+def framed_cuts(cfg: ModelConfig) -> bool:
+    """Whether the model is told a cut's framing (`cut_framing` or `cut_framing_shift`,
+    with cuts and camera on)."""
+    dc = cfg.dynamics
+    return (dc.cut_framing or dc.cut_framing_shift) and dc.use_cuts and dc.use_camera
+
+
+def shift_tokens(x: jax.Array, jump: jax.Array, grid: int, patch: int) -> tuple[jax.Array, jax.Array]:
+    """Tokens x [B, T, N, D] of a grid x grid row-major frame, seen from a camera moved by
+    jump float [B, T, 2] (x, y pixels) -> (shifted tokens [B, T, N, D], in_view bool
+    [B, T, N]): new token (i, j) is old token (i + dy, j + dx), d = round(jump / patch);
+    in_view is False where that lies outside the old frame (its shifted token is junk)."""
+    d = jnp.round(jump / patch).astype(jnp.int32)
+    i, j = jnp.divmod(jnp.arange(grid * grid), grid)
+    si, sj = i + d[..., 1:2], j + d[..., 0:1]  # [B, T, N]
+    in_view = (si >= 0) & (si < grid) & (sj >= 0) & (sj < grid)
+    source = jnp.clip(si, 0, grid - 1) * grid + jnp.clip(sj, 0, grid - 1)
+    return jnp.take_along_axis(x, source[..., None], axis=2), in_view
+
+
+class FramingEmbedding(nn.Module):
+    """A cut's framing, the camera position jump [B, T, 3], -> embeddings [B, T, D].
+
+    A two-layer MLP: where the new shot's entities land is a nonlinear function of the jump
+    (which entities stay in view, on which side), unlike a pan's steady 1-px drift."""
+
+    embed_dim: int
+    scale: float  # the jump is divided by it (the frame side: procedural cameras move in pixels)
+    dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, jump: jax.Array) -> jax.Array:
+        """jump float [B, T, 3] -> float [B, T, D] in `dtype`."""
+        h = layers.Dense(self.embed_dim, (None, "mlp"), self.dtype, name="hidden")(jump / self.scale)
+        return layers.Dense(self.embed_dim, ("mlp", "embed"), self.dtype, name="out")(nn.gelu(h))
+
+
 class DynamicsModel(nn.Module):
     """codes [B, T, N, L] + controls -> logits [B, T, N, *logits_shape] for frame t+1."""
 
@@ -297,6 +335,10 @@ class DynamicsModel(nn.Module):
         self.camera_embed = CameraEmbedding(dc.embed_dim, dc.use_camera, dtype)
         if dc.use_cuts:
             self.cut_embed = self.param("cut_embed", layers.partitioned(CONTROL_INIT, ("embed",)), (dc.embed_dim,))
+        if dc.cut_framing and framed_cuts(self.cfg):
+            self.framing_embed = FramingEmbedding(dc.embed_dim, float(self.cfg.image_size), dtype)
+        if dc.cut_framing_shift and framed_cuts(self.cfg):
+            self.unseen_embed = self.param("unseen_embed", layers.partitioned(CONTROL_INIT, ("embed",)), (dc.embed_dim,))
         if dc.use_identity_bank:
             self.memory_embed = layers.Dense(dc.embed_dim, ("codebook", "embed"), dtype)
             self.memory_pos = layers.PositionEmbedding(dtype, temporal=False)
@@ -324,10 +366,26 @@ class DynamicsModel(nn.Module):
     def _control_vector(self, controls: Controls) -> jax.Array:
         """controls of T positions -> one conditioning vector per position [B, T, D]."""
         cond = self.action_embed(controls.action, controls.action_mask)
-        cond = cond + self.camera_embed(controls.camera, controls.camera_mask)
+        cut = controls.next_cut[..., None]
+        # A cut's position jump is a framing, not a pan: the pan embedding sees no move there.
+        jump = controls.camera[..., :3]
+        pan = jnp.concatenate([jnp.where(cut, 0.0, jump), controls.camera[..., 3:]], axis=-1)
+        cond = cond + self.camera_embed(pan, controls.camera_mask)
         if self.cfg.dynamics.use_cuts:
-            cond = cond + jnp.where(controls.next_cut[..., None], self.cut_embed.astype(cond.dtype), 0)
+            cond = cond + jnp.where(cut, self.cut_embed.astype(cond.dtype), 0)
+        if self.cfg.dynamics.cut_framing and framed_cuts(self.cfg):
+            framed = cut & controls.camera_mask[..., None]
+            cond = cond + jnp.where(framed, self.framing_embed(jump), 0)
         return cond
+
+    def _shift_at_cuts(self, x: jax.Array, controls: Controls) -> jax.Array:
+        """`cut_framing_shift`: code embeddings x [B, T, N, D] with those of each position
+        that precedes a framed cut moved into the new shot's view (`shift_tokens`)."""
+        patch = self.cfg.tokenizer.patch_size
+        shifted, in_view = shift_tokens(x, controls.camera[..., :2], self.cfg.image_size // patch, patch)
+        shifted = jnp.where(in_view[..., None], shifted, self.unseen_embed.astype(x.dtype))
+        framed = controls.next_cut & controls.camera_mask
+        return jnp.where(framed[..., None, None], shifted, x)
 
     def _inputs(self, codes: jax.Array, controls: Controls, next_frame: jax.Array | None = None
                 ) -> tuple[jax.Array, jax.Array | None]:
@@ -338,6 +396,8 @@ class DynamicsModel(nn.Module):
         mode = self.cfg.dynamics.action_conditioning
         cond = self._control_vector(controls)
         x = self.code_embed(codes)
+        if self.cfg.dynamics.cut_framing_shift and framed_cuts(self.cfg):
+            x = self._shift_at_cuts(x, controls)
         if next_frame is not None:
             x = x + next_frame
         if mode == "add":

@@ -13,7 +13,7 @@ from flax import linen as nn
 
 from wm_jax.config import Config
 from wm_jax.eval.metrics import psnr_from_mse
-from wm_jax.models.dynamics import make_controls, sample_maskgit_mask, token_loss
+from wm_jax.models.dynamics import framed_cuts, make_controls, sample_maskgit_mask, token_loss
 from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.tokenizer import VideoTokenizer, indices_to_codes, num_tokens, vocab_size
 from wm_jax.sharding import batch_sharding
@@ -102,7 +102,8 @@ def dynamics_loss(
     per-step fields (`make_controls`); reference: (codes [B,N,L], mask [B]) or Nones.
     Objective "maskgit": position t also sees frame t+1 with a random share of its tokens
     masked (`sample_maskgit_mask` from `rng`, required) and the loss covers those only.
-    With `model.dynamics.mask_cut_loss`, targets that open a new shot are left out; with
+    With `model.dynamics.mask_cut_loss`, targets that open a new shot are left out unless
+    the model is given their framing (`cut_framing[_shift]`, where the camera is known); with
     `action_dropout` > 0 (needs `rng`), that share of the steps loses its action.
     """
     dc = model.cfg.dynamics
@@ -115,7 +116,9 @@ def dynamics_loss(
         controls = controls.replace(action_mask=controls.action_mask & ~dropped)
     scored = jnp.ones((b, t - 1, n), bool)
     if dc.mask_cut_loss:
-        scored = jnp.broadcast_to(~controls.next_cut[..., None], scored.shape)
+        # A cut whose framing the model is told (`framed_cuts`) is predictable: it is scored.
+        framed = controls.camera_mask if framed_cuts(model.cfg) else False
+        scored = jnp.broadcast_to((~controls.next_cut | framed)[..., None], scored.shape)
     if dc.objective != "maskgit":
         logits = model.apply({"params": params}, codes[:, :-1], controls, *reference)
         loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg, scored)
