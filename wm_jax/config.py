@@ -452,11 +452,27 @@ def nonfinite_values(values: Any, prefix: str = "") -> list[tuple[str, float]]:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks the type system cannot express."""
+    """Cross-field checks the type system cannot express; the first failing check raises."""
+    _check_finite(cfg)
+    _check_choices(cfg)
+    _check_positive(cfg)
+    _check_data_sources(cfg)
+    _check_model(cfg)
+    _check_ranges(cfg)
+    _check_stage_rules(cfg)
+    _check_mesh_rules(cfg)
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every number in the config is finite."""
     # First: a NaN passes every comparison below, and would only surface after compiling.
     bad = nonfinite_values(to_dict(cfg))
     if bad:
         raise ConfigError(f"config key '{bad[0][0]}' must be a finite number; got {bad[0][1]}")
+
+
+def _check_choices(cfg: Config) -> None:
+    """Each string-valued option is one of its allowed values."""
     choices = {
         "train.stage": (cfg.train.stage, STAGES),
         "model.dynamics.head": (cfg.model.dynamics.head, DYNAMICS_HEADS),
@@ -469,6 +485,10 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {allowed}; got '{value}'" + closest(value, list(allowed)))
+
+
+def _check_positive(cfg: Config) -> None:
+    """Sizes, counts and periods are > 0."""
     positive = {
         "data.frames_per_clip": cfg.data.frames_per_clip,
         "data.batch_size": cfg.data.batch_size,
@@ -491,23 +511,29 @@ def validate(cfg: Config) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"config key '{key}' must be > 0; got {v}")
+
+
+def _check_data_sources(cfg: Config) -> None:
+    """One dataset or a mixture, and each mixture entry a directory with a positive weight."""
     if cfg.data.mixture and cfg.data.dir:
         raise ConfigError("config keys 'data.dir' and 'data.mixture' are both set: train on one dataset or on a mixture")
     for i, (data_dir, weight) in enumerate(cfg.data.mixture):
         if not data_dir or weight <= 0:
             raise ConfigError(f"config key 'data.mixture[{i}]' must be [DIR, weight] with a directory and a "
                               f"weight > 0; got {[data_dir, weight]}")
-    if cfg.model.image_size % cfg.model.tokenizer.patch_size:
-        raise ConfigError(
-            f"config key 'model.image_size' ({cfg.model.image_size}) must be divisible by "
-            f"'model.tokenizer.patch_size' ({cfg.model.tokenizer.patch_size})"
-        )
+
+
+def _check_model(cfg: Config) -> None:
+    """Model shapes fit together: patches tile the image, heads split the width, codebooks are usable."""
     lam = cfg.model.latent_actions
-    if cfg.model.image_size % lam.patch_size:
-        raise ConfigError(
-            f"config key 'model.image_size' ({cfg.model.image_size}) must be divisible by "
-            f"'model.latent_actions.patch_size' ({lam.patch_size})"
-        )
+    for key, patch_size in (
+        ("model.tokenizer", cfg.model.tokenizer.patch_size), ("model.latent_actions", lam.patch_size)
+    ):
+        if cfg.model.image_size % patch_size:
+            raise ConfigError(
+                f"config key 'model.image_size' ({cfg.model.image_size}) must be divisible by "
+                f"'{key}.patch_size' ({patch_size})"
+            )
     if lam.num_latent_actions < 2:
         raise ConfigError(f"config key 'model.latent_actions.num_latent_actions' must be >= 2; got {lam.num_latent_actions}")
     if lam.commitment_weight < 0:
@@ -522,6 +548,10 @@ def validate(cfg: Config) -> None:
             )
     if any(level < 2 for level in cfg.model.tokenizer.fsq_levels) or not cfg.model.tokenizer.fsq_levels:
         raise ConfigError("config key 'model.tokenizer.fsq_levels' needs levels >= 2")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Bounded values: action dropout in [0, 1), sampling settings and the temporal window >= 0."""
     unit = {"model.dynamics.action_dropout": cfg.model.dynamics.action_dropout}
     for key, v in unit.items():
         if not 0.0 <= v < 1.0:
@@ -532,6 +562,11 @@ def validate(cfg: Config) -> None:
     if cfg.model.dynamics.temporal_window < 0:
         raise ConfigError(f"config key 'model.dynamics.temporal_window' must be >= 0 (0: whole clip); "
                           f"got {cfg.model.dynamics.temporal_window}")
+
+
+def _check_stage_rules(cfg: Config) -> None:
+    """Options tied to a training stage: latent actions, the latent cache, clip length."""
+    lam = cfg.model.latent_actions
     if cfg.train.latent_actions_workdir:
         if cfg.train.stage != "dynamics":
             raise ConfigError(f"config key 'train.latent_actions_workdir' is for the dynamics stage, not '{cfg.train.stage}'")
@@ -547,6 +582,10 @@ def validate(cfg: Config) -> None:
                           "not a mixture or another stage")
     if cfg.train.stage in ("dynamics", "latent_actions") and cfg.data.frames_per_clip < 2:
         raise ConfigError(f"config key 'data.frames_per_clip' must be >= 2 for the {cfg.train.stage} stage")
+
+
+def _check_mesh_rules(cfg: Config) -> None:
+    """Sharding rules name real mesh axes, and no logical axis is both a parameter and an activation axis."""
     mesh_axes = {"data", "fsdp", "tensor", "sequence"}
     for key in ("param_rules", "activation_rules"):
         for logical, axes in getattr(cfg.mesh, key):

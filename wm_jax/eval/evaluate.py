@@ -21,6 +21,7 @@ measures how far each action moves the agent in the model's prediction
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -573,46 +574,76 @@ def draw_random_actions(cfg: Config, manifest: dict, actions: np.ndarray, ctx: i
     return random_actions, replayable
 
 
-def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | None = None, out_dir: str | Path | None = None,
-             overrides: list[str] = ()) -> dict:
-    """Restores `workdir`'s checkpoint and writes the eval report; returns the metrics dict.
-    overrides: `eval.*` config keys (KEY=VALUE) for this evaluation, e.g. eval.guidance=2."""
-    workdir = Path(workdir)
+@dataclass(frozen=True)
+class _Models:
+    """A restored run's networks: the tokenizer and the dynamics model (dyn_params None for a tokenizer run)."""
+
+    step: int
+    tokenizer: VideoTokenizer
+    tok_params: Any
+    dynamics: DynamicsModel
+    dyn_params: Any
+    chunk: int  # frames the tokenizer encodes at a time (data.frames_per_clip)
+
+
+@dataclass(frozen=True)
+class _Generated:
+    """What the models made from the clips: uint8 videos [B, C+H, h, w, 3] (context
+    reconstructed) and the action probe's frames."""
+
+    recon: np.ndarray  # the tokenizer's reconstruction
+    true_actions: np.ndarray | None  # rollout with the clips' actions (None: no dynamics model)
+    random_actions: np.ndarray | None  # rollout with `draw_random_actions`' actions
+    probed: np.ndarray | None  # the action probe's forced next frames (None: probe not run)
+
+
+def _run_config(workdir: Path, overrides: list[str]) -> Config:
+    """The run's config with `overrides` applied; ConfigError for any but `eval.*` keys."""
     cfg = load_run_config(workdir)
     if any(not o.startswith("eval.") for o in overrides):
         raise config_lib.ConfigError(f"wm eval takes eval.* overrides only; got {list(overrides)}")
-    cfg = config_lib.replace(cfg, list(overrides))
-    if cfg.train.stage == "latent_actions":  # no frames to generate: its evaluation is the probe
-        from wm_jax.eval.latent_action_probe import evaluate_probe  # imports this module
+    return config_lib.replace(cfg, list(overrides))
 
-        return evaluate_probe(workdir, step=step, data_dir=data_dir, out_dir=out_dir)
-    data_dir = data_dir or cfg.data.dir
-    manifest = check_dataset(cfg, data_dir, cfg.eval.split)
-    out = Path(out_dir) if out_dir else workdir / "eval"
-    mesh = sharding.make_mesh(MeshConfig())  # whatever devices are here
-    rules = sharding.logical_rules(cfg.mesh)
+
+def _restore_models(workdir: Path, cfg: Config, step: int | None, mesh: Any, rules: Any) -> _Models:
+    """`workdir`'s checkpoint at `step` (None: the latest) and, for a dynamics run, its tokenizer's."""
     params, _, step = restore_params(workdir, mesh, rules, step)
-    tokenizer = VideoTokenizer(cfg.model)
-    chunk = cfg.data.frames_per_clip
     if cfg.train.stage == "tokenizer":
         tok_params, dyn_params = params, None
     else:
         tok_params, _, _ = restore_params(tokenizer_source(workdir, cfg), mesh, rules)
         dyn_params = params
+    return _Models(step, VideoTokenizer(cfg.model), tok_params, DynamicsModel(cfg.model), dyn_params,
+                   cfg.data.frames_per_clip)
 
-    ctx, horizon = cfg.eval.context_frames, cfg.eval.horizon
-    clips = held_out_clips(data_dir, cfg, ctx + horizon)
-    if dyn_params is not None and cfg.train.latent_actions_workdir:
+
+def _eval_clips(cfg: Config, data_dir: str, models: _Models, mesh: Any, rules: Any) -> dict[str, np.ndarray]:
+    """The held-out clips of C+H frames; a dynamics run on latent actions gets its actions inferred."""
+    clips = held_out_clips(data_dir, cfg, cfg.eval.context_frames + cfg.eval.horizon)
+    if models.dyn_params is not None and cfg.train.latent_actions_workdir:
         clips = with_inferred_actions(clips, cfg, mesh, rules)
+    return clips
+
+
+def _probe_moves(manifest: dict, replayable: bool, has_dynamics: bool) -> np.ndarray | None:
+    """The action probe's action -> agent move map (`procedural.agent_moves`); None: no probe."""
+    # The probe needs the world's action -> motion map: the procedural world's, with its actions.
+    moves = (procedural.agent_moves(manifest["source_params"]["size"])
+             if replayable and manifest["source"] == procedural.SOURCE_NAME else None)
+    if moves is None and has_dynamics:
+        telemetry.info("action probe skipped: it needs the procedural world's actions (a known action -> motion map)")
+    return moves
+
+
+def _generate(cfg: Config, models: _Models, clips: dict[str, np.ndarray], random_actions: np.ndarray,
+              probe_moves: np.ndarray | None) -> _Generated:
+    """Batch by batch: the clips' reconstruction and, with a dynamics model, its rollouts
+    with the true and the random actions and the action probe's frames (with `probe_moves`)."""
+    ctx, horizon, chunk = cfg.eval.context_frames, cfg.eval.horizon, models.chunk
+    tokenizer, tok_params = models.tokenizer, models.tok_params
+    dynamics, dyn_params = models.dynamics, models.dyn_params
     frames, actions = clips["frame"], clips["action"]
     n = frames.shape[0]
-    random_actions, counterfactual = draw_random_actions(cfg, manifest, actions, ctx)
-    # The probe needs the world's action -> motion map: the procedural world's, with its actions.
-    probe_moves = (procedural.agent_moves(manifest["source_params"]["size"])
-                   if counterfactual and manifest["source"] == procedural.SOURCE_NAME else None)
-    if probe_moves is None and dyn_params is not None:
-        telemetry.info("action probe skipped: it needs the procedural world's actions (a known action -> motion map)")
-    dynamics = DynamicsModel(cfg.model)
     steering = [k for k in ("camera", "camera_valid", "cut", "action_valid") if k in clips]
 
     def reference(s: slice) -> jax.Array | None:
@@ -643,43 +674,88 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
             steps = {k: clips[k][s, : ctx + 1] for k in ["action", *steering]}
             probed.append(action_probe.forced_next_frames(dynamics, dyn_params, tokenizer, tok_params, codes[:, :ctx],
                                                           steps, len(probe_moves), ref, chunk))
-    recon = np.concatenate(recon)
-    result: dict[str, Any] = {
+    joined = lambda videos, axis=0: np.concatenate(videos, axis=axis) if videos else None
+    return _Generated(joined(recon), joined(gen_true), joined(gen_random), joined(probed, axis=1))
+
+
+def _result_header(workdir: Path, step: int, cfg: Config, manifest: dict, data_dir: str,
+                   num_clips: int) -> dict[str, Any]:
+    """The metrics dict's opening keys: what was evaluated (checkpoint, data, sampling)."""
+    return {
         "step": step,
         "checkpoint": str(workdir) if is_bundle(workdir) else str(ckpt.checkpoint_dir(workdir) / str(step)),
         "dataset_hash": manifest["content_hash"],
         "workdir": str(workdir),
         "data_dir": str(data_dir),
         "split": cfg.eval.split,
-        "num_clips": int(n),
+        "num_clips": int(num_clips),
         "sampling": {"temperature": cfg.eval.temperature, "top_k": cfg.eval.top_k, "guidance": cfg.eval.guidance},
-        "tokenizer": {"psnr": float(M.psnr(frames, recon).mean())},
     }
+
+
+def _dynamics_metrics(cfg: Config, manifest: dict, data_dir: str, clips: dict[str, np.ndarray], gen: _Generated,
+                      random_actions: np.ndarray, counterfactual: bool, probe_moves: np.ndarray | None) -> dict:
+    """The rollout groups, and the controllability, counterfactual and action-probe groups
+    where the dataset allows them (each skip logged)."""
+    ctx, horizon = cfg.eval.context_frames, cfg.eval.horizon
+    frames = clips["frame"]
+    copy_last = np.repeat(frames[:, ctx - 1 : ctx], horizon, axis=1)
+    result = rollout_metrics(clips, ctx, gen.true_actions[:, ctx:], gen.random_actions[:, ctx:], copy_last)
+    if all(k in clips for k in GROUND_TRUTH):
+        result.update(ground_truth_metrics(clips, ctx, gen.true_actions, gen.random_actions, copy_last))
+    else:
+        telemetry.info(f"controllability metrics skipped: the dataset lacks {[k for k in GROUND_TRUTH if k not in clips]}")
+    if counterfactual:
+        cf = counterfactual_metrics(manifest, data_dir, clips, ctx, random_actions, gen.random_actions[:, ctx:], copy_last)
+        if cf is not None:
+            result["counterfactual"] = cf
+    if gen.probed is not None:
+        result["action_probe"] = action_probe.probe_scores(gen.probed, probe_moves, ~clips["cut"][:, ctx])
+    return result
+
+
+def _write_outputs(result: dict, out: Path, frames: np.ndarray, gen: _Generated, video_clips: int) -> dict:
+    """Writes the plots, the video grid of the first `video_clips` clips, report.md and
+    metrics.json under `out`; returns the JSON-safe metrics."""
     files: dict[str, list[str]] = {}
     out.mkdir(parents=True, exist_ok=True)
-    shown = min(cfg.eval.video_clips, n)
-    if dyn_params is not None:
-        gen_true, gen_random = np.concatenate(gen_true), np.concatenate(gen_random)
-        copy_last = np.repeat(frames[:, ctx - 1 : ctx], horizon, axis=1)
-        result.update(rollout_metrics(clips, ctx, gen_true[:, ctx:], gen_random[:, ctx:], copy_last))
-        if all(k in clips for k in GROUND_TRUTH):
-            result.update(ground_truth_metrics(clips, ctx, gen_true, gen_random, copy_last))
-        else:
-            telemetry.info(f"controllability metrics skipped: the dataset lacks {[k for k in GROUND_TRUTH if k not in clips]}")
-        if counterfactual:
-            cf = counterfactual_metrics(manifest, data_dir, clips, ctx, random_actions, gen_random[:, ctx:], copy_last)
-            if cf is not None:
-                result["counterfactual"] = cf
-        if probed:
-            result["action_probe"] = action_probe.probe_scores(np.concatenate(probed, axis=1), probe_moves,
-                                                               ~clips["cut"][:, ctx])
+    shown = min(video_clips, len(frames))
+    if gen.true_actions is not None:
         plot_drift(result, out / "psnr_vs_horizon.png")
-        files["video"] = write_video(video_grid(frames[:shown], gen_true[:shown]), out / "rollout")
+        files["video"] = write_video(video_grid(frames[:shown], gen.true_actions[:shown]), out / "rollout")
     else:
-        files["video"] = write_video(video_grid(frames[:shown], recon[:shown]), out / "reconstruction")
+        files["video"] = write_video(video_grid(frames[:shown], gen.recon[:shown]), out / "reconstruction")
     plot_metric_bars(result, out / "metrics_bars.png")
     files["bars"] = ["metrics_bars.png"]
     (out / "report.md").write_text(report_markdown(result, files))  # "nan" where nothing was measured
     result = json_safe(result)
     (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
     return result
+
+
+def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | None = None, out_dir: str | Path | None = None,
+             overrides: list[str] = ()) -> dict:
+    """Restores `workdir`'s checkpoint and writes the eval report; returns the metrics dict.
+    overrides: `eval.*` config keys (KEY=VALUE) for this evaluation, e.g. eval.guidance=2."""
+    workdir = Path(workdir)
+    cfg = _run_config(workdir, overrides)
+    if cfg.train.stage == "latent_actions":  # no frames to generate: its evaluation is the probe
+        from wm_jax.eval.latent_action_probe import evaluate_probe  # imports this module
+
+        return evaluate_probe(workdir, step=step, data_dir=data_dir, out_dir=out_dir)
+    data_dir = data_dir or cfg.data.dir
+    manifest = check_dataset(cfg, data_dir, cfg.eval.split)
+    mesh = sharding.make_mesh(MeshConfig())  # whatever devices are here
+    rules = sharding.logical_rules(cfg.mesh)
+    models = _restore_models(workdir, cfg, step, mesh, rules)
+    clips = _eval_clips(cfg, data_dir, models, mesh, rules)
+    random_actions, counterfactual = draw_random_actions(cfg, manifest, clips["action"], cfg.eval.context_frames)
+    probe_moves = _probe_moves(manifest, counterfactual, models.dyn_params is not None)
+    gen = _generate(cfg, models, clips, random_actions, probe_moves)
+    result = {**_result_header(workdir, models.step, cfg, manifest, data_dir, len(clips["frame"])),
+              "tokenizer": {"psnr": float(M.psnr(clips["frame"], gen.recon).mean())}}
+    if models.dyn_params is not None:
+        result.update(_dynamics_metrics(cfg, manifest, data_dir, clips, gen, random_actions, counterfactual,
+                                        probe_moves))
+    return _write_outputs(result, Path(out_dir) if out_dir else workdir / "eval", clips["frame"], gen,
+                          cfg.eval.video_clips)
