@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import json
 import signal
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,47 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         return _train(cfg, workdir, stop_at, lock.events)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Loop:
+    """What the training loop uses unchanged from step to step."""
+
+    cfg: Config
+    manifest: dict  # the dataset's or mixture's, as checked
+    mesh: jax.sharding.Mesh
+    rules: tuple[tuple[str, Any], ...]
+    manager: Any  # the checkpoint manager
+    logger: telemetry.RunLogger
+    batches: Any  # this process's batch iterator, whose position each checkpoint saves
+    step_fn: Callable
+    frozen: Any  # the frozen modules' parameters
+    fields: list[str]  # the batch fields the step reads
+    sensitivity_fn: Callable | None  # dynamics with actions only
+    throughput: Callable[[float], dict[str, float]]  # seconds per step -> rate metrics
+
+
+@dataclasses.dataclass
+class _Counters:
+    """What the training loop carries from step to step besides the train state."""
+
+    step: int
+    last: int  # the step this invocation ends after
+    recent_losses: collections.deque[float]  # the losses of recent log steps, for spikes
+    last_save: float = dataclasses.field(default_factory=time.monotonic)
+    skipped_in_a_row: int = 0  # consecutive steps whose update was non-finite
+    skipped_windows: int = 0  # windows with a bad record the loader replaced
+    skipped_logged: int = 0
+    # The log window: its start time and step, and the time spent waiting for data in it.
+    window_start: float = 0.0
+    window_step: int = 0
+    wait_s: float = 0.0
+
+    def new_window(self) -> None:
+        """Starts the next log window at the current step."""
+        self.window_start, self.window_step, self.wait_s = time.perf_counter(), self.step, 0.0
+
+
 def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tuple[str, str]]) -> TrainState:
+    """`train` once the run lock is held: returns the final train state."""
     bad_data: list[str] = []  # logged as events once the logger exists
     if cfg.data.mixture:
         manifest = check_mixture(cfg, cfg.data.split, warn=bad_data.append)
@@ -136,15 +177,50 @@ def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tu
     manager = ckpt.make_manager(workdir, cfg.checkpoint)
     if manager.latest_step() is not None:  # refuse another model before touching the run
         ckpt.check_compatible(manager, manager.latest_step(), cfg, workdir)
-    dataset_hash = manifest["content_hash"]
-    mixture_info = {"mixture": manifest["mixture"]} if cfg.data.mixture else {}
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        write_run_config(cfg, workdir, {**provenance.run_manifest(dataset_hash=dataset_hash, mesh_shape=dict(mesh.shape)),
-                                        **mixture_info})
+        write_run_config(cfg, workdir, _run_manifest(cfg, manifest, mesh))
 
     frozen = load_frozen(cfg, mesh, rules)
     abstract, shardings = state_shardings(cfg, mesh, rules)
+    batches = _make_batches(cfg, manifest)
+    damaged: list[str] = []
+    state, start_step = _restore_or_create(cfg, workdir, manager, batches, abstract, shardings, mesh, rules,
+                                           warn=damaged.append)
+    _describe_model(cfg, state, mesh)
+
+    # The restored frozen parameters already sit on their shardings.
+    fields = batch_fields(cfg, list(manifest["fields"]) + ([CODES] if cfg.data.latent_cache else []))
+    step_fn = jit_train_step(cfg, mesh, rules, shardings, jax.tree.map(lambda x: x.sharding, frozen), fields)
+    uses_actions = cfg.train.stage == "dynamics" and cfg.model.dynamics.use_actions
+    sensitivity_fn = make_sensitivity_fn(cfg) if uses_actions else None
+    # Every process restored the same step (or none) and is about to run collectives.
+    distributed.barrier("state_ready", cfg.train.barrier_timeout_s)
+    throughput = _throughput_fn(cfg)
+    logger = telemetry.RunLogger(workdir, cfg.train.steps, start_step, cfg.train.stage)
+    for kind, message in [*(("bad_data", m) for m in bad_data), *(("damaged_checkpoint", m) for m in damaged),
+                          *lock_events]:
+        logger.event(start_step, kind, message)
+    loop = _Loop(cfg, manifest, mesh, rules, manager, logger, batches, step_fn, frozen, fields, sensitivity_fn, throughput)
+    counters = _Counters(step=start_step, last=min(cfg.train.steps, stop_at or cfg.train.steps),
+                         recent_losses=collections.deque(maxlen=cfg.train.spike_window))
+    state = _run_and_close(loop, counters, state)
+    if jax.process_index() == 0:
+        (workdir / "train_summary.json").write_text(
+            json.dumps({"stage": cfg.train.stage, "step": counters.step, "parameters": param_count(state.params)}, indent=2)
+        )
+    return state
+
+
+def _run_manifest(cfg: Config, manifest: dict, mesh: jax.sharding.Mesh, step: int | None = None) -> dict:
+    """The run's provenance (at `step`, if given) with its mixture, if any: for its config and checkpoints."""
+    mixture_info = {"mixture": manifest["mixture"]} if cfg.data.mixture else {}
+    return {**provenance.run_manifest(dataset_hash=manifest["content_hash"], mesh_shape=dict(mesh.shape), step=step),
+            **mixture_info}
+
+
+def _make_batches(cfg: Config, manifest: dict) -> Any:
+    """This process's batch iterator (grain's: `get_state`/`set_state` give and set its position)."""
     # Each process loads its own slice of the global batch (ShardByJaxProcess); with
     # data.worker_count > 0 grain's worker processes read and decode it, off this thread.
     loader_args = dict(
@@ -161,21 +237,31 @@ def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tu
         loader = mixture_lib.make_mixture_loader(cfg.data.mixture, **loader_args)
     else:
         loader = make_loader(cfg.data.dir, **loader_args, latent_cache=open_latent_cache(cfg, manifest))
-    batches = iter(loader)
-    damaged: list[str] = []
-    found = ckpt.restore_newest_good(manager, abstract, cfg, workdir, warn=damaged.append)
+    return iter(loader)
+
+
+def _restore_or_create(cfg: Config, workdir: Path, manager: Any, batches: Any, abstract: Any, shardings: Any,
+                       mesh: jax.sharding.Mesh, rules: tuple[tuple[str, Any], ...],
+                       warn: Callable[[str], None]) -> tuple[TrainState, int]:
+    """The train state and step of the newest good checkpoint, with `batches` set to its data
+    position; else a new train state and step 0. `warn` gets each damaged checkpoint passed over."""
+    found = ckpt.restore_newest_good(manager, abstract, cfg, workdir, warn=warn)
     if found is None:
-        state, start_step = create_train_state(cfg, mesh, rules, shardings), 0
-    else:
-        start_step, state, data_state = found
-        try:
-            batches.set_state(_decode_iterator_state(data_state))
-        except ValueError as e:  # grain names the saved and the current source/sampler
-            raise ckpt.CheckpointError(
-                f"{workdir}: the data position saved at step {start_step} does not fit this loader (another "
-                f"dataset, batch size, data.worker_count, latent cache or loader version); resume with the "
-                f"settings it was saved with, or train in a new workdir: {e}") from e
-        telemetry.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start_step}")
+        return create_train_state(cfg, mesh, rules, shardings), 0
+    start_step, state, data_state = found
+    try:
+        batches.set_state(_decode_iterator_state(data_state))
+    except ValueError as e:  # grain names the saved and the current source/sampler
+        raise ckpt.CheckpointError(
+            f"{workdir}: the data position saved at step {start_step} does not fit this loader (another "
+            f"dataset, batch size, data.worker_count, latent cache or loader version); resume with the "
+            f"settings it was saved with, or train in a new workdir: {e}") from e
+    telemetry.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start_step}")
+    return state, start_step
+
+
+def _describe_model(cfg: Config, state: TrainState, mesh: jax.sharding.Mesh) -> None:
+    """Logs the model's size, cost per step and the devices it trains on; returns nothing."""
     telemetry.info(
         f"stage {cfg.train.stage}: {param_count(state.params):,} parameters, "
         f"{flops.train_step_flops(cfg):.3g} FLOPs per step, mesh {dict(mesh.shape)}, "
@@ -184,104 +270,129 @@ def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tu
     by_module = ", ".join(f"{k} {v:,}" for k, v in param_counts_by_module(state.params).items())
     telemetry.info(f"parameters per module: {by_module}")
 
-    # The restored frozen parameters already sit on their shardings.
-    fields = batch_fields(cfg, list(manifest["fields"]) + ([CODES] if cfg.data.latent_cache else []))
-    step_fn = jit_train_step(cfg, mesh, rules, shardings, jax.tree.map(lambda x: x.sharding, frozen), fields)
-    uses_actions = cfg.train.stage == "dynamics" and cfg.model.dynamics.use_actions
-    sensitivity_fn = make_sensitivity_fn(cfg) if uses_actions else None
-    # Every process restored the same step (or none) and is about to run collectives.
-    distributed.barrier("state_ready", cfg.train.barrier_timeout_s)
+
+def _throughput_fn(cfg: Config) -> Callable[[float], dict[str, float]]:
+    """A function of the seconds per step that returns the rate metrics (tokens/s, frames/s,
+    TFLOP/s per device, MFU when the device's peak is known)."""
     frames_per_step = cfg.data.batch_size * cfg.data.frames_per_clip
     step_flops, step_tokens = flops.train_step_flops(cfg), flops.tokens_per_step(cfg)
     device = jax.devices()[0]
     peak = telemetry.peak_tflops(device.device_kind, cfg.model.dtype, cfg.train.peak_tflops_per_device)
-    logger = telemetry.RunLogger(workdir, cfg.train.steps, start_step, cfg.train.stage)
-    for message in bad_data:
-        logger.event(start_step, "bad_data", message)
-    for message in damaged:
-        logger.event(start_step, "damaged_checkpoint", message)
-    for kind, message in lock_events:
-        logger.event(start_step, kind, message)
-    step, skipped_in_a_row, last_save = start_step, 0, time.monotonic()
-    skipped_windows = skipped_logged = 0  # windows with a bad record the loader replaced
+    return lambda step_s: telemetry.throughput(step_s, step_flops, step_tokens, frames_per_step, jax.device_count(), peak)
+
+
+def _run_and_close(loop: _Loop, counters: _Counters, state: TrainState) -> TrainState:
+    """Runs the steps under the stop flag, mesh and logical axis rules, then seals the last
+    checkpoint and waits for every process; closes the logger and checkpoint manager even on
+    an error. Returns the final train state."""
     # Checksums are computed off the training thread: hashing a large checkpoint takes seconds.
     sealer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    recent_losses: collections.deque[float] = collections.deque(maxlen=cfg.train.spike_window)
     try:
-        with StopFlag() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            window_start, window_step, wait_s = time.perf_counter(), step, 0.0
-            last = min(cfg.train.steps, stop_at or cfg.train.steps)
-            while step < last:
-                t0 = time.perf_counter()
-                local = next(batches)
-                wait_s += time.perf_counter() - t0
-                skipped_windows += int(local[SKIPPED].sum()) if SKIPPED in local else 0
-                batch = sharding.shard_batch({k: local[k] for k in fields}, mesh, rules)
-                state, metrics = step_fn(state, batch, frozen)
-                step += 1
-                # One scalar read per step: the guard must count consecutive skips exactly.
-                if bool(metrics["skipped"]):
-                    skipped_in_a_row += 1
-                    logger.event(step, "nonfinite", f"non-finite loss, gradient or updated state: update skipped "
-                                 f"({skipped_in_a_row} in a row)")
-                    if skipped_in_a_row >= cfg.train.max_nonfinite_steps:
-                        manager.wait_until_finished()  # the newest step named below is on disk
-                        raise FloatingPointError(
-                            f"{skipped_in_a_row} consecutive non-finite steps at step {step}; last good checkpoint: "
-                            f"{manager.latest_step()} (every saved state is finite: skipped updates are never applied)"
-                        )
-                else:
-                    skipped_in_a_row = 0
-                if step % cfg.train.log_every_steps == 0 or step == last:
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if sensitivity_fn is not None:  # does the model read its actions yet?
-                        values["action_sensitivity"] = float(sensitivity_fn(state.params, batch, frozen, state.step))
-                    # Window averages; the first window of a process includes compilation.
-                    elapsed, n = time.perf_counter() - window_start, step - window_step
-                    values.update(
-                        step_s=elapsed / n,
-                        **telemetry.throughput(elapsed / n, step_flops, step_tokens, frames_per_step, jax.device_count(), peak),
-                        data_wait_fraction=wait_s / elapsed,
-                        batch_crc32=batch_fingerprint(local),
-                    )
-                    if cfg.data.skip_bad_records:  # this process's count since this invocation started
-                        values["bad_windows_skipped"] = skipped_windows
-                        if skipped_windows > skipped_logged:
-                            logger.event(step, "bad_data", f"{skipped_windows - skipped_logged} window(s) with a bad record "
-                                         f"skipped since the last log (the loader's warnings name them)", total=skipped_windows)
-                            skipped_logged = skipped_windows
-                    spike = loss_zscore(values["loss"], recent_losses)
-                    if spike > cfg.train.spike_zscore:
-                        logger.event(step, "loss_spike", f"loss {values['loss']:.4g} is {spike:.1f} std above the recent mean", zscore=spike)
-                    if np.isfinite(values["loss"]):
-                        recent_losses.append(values["loss"])
-                    logger.log(step, values)
-                    window_start, window_step, wait_s = time.perf_counter(), step, 0.0
-                preempted = distributed.any_process(stop.signal is not None)
-                minutes = cfg.checkpoint.every_minutes
-                due = step % cfg.checkpoint.every_steps == 0 or (minutes > 0 and time.monotonic() - last_save >= 60 * minutes)
-                if due or step == last or preempted:
-                    run_manifest = {**provenance.run_manifest(dataset_hash=dataset_hash, mesh_shape=dict(mesh.shape), step=step),
-                                    **mixture_info}
-                    ckpt.save(manager, step, state, _encode_iterator_state(batches.get_state()), cfg, run_manifest)
-                    last_save = time.monotonic()
-                    sealer.submit(ckpt.seal_finished, manager)  # earlier steps that have committed since
-                if preempted:
-                    manager.wait_until_finished()
-                    ckpt.seal_finished(manager)
-                    logger.event(step, "preempted", f"{signal.Signals(stop.signal).name if stop.signal else 'stop signal'} "
-                                 f"(here or on another process): saved step {step}, exiting {EXIT_PREEMPTED}")
-                    raise Preempted(step)
-        manager.wait_until_finished()
+        with StopFlag() as stop, jax.set_mesh(loop.mesh), nn.logical_axis_rules(loop.rules):
+            state = _run_steps(loop, counters, state, stop, sealer)
+        loop.manager.wait_until_finished()
         sealer.shutdown(wait=True)
-        ckpt.seal_finished(manager)
-        distributed.barrier("run_finished", cfg.train.barrier_timeout_s)
+        ckpt.seal_finished(loop.manager)
+        distributed.barrier("run_finished", loop.cfg.train.barrier_timeout_s)
     finally:
         sealer.shutdown(wait=True)
-        logger.close()
-        manager.close()
-    if jax.process_index() == 0:
-        (workdir / "train_summary.json").write_text(
-            json.dumps({"stage": cfg.train.stage, "step": step, "parameters": param_count(state.params)}, indent=2)
-        )
+        loop.logger.close()
+        loop.manager.close()
     return state
+
+
+def _run_steps(loop: _Loop, c: _Counters, state: TrainState, stop: StopFlag,
+               sealer: concurrent.futures.Executor) -> TrainState:
+    """Trains from step `c.step` to `c.last`, logging and saving on the way; returns the train
+    state. Raises FloatingPointError (too many non-finite steps) or Preempted (after its save)."""
+    c.new_window()
+    while c.step < c.last:
+        local = _next_batch(loop.batches, c)
+        batch = sharding.shard_batch({k: local[k] for k in loop.fields}, loop.mesh, loop.rules)
+        state, metrics = loop.step_fn(state, batch, loop.frozen)
+        c.step += 1
+        _count_nonfinite(loop, c, metrics)
+        if c.step % loop.cfg.train.log_every_steps == 0 or c.step == c.last:
+            _log_step(loop, c, state, metrics, batch, local)
+        _save_or_stop(loop, c, state, stop, sealer)
+    return state
+
+
+def _next_batch(batches: Any, c: _Counters) -> dict[str, np.ndarray]:
+    """This process's next batch; adds the wait for it and its replaced bad windows to `c`."""
+    t0 = time.perf_counter()
+    local = next(batches)
+    c.wait_s += time.perf_counter() - t0
+    c.skipped_windows += int(local[SKIPPED].sum()) if SKIPPED in local else 0
+    return local
+
+
+def _count_nonfinite(loop: _Loop, c: _Counters, metrics: dict[str, jax.Array]) -> None:
+    """Counts (and logs) consecutive skipped non-finite updates; returns nothing, raises
+    FloatingPointError at `train.max_nonfinite_steps` in a row."""
+    # One scalar read per step: the guard must count consecutive skips exactly.
+    if not bool(metrics["skipped"]):
+        c.skipped_in_a_row = 0
+        return
+    c.skipped_in_a_row += 1
+    loop.logger.event(c.step, "nonfinite", f"non-finite loss, gradient or updated state: update skipped "
+                      f"({c.skipped_in_a_row} in a row)")
+    if c.skipped_in_a_row >= loop.cfg.train.max_nonfinite_steps:
+        loop.manager.wait_until_finished()  # the newest step named below is on disk
+        raise FloatingPointError(
+            f"{c.skipped_in_a_row} consecutive non-finite steps at step {c.step}; last good checkpoint: "
+            f"{loop.manager.latest_step()} (every saved state is finite: skipped updates are never applied)"
+        )
+
+
+def _log_step(loop: _Loop, c: _Counters, state: TrainState, metrics: dict[str, jax.Array],
+              batch: dict[str, jax.Array], local: dict[str, np.ndarray]) -> None:
+    """Logs this step's metrics, the log window's averages and any bad-data or loss-spike
+    event, then starts the next window; returns nothing."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if loop.sensitivity_fn is not None:  # does the model read its actions yet?
+        values["action_sensitivity"] = float(loop.sensitivity_fn(state.params, batch, loop.frozen, state.step))
+    # Window averages; the first window of a process includes compilation.
+    elapsed, n = time.perf_counter() - c.window_start, c.step - c.window_step
+    values.update(
+        step_s=elapsed / n,
+        **loop.throughput(elapsed / n),
+        data_wait_fraction=c.wait_s / elapsed,
+        batch_crc32=batch_fingerprint(local),
+    )
+    if loop.cfg.data.skip_bad_records:  # this process's count since this invocation started
+        values["bad_windows_skipped"] = c.skipped_windows
+        if c.skipped_windows > c.skipped_logged:
+            loop.logger.event(c.step, "bad_data", f"{c.skipped_windows - c.skipped_logged} window(s) with a bad "
+                              f"record skipped since the last log (the loader's warnings name them)",
+                              total=c.skipped_windows)
+            c.skipped_logged = c.skipped_windows
+    spike = loss_zscore(values["loss"], c.recent_losses)
+    if spike > loop.cfg.train.spike_zscore:
+        loop.logger.event(c.step, "loss_spike", f"loss {values['loss']:.4g} is {spike:.1f} std above the recent mean",
+                          zscore=spike)
+    if np.isfinite(values["loss"]):
+        c.recent_losses.append(values["loss"])
+    loop.logger.log(c.step, values)
+    c.new_window()
+
+
+def _save_or_stop(loop: _Loop, c: _Counters, state: TrainState, stop: StopFlag,
+                  sealer: concurrent.futures.Executor) -> None:
+    """Saves step `c.step` when a checkpoint is due, it is the last step or any process got a
+    stop signal; returns nothing, or, after a stop signal, waits for the save and raises Preempted."""
+    cfg, manager = loop.cfg, loop.manager
+    preempted = distributed.any_process(stop.signal is not None)
+    minutes = cfg.checkpoint.every_minutes
+    due = c.step % cfg.checkpoint.every_steps == 0 or (minutes > 0 and time.monotonic() - c.last_save >= 60 * minutes)
+    if due or c.step == c.last or preempted:
+        ckpt.save(manager, c.step, state, _encode_iterator_state(loop.batches.get_state()), cfg,
+                  _run_manifest(cfg, loop.manifest, loop.mesh, step=c.step))
+        c.last_save = time.monotonic()
+        sealer.submit(ckpt.seal_finished, manager)  # earlier steps that have committed since
+    if preempted:
+        manager.wait_until_finished()
+        ckpt.seal_finished(manager)
+        loop.logger.event(c.step, "preempted", f"{signal.Signals(stop.signal).name if stop.signal else 'stop signal'} "
+                          f"(here or on another process): saved step {c.step}, exiting {EXIT_PREEMPTED}")
+        raise Preempted(c.step)
