@@ -177,8 +177,7 @@ def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tu
     manager = ckpt.make_manager(workdir, cfg.checkpoint)
     if manager.latest_step() is not None:  # refuse another model before touching the run
         ckpt.check_compatible(manager, manager.latest_step(), cfg, workdir)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # `open_workdir` has created the directory
         write_run_config(cfg, workdir, _run_manifest(cfg, manifest, mesh))
 
     frozen = load_frozen(cfg, mesh, rules)
