@@ -84,3 +84,10 @@ def test_nonfinite_numbers_exit_2_naming_the_key(tmp_path, capsys, override, key
     err = capsys.readouterr().err
     assert code == 2 and f"config key '{key}' must be a finite number" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["model.dynamics.action_dropout", "model.dynamics.context_corruption"])
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_training_shares_outside_0_1_are_refused(key, value):
+    with pytest.raises(config_lib.ConfigError, match=rf"'{key}' must be in \[0, 1\)"):
+        config_lib.load(PRESET, [f"{key}={value}"])

@@ -94,6 +94,11 @@ class DynamicsConfig:
     # Training: the share of steps whose action is replaced by "no action", so that one
     # model also predicts unconditionally (classifier-free guidance at sampling).
     action_dropout: float = 0.0
+    # Training, anti-drift: each input frame has a share of its tokens replaced by random
+    # codes, the share drawn per frame from U(0, context_corruption); the targets stay clean.
+    # A rollout feeds the model its own imperfect frames; this teaches it to read through
+    # them (GameNGen's context-noise augmentation, for tokens). 0: off.
+    context_corruption: float = 0.0
     # Leave the first frame of a new shot out of the loss: after a cut the new framing is
     # not predictable from the past, and its tokens would dominate the loss. A cut whose
     # framing the model is told (cut_framing / cut_framing_shift) stays in the loss.
@@ -551,8 +556,9 @@ def _check_model(cfg: Config) -> None:
 
 
 def _check_ranges(cfg: Config) -> None:
-    """Bounded values: action dropout in [0, 1), sampling settings and the temporal window >= 0."""
-    unit = {"model.dynamics.action_dropout": cfg.model.dynamics.action_dropout}
+    """Bounded values: action dropout and context corruption in [0, 1), sampling settings and the temporal window >= 0."""
+    unit = {"model.dynamics.action_dropout": cfg.model.dynamics.action_dropout,
+            "model.dynamics.context_corruption": cfg.model.dynamics.context_corruption}
     for key, v in unit.items():
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"config key '{key}' must be in [0, 1); got {v}")

@@ -549,3 +549,39 @@ def test_each_conditioning_mode_is_causal_and_reads_its_actions(conditioning, t=
     # An action alone moves its own position's prediction.
     moved = apply(codes, actions.at[:, t].set((actions[:, t] + 1) % 5))
     assert np.abs(np.asarray(moved[:, t] - base[:, t])).max() > 1e-4
+
+
+def test_corrupt_codes_replaces_a_per_frame_share_with_valid_codes():
+    from wm_jax.models.dynamics import corrupt_codes
+
+    levels = CFG.tokenizer.fsq_levels
+    codes = tk.indices_to_codes(jax.random.randint(jax.random.key(0), (64, 6, 32), 0, tk.vocab_size(CFG)), levels)
+    np.testing.assert_array_equal(corrupt_codes(codes, jax.random.key(1), 0.0, levels), codes)
+    noisy = corrupt_codes(codes, jax.random.key(1), 0.8, levels)
+    # Every output token is a codebook entry, and the codes round-trip through indices.
+    np.testing.assert_array_equal(tk.indices_to_codes(tk.codes_to_indices(noisy, levels), levels), noisy)
+    changed = np.asarray(jnp.any(noisy != codes, axis=-1)).mean(axis=-1)  # [B, T] share per frame
+    # The rate is drawn per frame from U(0, 0.8): mean 0.4, frames spread over the range.
+    assert 0.35 < changed.mean() < 0.45, changed.mean()
+    assert changed.min() < 0.1 and changed.max() > 0.65, (changed.min(), changed.max())
+
+
+def test_context_corruption_noises_the_inputs_not_the_targets(with_actions):
+    from wm_jax.models.dynamics import corrupt_codes
+    from wm_jax.train.step import dynamics_loss
+
+    _, variables = with_actions
+    codes, actions, _ = _inputs()
+    frames = jnp.concatenate([codes, codes[:, :1]], axis=1)  # T + 1 frames
+    steps = {"action": jnp.pad(actions, ((0, 0), (0, 1)))}
+    cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, context_corruption=0.5))
+    model, rng = DynamicsModel(cfg), jax.random.key(3)
+    with pytest.raises(ValueError, match="context_corruption needs an rng"):
+        dynamics_loss(variables["params"], model, steps, frames)
+    context = corrupt_codes(frames[:, :-1], jax.random.fold_in(rng, 2), 0.5, CFG.tokenizer.fsq_levels)
+    assert bool(jnp.any(context != frames[:, :-1]))
+    expected, _ = token_loss(model.apply(variables, context, make_controls(steps)), frames[:, 1:], cfg)
+    loss, _ = dynamics_loss(variables["params"], model, steps, frames, rng=rng)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+    clean, _ = dynamics_loss(variables["params"], _model(), steps, frames, rng=rng)
+    assert float(loss) != float(clean)

@@ -175,6 +175,18 @@ def sample_maskgit_mask(key: jax.Array, shape: tuple[int, int, int]) -> jax.Arra
     return rank < count[..., None]
 
 
+def corrupt_codes(codes: jax.Array, key: jax.Array, max_rate: float, levels: tuple[int, ...]) -> jax.Array:
+    """codes float32 [B, T, N, L] -> the same with each frame's tokens replaced by uniformly
+    random codes at a rate r ~ U(0, max_rate) drawn per (clip, frame): a model trained on
+    them learns to read through the errors of its own rollouts."""
+    b, t, n, _ = codes.shape
+    k_rate, k_hit, k_code = jax.random.split(key, 3)
+    rate = jax.random.uniform(k_rate, (b, t, 1), maxval=max_rate)
+    hit = jax.random.uniform(k_hit, (b, t, n)) < rate
+    noise = indices_to_codes(jax.random.randint(k_code, (b, t, n), 0, math.prod(levels)), levels)
+    return jnp.where(hit[..., None], noise, codes)
+
+
 def maskgit_update(
     logits: jax.Array, guess: jax.Array, masked: jax.Array, remaining: jax.Array, cfg: ModelConfig,
     noise: jax.Array | None = None,

@@ -13,7 +13,7 @@ from flax import linen as nn
 
 from wm_jax.config import Config
 from wm_jax.eval.metrics import psnr_from_mse
-from wm_jax.models.dynamics import framed_cuts, make_controls, sample_maskgit_mask, token_loss
+from wm_jax.models.dynamics import corrupt_codes, framed_cuts, make_controls, sample_maskgit_mask, token_loss
 from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.tokenizer import VideoTokenizer, indices_to_codes, num_tokens, vocab_size
 from wm_jax.sharding import batch_sharding
@@ -104,7 +104,8 @@ def dynamics_loss(
     masked (`sample_maskgit_mask` from `rng`, required) and the loss covers those only.
     With `model.dynamics.mask_cut_loss`, targets that open a new shot are left out unless
     the model is given their framing (`cut_framing[_shift]`, where the camera is known); with
-    `action_dropout` > 0 (needs `rng`), that share of the steps loses its action.
+    `action_dropout` > 0 (needs `rng`), that share of the steps loses its action; with
+    `context_corruption` > 0 (needs `rng`), the input frames are corrupted (`corrupt_codes`).
     """
     dc = model.cfg.dynamics
     controls = make_controls(batch)
@@ -114,19 +115,24 @@ def dynamics_loss(
             raise ValueError("action_dropout needs an rng")
         dropped = jax.random.bernoulli(jax.random.fold_in(rng, 1), dc.action_dropout, controls.action_mask.shape)
         controls = controls.replace(action_mask=controls.action_mask & ~dropped)
+    context = codes[:, :-1]
+    if dc.context_corruption > 0:
+        if rng is None:
+            raise ValueError("context_corruption needs an rng")
+        context = corrupt_codes(context, jax.random.fold_in(rng, 2), dc.context_corruption, model.cfg.tokenizer.fsq_levels)
     scored = jnp.ones((b, t - 1, n), bool)
     if dc.mask_cut_loss:
         # A cut whose framing the model is told (`framed_cuts`) is predictable: it is scored.
         framed = controls.camera_mask if framed_cuts(model.cfg) else False
         scored = jnp.broadcast_to((~controls.next_cut | framed)[..., None], scored.shape)
     if dc.objective != "maskgit":
-        logits = model.apply({"params": params}, codes[:, :-1], controls, *reference)
+        logits = model.apply({"params": params}, context, controls, *reference)
         loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg, scored)
         return loss, {"loss": loss, "token_accuracy": accuracy}
     if rng is None:
         raise ValueError("the maskgit objective needs an rng for its masks")
     mask = sample_maskgit_mask(rng, (b, t - 1, n))
-    logits = model.apply({"params": params}, codes[:, :-1], controls, *reference, None, codes[:, 1:], mask)
+    logits = model.apply({"params": params}, context, controls, *reference, None, codes[:, 1:], mask)
     loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg, mask & scored)
     return loss, {"loss": loss, "token_accuracy": accuracy, "mask_fraction": jnp.mean(mask)}
 
@@ -137,9 +143,10 @@ def action_sensitivity(
 ) -> jax.Array:
     """Loss with shuffled actions − loss with the true ones (float32 scalar) on one batch:
     > 0 when the model uses its actions. Shuffled: each clip gets the next clip's actions
-    (a roll over the batch, so their distribution is unchanged); action dropout is off."""
+    (a roll over the batch, so their distribution is unchanged); action dropout and context
+    corruption are off, so the figure compares across training settings."""
     model = model.clone(cfg=dataclasses.replace(
-        model.cfg, dynamics=dataclasses.replace(model.cfg.dynamics, action_dropout=0.0)))
+        model.cfg, dynamics=dataclasses.replace(model.cfg.dynamics, action_dropout=0.0, context_corruption=0.0)))
     shuffled = {**batch, "action": jnp.roll(batch["action"], 1, axis=0)}
     if "action_valid" in batch:
         shuffled["action_valid"] = jnp.roll(batch["action_valid"], 1, axis=0)
