@@ -15,7 +15,7 @@ python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.
 bench() {
   local name=$1; shift
   echo "== $name: $*"
-  timeout "${STEP_TIMEOUT:-300}" python3 -m benchmarks.train --config dynamics_h100 --steps 10 \
+  timeout "${STEP_TIMEOUT:-300}" python3 -m wm_jax.bench.train --config dynamics_h100 --steps 10 \
     --results "$OUT/RESULTS.md" "$@" > "$OUT/$name.log" 2>&1
   echo "exit $?"; tail -n 14 "$OUT/$name.log" | cut -c1-400
 }

@@ -249,6 +249,39 @@ def _start_progress(root: Path, plan: dict) -> dict[str, int]:
     return {}
 
 
+def _checked_inputs(data_dir: str | os.PathLike, encoder: CacheEncoder, splits: Iterable[str] | None,
+                    batch_size: int, chunk_records: int) -> tuple[dict, list[str]]:
+    """The verified dataset's manifest and the splits to encode (default: all); DatasetError
+    for bad sizes, a bad dataset, an unknown split or frames the encoder does not take."""
+    if batch_size < 1 or chunk_records < 1:
+        raise DatasetError(f"batch_size ({batch_size}) and chunk_records ({chunk_records}) must be >= 1")
+    data = writer.verify_dataset(data_dir)
+    splits = list(data["splits"]) if splits is None else list(splits)
+    for split in splits:
+        writer.shard_paths(data_dir, data, split)  # DatasetError naming an unknown split
+    if data["frame_size"] != encoder.image_size:
+        raise DatasetError(f"tokenizer {encoder.identity.workdir} encodes {encoder.image_size}x{encoder.image_size} "
+                           f"frames, dataset {data_dir} has {data['frame_size']}x{data['frame_size']}")
+    return data, splits
+
+
+def _finished_manifest(plan: dict, data: dict, encoder: CacheEncoder, entries: dict) -> dict:
+    """The manifest of a cache whose splits (`entries`) are all written."""
+    who = encoder.identity
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset": {"dir": plan["data_dir"], "content_hash": data["content_hash"], "frame_size": data["frame_size"]},
+        "tokenizer": {"workdir": plan["tokenizer_workdir"], "step": who.step, "config_hash": who.config_hash,
+                      "fingerprint": who.fingerprint, "window_frames": plan["window_frames"],
+                      "batch_size": plan["batch_size"], "dtype": encoder.dtype},
+        "fsq_levels": list(encoder.fsq_levels),
+        "tokens_per_frame": encoder.tokens_per_frame,
+        "vocab_size": math.prod(encoder.fsq_levels),
+        "splits": entries,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+
+
 def write_cache(data_dir: str | os.PathLike, encoder: CacheEncoder, out_dir: str | os.PathLike, *,
                 splits: Iterable[str] | None = None, batch_size: int = 32, chunk_records: int = 256,
                 log: Callable[[str], None] = print,
@@ -264,20 +297,10 @@ def write_cache(data_dir: str | os.PathLike, encoder: CacheEncoder, out_dir: str
     verified first; DatasetError for a bad dataset, frames of another size than the
     encoder's, or an out_dir that is a finished cache or something else.
     """
-    if batch_size < 1 or chunk_records < 1:
-        raise DatasetError(f"batch_size ({batch_size}) and chunk_records ({chunk_records}) must be >= 1")
-    root = Path(out_dir)
-    data = writer.verify_dataset(data_dir)
-    splits = list(data["splits"]) if splits is None else list(splits)
-    for split in splits:
-        writer.shard_paths(data_dir, data, split)  # DatasetError naming an unknown split
-    who = encoder.identity
-    if data["frame_size"] != encoder.image_size:
-        raise DatasetError(f"tokenizer {who.workdir} encodes {encoder.image_size}x{encoder.image_size} frames, "
-                           f"dataset {data_dir} has {data['frame_size']}x{data['frame_size']}")
+    root, who = Path(out_dir), encoder.identity
+    data, splits = _checked_inputs(data_dir, encoder, splits, batch_size, chunk_records)
     window_frames, tokens = encoder.window_frames, encoder.tokens_per_frame
-    vocab_size = math.prod(encoder.fsq_levels)
-    dtype = token_dtype(vocab_size)
+    dtype = token_dtype(math.prod(encoder.fsq_levels))
     plan = {"format_version": FORMAT_VERSION, "data_dir": str(Path(data_dir).resolve()),
             "content_hash": data["content_hash"], "tokenizer_workdir": str(Path(who.workdir).resolve()),
             "tokenizer_step": who.step, "tokenizer_hash": who.config_hash, "tokenizer_fingerprint": who.fingerprint,
@@ -315,18 +338,7 @@ def write_cache(data_dir: str | os.PathLike, encoder: CacheEncoder, out_dir: str
         entries[split] = {"path": f"{split}.zarr", "records": records, "shape": [records, tokens],
                           "dtype": dtype.name, "chunk_shape": [chunk_records, tokens],
                           "content_hash": _content_hash(store, chunk_records * 16, f"split {split!r} of {root}")}
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "dataset": {"dir": plan["data_dir"], "content_hash": data["content_hash"], "frame_size": data["frame_size"]},
-        "tokenizer": {"workdir": plan["tokenizer_workdir"], "step": who.step, "config_hash": who.config_hash,
-                      "fingerprint": who.fingerprint, "window_frames": window_frames, "batch_size": batch_size,
-                      "dtype": encoder.dtype},
-        "fsq_levels": list(encoder.fsq_levels),
-        "tokens_per_frame": tokens,
-        "vocab_size": vocab_size,
-        "splits": entries,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    }
+    manifest = _finished_manifest(plan, data, encoder, entries)
     _write_json(root / MANIFEST, manifest)
     (root / PROGRESS).unlink()
     return manifest

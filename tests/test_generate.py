@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import watermark as bench_watermark
 from conftest import PRESET, REPO, TINY_OVERRIDES
+from wm_jax.bench import watermark as bench_watermark
 from wm_jax.cli import main
 from wm_jax.generate import (DEFAULT_POSE, ScriptError, load_script, output_paths, parse_script, read_source,
                              resolve_shots)

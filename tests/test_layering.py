@@ -4,7 +4,7 @@
   is public, so renaming a private one never breaks a caller elsewhere.
 - `wm_jax.models` imports nothing from training, evaluation, the CLI or the data pipelines.
 - `data_pipelines` imports nothing from `wm_jax`: the data layer sits below the library.
-- No library module imports the CLI (`wm_jax.cli`); the CLI imports the library.
+- No library module imports the CLI (the `wm_jax.cli` package); the CLI imports the library.
 - No import cycle among first-party modules at import time (imports inside functions,
   which run later, are left out: the CLI defers JAX that way).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("wm_jax", "data_pipelines", "benchmarks")
+PACKAGES = ("wm_jax", "data_pipelines")
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def within(name: str, package: str) -> bool:
 
 def test_the_scan_sees_the_package():
     assert {"wm_jax.cli", "wm_jax.models.dynamics", "data_pipelines.loader"} <= MODULES
-    assert any(u.module == "wm_jax.cli" and within(u.target, "wm_jax.train") for u in USES)
+    assert any(within(u.module, "wm_jax.cli") and within(u.target, "wm_jax.train") for u in USES)
 
 
 def test_no_private_name_is_used_across_modules():
@@ -144,7 +144,7 @@ def test_data_pipelines_import_nothing_from_wm_jax():
 
 
 def test_no_library_module_imports_the_cli():
-    check(lambda u: u.module != "wm_jax.cli" and within(u.target, "wm_jax.cli"))
+    check(lambda u: not within(u.module, "wm_jax.cli") and within(u.target, "wm_jax.cli"))
 
 
 def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:

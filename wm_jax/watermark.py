@@ -246,15 +246,6 @@ def detect(frames: Any, key: int = DEFAULT_KEY, threshold: float = THRESHOLD) ->
     return score, score >= threshold
 
 
-def psnr(a: Any, b: Any) -> float:
-    """PSNR in dB between two uint8 arrays of the same shape (inf when identical)."""
-    a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape:
-        raise ValueError(f"PSNR needs arrays of one shape, got {a.shape} and {b.shape}")
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 # ---------------------------------------------------------------------------- sidecar
 
 

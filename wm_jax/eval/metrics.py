@@ -14,7 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-PSNR_CAP_MSE = 1e-10  # mse floor: identical images score 100 dB instead of inf
+from wm_jax import imaging
+from wm_jax.imaging import psnr  # the shared definition, also offered as metrics.psnr
 
 # Wang, Bovik, Sheikh & Simoncelli 2004, "Image quality assessment: from error visibility
 # to structural similarity", section III-C.
@@ -50,16 +51,8 @@ def _masked_mean(x: np.ndarray, mask: np.ndarray) -> float:
 
 
 def psnr_from_mse(mse: jnp.ndarray, max_val: float = 1.0) -> jnp.ndarray:
-    """Peak signal-to-noise ratio in dB: 10 log10(max_val^2 / mse), capped at 100 dB for mse 0."""
-    return 10.0 * jnp.log10(max_val**2 / jnp.maximum(mse, PSNR_CAP_MSE))
-
-
-def psnr(a: np.ndarray, b: np.ndarray, axes: tuple[int, ...] = (-3, -2, -1)) -> np.ndarray:
-    """PSNR per image between uint8 frames [..., H, W, C]; reduces over `axes` (dB, float64)."""
-    a = np.asarray(a, np.float64) / 255.0
-    b = np.asarray(b, np.float64) / 255.0
-    mse = np.mean(np.square(a - b), axis=axes)
-    return 10.0 * np.log10(1.0 / np.maximum(mse, PSNR_CAP_MSE))
+    """`imaging.psnr_from_mse` on jax arrays (traceable: the train step's PSNR)."""
+    return imaging.psnr_from_mse(mse, max_val, xp=jnp)
 
 
 def psnr_per_horizon(truth: np.ndarray, generated: np.ndarray) -> np.ndarray:
@@ -435,12 +428,6 @@ def reappearances(visible: np.ndarray, hidden: np.ndarray) -> np.ndarray:
     return out
 
 
-def _crop_psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """PSNR in dB of crops on [0, 1] [..., s, s, C] (capped at 100 dB like `psnr`)."""
-    mse = np.mean(np.square(a - b), axis=(-3, -2, -1))
-    return 10.0 * np.log10(1.0 / np.maximum(mse, PSNR_CAP_MSE))
-
-
 def object_permanence(
     generated: np.ndarray,
     truth: np.ndarray,
@@ -478,7 +465,7 @@ def object_permanence(
     back = reappearances(vis, hidden)
     scored = np.arange(t)[None, :, None] >= start
     crop_g, crop_t = crop_boxes(g, bx, size), crop_boxes(tr, bx, size)
-    crop_psnr = _crop_psnr(crop_g, crop_t)
+    crop_psnr = psnr(crop_g, crop_t, max_val=1.0)  # crops are on [0, 1]
     return {
         "reappear_psnr": _masked_mean(crop_psnr, back & scored),
         "reappear_similarity": _masked_mean(appearance_similarity(crop_g, crop_t), back & scored),

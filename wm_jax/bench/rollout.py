@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import results
 from wm_jax import config as config_lib
+from wm_jax.bench import results
 from wm_jax.config import Config
 from wm_jax.models.dynamics import DynamicsModel, make_controls
 from wm_jax.models.tokenizer import indices_to_codes, num_tokens, vocab_size
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--horizons", default="16,64,256", help="comma-separated horizons (default 16,64,256)")
     parser.add_argument("--batch", type=int, default=1, help="independent shots generated together (default 1)")
-    parser.add_argument("--results", type=Path, default=results.RESULTS_PATH, help="markdown file to append rows to")
+    results.add_flag(parser)
     args = parser.parse_args(argv)
     try:
         horizons = [int(h) for h in args.horizons.split(",")]

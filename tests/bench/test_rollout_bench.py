@@ -7,7 +7,7 @@ off the benchmark's own output (benchmarks/RESULTS.md).
 import json
 import math
 
-from benchmarks import rollout as bench
+from wm_jax.bench import rollout as bench
 
 TINY = ["model.image_size=8", "model.dynamics.embed_dim=16", "model.dynamics.num_layers=2",
         "model.dynamics.num_heads=2", "model.dynamics.mlp_dim=32", "model.dynamics.temporal_window=3"]

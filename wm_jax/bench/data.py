@@ -9,7 +9,7 @@ in one run on the same dataset:
 - loader: `make_loader` (read, decode, check, window, batch) with `--workers` grain worker
   processes and its prefetch, as `next(iter(loader))` delivers batches to the caller,
   of the fields `wm train` loads for the config (`loop.loaded_fields`);
-- train: the train step of the config on a synthetic batch (`benchmarks.train.run`):
+- train: the train step of the config on a synthetic batch (`wm_jax.bench.train.run`):
   batch_size / step_s, the rate training consumes clips.
 
 Raw and loader are measured `--repeats` times, interleaved (raw, loader, raw, ...) so
@@ -37,10 +37,10 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
-from benchmarks import results
-from benchmarks import train as train_bench
 from data_pipelines import datasets, loader, writer
 from wm_jax import config as config_lib
+from wm_jax.bench import results
+from wm_jax.bench import train as train_bench
 from wm_jax.config import Config, ConfigError
 from wm_jax.train.loop import loaded_fields
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="raw/loader measurements each (default 3)")
     parser.add_argument("--warmup-batches", type=int, default=8, help="untimed batches per loader (default 8)")
     parser.add_argument("--train-steps", type=int, default=10, help="timed train steps (default 10)")
-    parser.add_argument("--results", type=Path, default=results.RESULTS_PATH, help="markdown file to append a row to")
+    results.add_flag(parser)
     args = parser.parse_args(argv)
     if min(args.clips, args.repeats, args.train_steps, args.episodes, args.frames) < 1 or min(args.workers, args.warmup_batches) < 0:
         parser.error("--clips, --repeats, --train-steps, --episodes and --frames must be >= 1; "

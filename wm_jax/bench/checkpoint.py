@@ -6,7 +6,7 @@ long the caller waits before it can run its next step; for async saves we also t
 `wait_until_finished()` returns (the total save time) to show the write really happened.
 Target (issue): async blocking <= 10% of sync blocking for a state of >= 100 MB.
 
-Run: `python -m benchmarks.checkpoint --state-mb 128 --repeats 3`.
+Run: `python -m wm_jax.bench.checkpoint --state-mb 128 --repeats 3`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from benchmarks import results
+from wm_jax.bench import results
 
 MIB = 2**20
 ROWS = 1024  # every matrix leaf is [ROWS, cols]
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-mb", type=float, default=128.0, help="state size in MiB (default 128)")
     parser.add_argument("--repeats", type=int, default=3, help="timed saves per mode (default 3)")
     parser.add_argument("--workdir", default=None, help="parent of the temp checkpoint dirs (default: system temp)")
-    parser.add_argument("--results", type=Path, default=results.RESULTS_PATH, help="markdown file to append a row to")
+    results.add_flag(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.state_mb <= 0:
         parser.error("--repeats must be >= 1 and --state-mb > 0")

@@ -8,10 +8,10 @@ import statistics
 
 import pytest
 
-from benchmarks import data as bench
 from conftest import TINY_OVERRIDES
 from data_pipelines import datasets
 from wm_jax import config as config_lib
+from wm_jax.bench import data as bench
 from wm_jax.cli import main as wm_main
 from wm_jax.config import ConfigError
 

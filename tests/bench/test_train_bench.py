@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from benchmarks import train as bench
 from conftest import TINY_OVERRIDES
+from wm_jax.bench import train as bench
 
 
 @pytest.mark.parametrize("stage, peak", [pytest.param("tokenizer", 0.0, marks=pytest.mark.slow), ("dynamics", 0.5)])

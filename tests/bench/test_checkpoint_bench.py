@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from benchmarks import checkpoint as bench
+from wm_jax.bench import checkpoint as bench
 
 KEYS = ("sync_blocking_s", "async_blocking_s", "async_total_s", "async_blocking_vs_sync")
 

@@ -39,8 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import results
 from wm_jax import watermark as wmk
+from wm_jax.bench import results
+from wm_jax.imaging import psnr
 
 COLUMNS = ["machine", "clips", "frames", "size", "mp4 fps", "PSNR dB", "detected", "false pos.", "detected after mp4",
            "false pos. after mp4", "wrong key", "command"]
@@ -168,7 +169,7 @@ def run(clips: int = 200, frames: int = 16, size: int = 64, key: int = wmk.DEFAU
             clip = procedural_clip(i, frames, size, seed)
             real = procedural_clip(clips + i, frames, size, seed)  # another world, never marked
             marked = wmk.embed(clip, key, strength)
-            psnrs.append(wmk.psnr(clip, marked))
+            psnrs.append(psnr(clip, marked, axes=None))
             score_pair(scores, marked, real, key, i, tmp, fps)
     return {
         **rates(scores),
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="procedural world seed, or wm generate's with --workdir (default 0)")
     parser.add_argument("--workdir", default=None, help="a dynamics run: mark clips it generates (with --script)")
     parser.add_argument("--script", default=None, help="shot list for --workdir (wm generate's YAML)")
-    parser.add_argument("--results", type=Path, default=results.RESULTS_PATH, help="markdown file to append a row to")
+    results.add_flag(parser)
     args = parser.parse_args(argv)
     if (args.workdir is None) != (args.script is None):
         parser.error("--workdir and --script go together")

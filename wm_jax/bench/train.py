@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from benchmarks import results
 from wm_jax import config as config_lib
 from wm_jax import telemetry
+from wm_jax.bench import results
 from wm_jax.config import Config, ConfigError
 from wm_jax.models.tokenizer import vocab_size
 from wm_jax.train import dry_run
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
-    parser.add_argument("--results", type=Path, default=results.RESULTS_PATH, help="markdown file to append a row to")
+    results.add_flag(parser)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")

@@ -1,0 +1,63 @@
+"""`wm` command line: data, train, eval, export, bench, generate, verify, demo, launch, sweep.
+
+One module per command group, each with `add_parser(subparsers)` registering its
+commands and their handlers (`fn`). No library module imports this package.
+
+Exit codes (DESIGN.md §6): 0 ok; 2 bad usage, config or input (the message names the
+key or file; a run directory another `wm train` holds); 3 numerics guard; 42 preempted
+or interrupted (SIGTERM, SIGUSR1, Ctrl-C) after a successful save; 130 interrupted with
+nothing to save; `wm verify` alone exits 1 when the video fails a check (watermark not
+detected, or sidecar missing, mismatched or not signed by the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# What parsing the command line needs (no JAX: `wm --help` and `wm launch` stay fast); each
+# command imports the rest.
+from wm_jax.cli import bench, data, demo, eval, export, generate, launch, sweep, train
+from wm_jax.cli.common import EXIT_NUMERICS, EXIT_USAGE
+from wm_jax.config import ConfigError
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NUMERICS", "EXIT_USAGE", "build_parser", "main"]
+
+# In `wm --help` order.
+COMMAND_GROUPS = (data, train, eval, export, bench, generate, demo, launch, sweep)
+
+# A path that is not what a command needs (a file where a directory must be, no
+# permission...): bad input, reported in one line naming the path. Other OSErrors (a full
+# disk, an I/O error) keep their traceback.
+PATH_ERRORS = (FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wm", description="wm_jax: pretrain and evaluate video world models")
+    sub = p.add_subparsers(dest="command", required=True)
+    for group in COMMAND_GROUPS:
+        group.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_pipelines.writer import DatasetError
+    from wm_jax.checkpoint import CheckpointError
+    from wm_jax.train.lock import RunLocked
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's per-restore notices drown the console
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DatasetError, CheckpointError, RunLocked) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except PATH_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)  # e.g. "[Errno 20] Not a directory: 'runs/x'"
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # `wm train` saves on Ctrl-C once its loop runs; before that, nothing to save
+        print(f"interrupted: wm {args.command} stopped (exit {EXIT_INTERRUPTED})", file=sys.stderr)
+        return EXIT_INTERRUPTED
