@@ -130,7 +130,7 @@ def test_slurm_rejects_bad_time_and_missing_sbatch(tmp_path, capsys, monkeypatch
 def test_k8s_dry_run_manifest(tmp_path, capsys):
     code, out, err = _wm(capsys, "launch", "k8s", "--config", "tiny_cpu", "--workdir", "/runs/exp1", "--nodes", 3,
                          "--gpus-per-node", 8, "--namespace", "research", "--pvc", "runs-pvc:/runs",
-                         "--set", "train.steps=7", "--dry-run")
+                         "--set", "train.steps=7", "--api", "job", "--dry-run")
     assert code == 0, err
     assert "placeholder" in err  # no --image: said so
     config_map, service, job = yaml.safe_load_all(out)
@@ -168,6 +168,43 @@ def test_k8s_dry_run_manifest(tmp_path, capsys):
     config_file = tmp_path / "config.yaml"
     config_file.write_text(config_map["data"][os.path.basename(config_path)])
     assert config_lib.load(config_file) == config_lib.load(PRESET, ["train.steps=7"])
+
+
+def test_k8s_default_is_a_jobset_that_restarts_the_group(tmp_path, capsys):
+    """Issue 20: one failed or preempted process must restart every process together."""
+    code, out, err = _wm(capsys, "launch", "k8s", "--config", "tiny_cpu", "--workdir", "/runs/exp1", "--nodes", 4,
+                         "--gpus-per-node", 8, "--pvc", "runs-pvc:/runs", "--set", "train.steps=7", "--dry-run")
+    assert code == 0, err
+    config_map, jobset = yaml.safe_load_all(out)
+    assert (config_map["kind"], jobset["kind"], jobset["apiVersion"]) == ("ConfigMap", "JobSet", "jobset.x-k8s.io/v1alpha2")
+    name, spec = jobset["metadata"]["name"], jobset["spec"]
+    assert spec["network"]["enableDNSHostnames"] is True
+    policy = spec["failurePolicy"]
+    assert policy["maxRestarts"] == launch.K8S_MAX_RESTARTS
+    # Preemption (exit 42) and disruptions fail the Job through its pod failure policy; the
+    # JobSet restarts the group for them without spending a restart.
+    assert policy["rules"] == [{"action": "RestartJobSetAndIgnoreMaxRestarts", "onJobFailureReasons": ["PodFailurePolicy"]}]
+    (workers,) = spec["replicatedJobs"]
+    job = workers["template"]["spec"]
+    assert job["backoffLimit"] == 0  # any failed pod fails the Job, so the group restarts
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == 4
+    rules = job["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In", "values": [42]}} in rules
+    assert {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 120
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["WM_COORDINATOR"] == f"{name}-workers-0-0.{name}:{launch.K8S_PORT}" and env["WM_NUM_PROCESSES"] == "4"
+    config_path = container["command"][container["command"].index("--config") + 1]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/runs"]]["persistentVolumeClaim"] == {"claimName": "runs-pvc"}
+    assert volumes[mounts[os.path.dirname(config_path)]]["configMap"]["name"] == config_map["metadata"]["name"]
+    # A name whose pod hostnames would pass 63 characters is refused by name.
+    code, _, err = _wm(capsys, "launch", "k8s", "--config", "tiny_cpu", "--workdir", "/runs/x",
+                       "--job-name", "a" * 41, "--dry-run")
+    assert code == 2 and "--job-name" in err
 
 
 def test_k8s_requires_image_and_valid_names(tmp_path, capsys):

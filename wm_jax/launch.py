@@ -45,6 +45,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 K8S_CONFIG_DIR = "/etc/wm"  # where the pods mount the ConfigMap holding the config
 K8S_GRACE_S = 300  # SIGTERM → save at the next step → exit 42 must fit in this
 K8S_BACKOFF_LIMIT = 3  # real failures tolerated; exit 42 and disruptions do not count
+K8S_MAX_RESTARTS = 3  # JobSet: group restarts after real failures; exit 42 and disruptions do not count
+K8S_APIS = {"jobset": "k8s_jobset.yaml", "job": "k8s.yaml"}  # --api -> template
 K8S_PORT = 8476
 K8S_PLACEHOLDER_IMAGE = "REPLACE-ME/wm_jax:latest"
 # After one local process fails, how long the others get to exit on their own (they
@@ -329,11 +331,15 @@ def _parse_pvc(text: str) -> tuple[str, str]:
 
 def render_k8s(
     cfg: Config, workdir: str, *, name: str, namespace: str, nodes: int, gpus_per_node: int, image: str,
-    port: int = K8S_PORT, pvc: str | None = None,
+    port: int = K8S_PORT, pvc: str | None = None, api: str = "job",
 ) -> str:
-    """ConfigMap (the resolved config) + headless Service + Indexed Job, as one YAML stream."""
-    # Pod hostnames are <name>-<index>, themselves DNS labels of at most 63 characters.
-    _check_dns_label(name, "--job-name", max_len=50)
+    """The manifest as one YAML stream: api "jobset", a ConfigMap (the resolved config) + a
+    JobSet whose failure policy restarts the whole group of processes; "job", a ConfigMap +
+    headless Service + Indexed Job, which recreates a failed pod alone (enough for one pod)."""
+    if api not in K8S_APIS:
+        raise LaunchError(f"--api {api!r}: expected one of {sorted(K8S_APIS)}")
+    # Pod hostnames (<name>-<index>; JobSet: <name>-workers-0-<index>) are DNS labels of at most 63.
+    _check_dns_label(name, "--job-name", max_len=40 if api == "jobset" else 50)
     _check_dns_label(namespace, "--namespace")
     config_text = yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False)
     mounts = [{"name": "config", "mountPath": K8S_CONFIG_DIR, "readOnly": True},
@@ -348,8 +354,9 @@ def render_k8s(
     command = ["wm", *train_argv(f"{K8S_CONFIG_DIR}/config.yaml", workdir, [])]
     # JSON scalars and lists are valid YAML flow values: quoting is JSON's.
     return render(
-        "k8s.yaml", name=name, namespace=namespace, nodes=nodes, gpus_per_node=gpus_per_node,
+        K8S_APIS[api], name=name, namespace=namespace, nodes=nodes, gpus_per_node=gpus_per_node,
         image=json.dumps(image), port=port, grace_s=K8S_GRACE_S, backoff_limit=K8S_BACKOFF_LIMIT,
+        max_restarts=K8S_MAX_RESTARTS,
         command=json.dumps(command), volume_mounts=json.dumps(mounts), volumes=json.dumps(volumes),
         config_yaml="\n".join("    " + line for line in config_text.splitlines()),
     )
@@ -362,7 +369,7 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     manifest = render_k8s(
         cfg, args.workdir, name=args.job_name or default_job_name(args.workdir), namespace=args.namespace,
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image or K8S_PLACEHOLDER_IMAGE,
-        port=args.port, pvc=args.pvc,
+        port=args.port, pvc=args.pvc, api=args.api,
     )
     if args.dry_run:
         if not args.image:
@@ -452,7 +459,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     slurm.add_argument("--account")
     slurm.set_defaults(fn=cmd_slurm)
 
-    k8s = kinds.add_parser("k8s", help="render a headless Service + Indexed Job and `kubectl apply` it")
+    k8s = kinds.add_parser("k8s", help="render a JobSet (or an Indexed Job) and `kubectl apply` it")
     _common(k8s, SHARED_WORKDIR + "; mount one with --pvc")
     k8s.add_argument("--nodes", type=positive_int, default=1, help="pods, one process each")
     k8s.add_argument("--gpus-per-node", type=non_negative_int, default=8)
@@ -461,6 +468,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     k8s.add_argument("--job-name", help="default: wm-<workdir name>")
     k8s.add_argument("--port", type=_port, default=K8S_PORT, help="coordinator port")
     k8s.add_argument("--pvc", metavar="CLAIM:/PATH", help="mount this PersistentVolumeClaim (for workdir and data)")
+    k8s.add_argument("--api", choices=sorted(K8S_APIS), default="jobset",
+                     help="jobset (default; needs the JobSet controller): a failed or preempted process restarts "
+                          "the whole group; job: a headless Service + Indexed Job, which recreates one pod alone")
     k8s.set_defaults(fn=cmd_k8s)
 
     tpu = kinds.add_parser("tpu-vm", help="run `wm train` on every worker of a TPU VM pod over gcloud ssh")
