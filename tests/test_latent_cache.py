@@ -19,6 +19,7 @@ from wm_jax.latent_cache import build_cache, read_codes
 from wm_jax.cli import main
 from wm_jax.config import ConfigError, MeshConfig
 from wm_jax.models import flops
+from wm_jax.stages.dynamics import DYNAMICS
 from wm_jax.models.tokenizer import VideoTokenizer
 from wm_jax.rollout import encode_frames
 from wm_jax.telemetry import read_metrics
@@ -196,7 +197,7 @@ def test_dynamics_trains_on_cached_codes_as_on_frames(tiny_dataset, tokenizer_ru
     rows = {run: read_metrics(tmp_path / run / "metrics.jsonl") for run in cfgs}
     np.testing.assert_allclose([r["loss"] for r in rows["cache"]], [r["loss"] for r in rows["frames"]], rtol=1e-5)
     encode = 8 * flops.tokenizer_encode_flops(cfgs["frames"].model, 5)  # the frames' encode, not run from the cache
-    assert flops.train_step_flops(cfgs["frames"]) - flops.train_step_flops(cfgs["cache"]) == encode
+    assert DYNAMICS.train_step_flops(cfgs["frames"]) - DYNAMICS.train_step_flops(cfgs["cache"]) == encode
     for bad in ("data.window_stride=1", "data.frames_per_clip=6"):
         with pytest.raises(ConfigError, match="data.window_stride"):
             train(config_lib.load(PRESET, common + [f"data.latent_cache={cache_dir}", bad]), tmp_path / "bad")

@@ -153,7 +153,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: str = "tokenizer"  # tokenizer | dynamics | latent_actions
+    stage: str = "tokenizer"  # tokenizer | dynamics | latent_actions (wm_jax.stages.STAGES)
     steps: int = 100
     learning_rate: float = 1e-3
     warmup_steps: int = 20
@@ -257,7 +257,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-STAGES = ("tokenizer", "dynamics", "latent_actions")
 DYNAMICS_HEADS = ("factorized", "joint")
 DYNAMICS_OBJECTIVES = ("causal", "maskgit")
 ACTION_CONDITIONINGS = ("add", "adaln", "token")
@@ -458,13 +457,16 @@ def nonfinite_values(values: Any, prefix: str = "") -> list[tuple[str, float]]:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks the type system cannot express; the first failing check raises."""
+    # Imported here: the stages build the models, which import this module.
+    from wm_jax import stages
+
     _check_finite(cfg)
-    _check_choices(cfg)
+    _check_choices(cfg, tuple(stages.STAGES))
     _check_positive(cfg)
     _check_data_sources(cfg)
     _check_model(cfg)
     _check_ranges(cfg)
-    _check_stage_rules(cfg)
+    stages.check_config(cfg)  # options tied to the training stage
     _check_mesh_rules(cfg)
 
 
@@ -476,10 +478,10 @@ def _check_finite(cfg: Config) -> None:
         raise ConfigError(f"config key '{bad[0][0]}' must be a finite number; got {bad[0][1]}")
 
 
-def _check_choices(cfg: Config) -> None:
-    """Each string-valued option is one of its allowed values."""
+def _check_choices(cfg: Config, stage_names: tuple[str, ...]) -> None:
+    """Each string-valued option is one of its allowed values (`stage_names` for train.stage)."""
     choices = {
-        "train.stage": (cfg.train.stage, STAGES),
+        "train.stage": (cfg.train.stage, stage_names),
         "model.dynamics.head": (cfg.model.dynamics.head, DYNAMICS_HEADS),
         "model.dynamics.objective": (cfg.model.dynamics.objective, DYNAMICS_OBJECTIVES),
         "model.dynamics.action_conditioning": (cfg.model.dynamics.action_conditioning, ACTION_CONDITIONINGS),
@@ -568,26 +570,6 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.model.dynamics.temporal_window < 0:
         raise ConfigError(f"config key 'model.dynamics.temporal_window' must be >= 0 (0: whole clip); "
                           f"got {cfg.model.dynamics.temporal_window}")
-
-
-def _check_stage_rules(cfg: Config) -> None:
-    """Options tied to a training stage: latent actions, the latent cache, clip length."""
-    lam = cfg.model.latent_actions
-    if cfg.train.latent_actions_workdir:
-        if cfg.train.stage != "dynamics":
-            raise ConfigError(f"config key 'train.latent_actions_workdir' is for the dynamics stage, not '{cfg.train.stage}'")
-        if not cfg.model.dynamics.use_actions:
-            raise ConfigError("config key 'train.latent_actions_workdir' needs 'model.dynamics.use_actions: true'")
-        if cfg.model.dynamics.num_actions < lam.num_latent_actions:
-            raise ConfigError(
-                f"config key 'model.dynamics.num_actions' ({cfg.model.dynamics.num_actions}) must cover the latent "
-                f"action vocabulary 'model.latent_actions.num_latent_actions' ({lam.num_latent_actions})"
-            )
-    if cfg.data.latent_cache and (cfg.train.stage != "dynamics" or cfg.data.mixture):
-        raise ConfigError("config key 'data.latent_cache' is for the dynamics stage on one dataset ('data.dir'), "
-                          "not a mixture or another stage")
-    if cfg.train.stage in ("dynamics", "latent_actions") and cfg.data.frames_per_clip < 2:
-        raise ConfigError(f"config key 'data.frames_per_clip' must be >= 2 for the {cfg.train.stage} stage")
 
 
 def _check_mesh_rules(cfg: Config) -> None:

@@ -6,7 +6,8 @@
     BUNDLE/config.yaml      the run's resolved config
     BUNDLE/manifest.json    provenance of the export and of the checkpoint
     BUNDLE/params/          orbax checkpoint of the parameters alone
-    BUNDLE/tokenizer/       (dynamics runs) the tokenizer's own bundle, so BUNDLE is self-contained
+    BUNDLE/tokenizer/       (dynamics runs: the stage's `bundled`) the tokenizer's own bundle, so
+                            BUNDLE is self-contained
 
 atomically (a temporary directory renamed at the end). `wm eval` accepts a bundle
 wherever it accepts a run directory.
@@ -25,7 +26,8 @@ from wm_jax import checkpoint as ckpt
 from wm_jax import config as config_lib
 from wm_jax import provenance, sharding
 from wm_jax.config import MeshConfig
-from wm_jax.run import BUNDLE_FORMAT, load_run_config, restore_params, tokenizer_source
+from wm_jax.run import BUNDLE_FORMAT, frozen_source, load_run_config, restore_params
+from wm_jax.stages import get_stage
 
 
 def _write(workdir: Path, out: Path, step: int | None) -> dict:
@@ -43,8 +45,8 @@ def _write(workdir: Path, out: Path, step: int | None) -> dict:
                     "run": source_manifest}, indent=2)
     )
     info = {"format": BUNDLE_FORMAT, "source": str(workdir.resolve()), "step": step, "stage": cfg.train.stage}
-    if cfg.train.stage == "dynamics":
-        info["tokenizer"] = _write(tokenizer_source(workdir, cfg), out / "tokenizer", None)
+    for stage in get_stage(cfg.train.stage).bundled:  # what inference needs besides these params
+        info[stage] = _write(frozen_source(workdir, cfg, stage), out / stage, None)
     (out / "bundle.json").write_text(json.dumps(info, indent=2))
     return info
 

@@ -216,29 +216,21 @@ def _source(c: Checker, value: Any, path: Where, allowed: tuple[str, ...], image
     )
 
 
-def _shot(c: Checker, value: Any, i: int) -> Shot:
-    path = ("shots", i)
-    value = c.mapping(value, path, SHOT_KEYS)
+def _shot_length(c: Checker, value: dict, path: Where, i: int) -> tuple[int | None, tuple[float, float] | None]:
+    """(duration in frames, timecodes (start_s, end_s)) of shot i: exactly one is given."""
     if ("duration" in value) == ("timecodes" in value):
         which = "both 'duration' and 'timecodes'" if "duration" in value else "no duration"
         raise c.error(path, f"shot {i + 1} has {which}: give `duration: FRAMES` or `timecodes: [start_s, end_s]`")
-    duration = timecodes = None
     if "duration" in value:
-        duration = c.integer(value["duration"], path + ("duration",), 1, "a number of frames")
-    else:
-        start_s, end_s = c.vector(value["timecodes"], path + ("timecodes",), (2,), "timecodes")
-        if end_s <= start_s:
-            raise c.error(path + ("timecodes",), f"end {end_s} s must be after start {start_s} s")
-        timecodes = (start_s, end_s)
-    cut = value.get("cut", False)
-    if not isinstance(cut, bool):
-        raise c.error(path + ("cut",), f"must be true or false, got {cut!r}")
-    name = value.get("name", f"shot {i + 1}")
-    if not isinstance(name, str):
-        raise c.error(path + ("name",), f"must be a string, got {name!r}")
+        return c.integer(value["duration"], path + ("duration",), 1, "a number of frames"), None
+    start_s, end_s = c.vector(value["timecodes"], path + ("timecodes",), (2,), "timecodes")
+    if end_s <= start_s:
+        raise c.error(path + ("timecodes",), f"end {end_s} s must be after start {start_s} s")
+    return None, (start_s, end_s)
 
-    cp = path + ("camera",)
-    camera = c.mapping(value.get("camera") or {}, cp, CAMERA_KEYS)
+
+def _camera_move(c: Checker, camera: dict, cp: Where) -> tuple[float, float, float]:
+    """The camera's x, y, z move per frame from `pan`, `tilt` and `dolly`."""
     move = [0.0, 0.0, 0.0]
     if "pan" in camera:
         dx, dy = c.vector(camera["pan"], cp + ("pan",), (2,), "pan [x, y] px/step")
@@ -248,59 +240,93 @@ def _shot(c: Checker, value: Any, i: int) -> Shot:
         move[1] += c.number(camera["tilt"], cp + ("tilt",))
     if "dolly" in camera:
         move[2] += c.number(camera["dolly"], cp + ("dolly",))
-    poses = start = start_shot = None
-    start_offset: tuple[float, ...] = ()
-    if "poses" in camera:
-        clash = [k for k in camera if k != "poses"]
-        if clash:
-            raise c.error(cp + (clash[0],), f"'{clash[0]}' cannot be combined with 'poses' (poses give every frame's pose)")
-        if not isinstance(camera["poses"], list) or not camera["poses"]:
-            raise c.error(cp + ("poses",), "must be a list of poses [x, y, z, qw, qx, qy, qz], one per frame")
-        poses = tuple(c.vector(p, cp + ("poses", j), (POSE_DIM,), f"pose {j + 1}") for j, p in enumerate(camera["poses"]))
-        if duration is not None and len(poses) != duration:
-            raise c.error(cp + ("poses",), f"has {len(poses)} poses for a shot of {duration} frames (one per frame)")
-    if "start" in camera:
-        sp = cp + ("start",)
-        if not cut:
-            raise c.error(sp, "a camera start needs `cut: true` (without a cut the camera continues from the previous frame)")
-        s = camera["start"]
-        if isinstance(s, dict):
-            s = c.mapping(s, sp, CAMERA_START_KEYS)
-            if not s:
-                raise c.error(sp, f"give 'shot' and/or 'offset' (keys {list(CAMERA_START_KEYS)})")
-            if "shot" in s:
-                start_shot = c.integer(s["shot"], sp + ("shot",), 1, "a shot number")
-                if start_shot > i:
-                    raise c.error(sp + ("shot",), f"must name an earlier shot (1..{i}), got {start_shot}")
-            if "offset" in s:
-                start_offset = c.vector(s["offset"], sp + ("offset",), (2, 3), "offset [dx, dy(, dz)]")
-        else:
-            start = c.vector(s, sp, (2, 3, POSE_DIM), "start [x, y], [x, y, z] or a pose [x, y, z, qw, qx, qy, qz]")
+    return tuple(move)
 
+
+def _camera_poses(c: Checker, camera: dict, cp: Where, duration: int | None) -> tuple[tuple[float, ...], ...] | None:
+    """Every frame's pose [x, y, z, qw, qx, qy, qz] from `poses` (None when not given)."""
+    if "poses" not in camera:
+        return None
+    clash = [k for k in camera if k != "poses"]
+    if clash:
+        raise c.error(cp + (clash[0],), f"'{clash[0]}' cannot be combined with 'poses' (poses give every frame's pose)")
+    if not isinstance(camera["poses"], list) or not camera["poses"]:
+        raise c.error(cp + ("poses",), "must be a list of poses [x, y, z, qw, qx, qy, qz], one per frame")
+    poses = tuple(c.vector(p, cp + ("poses", j), (POSE_DIM,), f"pose {j + 1}") for j, p in enumerate(camera["poses"]))
+    if duration is not None and len(poses) != duration:
+        raise c.error(cp + ("poses",), f"has {len(poses)} poses for a shot of {duration} frames (one per frame)")
+    return poses
+
+
+def _camera_start(c: Checker, camera: dict, cp: Where, i: int,
+                  cut: bool) -> tuple[tuple[float, ...] | None, int | None, tuple[float, ...]]:
+    """(absolute start pose, earlier shot whose first pose it starts from, offset) of a cut
+    shot i's first frame, from `start`: (None, None, ()) when not given."""
+    if "start" not in camera:
+        return None, None, ()
+    sp = cp + ("start",)
+    if not cut:
+        raise c.error(sp, "a camera start needs `cut: true` (without a cut the camera continues from the previous frame)")
+    s = camera["start"]
+    if not isinstance(s, dict):
+        return c.vector(s, sp, (2, 3, POSE_DIM), "start [x, y], [x, y, z] or a pose [x, y, z, qw, qx, qy, qz]"), None, ()
+    s = c.mapping(s, sp, CAMERA_START_KEYS)
+    if not s:
+        raise c.error(sp, f"give 'shot' and/or 'offset' (keys {list(CAMERA_START_KEYS)})")
+    start_shot, start_offset = None, ()
+    if "shot" in s:
+        start_shot = c.integer(s["shot"], sp + ("shot",), 1, "a shot number")
+        if start_shot > i:
+            raise c.error(sp + ("shot",), f"must name an earlier shot (1..{i}), got {start_shot}")
+    if "offset" in s:
+        start_offset = c.vector(s["offset"], sp + ("offset",), (2, 3), "offset [dx, dy(, dz)]")
+    return None, start_shot, start_offset
+
+
+def _shot_actions(c: Checker, value: dict, path: Where,
+                  duration: int | None) -> tuple[tuple[int, ...] | None, int | None, int | None]:
+    """(explicit action ids, one id held, the random policy's seed) of a shot; the random
+    policy (all None) when `actions` is not given."""
     ap = path + ("actions",)
     actions = value.get("actions", {"policy": "random"})
-    ids = repeat = seed = None
     if isinstance(actions, list):
         ids = tuple(c.integer(a, ap + (j,), 0, "an action id") for j, a in enumerate(actions))
         if duration is not None and len(ids) != duration:
             raise c.error(ap, f"has {len(ids)} actions for a shot of {duration} frames (one per frame)")
-    else:
-        actions = c.mapping(actions, ap, ACTION_KEYS)
-        if ("repeat" in actions) == ("policy" in actions):
-            raise c.error(ap, "give a list of action ids, {policy: random, seed: N} or {repeat: ID}")
-        if "repeat" in actions:
-            if "seed" in actions:
-                raise c.error(ap + ("seed",), "a seed is for {policy: random}")
-            repeat = c.integer(actions["repeat"], ap + ("repeat",), 0, "an action id")
-        else:
-            if actions["policy"] not in POLICIES:
-                close = difflib.get_close_matches(str(actions["policy"]), POLICIES, n=1, cutoff=0.0)
-                raise c.error(ap + ("policy",), f"unknown policy {actions['policy']!r} (did you mean '{close[0]}'?)")
-            if "seed" in actions:
-                seed = c.integer(actions["seed"], ap + ("seed",), 0, "a seed")
-    return Shot(number=i + 1, path=path, name=name, duration=duration, timecodes=timecodes, cut=cut,
-                move=tuple(move), start=start, start_shot=start_shot, start_offset=start_offset, poses=poses,
-                actions=ids, repeat=repeat, seed=seed)
+        return ids, None, None
+    actions = c.mapping(actions, ap, ACTION_KEYS)
+    if ("repeat" in actions) == ("policy" in actions):
+        raise c.error(ap, "give a list of action ids, {policy: random, seed: N} or {repeat: ID}")
+    if "repeat" in actions:
+        if "seed" in actions:
+            raise c.error(ap + ("seed",), "a seed is for {policy: random}")
+        return None, c.integer(actions["repeat"], ap + ("repeat",), 0, "an action id"), None
+    if actions["policy"] not in POLICIES:
+        close = difflib.get_close_matches(str(actions["policy"]), POLICIES, n=1, cutoff=0.0)
+        raise c.error(ap + ("policy",), f"unknown policy {actions['policy']!r} (did you mean '{close[0]}'?)")
+    return None, None, c.integer(actions["seed"], ap + ("seed",), 0, "a seed") if "seed" in actions else None
+
+
+def _shot(c: Checker, value: Any, i: int) -> Shot:
+    """Shot i (0-based) of the script's `shots`, checked."""
+    path = ("shots", i)
+    value = c.mapping(value, path, SHOT_KEYS)
+    duration, timecodes = _shot_length(c, value, path, i)
+    cut = value.get("cut", False)
+    if not isinstance(cut, bool):
+        raise c.error(path + ("cut",), f"must be true or false, got {cut!r}")
+    name = value.get("name", f"shot {i + 1}")
+    if not isinstance(name, str):
+        raise c.error(path + ("name",), f"must be a string, got {name!r}")
+    cp = path + ("camera",)
+    camera = c.mapping(value.get("camera") or {}, cp, CAMERA_KEYS)
+    move = _camera_move(c, camera, cp)
+    poses = _camera_poses(c, camera, cp, duration)
+    start, start_shot, start_offset = _camera_start(c, camera, cp, i, cut)
+    ids, repeat, seed = _shot_actions(c, value, path, duration)
+    return Shot(number=i + 1, path=path, name=name, duration=duration, timecodes=timecodes, cut=cut, move=move,
+                start=start, start_shot=start_shot, start_offset=start_offset, poses=poses, actions=ids, repeat=repeat,
+                seed=seed)
 
 
 def parse_script(text: str, name: str = "script", directory: str | Path = ".") -> Script:
@@ -585,26 +611,8 @@ def default_scale(size: int) -> int:
 # ---------------------------------------------------------------------------- generate
 
 
-def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, seed: int = 0,
-             data_dir: str | None = None, batch: int = 1, step: int | None = None,
-             scale: int | None = None, key: int | None = None,
-             max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB) -> list[Path]:
-    """Rolls out the script with RUN's dynamics model; writes the watermarked video(s) and
-    their sidecars, marked and signed with `key` (default: the public DEFAULT_KEY), and
-    returns the video paths (see the module docstring). Refuses an existing output and a
-    script whose video would need more than `max_memory_gib` (`check_budget`)."""
-    import jax
-    import jax.numpy as jnp
-
-    from wm_jax import config as config_lib
-    from wm_jax import sharding, telemetry, watermark
-    from wm_jax.config import MeshConfig
-    from wm_jax.models.dynamics import DynamicsModel, make_controls
-    from wm_jax.models.tokenizer import VideoTokenizer
-    from wm_jax.rollout import decode_stream, encode_frames, rollout_frames
-    from wm_jax.run import load_run_config, restore_params, tokenizer_source
-
-    workdir, out = Path(workdir), Path(out)
+def _check_arguments(out: Path, *, batch: int, seed: int, scale: int | None, max_memory_gib: float) -> None:
+    """ConfigError naming the first bad `wm generate` option."""
     if batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {batch}")
     if seed < 0:
@@ -615,60 +623,66 @@ def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, s
         raise ConfigError(f"--out {out}: write a video file ({', '.join(VIDEO_SUFFIXES)}); GIF palettes erase the watermark")
     if not max_memory_gib > 0:
         raise ConfigError(f"--max-memory-gib must be > 0, got {max_memory_gib}")
-    mark_key = watermark.DEFAULT_KEY if key is None else watermark.check_key(key)
-    script = load_script(script_path)
-    cfg = load_run_config(workdir)  # CheckpointError naming RUN when it is not a run
-    if cfg.train.stage != "dynamics":
-        raise ConfigError(f"{workdir} is a '{cfg.train.stage}' run; wm generate needs a dynamics run (train.stage: dynamics)")
-    dc = cfg.model.dynamics
-    size = cfg.model.image_size
 
-    # What the script asks of the data, checked before any model is loaded.
-    start = read_source(script, script.start, default_data=data_dir or cfg.data.dir, default_split=cfg.eval.split,
-                        default_frames=cfg.eval.context_frames, size=size)
-    fps = script.fps or start["fps"] or DEFAULT_FPS
-    ctx = start["frame"].shape[0]
-    scale = scale or default_scale(size)
-    check_budget(script, fps=fps, context=ctx, samples=batch, per_frame=frame_bytes(cfg, scale), max_gib=max_memory_gib)
-    paths = output_paths(out, batch)  # (after the budget: `batch` is bounded now)
+
+def _world_model_config(workdir: Path) -> Any:
+    """The config of the run (or bundle) at `workdir`: CheckpointError naming it when it is
+    not a run, ConfigError when its stage does not roll frames out."""
+    from wm_jax.run import load_run_config
+    from wm_jax.stages import Role, get_stage, names_with
+
+    cfg = load_run_config(workdir)
+    if get_stage(cfg.train.stage).role is not Role.WORLD_MODEL:
+        world_models = names_with(Role.WORLD_MODEL)
+        raise ConfigError(f"{workdir} is a '{cfg.train.stage}' run; wm generate needs a {world_models} run "
+                          f"(train.stage: {world_models})")
+    return cfg
+
+
+def _free_output_paths(out: Path, samples: int) -> list[Path]:
+    """`output_paths`; ConfigError when a video or its sidecar is already there."""
+    from wm_jax import watermark
+
+    paths = output_paths(out, samples)
     existing = [p for p in paths if p.exists() or watermark.sidecar_path(p).exists()]
     if existing:
         raise ConfigError(f"--out: {existing[0]} (or its sidecar) already exists; choose a new --out or remove it")
-    last_pose = start["camera"][-1] if "camera" in start else DEFAULT_POSE
-    plan = resolve_shots(script, fps=fps, num_actions=dc.num_actions, last_pose=last_pose, seed=seed, samples=batch)
-    reference, reference_info = None, None
+    return paths
+
+
+def _read_reference(script: Script, cfg: Any, start: dict[str, Any],
+                    data_dir: str | None) -> tuple[np.ndarray | None, dict | None]:
+    """(uint8 [S, S, 3] reference frame for the identity bank, what was read) from the
+    script's `reference`, else the start episode's; (None, None) without one or a bank."""
+    from wm_jax import telemetry
+
+    reference, info = None, None
     if script.reference is not None:
         ref = read_source(script, script.reference, default_data=data_dir or cfg.data.dir, default_split=cfg.eval.split,
-                          default_frames=1, size=size, frames_needed=False)
+                          default_frames=1, size=cfg.model.image_size, frames_needed=False)
         if script.reference.images:
             reference = ref["frame"][0]
         elif "reference" in ref:
             reference = ref["reference"][0]
         else:
             raise script.checker.error(script.reference.path, f"dataset {ref['info']['data']} has no `reference` field")
-        reference_info = ref["info"]
+        info = ref["info"]
     elif script.default_reference and "reference" in start:
-        reference, reference_info = start["reference"][0], {**start["info"], "frames": 1, "default": "the start episode's"}
-    if reference is not None and not dc.use_identity_bank:
+        reference, info = start["reference"][0], {**start["info"], "frames": 1, "default": "the start episode's"}
+    if reference is not None and not cfg.model.dynamics.use_identity_bank:
         telemetry.info("the model has no identity bank (model.dynamics.use_identity_bank: false): reference unused")
-        reference, reference_info = None, None
+        return None, None
+    return reference, info
 
-    # Model and tokenizer.
-    mesh = sharding.make_mesh(MeshConfig())
-    rules = sharding.logical_rules(cfg.mesh)
-    dyn_params, _, step = restore_params(workdir, mesh, rules, step)
-    tok_dir = tokenizer_source(workdir, cfg)
-    tok_params, tok_cfg, tok_step = restore_params(tok_dir, mesh, rules)
-    if tok_cfg.model.tokenizer != cfg.model.tokenizer or tok_cfg.model.image_size != size:
-        raise ConfigError(f"the tokenizer run {tok_dir} does not match the dynamics run's model.tokenizer/model.image_size")
-    tokenizer, dynamics = VideoTokenizer(cfg.model), DynamicsModel(cfg.model)
-    chunk = tok_cfg.data.frames_per_clip
 
-    # One control sequence for the whole video: the context's own steps, then the shots.
-    total = int(plan.action.shape[1])
-    f = ctx + total
-    action = np.zeros((batch, f), np.int32)
-    action_valid = np.ones((batch, f), bool)
+def _control_steps(start: dict[str, Any], plan: Plan, samples: int) -> dict[str, np.ndarray]:
+    """The record fields of the whole video's F = C + D frames, for `make_controls`: the
+    context's own steps (unknown for image files), then the plan's. action int32 [K, F],
+    action_valid bool [K, F], camera float32 [K, F, 7], camera_valid and cut bool [K, F]."""
+    ctx = start["frame"].shape[0]
+    f = ctx + int(plan.action.shape[1])
+    action = np.zeros((samples, f), np.int32)
+    action_valid = np.ones((samples, f), bool)
     if "action" in start and np.ndim(start["action"]) == 1:
         action[:, : ctx - 1] = start["action"][: ctx - 1]
         if "action_valid" in start:
@@ -688,46 +702,104 @@ def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, s
     if "cut" in start:
         cut[:ctx] = start["cut"]
     cut[ctx:] = plan.cut
-    tile = lambda a: np.broadcast_to(a, (batch,) + a.shape)
-    controls = make_controls({"action": action, "action_valid": action_valid, "camera": tile(camera),
-                              "camera_valid": tile(camera_valid), "cut": tile(cut)})
+    tile = lambda a: np.broadcast_to(a, (samples,) + a.shape)
+    return {"action": action, "action_valid": action_valid, "camera": tile(camera), "camera_valid": tile(camera_valid),
+            "cut": tile(cut)}
 
-    context_codes, _ = encode_frames(tokenizer, tok_params, start["frame"][None], chunk)
-    context_codes = jnp.broadcast_to(context_codes, (batch,) + context_codes.shape[1:])
+
+@dataclasses.dataclass(frozen=True)
+class _Models:
+    """A dynamics run and its tokenizer, restored for `wm generate`."""
+
+    cfg: Any  # the dynamics run's config
+    dyn_params: Any
+    step: int
+    tok_dir: Path  # where the tokenizer was restored from
+    tok_params: Any
+    tok_step: int
+    chunk: int  # frames the tokenizer encodes at a time (its data.frames_per_clip)
+
+
+def _restore_models(workdir: Path, cfg: Any, step: int | None) -> _Models:
+    """The dynamics run's parameters at `step` (None: the newest) and its tokenizer's, on
+    the devices here; ConfigError when the tokenizer does not fit the run."""
+    from wm_jax import sharding
+    from wm_jax.config import MeshConfig
+    from wm_jax.run import restore_params, tokenizer_source
+
+    mesh = sharding.make_mesh(MeshConfig())
+    rules = sharding.logical_rules(cfg.mesh)
+    dyn_params, _, step = restore_params(workdir, mesh, rules, step)
+    tok_dir = tokenizer_source(workdir, cfg)
+    tok_params, tok_cfg, tok_step = restore_params(tok_dir, mesh, rules)
+    if tok_cfg.model.tokenizer != cfg.model.tokenizer or tok_cfg.model.image_size != cfg.model.image_size:
+        raise ConfigError(f"the tokenizer run {tok_dir} does not match the dynamics run's "
+                          "model.tokenizer/model.image_size")
+    return _Models(cfg, dyn_params, step, tok_dir, tok_params, tok_step, tok_cfg.data.frames_per_clip)
+
+
+def _encode_inputs(models: _Models, context: np.ndarray, reference: np.ndarray | None, samples: int) -> tuple[Any, Any]:
+    """(context codes float32 [K, C, N, L] of the uint8 [C, S, S, 3] context frames, the
+    identity bank's reference codes [K, N, L] or None), the same for each of K samples."""
+    import jax.numpy as jnp
+
+    from wm_jax import telemetry
+    from wm_jax.models.tokenizer import VideoTokenizer
+    from wm_jax.rollout import encode_frames
+
+    tokenizer = VideoTokenizer(models.cfg.model)
+    context_codes, _ = encode_frames(tokenizer, models.tok_params, context[None], models.chunk)
+    context_codes = jnp.broadcast_to(context_codes, (samples,) + context_codes.shape[1:])
     reference_codes = None
     if reference is not None:  # encoded once, for every shot and sample
-        reference_codes = encode_frames(tokenizer, tok_params, reference[None, None], chunk)[0][:, 0]
-        reference_codes = jnp.broadcast_to(reference_codes, (batch,) + reference_codes.shape[1:])
-    elif dc.use_identity_bank:
+        reference_codes = encode_frames(tokenizer, models.tok_params, reference[None, None], models.chunk)[0][:, 0]
+        reference_codes = jnp.broadcast_to(reference_codes, (samples,) + reference_codes.shape[1:])
+    elif models.cfg.model.dynamics.use_identity_bank:
         telemetry.info("no reference frame: the identity bank is empty (masked)")
+    return context_codes, reference_codes
 
-    telemetry.info(f"generating {batch} x {f} frames ({ctx} context + {total} in {len(plan.shots)} shots) at {fps:g} fps")
-    key = jax.random.key(seed)
+
+def _roll_out(models: _Models, context_codes: Any, steps: dict[str, np.ndarray], reference_codes: Any, *, frames: int,
+              seed: int, temperature: float) -> np.ndarray:
+    """uint8 video [K, C+frames, S, S, 3]: the context codes [K, C, N, L] decoded, then
+    `frames` sampled frames under the controls of `steps` (`_control_steps`), decoded."""
+    import jax
+
+    from wm_jax.models.dynamics import DynamicsModel, make_controls
+    from wm_jax.models.tokenizer import VideoTokenizer
+    from wm_jax.rollout import decode_stream, rollout_frames
+
+    cfg, tokenizer = models.cfg, VideoTokenizer(models.cfg.model)
     stream = itertools.chain(
-        (context_codes[:, i] for i in range(ctx)),
-        rollout_frames(dynamics, dyn_params, context_codes, controls, total, reference_codes, None, cached=True,
-                       key=key, temperature=script.temperature),
+        (context_codes[:, i] for i in range(context_codes.shape[1])),
+        rollout_frames(DynamicsModel(cfg.model), models.dyn_params, context_codes, make_controls(steps), frames,
+                       reference_codes, None, cached=True, key=jax.random.key(seed), temperature=temperature),
     )
-    video = np.concatenate(list(decode_stream(tokenizer, tok_params, stream, chunk)), axis=1)  # [K, F, S, S, 3]
-    if scale > 1:
-        video = video.repeat(scale, axis=2).repeat(scale, axis=3)
+    return np.concatenate(list(decode_stream(tokenizer, models.tok_params, stream, models.chunk)), axis=1)
 
-    # Provenance.
-    model = checkpoint_info(workdir, step)
-    model["tokenizer"] = checkpoint_info(tok_dir, tok_step)
+
+def _video_info(workdir: Path, script_path: str | Path, script: Script, models: _Models, start: dict[str, Any],
+                plan: Plan, reference_info: dict | None, *, seed: int, fps: float, scale: int) -> dict[str, Any]:
+    """The sidecar's fields every sample shares: model, config, script, sampling, frames,
+    the start and reference read and the shots' boundaries (frame indices of the video)."""
+    from wm_jax import config as config_lib
+
+    ctx, size = start["frame"].shape[0], models.cfg.model.image_size
+    model = checkpoint_info(workdir, models.step)
+    model["tokenizer"] = checkpoint_info(models.tok_dir, models.tok_step)
     boundaries = [{**s, "first_frame": ctx + s["first_frame"], "last_frame": ctx + s["first_frame"] + s["frames"] - 1,
                    "start_s": (ctx + s["first_frame"]) / fps, "end_s": (ctx + s["first_frame"] + s["frames"]) / fps}
                   for s in plan.shots]
-    common = {
+    return {
         "generator": "wm generate",
         "model": model,
         "checkpoint_sha256": model["sha256"],
-        "config": config_lib.to_dict(cfg),
+        "config": config_lib.to_dict(models.cfg),
         "script": {"path": str(Path(script_path).resolve()), "sha256": hashlib.sha256(script.text.encode()).hexdigest(),
                    "text": script.text},
         "seed": seed,
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "frames": f,
+        "frames": ctx + int(plan.action.shape[1]),
         "fps": fps,
         "context_frames": ctx,
         "frame_size": [size * scale, size * scale],
@@ -736,12 +808,64 @@ def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, s
         "start": start["info"],
         "reference": reference_info,
         "shots": boundaries,
-        "samples": batch,
+        "samples": int(plan.action.shape[0]),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _write_videos(video: np.ndarray, paths: list[Path], common: dict[str, Any], plan: Plan, *, fps: float,
+                  key: int) -> None:
+    """Writes sample k of the uint8 video [K, F, H, W, 3] to paths[k], watermarked with
+    `key`, and its sidecar: `common` plus the sample's index and its shots' actions."""
+    from wm_jax import telemetry, watermark
+
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     for k, path in enumerate(paths):
         actions = [plan.action[k, s["first_frame"] : s["first_frame"] + s["frames"]].tolist() for s in plan.shots]
-        info = {**common, "sample": k, "shots": [{**b, "actions": a} for b, a in zip(boundaries, actions)]}
-        watermark.write_marked_video(video[k], path, info, key=mark_key, fps=fps)
-        telemetry.info(f"wrote {path} ({f} frames, {fps:g} fps) + {watermark.sidecar_path(path).name}")
+        info = {**common, "sample": k, "shots": [{**b, "actions": a} for b, a in zip(common["shots"], actions)]}
+        watermark.write_marked_video(video[k], path, info, key=key, fps=fps)
+        telemetry.info(f"wrote {path} ({video.shape[1]} frames, {fps:g} fps) + {watermark.sidecar_path(path).name}")
+
+
+def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, seed: int = 0,
+             data_dir: str | None = None, batch: int = 1, step: int | None = None,
+             scale: int | None = None, key: int | None = None,
+             max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB) -> list[Path]:
+    """Rolls out the script with RUN's dynamics model; writes the watermarked video(s) and
+    their sidecars, marked and signed with `key` (default: the public DEFAULT_KEY), and
+    returns the video paths (see the module docstring). Refuses an existing output and a
+    script whose video would need more than `max_memory_gib` (`check_budget`)."""
+    from wm_jax import telemetry, watermark
+
+    workdir, out = Path(workdir), Path(out)
+    _check_arguments(out, batch=batch, seed=seed, scale=scale, max_memory_gib=max_memory_gib)
+    mark_key = watermark.DEFAULT_KEY if key is None else watermark.check_key(key)
+    script = load_script(script_path)
+    cfg = _world_model_config(workdir)
+
+    # What the script asks of the data, checked before any model is loaded.
+    start = read_source(script, script.start, default_data=data_dir or cfg.data.dir, default_split=cfg.eval.split,
+                        default_frames=cfg.eval.context_frames, size=cfg.model.image_size)
+    fps = script.fps or start["fps"] or DEFAULT_FPS
+    ctx = start["frame"].shape[0]
+    scale = scale or default_scale(cfg.model.image_size)
+    check_budget(script, fps=fps, context=ctx, samples=batch, per_frame=frame_bytes(cfg, scale), max_gib=max_memory_gib)
+    paths = _free_output_paths(out, batch)  # (after the budget: `batch` is bounded now)
+    last_pose = start["camera"][-1] if "camera" in start else DEFAULT_POSE
+    plan = resolve_shots(script, fps=fps, num_actions=cfg.model.dynamics.num_actions, last_pose=last_pose, seed=seed,
+                         samples=batch)
+    reference, reference_info = _read_reference(script, cfg, start, data_dir)
+
+    models = _restore_models(workdir, cfg, step)
+    context_codes, reference_codes = _encode_inputs(models, start["frame"], reference, batch)
+    total = int(plan.action.shape[1])
+    telemetry.info(f"generating {batch} x {ctx + total} frames ({ctx} context + {total} in {len(plan.shots)} shots) "
+                   f"at {fps:g} fps")
+    steps = _control_steps(start, plan, batch)
+    video = _roll_out(models, context_codes, steps, reference_codes, frames=total, seed=seed,
+                      temperature=script.temperature)  # [K, F, S, S, 3]
+    if scale > 1:
+        video = video.repeat(scale, axis=2).repeat(scale, axis=3)
+    common = _video_info(workdir, script_path, script, models, start, plan, reference_info, seed=seed, fps=fps,
+                        scale=scale)
+    _write_videos(video, paths, common, plan, fps=fps, key=mark_key)
     return paths

@@ -31,7 +31,7 @@ from wm_jax.models import layers
 from wm_jax.models.dynamics import (Controls, DynamicsModel, guide_logits, maskgit_schedule, maskgit_update,
                                     sample_codes, sequence_tokens)
 from wm_jax.models.tokenizer import VideoTokenizer, codes_to_indices
-from wm_jax.train.step import float_to_frames, frames_to_float
+from wm_jax.stages.base import float_to_frames, frames_to_float
 
 
 def _chunks(length: int, chunk: int) -> list[slice]:
@@ -82,8 +82,9 @@ def decode_stream(tokenizer: VideoTokenizer, params: Any, codes: Iterable[jax.Ar
         yield np.asarray(pending)
 
 
-def _memory(dynamics: DynamicsModel, params: Any, reference_codes: jax.Array | None, reference_mask: jax.Array | None,
-            batch: int, tokens: int, levels: int) -> tuple[jax.Array | None, jax.Array | None]:
+def identity_memory(dynamics: DynamicsModel, params: Any, reference_codes: jax.Array | None,
+                    reference_mask: jax.Array | None, batch: int, tokens: int, levels: int
+                    ) -> tuple[jax.Array | None, jax.Array | None]:
     """The identity bank's memory tokens [B, M, D] and mask [B] (Nones without a bank)."""
     if not dynamics.cfg.dynamics.use_identity_bank:
         return None, None
@@ -139,7 +140,7 @@ def _next_codes(cfg: Any, logits: jax.Array, sampling: Sampling, key: Any, posit
 
 
 @functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(5,))
-def _cached_step(
+def cached_step(
     dynamics: DynamicsModel, params: Any, code: jax.Array, controls: Controls, position: jax.Array,
     state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array], memory: Any, memory_mask: Any,
     key: Any, sampling: Sampling,
@@ -205,7 +206,7 @@ def _cached_maskgit_step(
     state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array], memory: Any, memory_mask: Any,
     key: Any, temperature: float,
 ) -> tuple[jax.Array, tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]]:
-    """`_cached_step` for the MaskGIT objective: the all-masked pass writes frame `position`
+    """`cached_step` for the MaskGIT objective: the all-masked pass writes frame `position`
     into the cache (once); the K - 1 refinement passes run against it without committing."""
     caches, slot_pos, slot_seg = state
     slot = position % slot_pos.shape[0]
@@ -329,7 +330,7 @@ def rollout_frames(
             context_codes, controls, reference_codes, reference_mask)
     b, _, n, levels = context_codes.shape
     if cached:
-        memory = _memory(dynamics, params, reference_codes, reference_mask, b, n, levels)
+        memory = identity_memory(dynamics, params, reference_codes, reference_mask, b, n, levels)
         slots = cache_slots(dynamics.cfg, frames)
         state = (init_caches(dynamics.cfg, b, slots), jnp.full((slots,), -1, jnp.int32), jnp.zeros((b, slots), jnp.int32))
     else:
@@ -345,7 +346,7 @@ def rollout_frames(
             nxt, state = _cached_maskgit_step(dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state,
                                               *memory, key, temperature)
         elif cached:  # (a MaskGIT context frame: its all-masked pass, committed, is all it needs)
-            nxt, state = _cached_step(dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state, *memory,
+            nxt, state = cached_step(dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state, *memory,
                                       key, sampling)
         elif p >= c - 1:
             first = max(0, p + 1 - span)

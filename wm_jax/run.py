@@ -32,8 +32,9 @@ from wm_jax import checkpoint as ckpt
 from wm_jax import config as config_lib
 from wm_jax import telemetry
 from wm_jax.config import Config, ConfigError, ModelConfig
+from wm_jax.stages import frozen_workdirs, get_stage
+from wm_jax.stages.tokenizer import TOKENIZER
 from wm_jax.train.state import state_shardings
-from wm_jax.train.step import frozen_stages
 
 BUNDLE_FORMAT = "wm_jax.bundle/1"
 
@@ -58,9 +59,15 @@ def load_bundle_params(path: str | Path, abstract_params: Any) -> Any:
             raise ckpt.CheckpointError(f"bundle {path}: parameters do not fit the model: {str(e)[:600]}") from e
 
 
+def frozen_source(path: str | Path, cfg: Config, stage: str) -> Path:
+    """Where the frozen `stage` model of a run or bundle lives: inside a bundle (`wm export`
+    bundles a stage's `Stage.bundled`), or the run its config key names (`Stage.workdir_key`)."""
+    return Path(path) / stage if is_bundle(path) else named_run(cfg, get_stage(stage).workdir_key)
+
+
 def tokenizer_source(path: str | Path, cfg: Config) -> Path:
     """Where a dynamics model's tokenizer lives: inside a bundle, or the run's tokenizer_workdir."""
-    return Path(path) / "tokenizer" if is_bundle(path) else named_run(cfg, "train.tokenizer_workdir")
+    return frozen_source(path, cfg, TOKENIZER.name)
 
 
 def named_run(cfg: Config, key: str) -> Path:
@@ -203,7 +210,7 @@ def tokenizer_identity(workdir: str | Path) -> tuple[Config, latent_cache.Tokeni
     fingerprint of that step's parameter files (`checkpoint.files_fingerprint`).
     CheckpointError if it is not a run, ConfigError if it is not a tokenizer's."""
     run_cfg = load_run_config(workdir)
-    if run_cfg.train.stage != "tokenizer":
+    if run_cfg.train.stage != TOKENIZER.name:
         raise ConfigError(f"{workdir} is a {run_cfg.train.stage} run, not a tokenizer run (train.stage: tokenizer)")
     if is_bundle(workdir):
         step, files = read_bundle(workdir)["step"], Path(workdir) / "params"
@@ -231,20 +238,14 @@ def restore_params(workdir: str | Path, mesh: Any, rules: Any, step: int | None 
     return params, run_cfg, step
 
 
-# The frozen models a dynamics run reads: config key naming the run, and the model
-# config section that must match it.
-FROZEN_RUNS = {"tokenizer": ("train.tokenizer_workdir", "tokenizer"),
-               "latent_actions": ("train.latent_actions_workdir", "latent_actions")}
-
-
 def load_frozen(cfg: Config, mesh: Any, rules: Any) -> dict[str, Any] | None:
     """Parameters of the trained models cfg's stage reads but does not train
-    (`frozen_stages`: the tokenizer, and a latent action model), by stage, each checked
-    against its `model.*` section; None for stages that read none."""
+    (`Stage.frozen_stages`: for dynamics the tokenizer, and a latent action model), by stage,
+    each checked against its `model.*` section; None for stages that read none."""
     frozen = {}
-    for stage in frozen_stages(cfg):
-        key, section = FROZEN_RUNS[stage]
-        if not getattr(cfg.train, key.split(".")[1]):
+    for stage, path in frozen_workdirs(cfg).items():
+        key, section = get_stage(stage).workdir_key, get_stage(stage).model_section  # how cfg names and shapes it
+        if not path:
             raise ConfigError(f"config key '{key}' must name a trained {stage} run for stage {cfg.train.stage}")
         workdir = named_run(cfg, key)
         params, run_cfg, step = restore_params(workdir, mesh, rules)

@@ -313,14 +313,17 @@ def resolve_base(base: str, spec_path: str | Path) -> Path:
 
 
 def check_runnable(run: Run) -> None:
-    """Paths a run needs that the schema cannot check: a dataset, and a tokenizer for dynamics."""
+    """Paths a run needs that the schema cannot check: a dataset, and the runs of the frozen
+    stages its stage reads (for dynamics, a tokenizer)."""
+    from wm_jax.stages import frozen_workdirs, get_stage  # JAX: not for the parser (`plan` has imported it)
+
     if not run.config.data.dir and not run.config.data.mixture:
         raise SweepError(f"run {run.name}: config key 'data.dir' is empty: set it in the spec or with --set data.dir=DIR")
-    if run.config.train.stage == "dynamics" and not run.config.train.tokenizer_workdir:
-        raise SweepError(
-            f"run {run.name}: config key 'train.tokenizer_workdir' is empty: a dynamics sweep needs a trained "
-            "tokenizer run (--set train.tokenizer_workdir=RUN)"
-        )
+    for stage, path in frozen_workdirs(run.config).items():
+        key = get_stage(stage).workdir_key
+        if not path:
+            raise SweepError(f"run {run.name}: config key '{key}' is empty: a {run.config.train.stage} sweep needs a "
+                             f"trained {stage} run (--set {key}=RUN)")
 
 
 def plan(spec_path: str | Path, extra_set: list[str] = (), *, runnable: bool = True) -> Plan:

@@ -438,7 +438,7 @@ def test_both_objectives_train(objective, head, conditioning):
     The trained model reads its actions: shuffling them raises the loss (action_sensitivity)."""
     import optax
 
-    from wm_jax.train.step import action_sensitivity, dynamics_loss
+    from wm_jax.stages.dynamics import action_sensitivity, dynamics_loss
 
     cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, objective=objective, head=head,
                                                                 action_conditioning=conditioning))
@@ -477,7 +477,7 @@ def test_both_objectives_train(objective, head, conditioning):
 
 
 def test_action_sensitivity_is_zero_for_a_model_without_actions(with_actions):
-    from wm_jax.train.step import action_sensitivity
+    from wm_jax.stages.dynamics import action_sensitivity
 
     codes, actions, _ = _inputs()
     blind = _model(use_actions=False)
@@ -491,7 +491,7 @@ def test_action_sensitivity_is_zero_for_a_model_without_actions(with_actions):
 
 
 def test_the_first_frame_of_a_new_shot_is_left_out_of_the_loss(with_actions):
-    from wm_jax.train.step import dynamics_loss
+    from wm_jax.stages.dynamics import dynamics_loss
 
     _, variables = with_actions
     codes, actions, _ = _inputs()
@@ -511,7 +511,7 @@ def test_the_first_frame_of_a_new_shot_is_left_out_of_the_loss(with_actions):
 
 
 def test_a_cut_with_a_framing_stays_in_the_loss():
-    from wm_jax.train.step import dynamics_loss
+    from wm_jax.stages.dynamics import dynamics_loss
 
     cfg = dataclasses.replace(STEERED, dynamics=dataclasses.replace(STEERED.dynamics, cut_framing=True))
     model, codes, steps = DynamicsModel(cfg), _inputs()[0], _steps(cut_at=3)
@@ -568,7 +568,7 @@ def test_corrupt_codes_replaces_a_per_frame_share_with_valid_codes():
 
 def test_context_corruption_noises_the_inputs_not_the_targets(with_actions):
     from wm_jax.models.dynamics import corrupt_codes
-    from wm_jax.train.step import dynamics_loss
+    from wm_jax.stages.dynamics import dynamics_loss
 
     _, variables = with_actions
     codes, actions, _ = _inputs()

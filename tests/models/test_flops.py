@@ -47,16 +47,6 @@ def test_tokenizer_forward_and_encode_match_xla():
     assert flops.tokenizer_encode_flops(CFG.model, T) == pytest.approx(encode, rel=0.05)
 
 
-def test_train_step_flops_of_each_stage():
-    b = CFG.data.batch_size
-    tok = config_lib.replace(CFG, ["train.stage=tokenizer"])
-    assert flops.train_step_flops(tok) == b * 3 * flops.tokenizer_forward_flops(CFG.model, T)
-    dyn = config_lib.replace(CFG, ["train.stage=dynamics"])
-    expected = b * (flops.tokenizer_encode_flops(CFG.model, T) + 3 * flops.dynamics_forward_flops(CFG.model, T - 1))
-    assert flops.train_step_flops(dyn) == expected
-    assert flops.tokens_per_step(dyn) == b * T * num_tokens(CFG.model)
-
-
 def test_train_step_flops_match_xla_on_the_compiled_step():
     """The whole step (forward, backward, optimizer) as XLA counts it: optimizer and
     elementwise work put XLA a little above the model FLOPs, never below."""

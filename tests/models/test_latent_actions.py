@@ -18,7 +18,9 @@ from wm_jax.models import flops
 from wm_jax.models.latent_actions import LatentActionModel, l2_normalize, vector_quantize
 from wm_jax.telemetry import read_metrics
 from wm_jax.train.state import TrainState, build_model, example_inputs, make_optimizer, param_count
-from wm_jax.train.step import dynamics_loss, encode_codes, infer_latent_actions, latent_action_loss, make_train_step
+from wm_jax.stages.dynamics import dynamics_loss, encode_codes
+from wm_jax.stages.latent_actions import LATENT_ACTIONS, infer_latent_actions, latent_action_loss
+from wm_jax.train.step import make_train_step
 
 CFG = ModelConfig(
     image_size=8,
@@ -169,7 +171,7 @@ def test_stage_trains_resumes_evaluates_and_dry_runs(tmp_path, tiny_overrides, c
     cfg = config_lib.load(PRESET, [*overrides, "data.dir=/nonexistent"])
     variables = jax.eval_shape(build_model(cfg).init, jax.random.key(0), *example_inputs(cfg))
     assert report["stage"] == "latent_actions" and report["parameters"] == param_count(variables["params"])
-    assert report["flops_per_step"] == flops.train_step_flops(cfg) > 0
+    assert report["flops_per_step"] == LATENT_ACTIONS.train_step_flops(cfg) > 0
 
     # The LAM's actions drive a dynamics run (as on video without labels), and its eval.
     tok, dyn = tmp_path / "tok", tmp_path / "dyn"

@@ -7,7 +7,7 @@ import jax
 from conftest import PRESET, TINY_OVERRIDES
 from wm_jax import config as config_lib
 from wm_jax.cli import main
-from wm_jax.models import flops
+from wm_jax.stages.dynamics import DYNAMICS
 from wm_jax.train import dry_run
 from wm_jax.train.state import build_model, example_inputs, param_count
 
@@ -21,7 +21,7 @@ def test_cli_dry_run_needs_no_data_and_prints_the_plan(tmp_path, capsys):
     cfg = config_lib.load(PRESET, overrides)
     variables = jax.eval_shape(build_model(cfg).init, jax.random.key(0), *example_inputs(cfg))
     assert report["parameters"] == param_count(variables["params"])
-    assert report["flops_per_step"] == flops.train_step_flops(cfg)
+    assert report["flops_per_step"] == DYNAMICS.train_step_flops(cfg)
     assert report["peak_bytes"] > report["argument_bytes"] > 0
     assert any(line.startswith("per-device memory:") for line in out)
     assert not (tmp_path / "run").exists()  # nothing written, nothing trained

@@ -44,7 +44,8 @@ from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.tokenizer import VideoTokenizer
 from wm_jax.rollout import decode_codes, encode_frames, rollout
 from wm_jax.run import check_dataset, is_bundle, load_run_config, restore_params, tokenizer_source
-from wm_jax.train.step import infer_latent_actions
+from wm_jax.stages import Role, get_stage
+from wm_jax.stages.latent_actions import infer_latent_actions
 
 
 def held_out_clips(data_dir: str, cfg: Config, frames: int, split: str | None = None,
@@ -608,7 +609,7 @@ def _run_config(workdir: Path, overrides: list[str]) -> Config:
 def _restore_models(workdir: Path, cfg: Config, step: int | None, mesh: Any, rules: Any) -> _Models:
     """`workdir`'s checkpoint at `step` (None: the latest) and, for a dynamics run, its tokenizer's."""
     params, _, step = restore_params(workdir, mesh, rules, step)
-    if cfg.train.stage == "tokenizer":
+    if get_stage(cfg.train.stage).role is Role.TOKENIZER:
         tok_params, dyn_params = params, None
     else:
         tok_params, _, _ = restore_params(tokenizer_source(workdir, cfg), mesh, rules)
@@ -739,7 +740,7 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
     overrides: `eval.*` config keys (KEY=VALUE) for this evaluation, e.g. eval.guidance=2."""
     workdir = Path(workdir)
     cfg = _run_config(workdir, overrides)
-    if cfg.train.stage == "latent_actions":  # no frames to generate: its evaluation is the probe
+    if get_stage(cfg.train.stage).role is Role.ACTION_LABELER:  # no frames to generate: its evaluation is the probe
         from wm_jax.eval.latent_action_probe import evaluate_probe  # imports this module
 
         return evaluate_probe(workdir, step=step, data_dir=data_dir, out_dir=out_dir)

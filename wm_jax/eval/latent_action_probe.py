@@ -30,7 +30,7 @@ from wm_jax.config import MeshConfig
 from wm_jax.eval.evaluate import held_out_clips
 from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.run import check_dataset, is_bundle, load_run_config, restore_params
-from wm_jax.train.step import frames_to_float
+from wm_jax.stages.base import frames_to_float
 
 Transitions = dict[str, np.ndarray]  # latent int [M], feature float32 [M, D], action int [M]
 

@@ -6,14 +6,14 @@ transformer's and no accelerator's peak counts it. Attention is counted in full 
 masks included), which is what the kernels compute without block skipping. A training
 step costs 3x the forward pass (forward + gradients w.r.t. activations and weights).
 These are the "model FLOPs" of MFU (Chowdhery et al. 2022): rematerialisation, if used,
-does not add to them.
+does not add to them. Each training stage (`wm_jax.stages`) sums them into its step's FLOPs.
 """
 
 from __future__ import annotations
 
 import math
 
-from wm_jax.config import Config, ModelConfig
+from wm_jax.config import ModelConfig
 from wm_jax.models.dynamics import logits_shape, sequence_tokens
 from wm_jax.models.latent_actions import num_patches
 from wm_jax.models.tokenizer import num_tokens
@@ -87,29 +87,3 @@ def latent_action_forward_flops(cfg: ModelConfig, frames: int) -> int:
     decoder = t * (n * 2 * 2 * patch_dim * lc.embed_dim + 2 * lc.latent_dim * lc.embed_dim)
     decoder += transformer_forward_flops(t, n, lc.embed_dim, lc.mlp_dim, lc.num_layers)
     return latent_action_encode_flops(cfg, frames) + decoder
-
-
-def train_step_flops(cfg: Config) -> int:
-    """Model FLOPs of one training step on the global batch.
-
-    Tokenizer stage: forward + backward of encode/decode on B clips of T frames.
-    Dynamics stage: the frozen tokenizer encodes the T frames (and the identity bank's
-    reference frame; forward only; with a latent cache only the reference), a frozen
-    latent action model (if any) infers the actions, the dynamics model trains on T-1
-    input frames.
-    Latent actions stage: forward + backward of the LAM on B clips of T frames.
-    """
-    b, t = cfg.data.batch_size, cfg.data.frames_per_clip
-    if cfg.train.stage == "tokenizer":
-        return b * TRAIN_FACTOR * tokenizer_forward_flops(cfg.model, t)
-    if cfg.train.stage == "latent_actions":
-        return b * TRAIN_FACTOR * latent_action_forward_flops(cfg.model, t)
-    encoded = (0 if cfg.data.latent_cache else t) + (1 if cfg.model.dynamics.use_identity_bank else 0)
-    inferred = latent_action_encode_flops(cfg.model, t) if cfg.train.latent_actions_workdir else 0
-    return b * (tokenizer_encode_flops(cfg.model, encoded) + inferred + TRAIN_FACTOR * dynamics_forward_flops(cfg.model, t - 1))
-
-
-def tokens_per_step(cfg: Config) -> int:
-    """Tokens in one global batch: B x T x N (N: the LAM's patches per frame in its stage)."""
-    n = num_patches(cfg.model) if cfg.train.stage == "latent_actions" else num_tokens(cfg.model)
-    return cfg.data.batch_size * cfg.data.frames_per_clip * n

@@ -17,9 +17,9 @@ from jax.sharding import Mesh
 
 from wm_jax import sharding
 from wm_jax.config import Config
-from wm_jax.models import flops
+from wm_jax.stages import get_stage
 from wm_jax.train.state import param_count, state_shardings
-from wm_jax.train.step import batch_specs, frozen_stages, jit_train_step
+from wm_jax.train.step import batch_specs, jit_train_step
 
 GIB = 2**30
 
@@ -27,7 +27,7 @@ GIB = 2**30
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Where a compiled step's inputs live: the mesh, its rules, the state's shardings and
-    the frozen models' state shardings by stage (`frozen_stages`; empty for most stages)."""
+    the frozen models' state shardings by stage (`Stage.frozen_stages`; empty for most stages)."""
 
     mesh: Mesh
     rules: Any
@@ -56,8 +56,9 @@ def compile_step(cfg: Config) -> tuple[Any, dict[str, Any], Placement]:
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.logical_rules(cfg.mesh)
     sharding.check_batch_divisible(cfg.data.batch_size, mesh, rules)
+    stage = get_stage(cfg.train.stage)
     abstract, shardings = state_shardings(cfg, mesh, rules)
-    frozen = {stage: state_shardings(cfg, mesh, rules, stage=stage) for stage in frozen_stages(cfg)}
+    frozen = {name: state_shardings(cfg, mesh, rules, stage=name) for name in stage.frozen_stages(cfg)}
     frozen_abstract = {k: a.params for k, (a, _) in frozen.items()} or None
     step_fn = jit_train_step(cfg, mesh, rules, shardings, {k: s.params for k, (_, s) in frozen.items()} or None)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -72,8 +73,8 @@ def compile_step(cfg: Config) -> tuple[Any, dict[str, Any], Placement]:
         "mesh": dict(mesh.shape),
         "devices": jax.device_count(),
         "device": device.device_kind,
-        "flops_per_step": flops.train_step_flops(cfg),
-        "tokens_per_step": flops.tokens_per_step(cfg),
+        "flops_per_step": stage.train_step_flops(cfg),
+        "tokens_per_step": stage.tokens_per_step(cfg),
         "xla_flops_per_device": float(cost["flops"]) if cost and "flops" in cost else None,
     }
     if memory is not None:

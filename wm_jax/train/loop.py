@@ -27,12 +27,12 @@ from data_pipelines.loader import CODES, SKIPPED, make_loader
 from wm_jax import checkpoint as ckpt
 from wm_jax import distributed, provenance, sharding, telemetry
 from wm_jax.config import Config, ConfigError
-from wm_jax.models import flops
 from wm_jax.run import check_dataset, check_mixture, load_frozen, tokenizer_identity, write_run_config
+from wm_jax.stages import get_stage
 from wm_jax.train.guards import StopFlag
 from wm_jax.train.lock import RunLock
 from wm_jax.train.state import TrainState, create_train_state, param_count, param_counts_by_module, state_shardings
-from wm_jax.train.step import batch_fields, jit_train_step, make_sensitivity_fn
+from wm_jax.train.step import batch_fields, jit_train_step
 
 EXIT_PREEMPTED = 42
 
@@ -138,7 +138,7 @@ class _Loop:
     step_fn: Callable
     frozen: Any  # the frozen modules' parameters
     fields: list[str]  # the batch fields the step reads
-    sensitivity_fn: Callable | None  # dynamics with actions only
+    log_metrics_fn: Callable | None  # the stage's extra figures at log steps (`Stage.make_log_metrics`)
     throughput: Callable[[float], dict[str, float]]  # seconds per step -> rate metrics
 
 
@@ -191,8 +191,7 @@ def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tu
     # The restored frozen parameters already sit on their shardings.
     fields = batch_fields(cfg, list(manifest["fields"]) + ([CODES] if cfg.data.latent_cache else []))
     step_fn = jit_train_step(cfg, mesh, rules, shardings, jax.tree.map(lambda x: x.sharding, frozen), fields)
-    uses_actions = cfg.train.stage == "dynamics" and cfg.model.dynamics.use_actions
-    sensitivity_fn = make_sensitivity_fn(cfg) if uses_actions else None
+    log_metrics_fn = get_stage(cfg.train.stage).make_log_metrics(cfg)
     # Every process restored the same step (or none) and is about to run collectives.
     distributed.barrier("state_ready", cfg.train.barrier_timeout_s)
     throughput = _throughput_fn(cfg)
@@ -200,7 +199,7 @@ def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tu
     for kind, message in [*(("bad_data", m) for m in bad_data), *(("damaged_checkpoint", m) for m in damaged),
                           *lock_events]:
         logger.event(start_step, kind, message)
-    loop = _Loop(cfg, manifest, mesh, rules, manager, logger, batches, step_fn, frozen, fields, sensitivity_fn, throughput)
+    loop = _Loop(cfg, manifest, mesh, rules, manager, logger, batches, step_fn, frozen, fields, log_metrics_fn, throughput)
     counters = _Counters(step=start_step, last=min(cfg.train.steps, stop_at or cfg.train.steps),
                          recent_losses=collections.deque(maxlen=cfg.train.spike_window))
     state = _run_and_close(loop, counters, state)
@@ -263,7 +262,7 @@ def _describe_model(cfg: Config, state: TrainState, mesh: jax.sharding.Mesh) -> 
     """Logs the model's size, cost per step and the devices it trains on; returns nothing."""
     telemetry.info(
         f"stage {cfg.train.stage}: {param_count(state.params):,} parameters, "
-        f"{flops.train_step_flops(cfg):.3g} FLOPs per step, mesh {dict(mesh.shape)}, "
+        f"{get_stage(cfg.train.stage).train_step_flops(cfg):.3g} FLOPs per step, mesh {dict(mesh.shape)}, "
         f"{jax.device_count()} devices, {jax.process_count()} processes"
     )
     by_module = ", ".join(f"{k} {v:,}" for k, v in param_counts_by_module(state.params).items())
@@ -274,7 +273,8 @@ def _throughput_fn(cfg: Config) -> Callable[[float], dict[str, float]]:
     """A function of the seconds per step that returns the rate metrics (tokens/s, frames/s,
     TFLOP/s per device, MFU when the device's peak is known)."""
     frames_per_step = cfg.data.batch_size * cfg.data.frames_per_clip
-    step_flops, step_tokens = flops.train_step_flops(cfg), flops.tokens_per_step(cfg)
+    stage = get_stage(cfg.train.stage)
+    step_flops, step_tokens = stage.train_step_flops(cfg), stage.tokens_per_step(cfg)
     device = jax.devices()[0]
     peak = telemetry.peak_tflops(device.device_kind, cfg.model.dtype, cfg.train.peak_tflops_per_device)
     return lambda step_s: telemetry.throughput(step_s, step_flops, step_tokens, frames_per_step, jax.device_count(), peak)
@@ -349,8 +349,9 @@ def _log_step(loop: _Loop, c: _Counters, state: TrainState, metrics: dict[str, j
     """Logs this step's metrics, the log window's averages and any bad-data or loss-spike
     event, then starts the next window; returns nothing."""
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if loop.sensitivity_fn is not None:  # does the model read its actions yet?
-        values["action_sensitivity"] = float(loop.sensitivity_fn(state.params, batch, loop.frozen, state.step))
+    if loop.log_metrics_fn is not None:  # e.g. does the model read its actions yet?
+        extra = loop.log_metrics_fn(state.params, batch, loop.frozen, state.step)
+        values.update({k: float(v) for k, v in extra.items()})
     # Window averages; the first window of a process includes compilation.
     elapsed, n = time.perf_counter() - c.window_start, c.step - c.window_step
     values.update(

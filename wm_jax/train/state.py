@@ -18,10 +18,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from wm_jax.config import Config, TrainConfig
-from wm_jax.models.dynamics import DynamicsModel, make_controls
-from wm_jax.models.latent_actions import LatentActionModel
-from wm_jax.models.tokenizer import VideoTokenizer, num_tokens
 from wm_jax.sharding import check_divisible, tree_shardings
+from wm_jax.stages import get_stage
 
 
 @struct.dataclass
@@ -42,24 +40,14 @@ class TrainState:
 
 
 def build_model(cfg: Config, stage: str | None = None) -> nn.Module:
-    stage = stage or cfg.train.stage
-    models = {"tokenizer": VideoTokenizer, "dynamics": DynamicsModel, "latent_actions": LatentActionModel}
-    return models[stage](cfg.model)
+    """The model of `stage` (default: cfg's training stage) for cfg's model config."""
+    return get_stage(stage or cfg.train.stage).model(cfg.model)
 
 
 def example_inputs(cfg: Config, stage: str | None = None) -> tuple[jax.Array, ...]:
-    """Zero inputs of one clip, for `init`: frames [1,T,S,S,3] (tokenizer, latent actions)
-    or (codes [1,T-1,N,L], controls of T-1 positions) (dynamics; an identity bank
-    initialises from an absent reference)."""
-    stage = stage or cfg.train.stage
-    t, s = cfg.data.frames_per_clip, cfg.model.image_size
-    if stage in ("tokenizer", "latent_actions"):
-        return (jnp.zeros((1, t, s, s, 3), jnp.float32),)
-    levels = len(cfg.model.tokenizer.fsq_levels)
-    return (
-        jnp.zeros((1, t - 1, num_tokens(cfg.model), levels), jnp.float32),
-        make_controls({"action": jnp.zeros((1, t), jnp.int32)}),
-    )
+    """Zero inputs of one clip of `stage` (default: cfg's training stage), for `init`
+    (`Stage.example_inputs`)."""
+    return get_stage(stage or cfg.train.stage).example_inputs(cfg)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
