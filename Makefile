@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pytest-xdist workers: most tests are compile-bound, on one core each.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow install browser clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,15 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Debian's chromium for the `wm play` browser test (skipped without it); Playwright drives
+# it, nothing is downloaded from elsewhere.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+			|| echo "apt-get could not install chromium: the browser test will be skipped"; \
+	else echo "no /usr/bin/chromium and no root apt-get: the browser test will be skipped"; fi
 
 demo: $(STAMP)
 	$(BIN)/wm demo --out runs/demo

@@ -68,3 +68,35 @@ def dynamics_run(tiny_dataset, tokenizer_run) -> Path:
                  f"train.tokenizer_workdir={tokenizer_run}"]
     train(config_lib.load(PRESET, TINY_OVERRIDES + overrides), run)
     return run
+
+
+# Serving (tests/serve): one conftest per test tree, since the tests import this one by name.
+SERVE_SESSIONS = 16  # the shared server's batch: the load test's 16 concurrent sessions
+
+
+def _serving_stack():
+    for name in ("starlette", "uvicorn", "httpx"):
+        pytest.importorskip(name, reason="the serving tests need starlette, uvicorn and httpx")
+
+
+@pytest.fixture(scope="session")
+def serve_model(dynamics_run):
+    """The trained tiny dynamics run loaded for serving, once."""
+    _serving_stack()
+    from wm_jax.serve.engine import load_model
+
+    return load_model(dynamics_run)
+
+
+@pytest.fixture(scope="session")
+def server(serve_model, tmp_path_factory):
+    """A real server on 127.0.0.1 (uvicorn in a thread) with room for SERVE_SESSIONS
+    sessions; recordings go to a temporary directory (the shared run stays as trained)."""
+    from wm_jax.serve.app import BackgroundServer, create_app
+    from wm_jax.serve.engine import Engine
+
+    engine = Engine(serve_model, max_sessions=SERVE_SESSIONS)
+    record_dir = tmp_path_factory.mktemp("recordings")
+    with BackgroundServer(create_app(engine, record_dir=record_dir, max_queue=4 * SERVE_SESSIONS)) as running:
+        running.engine, running.record_dir = engine, record_dir
+        yield running

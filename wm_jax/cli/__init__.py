@@ -1,4 +1,4 @@
-"""`wm` command line: data, train, eval, export, bench, generate, verify, demo, launch, sweep.
+"""`wm` command line: data, train, eval, export, bench, generate, verify, serve, play, demo, launch, sweep.
 
 One module per command group, each with `add_parser(subparsers)` registering its
 commands and their handlers (`fn`). No library module imports this package.
@@ -17,14 +17,14 @@ import sys
 
 # What parsing the command line needs (no JAX: `wm --help` and `wm launch` stay fast); each
 # command imports the rest.
-from wm_jax.cli import bench, data, demo, eval, export, generate, launch, sweep, train
+from wm_jax.cli import bench, data, demo, eval, export, generate, launch, serve, sweep, train
 from wm_jax.cli.common import EXIT_NUMERICS, EXIT_USAGE
 from wm_jax.config import ConfigError
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NUMERICS", "EXIT_USAGE", "build_parser", "main"]
 
 # In `wm --help` order.
-COMMAND_GROUPS = (data, train, eval, export, bench, generate, demo, launch, sweep)
+COMMAND_GROUPS = (data, train, eval, export, bench, generate, serve, demo, launch, sweep)
 
 # A path that is not what a command needs (a file where a directory must be, no
 # permission...): bad input, reported in one line naming the path. Other OSErrors (a full

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHES = ("checkpoint", "data", "rollout", "train", "watermark")
+BENCHES = ("checkpoint", "data", "loop", "rollout", "serve", "train", "watermark")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

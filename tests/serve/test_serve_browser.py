@@ -1,0 +1,120 @@
+"""`wm play`'s page in a real headless Chromium (Debian's `chromium`, driven by Playwright's
+Python API; no browser download): keys steer the session, different keys give different
+frames, and the frames shown are the server's own engine's for the same controls."""
+
+import os
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from wm_jax.serve.app import BackgroundServer, create_app, decode_frame
+from wm_jax.serve.engine import Engine
+
+CHROMIUM = Path("/usr/bin/chromium")
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="needs Playwright's Python package: pip install playwright")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason=f"no browser at {CHROMIUM}: apt-get install -y chromium (Debian)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    tab = browser.new_page(viewport={"width": 900, "height": 520})
+    tab.goto(server.url)
+    tab.wait_for_function("window.wm && window.wm.ready", timeout=60_000)
+    yield tab
+    tab.close()
+
+
+def play(page, inputs):
+    """Starts a new session on the page (clip 0, seed 0), then sends each input (a key to
+    press or a button to click) and waits for its frame; returns the page's history: the
+    controls and PNG of every frame shown, the context frame first."""
+    page.evaluate("window.wm.ready = false")
+    page.click("#new")
+    page.wait_for_function("window.wm.history.length === 1 && !window.wm.busy", timeout=60_000)
+    for n, (kind, what) in enumerate(inputs, start=2):
+        page.keyboard.press(what) if kind == "key" else page.click(what)
+        page.wait_for_function(f"window.wm.history.length === {n} && !window.wm.busy", timeout=60_000)
+    return page.evaluate("window.wm.history")
+
+
+def replay(url, history):
+    """The frames the server's engine gives a fresh session for the same controls."""
+    with httpx.Client(base_url=url, timeout=60) as c:
+        created = c.post("/v1/sessions", json={"clip": 0, "seed": 0}).json()
+        frames = [decode_frame(created["frame"])]
+        for h in history[1:]:
+            body = {"action": h["action"], "camera": h["camera"], "cut": h["cut"]}
+            frames.append(decode_frame(c.post(f"/v1/sessions/{created['session']}/step", json=body).json()["frame"]))
+        c.delete(f"/v1/sessions/{created['session']}")
+    return frames
+
+
+def shown(history):
+    return [decode_frame({"format": "png", "data": h["png"]}) for h in history]
+
+
+def test_keys_steer_and_match_the_engine(page, server, tmp_path):
+    right = play(page, [("key", "ArrowRight"), ("key", "d"), ("key", "ArrowRight"), ("key", "d"),
+                        ("button", "text=pan →"), ("button", "#cut"), ("key", "ArrowUp")])
+    assert [h["action"] for h in right[1:]] == [4, 4, 4, 4, 0, 0, 1]
+    assert right[5]["camera"] == {"pan": [2, 0]} and right[6]["cut"] is True
+    left = play(page, [("key", "ArrowLeft"), ("key", "a"), ("key", "ArrowLeft"), ("key", "a")])
+    assert [h["action"] for h in left[1:]] == [3, 3, 3, 3]
+    a, b = shown(right), shown(left)
+    np.testing.assert_array_equal(a[0], b[0])  # the same context
+    assert any(not np.array_equal(x, y) for x, y in zip(a[1:5], b[1:5])), "different keys gave the same frames"
+    for history, frames in ((right, a), (left, b)):
+        for k, (mine, theirs) in enumerate(zip(frames, replay(server.url, history))):
+            np.testing.assert_array_equal(mine, theirs, err_msg=f"frame {k} differs from the engine's")
+    assert page.inner_text("#fps") != "–" and float(page.inner_text("#latency")) >= 0
+    page.screenshot(path=str(os.environ.get("WM_PLAY_SCREENSHOT") or tmp_path / "play.png"))
+
+
+def test_record_button_writes_a_recording(page, server):
+    play(page, [("key", "ArrowDown"), ("key", "s")])
+    page.click("#record")
+    page.wait_for_function("window.wm.recorded", timeout=60_000)
+    name = page.evaluate("window.wm.recorded")
+    assert (server.record_dir / "recordings" / name).is_file()
+    assert name in page.inner_text("#recorded")
+
+
+def test_play_button_streams_frames_with_the_held_key(page):
+    play(page, [])
+    page.click("#play")
+    page.keyboard.down("ArrowLeft")
+    page.wait_for_function("window.wm.history.length >= 6", timeout=60_000)
+    page.keyboard.up("ArrowLeft")
+    page.click("#play")
+    page.wait_for_function("!window.wm.playing", timeout=60_000)
+    history = page.evaluate("window.wm.history")
+    assert [h["index"] for h in history] == list(range(history[0]["index"], history[0]["index"] + len(history)))
+    assert 3 in {h["action"] for h in history[1:]}
+    assert int(page.inner_text("#fps")) >= 1
+
+
+def test_page_sends_the_token_from_its_address(browser, serve_model):
+    engine = Engine(serve_model, max_sessions=16)  # the shared server's batch: compiled already
+    with BackgroundServer(create_app(engine, token="t0ken")) as server:
+        tab = browser.new_page()
+        tab.goto(f"{server.url}/#token=t0ken")
+        tab.wait_for_function("window.wm && window.wm.ready", timeout=60_000)
+        tab.keyboard.press("ArrowUp")
+        tab.wait_for_function("window.wm.history.length === 2 && !window.wm.busy", timeout=60_000)
+        tab.close()
+        tab = browser.new_page()  # (a new fragment alone would not reload the page)
+        tab.goto(f"{server.url}/#token=wrong")
+        tab.wait_for_function("document.getElementById('error').textContent.includes('Bearer')", timeout=60_000)
+        tab.close()

@@ -1,0 +1,156 @@
+"""The batched session engine on the trained tiny run: it generates what the library's
+rollout generates, batched or alone, slides past its window without recompiling, expires
+idle sessions, bounds their count and writes recordings `wm verify` accepts."""
+
+import dataclasses
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from data_pipelines import writer
+from wm_jax import watermark
+from wm_jax.models.dynamics import DynamicsModel, make_controls
+from wm_jax.rollout import decode_codes, encode_frames, rollout_frames
+from wm_jax.serve.engine import CapacityError, Engine, RequestError, SessionNotFound, StepRequest
+
+
+def context_fields(engine, clip):
+    """The first context_frames steps of test episode `clip`: what a session starts from."""
+    manifest = writer.read_manifest(engine.data_dir)
+    entry = manifest["splits"][engine.split]["episodes"][clip]
+    records = writer.read_episode(engine.data_dir, manifest, entry["episode_id"])
+    return {k: v[: engine.context_frames] for k, v in records.items()}
+
+
+def reference_frames(engine, clip, requests):
+    """uint8 [H, T, S, S, 3]: the frames `rollout_frames` + `decode_codes` give for the
+    session's context and controls, with the model's temporal window set to the engine's
+    cache window (what the sliding ring computes)."""
+    m, fields = engine.model, context_fields(engine, clip)
+    c, h = engine.context_frames, len(requests)
+    pose = np.asarray(fields["camera"][-1], np.float64)
+    poses = []
+    for r in requests:
+        pose = pose.copy()
+        pose[:3] += r.move
+        poses.append(pose)
+    valid = lambda name: fields.get(name, np.ones(c, bool))
+    steps = {"action": np.r_[fields["action"][: c - 1], [r.action for r in requests], 0][None].astype(np.int32),
+             "action_valid": np.r_[valid("action_valid")[: c - 1], np.ones(h + 1, bool)][None],
+             "camera": np.r_[fields["camera"], poses][None].astype(np.float32),
+             "camera_valid": np.r_[valid("camera_valid"), np.ones(h, bool)][None],
+             "cut": np.r_[fields["cut"], [r.cut for r in requests]][None]}
+    windowed = dataclasses.replace(m.cfg.model, dynamics=dataclasses.replace(m.cfg.model.dynamics,
+                                                                               temporal_window=engine.window))
+    codes, _ = encode_frames(m.tokenizer, m.tok_params, fields["frame"][None], m.chunk)
+    new = list(rollout_frames(DynamicsModel(windowed), m.params, codes, make_controls(steps), h))
+    video = decode_codes(m.tokenizer, m.tok_params, np.concatenate([codes, np.stack(new, axis=1)], axis=1), m.chunk)
+    return video[0, c:]
+
+
+def random_requests(session, n, seed, num_actions):
+    rng = np.random.default_rng(seed)
+    return [StepRequest(session, int(rng.integers(num_actions)), (float(rng.integers(-1, 2)), 0.0, 0.0),
+                        bool(k == n // 2)) for k in range(n)]
+
+
+def test_sessions_generate_what_the_rollout_generates_batched_and_past_the_window(serve_model):
+    engine = Engine(serve_model, max_sessions=4)
+    horizon = 3 * engine.window + 2  # the ring wraps: the sessions slide
+    clips = [0, 1]
+    ids = [engine.create(clip=c)[0] for c in clips]
+    plans = [random_requests(s, horizon, k, engine.num_actions) for k, s in enumerate(ids)]
+    got = [[], []]
+    for step in zip(*plans):
+        for k, frame in enumerate(engine.step(list(step))):
+            assert frame.index == engine.context_frames + len(got[k])
+            got[k].append(frame.image)
+    for k, clip in enumerate(clips):
+        want = reference_frames(engine, clip, plans[k])
+        diff = np.abs(np.stack(got[k]).astype(int) - want.astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.999, f"session {k}: max diff {diff.max()}"
+    assert not np.array_equal(got[0], got[1])
+
+
+def test_batched_steps_equal_steps_alone(serve_model):
+    together, alone = Engine(serve_model, max_sessions=4), Engine(serve_model, max_sessions=4)
+    a = [together.create(clip=k % 2)[0] for k in range(3)]
+    b = [alone.create(clip=k % 2)[0] for k in range(3)]
+    for t in range(5):
+        actions = [(t + k) % together.num_actions for k in range(3)]
+        batched = together.step([StepRequest(s, act) for s, act in zip(a, actions)])
+        single = [alone.step([StepRequest(s, act)])[0] for s, act in zip(b, actions)]
+        for x, y in zip(batched, single):
+            np.testing.assert_array_equal(x.image, y.image)
+
+
+def test_no_recompile_and_constant_shapes_past_the_window(serve_model, caplog):
+    engine = Engine(serve_model, max_sessions=4)
+    sid, _ = engine.create()
+    engine.step([StepRequest(sid, 1)])  # compiled here
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            for k in range(3 * engine.window):
+                assert not isinstance(engine.step([StepRequest(sid, k % engine.num_actions)])[0], Exception)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert not [r for r in caplog.records if "ompil" in r.getMessage()], "a step past the window recompiled"
+
+
+def test_idle_sessions_expire_and_the_count_is_bounded(serve_model):
+    now = [0.0]
+    engine = Engine(serve_model, max_sessions=2, idle_timeout_s=10, clock=lambda: now[0])
+    first, _ = engine.create()
+    second, _ = engine.create()
+    with pytest.raises(CapacityError):
+        engine.create()
+    now[0] = 8.0
+    engine.step([StepRequest(second, 0)])  # keeps `second` alive
+    now[0] = 12.0
+    third, _ = engine.create()  # `first` expired and freed its row
+    assert isinstance(engine.step([StepRequest(first, 0)])[0], SessionNotFound)
+    assert engine.expire() == [] and engine.info()["sessions"] == 2
+    engine.delete(third)
+    with pytest.raises(SessionNotFound):
+        engine.delete(third)
+
+
+def test_bad_requests_fail_alone(serve_model):
+    engine = Engine(serve_model, max_sessions=4)
+    sid, _ = engine.create()
+    out = engine.step([StepRequest(sid, engine.num_actions), StepRequest("nope", 0)])
+    assert isinstance(out[0], RequestError) and isinstance(out[1], SessionNotFound)
+    out = engine.step([StepRequest(sid, 0, (float("nan"), 0, 0)), StepRequest(sid, True)])
+    assert all(isinstance(o, RequestError) for o in out)
+    out = engine.step([StepRequest(sid, 1), StepRequest(sid, 2)])
+    assert out[0].index == engine.context_frames and "two steps" in str(out[1])
+    with pytest.raises(RequestError):
+        engine.create(clip=engine.info()["clips"])
+
+
+def test_recording_is_watermarked_with_provenance(serve_model, tmp_path):
+    engine = Engine(serve_model, max_sessions=4)
+    sid, _ = engine.create(seed=3)
+    for k in range(12):
+        engine.step([StepRequest(sid, k % engine.num_actions, (1.0, 0.0, 0.0))])
+    path = engine.record(sid, tmp_path)
+    assert path.parent == tmp_path / "recordings" and path.suffix == ".mp4"
+    result = watermark.verify(path)
+    assert result["manifest_ok"] and result["watermark_detected"], result["problems"]
+    provenance = result["verified"]
+    assert provenance["generator"] == "wm play" and provenance["frames"] == engine.context_frames + 12
+    assert engine.record(sid, tmp_path) != path  # a second recording gets its own name
+
+
+def test_sampling_follows_the_session_seed(serve_model):
+    def frames(seed):
+        engine = Engine(serve_model, max_sessions=4, temperature=1.0)
+        sid, _ = engine.create(seed=seed)
+        return np.stack([engine.step([StepRequest(sid, k % engine.num_actions)])[0].image for k in range(4)])
+
+    first = frames(5)
+    np.testing.assert_array_equal(first, frames(5))
+    assert not np.array_equal(first, frames(6))
