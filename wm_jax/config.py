@@ -177,6 +177,13 @@ class TrainConfig:
     # Multi-process runs meet at barriers (state ready, run finished); a process missing
     # for this long stops the run with an error naming it, instead of a silent hang.
     barrier_timeout_s: float = 600.0
+    # Multi-process runs agree on a stop signal (and a time-based checkpoint) with one
+    # collective every this many steps instead of every step (one process: every step, free).
+    stop_check_every_steps: int = 10
+    # JAX's persistent compilation cache, so a restart skips compiling: "auto" = the run
+    # directory's compile_cache/ (the first run in a process sets it for the process),
+    # "none" (off), or a directory shared by runs (e.g. one per sweep).
+    compile_cache_dir: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -503,6 +510,7 @@ def _check_positive(cfg: Config) -> None:
         "train.steps": cfg.train.steps,
         "train.log_every_steps": cfg.train.log_every_steps,
         "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
+        "train.stop_check_every_steps": cfg.train.stop_check_every_steps,
         "train.spike_window": cfg.train.spike_window,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "checkpoint.max_to_keep": cfg.checkpoint.max_to_keep,

@@ -156,3 +156,22 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, t
     assert [p.returncode for p in procs] == [42, 42], [e[-1500:] for e in errs]
     saved = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] >= read_metrics(run / "metrics.jsonl")[-1]["step"]
+
+
+def test_a_restart_reads_its_compiled_step_from_the_run_compile_cache(tmp_path, tiny_overrides):
+    """Issue 20: the run's compile_cache/ holds the compiled programs, a restarted process
+    finds its train step there instead of compiling it, and each process reports its time
+    to first step."""
+    from multiproc import run_python
+
+    script = ("import sys; from wm_jax import config as c; from wm_jax.train.loop import train; "
+              "train(c.load(sys.argv[1], sys.argv[4:]), sys.argv[2], stop_at=int(sys.argv[3]))")
+    run = tmp_path / "run"
+    for stop_at in (2, 4):
+        out = run_python(["-c", script, str(PRESET), str(run), str(stop_at), *tiny_overrides, "train.steps=6"])
+        assert out.returncode == 0, out.stderr[-3000:]
+        summary = json.loads((run / "train_summary.json").read_text())
+        assert summary["time_to_first_step_s"] > 0 and summary["compile_cache_dir"] == str(run / "compile_cache")
+        if stop_at == 2:
+            steps = {p.name for p in (run / "compile_cache").glob("jit_train_step-*")}
+    assert steps and {p.name for p in (run / "compile_cache").glob("jit_train_step-*")} == steps

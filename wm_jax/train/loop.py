@@ -119,9 +119,25 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     `stop_at` ends this invocation after that global step with a checkpoint, as a
     preemption would (the schedule still runs to `cfg.train.steps` on resume). The run
     lock is held throughout: a second writer of `workdir` is refused (RunLocked)."""
+    started = time.perf_counter()
     workdir = open_workdir(workdir)
     with RunLock(workdir) as lock:
-        return _train(cfg, workdir, stop_at, lock.events)
+        return _train(cfg, workdir, stop_at, lock.events, started)
+
+
+def enable_compile_cache(cfg: Config, workdir: Path) -> str | None:
+    """Points JAX's persistent compilation cache at `train.compile_cache_dir` ("auto": the
+    run's compile_cache/) unless it is "none" or this process already has one (the setting
+    is process-wide; the first run sets it). Returns the cache directory in use, or None."""
+    current = jax.config.jax_compilation_cache_dir
+    if cfg.train.compile_cache_dir == "none" or current:
+        return current or None
+    path = workdir / "compile_cache" if cfg.train.compile_cache_dir == "auto" else Path(cfg.train.compile_cache_dir)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # Cache every program: the small ones of small models add up on a CPU too.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +165,8 @@ class _Counters:
     step: int
     last: int  # the step this invocation ends after
     recent_losses: collections.deque[float]  # the losses of recent log steps, for spikes
+    started: float = 0.0  # perf_counter when `train` was called
+    first_step_s: float | None = None  # from `train`'s call to this invocation's first step done
     last_save: float = dataclasses.field(default_factory=time.monotonic)
     skipped_in_a_row: int = 0  # consecutive steps whose update was non-finite
     skipped_windows: int = 0  # windows with a bad record the loader replaced
@@ -163,8 +181,11 @@ class _Counters:
         self.window_start, self.window_step, self.wait_s = time.perf_counter(), self.step, 0.0
 
 
-def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tuple[str, str]]) -> TrainState:
-    """`train` once the run lock is held: returns the final train state."""
+def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tuple[str, str]],
+           started: float) -> TrainState:
+    """`train` once the run lock is held (`started`: perf_counter at its call): returns the
+    final train state."""
+    enable_compile_cache(cfg, workdir)
     bad_data: list[str] = []  # logged as events once the logger exists
     if cfg.data.mixture:
         manifest = check_mixture(cfg, cfg.data.split, warn=bad_data.append)
@@ -201,12 +222,13 @@ def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tu
         logger.event(start_step, kind, message)
     loop = _Loop(cfg, manifest, mesh, rules, manager, logger, batches, step_fn, frozen, fields, log_metrics_fn, throughput)
     counters = _Counters(step=start_step, last=min(cfg.train.steps, stop_at or cfg.train.steps),
-                         recent_losses=collections.deque(maxlen=cfg.train.spike_window))
+                         recent_losses=collections.deque(maxlen=cfg.train.spike_window), started=started)
     state = _run_and_close(loop, counters, state)
     if jax.process_index() == 0:
-        (workdir / "train_summary.json").write_text(
-            json.dumps({"stage": cfg.train.stage, "step": counters.step, "parameters": param_count(state.params)}, indent=2)
-        )
+        summary = {"stage": cfg.train.stage, "step": counters.step, "parameters": param_count(state.params),
+                   "time_to_first_step_s": counters.first_step_s,
+                   "compile_cache_dir": jax.config.jax_compilation_cache_dir}
+        (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return state
 
 
@@ -305,15 +327,26 @@ def _run_steps(loop: _Loop, c: _Counters, state: TrainState, stop: StopFlag,
     """Trains from step `c.step` to `c.last`, logging and saving on the way; returns the train
     state. Raises FloatingPointError (too many non-finite steps) or Preempted (after its save)."""
     c.new_window()
+    previous = None  # (step, skipped flag) of the step before, read once this one is dispatched
     while c.step < c.last:
         local = _next_batch(loop.batches, c)
         batch = sharding.shard_batch({k: local[k] for k in loop.fields}, loop.mesh, loop.rules)
         state, metrics = loop.step_fn(state, batch, loop.frozen)
         c.step += 1
-        _count_nonfinite(loop, c, metrics)
+        if c.first_step_s is None:
+            jax.block_until_ready(metrics)
+            c.first_step_s = time.perf_counter() - c.started
+            telemetry.info(f"first step done {c.first_step_s:.1f} s after start")
+        # Reading a step's flag only after the next is dispatched keeps the device busy:
+        # no host stall per step. A skipped update is never applied, so a late read loses nothing.
+        if previous is not None:
+            _count_nonfinite(loop, c, *previous)
+        previous = (c.step, metrics["skipped"])
         if c.step % loop.cfg.train.log_every_steps == 0 or c.step == c.last:
             _log_step(loop, c, state, metrics, batch, local)
         _save_or_stop(loop, c, state, stop, sealer)
+    if previous is not None:
+        _count_nonfinite(loop, c, *previous)
     return state
 
 
@@ -326,20 +359,19 @@ def _next_batch(batches: Any, c: _Counters) -> dict[str, np.ndarray]:
     return local
 
 
-def _count_nonfinite(loop: _Loop, c: _Counters, metrics: dict[str, jax.Array]) -> None:
-    """Counts (and logs) consecutive skipped non-finite updates; returns nothing, raises
-    FloatingPointError at `train.max_nonfinite_steps` in a row."""
-    # One scalar read per step: the guard must count consecutive skips exactly.
-    if not bool(metrics["skipped"]):
+def _count_nonfinite(loop: _Loop, c: _Counters, step: int, skipped: jax.Array) -> None:
+    """Counts (and logs) consecutive skipped non-finite updates, given step `step`'s flag;
+    returns nothing, raises FloatingPointError at `train.max_nonfinite_steps` in a row."""
+    if not bool(skipped):  # the guard counts consecutive skips exactly
         c.skipped_in_a_row = 0
         return
     c.skipped_in_a_row += 1
-    loop.logger.event(c.step, "nonfinite", f"non-finite loss, gradient or updated state: update skipped "
+    loop.logger.event(step, "nonfinite", f"non-finite loss, gradient or updated state: update skipped "
                       f"({c.skipped_in_a_row} in a row)")
     if c.skipped_in_a_row >= loop.cfg.train.max_nonfinite_steps:
         loop.manager.wait_until_finished()  # the newest step named below is on disk
         raise FloatingPointError(
-            f"{c.skipped_in_a_row} consecutive non-finite steps at step {c.step}; last good checkpoint: "
+            f"{c.skipped_in_a_row} consecutive non-finite steps at step {step}; last good checkpoint: "
             f"{loop.manager.latest_step()} (every saved state is finite: skipped updates are never applied)"
         )
 
@@ -382,10 +414,15 @@ def _save_or_stop(loop: _Loop, c: _Counters, state: TrainState, stop: StopFlag,
     """Saves step `c.step` when a checkpoint is due, it is the last step or any process got a
     stop signal; returns nothing, or, after a stop signal, waits for the save and raises Preempted."""
     cfg, manager = loop.cfg, loop.manager
-    preempted = distributed.any_process(stop.signal is not None)
-    minutes = cfg.checkpoint.every_minutes
-    due = c.step % cfg.checkpoint.every_steps == 0 or (minutes > 0 and time.monotonic() - c.last_save >= 60 * minutes)
-    if due or c.step == c.last or preempted:
+    due = c.step % cfg.checkpoint.every_steps == 0 or c.step == c.last
+    preempted = False
+    # Processes agree on the stop signal and on a time-based save with a collective, so
+    # they ask on the same steps: every step alone (free), else every few or when saving.
+    if jax.process_count() == 1 or due or c.step % cfg.train.stop_check_every_steps == 0:
+        preempted = distributed.any_process(stop.signal is not None)
+        minutes = cfg.checkpoint.every_minutes
+        due = due or (minutes > 0 and distributed.any_process(time.monotonic() - c.last_save >= 60 * minutes))
+    if due or preempted:
         ckpt.save(manager, c.step, state, _encode_iterator_state(loop.batches.get_state()), cfg,
                   _run_manifest(cfg, loop.manifest, loop.mesh, step=c.step))
         c.last_save = time.monotonic()
