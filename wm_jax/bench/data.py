@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from wm_jax.presets import preset_path
 
     parser = argparse.ArgumentParser(prog="wm bench data", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="tiny_cpu", help="YAML file or preset name (default tiny_cpu)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    results.add_config_flags(parser, "tiny_cpu")
     parser.add_argument("--data", default=None, help="dataset directory (default: a procedural one in a temp dir)")
     parser.add_argument("--episodes", type=int, default=64, help="episodes of the procedural dataset (default 64)")
     parser.add_argument("--frames", type=int, default=64, help="steps per procedural episode (default 64)")

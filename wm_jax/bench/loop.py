@@ -112,8 +112,7 @@ def run(config: str, overrides: list[str], window: int = 20, repeats: int = 3) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wm bench loop", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file or preset name (wm_jax/presets)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    results.add_config_flags(parser)
     parser.add_argument("--window", type=int, default=20, help="steps per log window (3 windows per loop run)")
     parser.add_argument("--repeats", type=int, default=3, help="loop and bare-step measurements, alternated")
     results.add_flag(parser)

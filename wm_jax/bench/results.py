@@ -1,4 +1,5 @@
-"""Results files: one markdown table per bench, rows appended by each run.
+"""The flags every bench shares (`--config`, `--set`, `--results`), and results files: one
+markdown table per bench, rows appended by each run.
 
 A bench appends where `--results PATH` says. Without it, run from a checkout (where
 `benchmarks/RESULTS.md` exists in the working directory) it appends to that file, as it
@@ -28,6 +29,13 @@ def add_flag(parser: argparse.ArgumentParser) -> None:
                         help=f"markdown file to append this run's rows to (default: ./{CHECKOUT_RESULTS} when "
                         "that file exists, i.e. when run from the repository root; else none: the table and the "
                         "JSON line are only printed)")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """`--config` (a preset name or YAML path; required unless `default`) and `--set KEY=VALUE`."""
+    parser.add_argument("--config", required=default is None, default=default,
+                        help="YAML file or preset name (wm_jax/presets)" + (f"; default {default}" if default else ""))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
 
 def machine(device: str) -> str:

@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from wm_jax.presets import preset_path
 
     parser = argparse.ArgumentParser(prog="wm bench rollout", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="rollout_bench", help="YAML file or preset name (wm_jax/presets)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    results.add_config_flags(parser, "rollout_bench")
     parser.add_argument("--horizons", default="16,64,256", help="comma-separated horizons (default 16,64,256)")
     parser.add_argument("--batch", type=int, default=1, help="independent shots generated together (default 1)")
     results.add_flag(parser)

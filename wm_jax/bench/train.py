@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from wm_jax.presets import preset_path
 
     parser = argparse.ArgumentParser(prog="wm bench train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file or preset name (wm_jax/presets)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    results.add_config_flags(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
     results.add_flag(parser)
