@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pytest-xdist workers: most tests are compile-bound, on one core each.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow install browser clean
+.PHONY: demo test test-slow lint install browser clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ browser:
 
 demo: $(STAMP)
 	$(BIN)/wm demo --out runs/demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check wm_jax data_pipelines tests experiments
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15

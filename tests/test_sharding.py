@@ -3,7 +3,6 @@ check: every layout trains like one device."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
