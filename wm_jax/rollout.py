@@ -106,10 +106,8 @@ def cache_slots(cfg: Any, frames: int) -> int:
 def init_caches(cfg: Any, batch: int, slots: int) -> list[dict[str, jax.Array]]:
     """Empty per-layer temporal key/value caches: {"key", "value": [B*N, slots, heads, K]}."""
     dc = cfg.dynamics
-    shape = (batch * sequence_tokens(cfg), slots, dc.num_heads, dc.embed_dim // dc.num_heads)
-    dtype = layers.dtype_of(cfg.dtype)
-    # Separate buffers: the decode step donates (updates in place) each of them.
-    return [{"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for _ in range(dc.num_layers)]
+    return layers.kv_caches(batch * sequence_tokens(cfg), slots, dc.num_heads, dc.embed_dim // dc.num_heads,
+                            dc.num_layers, layers.dtype_of(cfg.dtype))
 
 
 @dataclasses.dataclass(frozen=True)

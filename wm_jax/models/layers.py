@@ -289,6 +289,14 @@ class SpatioTemporalBlock(nn.Module):
         return x if cache is None else (x, cache)
 
 
+def kv_caches(rows: int, slots: int, num_heads: int, head_dim: int, num_layers: int, dtype: Dtype
+              ) -> list[dict[str, jax.Array]]:
+    """Empty per-layer key/value caches {"key", "value": [rows, slots, heads, K]} (zeros)."""
+    shape = (rows, slots, num_heads, head_dim)
+    # Separate buffers per layer: a decode step donates (updates in place) each of them.
+    return [{"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for _ in range(num_layers)]
+
+
 class PositionEmbedding(nn.Module):
     """Adds a learned spatial embedding per token and, when `temporal`, a sinusoidal one per
     frame (models with rotary temporal attention leave time to the attention)."""

@@ -135,7 +135,34 @@ class VideoTokenizer(nn.Module):
         size = self.cfg.image_size
         return layers.unpatchify(patches, self.cfg.tokenizer.patch_size, size, size)
 
+    def decode_step(self, codes: jax.Array, index: jax.Array, caches: list[dict[str, jax.Array]]
+                    ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """The decoder on one new frame against a key/value cache of the earlier frames of its
+        time chunk: codes float [B, N, L] of the frame at chunk index `index` (int32 scalar),
+        caches per decoder layer {"key", "value": [B*N, T, heads, K]} (`init_decoder_caches`;
+        slots past `index` ignored) -> (frames float32 [B, H, W, 3] in [-1, 1], caches with this
+        frame written at slot `index`). Equals `decode` of the chunk at that index: the decoder
+        is causal in time."""
+        x = self.from_latent(codes[:, None])  # [B, 1, N, D]
+        spatial = self.dec_pos.variables["params"]["spatial"]  # dec_pos's table, read at `index`
+        pos = spatial[None, :, :] + layers.sinusoidal_embedding(index[None], x.shape[-1])[:, None, :]
+        x = (x + pos[None]).astype(layers.dtype_of(self.cfg.dtype))
+        slots = caches[0]["key"].shape[1]
+        mask = jnp.broadcast_to(jnp.arange(slots) <= index, (codes.shape[0], 1, slots))
+        x, caches = self.decoder(x, None, None, mask, None, caches, index, None)
+        patches = self.to_patch(self.dec_norm(x)).astype(jnp.float32)
+        size = self.cfg.image_size
+        return layers.unpatchify(patches, self.cfg.tokenizer.patch_size, size, size)[:, 0], caches
+
     def __call__(self, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
         """frames float [B, T, H, W, 3] -> (recon float32 [B, T, H, W, 3], indices int32 [B, T, N])."""
         codes, indices = self.encode(frames)
         return self.decode(codes), indices
+
+
+def init_decoder_caches(cfg: ModelConfig, batch: int, slots: int) -> list[dict[str, jax.Array]]:
+    """Empty per-layer caches of the decoder for `VideoTokenizer.decode_step`:
+    {"key", "value": [B*N, slots, heads, K]}."""
+    tc = cfg.tokenizer
+    return layers.kv_caches(batch * num_tokens(cfg), slots, tc.num_heads, tc.embed_dim // tc.num_heads,
+                            tc.num_layers, layers.dtype_of(cfg.dtype))

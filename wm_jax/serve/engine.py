@@ -6,7 +6,7 @@ advances every requested session by one frame in one jitted call: `rollout.cache
 vmapped over the rows, so rows at different positions and ring slots share one compiled
 program, and rows without a request keep their state (the padding of the fixed batch).
 Each new frame is then decoded alone against a key/value cache of the tokenizer decoder
-holding the earlier frames of its time chunk (`decode_step`): the decoder is causal in
+holding the earlier frames of its time chunk (`VideoTokenizer.decode_step`): the decoder is causal in
 time, so the frame is what `rollout.decode_codes` (and so `wm generate`) gives for the
 whole video, at the cost of one frame.
 
@@ -40,9 +40,8 @@ import numpy as np
 
 from wm_jax.config import ConfigError, to_dict
 from wm_jax.generate import DEFAULT_FPS, DEFAULT_POSE, checkpoint_info, default_scale
-from wm_jax.models import layers
 from wm_jax.models.dynamics import CAMERA_DIM, Controls, DynamicsModel, make_controls
-from wm_jax.models.tokenizer import VideoTokenizer, num_tokens
+from wm_jax.models.tokenizer import VideoTokenizer, init_decoder_caches, num_tokens
 from wm_jax.rollout import Sampling, cached_step, decode_codes, encode_frames, identity_memory, init_caches
 from wm_jax.stages.base import float_to_frames
 
@@ -122,43 +121,15 @@ def _advance(dynamics: DynamicsModel, sampling: Sampling, params: Any, inputs: j
     return keep(nxt, inputs), jax.tree.map(keep, new, state)
 
 
-def decode_step(tokenizer: VideoTokenizer, codes: jax.Array, index: jax.Array, caches: list[dict[str, jax.Array]]
-                ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
-    """The tokenizer's decoder on one new frame against a key/value cache of the earlier
-    frames of its time chunk (run with `tokenizer.apply(..., method=decode_step)`): codes
-    float [B, N, L] of the frame at chunk index `index` (int32 scalar), caches per decoder
-    layer {"key", "value": [B*N, T, heads, K]} (slots past `index` ignored) -> (frames
-    float32 [B, H, W, 3] in [-1, 1], caches with this frame written at slot `index`).
-    Equals `VideoTokenizer.decode` of the chunk at that index: the decoder is causal in time."""
-    x = tokenizer.from_latent(codes[:, None])  # [B, 1, N, D]
-    spatial = tokenizer.dec_pos.variables["params"]["spatial"]  # dec_pos's table, read at `index`
-    pos = spatial[None, :, :] + layers.sinusoidal_embedding(index[None], x.shape[-1])[:, None, :]
-    x = (x + pos[None]).astype(layers.dtype_of(tokenizer.cfg.dtype))
-    slots = caches[0]["key"].shape[1]
-    mask = jnp.broadcast_to(jnp.arange(slots) <= index, (codes.shape[0], 1, slots))
-    x, caches = tokenizer.decoder(x, None, None, mask, None, caches, index, None)
-    patches = tokenizer.to_patch(tokenizer.dec_norm(x)).astype(jnp.float32)
-    size = tokenizer.cfg.image_size
-    return layers.unpatchify(patches, tokenizer.cfg.tokenizer.patch_size, size, size)[:, 0], caches
-
-
-def init_decoder_caches(cfg: Any, batch: int, slots: int) -> list[dict[str, jax.Array]]:
-    """Empty per-layer caches of the tokenizer's decoder: {"key", "value": [B*N, slots, heads, K]}."""
-    tc = cfg.tokenizer
-    shape = (batch * num_tokens(cfg), slots, tc.num_heads, tc.embed_dim // tc.num_heads)
-    dtype = layers.dtype_of(cfg.dtype)
-    return [{"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for _ in range(tc.num_layers)]
-
-
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
 def _show(tokenizer: VideoTokenizer, params: Any, caches: Any, codes: jax.Array, index: jax.Array,
           write: jax.Array) -> tuple[Any, jax.Array]:
-    """Each row's new frame decoded (`decode_step` vmapped over rows): caches per layer
+    """Each row's new frame decoded (`VideoTokenizer.decode_step` vmapped over rows): caches per layer
     {"key", "value": [S, N, T, heads, K]}, codes [S, N, L] of frames at chunk index int32
     [S], written where write bool [S] -> (caches, uint8 frames [S, H, W, 3])."""
 
     def row(code, cache, j):
-        frame, cache = tokenizer.apply({"params": params}, code[None], j, cache, method=decode_step)
+        frame, cache = tokenizer.apply({"params": params}, code[None], j, cache, method=VideoTokenizer.decode_step)
         return frame[0], cache
 
     frames, new = jax.vmap(row)(codes, caches, index)
