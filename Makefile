@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check wm_jax data_pipelines tests experiments
+	$(BIN)/lint-imports  # the import contracts in pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15

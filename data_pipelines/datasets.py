@@ -161,14 +161,15 @@ def dataset_stats(data_dir: str | os.PathLike) -> dict:
     and, where the fields exist, action histogram, cut rate, reward sum, camera x/y range
     (of known steps), and the share of steps with a known action/camera."""
     manifest = writer.verify_dataset(data_dir, check_hashes=True)
-    return {
-        "source": manifest["source"],
-        "source_params": manifest["source_params"],
-        "frame_size": manifest["frame_size"],
-        "num_entities": manifest["num_entities"],
-        "files_verified": len(manifest.get("files", [])),
-        "content_hash": manifest["content_hash"],
-        "splits": {split: _split_stats(writer.shard_paths(data_dir, manifest, split),
-                                       len(entry["episodes"]), manifest["fields"])
-                   for split, entry in manifest["splits"].items()},
-    }
+    with writer.malformed_as_dataset_error(data_dir):
+        return {
+            "source": manifest["source"],
+            "source_params": manifest["source_params"],
+            "frame_size": manifest["frame_size"],
+            "num_entities": manifest["num_entities"],
+            "files_verified": len(manifest.get("files", [])),
+            "content_hash": manifest["content_hash"],
+            "splits": {split: _split_stats(writer.shard_paths(data_dir, manifest, split),
+                                           len(entry["episodes"]), manifest["fields"])
+                       for split, entry in manifest["splits"].items()},
+        }

@@ -13,12 +13,13 @@ start state) are listed under "files" with their sha256, verified like the shard
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -178,7 +179,7 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     """The parsed manifest; DatasetError if the directory or manifest is missing or bad."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise DatasetError(f"dataset directory {root} does not exist")
+        raise DatasetError(f"dataset directory {root} " + ("is not a directory" if root.exists() else "does not exist"))
     path = root / MANIFEST
     if not path.is_file():
         raise DatasetError(f"{path} is missing: {root} is not a dataset (or was not finished)")
@@ -236,13 +237,21 @@ def verify_dataset(data_dir: str | os.PathLike, check_hashes: bool = True) -> di
     their sha256, and likewise the listed files; returns the manifest, or raises
     DatasetError naming the shard or file (or the manifest, when it lacks an entry)."""
     manifest = read_manifest(data_dir)
-    try:
+    with malformed_as_dataset_error(data_dir):
         _verify_contents(Path(data_dir), manifest, check_hashes)
+    return manifest
+
+
+@contextlib.contextmanager
+def malformed_as_dataset_error(data_dir: str | os.PathLike) -> Iterator[None]:
+    """Code reading a manifest's entries runs in this: an entry missing or of another shape
+    (KeyError, TypeError, ...) becomes a DatasetError naming the manifest."""
+    try:
+        yield
     except DatasetError:
         raise
-    except (KeyError, TypeError, AttributeError, ValueError) as e:  # an entry missing or of another shape
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
         raise DatasetError(f"{Path(data_dir) / MANIFEST} is malformed: {type(e).__name__} {e}") from None
-    return manifest
 
 
 def _verify_contents(root: Path, manifest: dict, check_hashes: bool) -> None:

@@ -44,13 +44,22 @@ def _flip_one_bit(path):
     path.write_bytes(bytes(raw))
 
 
+def _truncate_unsealed(path):
+    """Truncates `path` in a step whose checksums are gone: only reading the step finds it."""
+    step_dir = next(p for p in path.parents if p.parent.name == "checkpoints")
+    (step_dir / ckpt.CHECKSUMS).unlink(missing_ok=True)
+    _truncate(path)
+
+
 def _copy(run, tmp_path):
     """A copy of a shared trained run, to change."""
     shutil.copytree(run, tmp_path / "run")
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("damage, reported", [(_truncate, "/4"), (_flip_one_bit, "sha256 mismatch")], ids=["truncated", "altered"])
+@pytest.mark.parametrize("damage, reported", [(_truncate, "/4"), (_flip_one_bit, "sha256 mismatch"),
+                                             (_truncate_unsealed, "Error reading")],
+                         ids=["truncated", "altered", "truncated-unsealed"])
 def test_damaged_checkpoint_falls_back_to_previous_step(tmp_path, tiny_overrides, tokenizer_run, damage, reported):
     run = _copy(tokenizer_run, tmp_path)  # trained 4 steps
     assert (run / "checkpoints" / "4" / ckpt.CHECKSUMS).exists()
@@ -58,6 +67,7 @@ def test_damaged_checkpoint_falls_back_to_previous_step(tmp_path, tiny_overrides
     train(_cfg(tiny_overrides, "train.steps=6"), run)
     events = read_metrics(run / "events.jsonl")
     assert [e["event"] for e in events] == ["damaged_checkpoint"] and reported in events[0]["message"]
+    assert "\n" not in events[0]["message"] and "TensorStore(" not in events[0]["message"]  # one line, no spec dump
     assert list((run / "damaged_checkpoints").iterdir())  # moved aside, not deleted
     # resumed from step 2: steps 3 and 4 were trained (and logged) again
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 3, 4, 5, 6]
@@ -191,6 +201,39 @@ def test_eval_falls_back_past_a_damaged_newest_checkpoint_and_exits_2_when_none_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: no usable checkpoint in {run / 'checkpoints'}")
     assert "step 4" in err and "step 2" in err
+
+
+def test_readers_name_an_unsealed_damaged_step_in_one_line(tokenizer_run, tmp_path, capsys):
+    run = _copy(tokenizer_run, tmp_path)
+    for path in (run / "checkpoints" / "4" / "state").rglob("*"):
+        if path.parent.name == "d":  # every array's data, the parameters' included
+            _truncate_unsealed(path)
+    _, _, step = _restore(run)
+    err = capsys.readouterr().err.strip()
+    assert step == 2 and f"{run / 'checkpoints' / '4'} is damaged" in err and "Error reading" in err
+    assert len(err.splitlines()) == 1 and "TensorStore(" not in err
+
+
+def test_eval_of_a_run_whose_config_changed_names_the_key(tokenizer_run, tmp_path, capfd):
+    """A config.yaml edited after training: exit 2 naming the differing key, as resume does;
+    no step called damaged, no restore attempted (its failures print tracebacks from threads)."""
+    run = _copy(tokenizer_run, tmp_path)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("embed_dim: 32", "embed_dim: 48"))
+    assert main(["eval", "--workdir", str(run)]) == 2
+    err = capfd.readouterr().err.strip()
+    assert "model.tokenizer.embed_dim (checkpoint: 32, config: 48)" in err and str(config) in err
+    assert len(err.splitlines()) == 1 and "damaged" not in err and "Traceback" not in err
+
+
+def test_a_key_the_saved_config_lacks_counts_at_its_default(tiny_overrides):
+    """A checkpoint written before a `model.*` key existed was written with its default."""
+    cfg = _cfg(tiny_overrides)
+    saved = config_lib.to_dict(cfg)
+    del saved["model"]["dynamics"]["temporal_window"]
+    assert ckpt.model_mismatch(saved, cfg) == []
+    assert ckpt.model_mismatch(saved, config_lib.replace(cfg, ["model.dynamics.temporal_window=3"])) == [
+        "model.dynamics.temporal_window (checkpoint: 0, config: 3)"]
 
 
 def test_garbage_checksums_are_named_and_the_step_set_aside_by_every_reader(tokenizer_run, tmp_path, capsys):

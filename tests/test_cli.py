@@ -31,3 +31,12 @@ def test_module_entry_point_parses_without_jax():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
     shown = subprocess.run([sys.executable, "-m", "wm_jax.cli", "--help"], capture_output=True, text=True, check=True)
     assert all(c in shown.stdout for c in COMMANDS)
+
+
+def test_launch_dry_run_loads_no_checkpointing(tmp_path):
+    # `main` catches the checkpoint errors without importing orbax up front. (It still imports
+    # JAX: config validation asks the stage registry, which imports the models.)
+    argv = ["launch", "slurm", "--config", "tiny_cpu", "--workdir", str(tmp_path / "run"), "--dry-run"]
+    code = f"import sys; from wm_jax.cli import main; assert main({argv!r}) == 0; print('orbax' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "False"

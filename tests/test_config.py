@@ -54,6 +54,18 @@ def test_unknown_key_in_yaml_names_file_and_close_match(tmp_path):
     assert "train.stpes" in str(e.value) and "train.steps" in str(e.value) and "bad.yaml" in str(e.value)
 
 
+def test_errors_name_the_set_option_or_the_file_they_come_from(tmp_path):
+    """Issue #16: an error caused by `--set` is attributed to it, not to the preset file."""
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load(PRESET, ["train.steps=5", "train.learning_rate=.nan"])
+    assert str(e.value).endswith("[from --set train.learning_rate=.nan]")
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"base: {PRESET}\ntrain:\n  learning_rate: .nan\n")
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load(path, ["train.steps=5"])
+    assert str(e.value).endswith(f"[in {path}]")
+
+
 def test_base_inheritance(tmp_path):
     (tmp_path / "child.yaml").write_text(f"base: {PRESET}\ntrain:\n  steps: 3\n")
     cfg = config_lib.load(tmp_path / "child.yaml")
@@ -86,8 +98,22 @@ def test_nonfinite_numbers_exit_2_naming_the_key(tmp_path, capsys, override, key
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("key", ["model.dynamics.action_dropout", "model.dynamics.context_corruption"])
+@pytest.mark.parametrize("key", ["model.dynamics.action_dropout", "model.dynamics.context_corruption",
+                                 "model.dynamics.context_noise", "model.dynamics.sample_context_noise"])
 @pytest.mark.parametrize("value", [-0.1, 1.0])
 def test_training_shares_outside_0_1_are_refused(key, value):
     with pytest.raises(config_lib.ConfigError, match=rf"'{key}' must be in \[0, 1\)"):
         config_lib.load(PRESET, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["model.dynamics.sampling_steps=3"], ["'model.dynamics.sampling_steps' must be a power of two"]),
+    (["model.dynamics.shortcut_max_steps=0"], ["'model.dynamics.shortcut_max_steps' must be a power of two"]),
+    (["model.dynamics.sampling_steps=32"], ["'model.dynamics.sampling_steps' must be <="]),
+    (["model.tokenizer.bottleneck=vq"], ["model.tokenizer.bottleneck", "continuous"]),
+    (["model.tokenizer.latent_dim=0"], ["model.tokenizer.latent_dim", "> 0"]),
+])
+def test_diffusion_and_bottleneck_settings_are_checked(overrides, words):
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load(PRESET, overrides)
+    assert all(w in str(e.value) for w in words), str(e.value)

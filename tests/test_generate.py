@@ -5,6 +5,7 @@ whose videos `wm verify` accepts."""
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -272,8 +273,11 @@ def test_generate_from_a_bundle_writes_verifiable_videos(tmp_path, tiny_override
     script = tmp_path / "shots.yaml"
     script.write_text(THREE_SHOTS)
     out = tmp_path / "videos" / "out.mp4"
-    code = main(["generate", "--workdir", str(bundle), "--script", str(script), "--out", str(out), "--batch", "2"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["generate", "--workdir", str(bundle), "--script", str(script), "--out", str(out), "--batch", "2"])
     assert code == 0
+    assert not [w for w in caught if "os.fork()" in str(w.message)]  # git and ffmpeg run by fork+exec: no noise
     paths = [tmp_path / "videos" / "out_0.mp4", tmp_path / "videos" / "out_1.mp4"]
     _check_outputs(paths, THREE_SHOTS, 2 + 5 + 3 + 4, 8, capsys)
     info = json.loads(Path(f"{paths[0]}.json").read_text())["provenance"]

@@ -17,7 +17,7 @@ import yaml
 from conftest import PRESET, REPO
 from multiproc import cpu_env
 from wm_jax import config as config_lib
-from wm_jax import launch
+from wm_jax.ops import launch
 from wm_jax.cli import main
 from wm_jax.telemetry import read_metrics
 
@@ -270,7 +270,7 @@ def test_one_failing_process_stops_the_others():
 
 _CTRL_C_SCRIPT = """
 import sys
-from wm_jax import launch
+from wm_jax.ops import launch
 child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(42)); "
          "print('ready', flush=True); time.sleep(60)")
 sys.exit(launch.run_local([({}, [sys.executable, "-c", child])] * 2))

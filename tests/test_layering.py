@@ -5,8 +5,9 @@
 - `wm_jax.models` imports nothing from training, evaluation, the CLI or the data pipelines.
 - `data_pipelines` imports nothing from `wm_jax`: the data layer sits below the library.
 - No library module imports the CLI (the `wm_jax.cli` package); the CLI imports the library.
-- No import cycle among first-party modules at import time (imports inside functions,
-  which run later, are left out: the CLI defers JAX that way).
+- No import cycle among first-party modules, imports inside functions included: a
+  function-level import that closes a cycle only hides it (the CLI's deferred imports
+  of JAX modules close none). `make lint` checks the same layering with import-linter.
 """
 
 from __future__ import annotations
@@ -168,9 +169,17 @@ def test_import_cycles_are_found():
     assert import_cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_import_cycle_at_import_time():
+# Known function-level imports that close a cycle, to be removed (never added to).
+# `config.validate` imports the stage registry for the stage checks, and every stage module
+# imports the config: the fix is a JAX-free part of each stage (its config checks) below
+# the config (issue 17).
+CYCLE_EXCEPTIONS = {("wm_jax.config", "wm_jax.stages")}
+
+
+def test_no_import_cycle():
     graph: dict[str, set[str]] = {}
     for u in USES:
-        if u.at_import and u.target in MODULES and u.target != u.module:
+        excepted = (u.module, u.target) in CYCLE_EXCEPTIONS and not u.at_import
+        if u.target in MODULES and u.target != u.module and not excepted:
             graph.setdefault(u.module, set()).add(u.target)
     assert import_cycles(graph) == []

@@ -5,7 +5,7 @@ import fnmatch
 from pathlib import Path
 
 from wm_jax import config as config_lib
-from wm_jax.launch import TEMPLATES
+from wm_jax.ops.launch import TEMPLATES
 from wm_jax.presets import PRESETS_DIR, preset_name, preset_path
 
 REPO = Path(__file__).resolve().parents[1]

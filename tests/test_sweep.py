@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_OVERRIDES
-from wm_jax import sweep
+from wm_jax.ops import sweep
 from wm_jax.cli import main
 from wm_jax.config import ConfigError
 
@@ -129,7 +129,7 @@ def test_run_names_stay_unique_and_filesystem_safe():
               {"model.tokenizer.fsq_levels": [5, 5, 5]}, {"model.tokenizer.fsq_levels": [8, 5, 5, 5]}]
     names = sweep.run_names(combos)
     assert len(set(names)) == 4
-    assert all(sweep._SAFE_NAME.match(n) for n in names)
+    assert all(sweep.SAFE_NAME.match(n) for n in names)
     assert "tokenizer-embed_dim-32" in names[0] and "dynamics-embed_dim-64" in names[1]
     # Long values are cut and made unique with a hash.
     long = sweep.run_names([{"data.dir": "x" * 200}, {"data.dir": "x" * 199 + "y"}])

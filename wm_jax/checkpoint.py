@@ -71,10 +71,19 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
 EXECUTION_KEYS = ("dtype", "attention", "remat", "remat_policy")
 
 
+def with_defaults(values: dict, defaults: dict) -> dict:
+    """`values` with each key it lacks (section by section) at its value in `defaults`."""
+    filled = {k: with_defaults(values[k], d) if isinstance(d, dict) and isinstance(values.get(k), dict)
+              else values.get(k, d) for k, d in defaults.items()}
+    return {**values, **filled}
+
+
 def model_mismatch(saved: dict, current: Config) -> list[str]:
-    """Dotted `model.*` keys whose saved value differs from the current config."""
+    """Dotted `model.*` keys whose saved value differs from the current config. A key the
+    saved config lacks counts at its default: the checkpoint was written before it existed."""
     current_model = {k: v for k, v in config_lib.to_dict(current)["model"].items() if k not in EXECUTION_KEYS}
-    saved_model = {k: v for k, v in saved.get("model", {}).items() if k not in EXECUTION_KEYS}
+    saved_model = with_defaults(saved.get("model", {}), config_lib.to_dict(Config())["model"])
+    saved_model = {k: v for k, v in saved_model.items() if k not in EXECUTION_KEYS}
 
     def walk(a: Any, b: Any, prefix: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -85,13 +94,15 @@ def model_mismatch(saved: dict, current: Config) -> list[str]:
     return walk(saved_model, current_model, "model")
 
 
-def check_compatible(manager: ocp.CheckpointManager, step: int, cfg: Config, workdir: str | Path) -> None:
-    """Refuses to resume a checkpoint whose model config differs from `cfg` (exit 2 in the CLI)."""
+def check_compatible(manager: ocp.CheckpointManager, step: int, cfg: Config, workdir: str | Path,
+                     fix: str = "Use a new --workdir or the same model config.") -> None:
+    """Refuses a checkpoint whose model config differs from `cfg` (exit 2 in the CLI): a
+    ConfigError naming each differing key, then `fix`."""
     diffs = model_mismatch(saved_config(manager, step), cfg)
     if diffs:
         raise ConfigError(
             f"checkpoint {checkpoint_dir(workdir)}/{step} was written by a different model; "
-            "differing keys: " + "; ".join(diffs) + ". Use a new --workdir or the same model config."
+            "differing keys: " + "; ".join(diffs) + f". {fix}"
         )
 
 
@@ -109,7 +120,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
         # Same config but other parameter shapes or names: written by another model version.
         raise CheckpointError(
             f"checkpoint {manager.directory}/{step} does not fit the current model's parameters "
-            f"(written by a different model version?): {str(e)[:600]}"
+            f"(written by a different model version?): {error_line(e, 600)}"
         ) from e
     return restored["state"], restored["data"]
 
@@ -132,7 +143,7 @@ def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: A
         )
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(
-            f"checkpoint {manager.directory}/{step}: parameters do not fit the current model: {str(e)[:600]}"
+            f"checkpoint {manager.directory}/{step}: parameters do not fit the current model: {error_line(e, 600)}"
         ) from e
     return restored["state"]["params"]
 
@@ -213,6 +224,16 @@ def require_finite(tree: Any, step_dir: Path) -> Any:
     return tree
 
 
+def error_line(e: BaseException, limit: int = 400) -> str:
+    """An exception in one line of at most `limit` characters, for a warning, an event or an
+    error message: TensorStore's multi-line spec dump cut, the reason it wraps (the cause)
+    appended. (A CheckpointError's message already names its cause.)"""
+    text = str(e).split(" See full TensorStore details")[0]
+    if e.__cause__ is not None and not isinstance(e, CheckpointError):
+        text = f"{text.rstrip('. ')}: {error_line(e.__cause__, limit)}"
+    return " ".join(text.split())[:limit] or type(e).__name__
+
+
 def quarantine(directory: Path, step: int) -> Path:
     """Moves checkpoint `step` out of `directory` into a sibling `damaged_checkpoints/`."""
     target = directory.parent / "damaged_checkpoints" / f"{step}-{int(time.time())}"
@@ -247,7 +268,7 @@ def restore_newest_good(
         for bad_step, e in errors:
             # Moved aside, not deleted: the step will be saved again, and the bytes are evidence.
             aside = quarantine(Path(str(manager.directory)), bad_step)
-            warn(f"checkpoint {bad_step} is damaged, moved to {aside}; resuming from {step}: {str(e)[:300]}")
+            warn(f"checkpoint {bad_step} is damaged, moved to {aside}; resuming from {step}: {error_line(e)}")
         if errors:
             manager.reload()
         return step, state, data_state
@@ -262,7 +283,7 @@ def read_good(workdir: str | Path, step: int | None, read: Callable[[ocp.Checkpo
     `verify_step`, reads and is finite, or for `step` when given. Readers never move
     anything: a damaged step is named through `warn` and the one before it tried.
     CheckpointError naming every damaged step when none is left, or the given step when
-    it is damaged."""
+    it is damaged; a ConfigError from `read` (another model) is raised as it is."""
     directory = checkpoint_dir(workdir)
     candidates = [require_step(workdir, step)] if step is not None else finished_steps(workdir)[::-1]
     damaged = []
@@ -272,11 +293,13 @@ def read_good(workdir: str | Path, step: int | None, read: Callable[[ocp.Checkpo
             try:
                 verify_step(directory / str(s))
                 return s, require_finite(read(manager, s), directory / str(s))
+            except ConfigError:  # not damage: `read` refused the run's model (the key is named)
+                raise
             except Exception as e:  # noqa: BLE001 — tensorstore/orbax raise many types for bad bytes
                 if step is not None:
-                    raise CheckpointError(f"checkpoint {directory / str(s)} is damaged: {str(e)[:600]}") from None
-                damaged.append(f"step {s}: {str(e)[:300]}")
-                warn(f"checkpoint {directory / str(s)} is damaged, trying the one before: {str(e)[:300]}")
+                    raise CheckpointError(f"checkpoint {directory / str(s)} is damaged: {error_line(e, 600)}") from None
+                damaged.append(f"step {s}: {error_line(e)}")
+                warn(f"checkpoint {directory / str(s)} is damaged, trying the one before: {error_line(e)}")
     finally:
         manager.close()
     raise CheckpointError(f"no usable checkpoint in {directory}: " + "; ".join(damaged))

@@ -54,6 +54,11 @@ class TokenizerConfig:
     num_heads: int = 4
     mlp_dim: int = 256
     fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
+    # What a token is. "fsq": FSQ codes on the `fsq_levels` grid (discrete: the token
+    # dynamics' targets). "continuous": `latent_dim` unquantized values bounded by tanh to
+    # (-1, 1) (no code index: what the diffusion dynamics denoises; no latent cache).
+    bottleneck: str = "fsq"
+    latent_dim: int = 8  # "continuous": values per token (small: the dynamics models them)
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,30 @@ class DynamicsConfig:
     # decodes a frame in `maskgit_steps` parallel refinement passes (cosine schedule).
     objective: str = "causal"
     maskgit_steps: int = 8  # "maskgit": decoding passes per generated frame (K)
+    # "diffusion" (needs model.tokenizer.bottleneck: continuous): diffusion forcing over the
+    # tokenizer's latents (each frame at its own signal level, causal in time, x-prediction)
+    # with a shortcut input (the step size) so that a few steps sample a frame
+    # (models/diffusion.py). Step sizes 1/shortcut_max_steps .. 1 (powers of two) are
+    # trained: the finest by the flow target, the others by self-consistency (one step of d
+    # = two of d/2). A power of two.
+    shortcut_max_steps: int = 16
+    # "diffusion": denoising steps per generated frame (K = 1, 2, 4, ...; a power of two
+    # <= shortcut_max_steps). Each is one pass against the key/value cache, plus one pass
+    # that writes the finished frame into the cache.
+    sampling_steps: int = 4
+    # "diffusion", training, anti-drift: each clip is split at a random frame; the frames
+    # before it are context, each noised to a level drawn from U(0, context_noise) and left
+    # out of the loss, so the model learns to read slightly wrong pasts (GameNGen's
+    # context-noise augmentation); the frames after it get independent levels.
+    context_noise: float = 0.1
+    # "diffusion", sampling: the noise level at which a context (or finished) frame is
+    # written into the cache, so small errors of a generated frame look like the noise the
+    # model was trained to read through (Dreamer 4 re-noises its context likewise).
+    sample_context_noise: float = 0.05
+    # "diffusion": the tokenizer's latents are multiplied by this before they are noised
+    # (and the samples divided by it), so that their spread is comparable with the unit
+    # noise's; tanh latents of std ~0.3 at scale 1 leave most noise levels near pure noise.
+    latent_scale: float = 1.0
     # How the controls (action + camera move + cut) reach the model. "add": one vector added
     # to every token of the frame at the input; "adaln": adaLN-zero, a per-block shift,
     # scale and gate of each sub-layer computed from the controls (DiT), so they act in
@@ -265,7 +294,8 @@ class Config:
 
 
 DYNAMICS_HEADS = ("factorized", "joint")
-DYNAMICS_OBJECTIVES = ("causal", "maskgit")
+DYNAMICS_OBJECTIVES = ("causal", "maskgit", "diffusion")
+BOTTLENECKS = ("fsq", "continuous")
 ACTION_CONDITIONINGS = ("add", "adaln", "token")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -441,7 +471,16 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     try:
         return from_dict(apply_overrides(values, list(overrides)))
     except ConfigError as e:
-        raise ConfigError(f"{e} [in {path}]" if path else str(e)) from None
+        raise ConfigError(f"{e}{_origin(str(e), path, overrides)}") from None
+
+
+def _origin(message: str, path: str | Path | None, overrides: list[str]) -> str:
+    """Where a config error comes from, as a suffix: the `--set` overrides whose key the
+    message names (or a key under it: 'data.mixture[1][1]'), else the file."""
+    named = [o for o in overrides if f"'{o.split('=', 1)[0].strip()}" in message]
+    if named:
+        return f" [from --set {', '.join(named)}]"
+    return f" [in {path}]" if path else ""
 
 
 def dump(cfg: Config, path: str | Path) -> None:
@@ -491,6 +530,7 @@ def _check_choices(cfg: Config, stage_names: tuple[str, ...]) -> None:
         "train.stage": (cfg.train.stage, stage_names),
         "model.dynamics.head": (cfg.model.dynamics.head, DYNAMICS_HEADS),
         "model.dynamics.objective": (cfg.model.dynamics.objective, DYNAMICS_OBJECTIVES),
+        "model.tokenizer.bottleneck": (cfg.model.tokenizer.bottleneck, BOTTLENECKS),
         "model.dynamics.action_conditioning": (cfg.model.dynamics.action_conditioning, ACTION_CONDITIONINGS),
         "model.dtype": (cfg.model.dtype, DTYPES),
         "model.attention": (cfg.model.attention, ATTENTION_IMPLS),
@@ -520,6 +560,8 @@ def _check_positive(cfg: Config) -> None:
         "model.latent_actions.latent_dim": cfg.model.latent_actions.latent_dim,
         "eval.horizon": cfg.eval.horizon,
         "model.dynamics.maskgit_steps": cfg.model.dynamics.maskgit_steps,
+        "model.tokenizer.latent_dim": cfg.model.tokenizer.latent_dim,
+        "model.dynamics.latent_scale": cfg.model.dynamics.latent_scale,
         **{f"mesh.dcn_{axis}": getattr(cfg.mesh, f"dcn_{axis}") for axis in ("data", "fsdp", "tensor", "sequence")},
         "eval.context_frames": cfg.eval.context_frames,
     }
@@ -566,15 +608,25 @@ def _check_model(cfg: Config) -> None:
 
 
 def _check_ranges(cfg: Config) -> None:
-    """Bounded values: action dropout and context corruption in [0, 1), sampling settings and the temporal window >= 0."""
+    """Bounded values: action dropout, context corruption and the diffusion noise levels in [0, 1), sampling
+    settings and the temporal window >= 0, the shortcut step counts powers of two."""
     unit = {"model.dynamics.action_dropout": cfg.model.dynamics.action_dropout,
-            "model.dynamics.context_corruption": cfg.model.dynamics.context_corruption}
+            "model.dynamics.context_corruption": cfg.model.dynamics.context_corruption,
+            "model.dynamics.context_noise": cfg.model.dynamics.context_noise,
+            "model.dynamics.sample_context_noise": cfg.model.dynamics.sample_context_noise}
     for key, v in unit.items():
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"config key '{key}' must be in [0, 1); got {v}")
     if cfg.eval.temperature < 0 or cfg.eval.top_k < 0 or not cfg.eval.guidance >= 0:
         raise ConfigError(f"config keys 'eval.temperature', 'eval.top_k' and 'eval.guidance' must be >= 0; got "
                           f"{cfg.eval.temperature}, {cfg.eval.top_k}, {cfg.eval.guidance}")
+    steps = {"model.dynamics.shortcut_max_steps": cfg.model.dynamics.shortcut_max_steps,
+             "model.dynamics.sampling_steps": cfg.model.dynamics.sampling_steps}
+    for key, v in steps.items():
+        if v < 1 or v & (v - 1):
+            raise ConfigError(f"config key '{key}' must be a power of two; got {v}")
+    if cfg.model.dynamics.sampling_steps > cfg.model.dynamics.shortcut_max_steps:
+        raise ConfigError("config key 'model.dynamics.sampling_steps' must be <= 'model.dynamics.shortcut_max_steps'")
     if cfg.model.dynamics.temporal_window < 0:
         raise ConfigError(f"config key 'model.dynamics.temporal_window' must be >= 0 (0: whole clip); "
                           f"got {cfg.model.dynamics.temporal_window}")

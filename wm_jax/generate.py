@@ -372,7 +372,11 @@ def load_script(path: str | Path) -> Script:
     path = Path(path)
     if not path.is_file():
         raise ScriptError(f"script {path} does not exist")
-    return parse_script(path.read_text(), path.name, path.parent)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ScriptError(f"script {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    return parse_script(text, path.name, path.parent)
 
 
 # ---------------------------------------------------------------------------- controls

@@ -16,8 +16,8 @@ import numpy as np
 from data_pipelines import latent_cache as cache_format
 from data_pipelines.latent_cache import CacheEncoder, LatentCache
 from wm_jax import sharding
-from wm_jax.config import MeshConfig
-from wm_jax.models.tokenizer import VideoTokenizer, indices_to_codes, num_tokens
+from wm_jax.config import ConfigError, MeshConfig
+from wm_jax.models.tokenizer import VideoTokenizer, has_codebook, indices_to_codes, num_tokens
 from wm_jax.rollout import encode_frames
 from wm_jax.run import restore_params, tokenizer_identity
 
@@ -27,6 +27,9 @@ def cache_encoder(workdir: str | os.PathLike) -> CacheEncoder:
     restored onto whatever devices are here when the build calls `load()`."""
     run_cfg, identity = tokenizer_identity(workdir)
     model, window_frames = run_cfg.model, run_cfg.data.frames_per_clip
+    if not has_codebook(model):
+        raise ConfigError(f"{workdir}: a latent cache holds FSQ token ids; this tokenizer's bottleneck is "
+                          f"'{model.tokenizer.bottleneck}'")
 
     def load() -> Callable[[np.ndarray], Any]:
         mesh = sharding.make_mesh(MeshConfig())

@@ -14,6 +14,13 @@ A MaskGIT model (`model.dynamics.objective: maskgit`) decodes each frame in K pa
 The cached engine writes a frame into the cache once, in its first, all-masked pass (the
 model's context stream), and runs the K - 1 refinement passes against the cache without
 committing them; the uncached engine reruns the buffer K times.
+
+A diffusion model (`objective: diffusion`, continuous latents) samples each frame from
+noise in K = `sampling_steps` shortcut jumps (`models/diffusion.py`). The cached engine
+runs the K passes against the cache without committing them, then writes the finished
+frame once, re-noised to `sample_context_noise` (context frames likewise); the uncached
+engine reruns every frame so far in each pass. `rollout_frames` picks the engine of the
+model's objective (`FRAME_ENGINES`).
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax.models import layers
+from wm_jax.models.diffusion import DiffusionDynamics, frame_controls, guide_estimates, jump, noised
 from wm_jax.models.dynamics import (Controls, DynamicsModel, guide_logits, maskgit_schedule, maskgit_update,
                                     sample_codes, sequence_tokens)
-from wm_jax.models.tokenizer import VideoTokenizer, codes_to_indices
+from wm_jax.models.tokenizer import VideoTokenizer, codes_to_indices, has_codebook
 from wm_jax.stages.base import float_to_frames, frames_to_float
 
 
@@ -39,7 +47,7 @@ def _chunks(length: int, chunk: int) -> list[slice]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode(tokenizer: VideoTokenizer, params: Any, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _encode(tokenizer: VideoTokenizer, params: Any, frames: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     return tokenizer.apply({"params": params}, frames_to_float(frames), method=tokenizer.encode)
 
 
@@ -48,11 +56,14 @@ def _decode(tokenizer: VideoTokenizer, params: Any, codes: jax.Array) -> jax.Arr
     return float_to_frames(tokenizer.apply({"params": params}, codes, method=tokenizer.decode))
 
 
-def encode_frames(tokenizer: VideoTokenizer, params: Any, frames: np.ndarray, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """uint8 frames [B,T,H,W,3] -> (codes [B,T,N,L], indices [B,T,N]), encoded in time chunks of
-    at most `chunk` frames (the clip length the tokenizer was trained on)."""
+def encode_frames(tokenizer: VideoTokenizer, params: Any, frames: np.ndarray, chunk: int
+                  ) -> tuple[jax.Array, jax.Array | None]:
+    """uint8 frames [B,T,H,W,3] -> (codes [B,T,N,L], indices int32 [B,T,N] or None for a
+    continuous bottleneck), encoded in time chunks of at most `chunk` frames (the clip length
+    the tokenizer was trained on)."""
     parts = [_encode(tokenizer, params, frames[:, s]) for s in _chunks(frames.shape[1], chunk)]
-    return jnp.concatenate([c for c, _ in parts], axis=1), jnp.concatenate([i for _, i in parts], axis=1)
+    indices = None if parts[0][1] is None else jnp.concatenate([i for _, i in parts], axis=1)
+    return jnp.concatenate([c for c, _ in parts], axis=1), indices
 
 
 def decode_codes(tokenizer: VideoTokenizer, params: Any, codes: jax.Array, chunk: int) -> np.ndarray:
@@ -137,6 +148,18 @@ def _next_codes(cfg: Any, logits: jax.Array, sampling: Sampling, key: Any, posit
     return jnp.concatenate([codes, codes]) if sampling.guided else codes
 
 
+CacheState = tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]  # caches, slot positions [W], slot segments [B, W]
+
+
+def claim_slot(state: CacheState, position: jax.Array, controls: Controls) -> CacheState:
+    """The cache state with slot position % W marked as holding frame `position` (int32
+    scalar) of the shot in controls.segment[:, 0] (controls of T = 1); the frame's pass
+    writes its keys and values there."""
+    caches, slot_pos, slot_seg = state
+    slot = position % slot_pos.shape[0]
+    return caches, slot_pos.at[slot].set(position), slot_seg.at[:, slot].set(controls.segment[:, 0])
+
+
 @functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(5,))
 def cached_step(
     dynamics: DynamicsModel, params: Any, code: jax.Array, controls: Controls, position: jax.Array,
@@ -146,10 +169,7 @@ def cached_step(
     """Frame `position` (codes [B,1,N,L]) through the model against the cache state
     (caches, slot positions int32 [W], slot segments int32 [B,W]) -> codes [B,N,L] of the
     next frame (`sampling`), and the state with this frame written into slot position % W."""
-    caches, slot_pos, slot_seg = state
-    slot = position % slot_pos.shape[0]
-    slot_pos = slot_pos.at[slot].set(position)
-    slot_seg = slot_seg.at[:, slot].set(controls.segment[:, 0])
+    caches, slot_pos, slot_seg = claim_slot(state, position, controls)
     logits, caches = dynamics.apply(
         {"params": params}, code, controls, position, caches, slot_pos, slot_seg, memory, memory_mask,
         method=dynamics.decode_step,
@@ -206,10 +226,7 @@ def _cached_maskgit_step(
 ) -> tuple[jax.Array, tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]]:
     """`cached_step` for the MaskGIT objective: the all-masked pass writes frame `position`
     into the cache (once); the K - 1 refinement passes run against it without committing."""
-    caches, slot_pos, slot_seg = state
-    slot = position % slot_pos.shape[0]
-    slot_pos = slot_pos.at[slot].set(position)
-    slot_seg = slot_seg.at[:, slot].set(controls.segment[:, 0])
+    caches, slot_pos, slot_seg = claim_slot(state, position, controls)
 
     def apply(caches: Any, next_codes: Any = None, next_mask: Any = None) -> tuple[jax.Array, Any]:
         return dynamics.apply(
@@ -273,7 +290,10 @@ def rollout(
     """Generates `horizon` frames of tokens after the context (greedy by default).
 
     The causal objective predicts a frame in one pass; "maskgit" in
-    `model.dynamics.maskgit_steps` passes (cosine schedule, most confident tokens first).
+    `model.dynamics.maskgit_steps` passes (cosine schedule, most confident tokens first);
+    "diffusion" samples a frame's continuous latents in `model.dynamics.sampling_steps`
+    shortcut jumps from noise drawn from `key` (default key(0); temperature and top_k do
+    not apply).
 
     Args:
       context_codes: float [B, C, N, L] FSQ codes of the C context frames.
@@ -285,13 +305,15 @@ def rollout(
       key, temperature: "causal": temperature > 0 samples each token (top_k: of its k most
         likely values; 0: all) from `key`; "maskgit": temperature > 0 adds Gumbel noise to
         the confidences that order the unmasking. 0 is deterministic.
-      guidance: "causal": classifier-free guidance on actions (1: none; `Sampling`).
+      guidance: "causal" and "diffusion": classifier-free guidance on actions (1: none;
+        `Sampling`, `guide_estimates`).
     Returns:
-      (codes [B, horizon, N, L], indices int32 [B, horizon, N]) of the generated frames.
+      (codes [B, horizon, N, L], indices int32 [B, horizon, N] or None without a codebook)
+      of the generated frames.
     """
     new = jnp.stack(list(rollout_frames(dynamics, params, context_codes, controls, horizon, reference_codes,
                                         reference_mask, cached, key, temperature, top_k, guidance)), axis=1)
-    return new, codes_to_indices(new, dynamics.cfg.tokenizer.fsq_levels)
+    return new, codes_to_indices(new, dynamics.cfg.tokenizer.fsq_levels) if has_codebook(dynamics.cfg) else None
 
 
 def rollout_frames(
@@ -311,7 +333,19 @@ def rollout_frames(
     """`rollout` one frame at a time: yields the codes [B, N, L] of each generated frame as
     soon as its step is dispatched (JAX dispatches asynchronously: the array may still be
     computing), so a consumer (`decode_stream`) can decode early frames while later steps
-    run. Same arguments as `rollout`; errors are raised at the first `next`."""
+    run. Same arguments as `rollout`; errors are raised at the first `next`. The engine is
+    the model's objective's (`FRAME_ENGINES`; the token engine for the others)."""
+    engine = FRAME_ENGINES.get(dynamics.cfg.dynamics.objective, token_frames)
+    return engine(dynamics, params, context_codes, controls, horizon, reference_codes, reference_mask, cached, key,
+                  temperature, top_k, guidance)
+
+
+def token_frames(
+    dynamics: DynamicsModel, params: Any, context_codes: jax.Array, controls: Controls, horizon: int,
+    reference_codes: jax.Array | None, reference_mask: jax.Array | None, cached: bool, key: jax.Array | None,
+    temperature: float, top_k: int, guidance: float,
+) -> Iterator[jax.Array]:
+    """`rollout_frames` of the token objectives ("causal", "maskgit"): codes [B, N, L] of each frame."""
     c = _check_lengths(context_codes, controls, horizon)
     maskgit = dynamics.cfg.dynamics.objective == "maskgit"
     if temperature and key is None:
@@ -369,3 +403,150 @@ def _with_unconditional(context_codes: jax.Array, controls: Controls, reference_
     uncond = controls.replace(action_mask=jnp.zeros_like(controls.action_mask))
     controls = jax.tree.map(lambda a, u: jnp.concatenate([a, u]), controls, uncond)
     return twice(context_codes), controls, twice(reference_codes), twice(reference_mask)
+
+
+# --- the diffusion engine -------------------------------------------------------------
+
+
+def frame_noise(key: jax.Array, position: int, stream: int, shape: tuple[int, ...], copies: int) -> jax.Array:
+    """Gaussian noise float32 `shape` [B, N, W] of frame `position`: stream 0 starts its
+    sampling, stream 1 re-noises it for the cache. The B / copies rows drawn are repeated
+    `copies` times (a guided batch's two halves see the same noise)."""
+    noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, position), stream),
+                              (shape[0] // copies,) + shape[1:])
+    return jnp.concatenate([noise] * copies)
+
+
+def context_latents(latents: jax.Array, noise: jax.Array, level: float) -> jax.Array:
+    """A finished frame's latents [B, N, W] -> as the cache holds them: re-noised to noise
+    `level` with `noise` [B, N, W] (`frame_noise` stream 1)."""
+    signal = jnp.full(latents.shape[:1] + (1,), 1.0 - level)
+    return noised(latents[:, None], noise[:, None], signal)[:, 0]
+
+
+def denoise_frame(estimate: Any, noise: jax.Array, steps: int, guidance: float) -> jax.Array:
+    """A frame's latents [B, N, W] from pure noise [B, N, W] in `steps` jumps of 1/steps:
+    `estimate(z [B,N,W], signal, step)` -> the model's clean estimate [B, N, W] at each;
+    guided (guidance != 1) estimates combined by `guide_estimates`. The last jump lands on
+    the last estimate."""
+    size = 1.0 / steps
+
+    def body(k: jax.Array, z: jax.Array) -> jax.Array:
+        signal = k.astype(jnp.float32) * size
+        x_hat = estimate(z, signal, size)
+        if guidance != 1.0:
+            x_hat = guide_estimates(x_hat, guidance)
+        levels = jnp.full(z.shape[:1] + (1,), signal)
+        return jump(x_hat[:, None], z[:, None], levels, jnp.full_like(levels, size))[:, 0]
+
+    return jax.lax.fori_loop(0, steps, body, noise)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(5,))
+def diffusion_write(
+    model: DiffusionDynamics, params: Any, latents: jax.Array, controls: Controls, position: jax.Array,
+    state: CacheState, memory: Any, memory_mask: Any, noise: jax.Array,
+) -> CacheState:
+    """Writes frame `position` (latents [B, N, W], clean; its controls, T = 1) into the cache
+    once, re-noised to `sample_context_noise` with noise [B, N, W], at the finest step."""
+    dc = model.cfg.dynamics
+    caches, slot_pos, slot_seg = claim_slot(state, position, controls)
+    b = latents.shape[0]
+    z = context_latents(latents, noise, dc.sample_context_noise)
+    _, caches = model.apply(
+        {"params": params}, z[:, None], controls, jnp.full((b, 1), 1.0 - dc.sample_context_noise),
+        jnp.full((b, 1), 1.0 / dc.shortcut_max_steps), position, caches, slot_pos, slot_seg, memory, memory_mask,
+        method=model.decode_step,
+    )
+    return caches, slot_pos, slot_seg
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8))
+def diffusion_sample(
+    model: DiffusionDynamics, params: Any, controls: Controls, position: jax.Array, state: CacheState,
+    memory: Any, memory_mask: Any, noise: jax.Array, guidance: float,
+) -> jax.Array:
+    """Frame `position`'s latents [B, N, W] from noise [B, N, W] (`denoise_frame`), each pass
+    against the cache of the frames before it; the caches it writes are dropped."""
+    caches, slot_pos, slot_seg = claim_slot(state, position, controls)
+
+    def estimate(z: jax.Array, signal: jax.Array, step: float) -> jax.Array:
+        b = z.shape[0]
+        x_hat, _ = model.apply(
+            {"params": params}, z[:, None], controls, jnp.full((b, 1), signal), jnp.full((b, 1), step), position,
+            caches, slot_pos, slot_seg, memory, memory_mask, method=model.decode_step,
+        )
+        return x_hat[:, 0]
+
+    return denoise_frame(estimate, noise, model.cfg.dynamics.sampling_steps, guidance)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8))
+def uncached_diffusion_sample(
+    model: DiffusionDynamics, params: Any, buffer: jax.Array, controls: Controls, position: jax.Array,
+    reference_codes: Any, reference_mask: Any, noise: jax.Array, guidance: float,
+) -> jax.Array:
+    """`diffusion_sample` by recompute: buffer [B, F, N, W] holds the frames before
+    `position` as the cache would (`context_latents`; what follows is hidden by causality),
+    and every pass reruns all F frames with the noisy frame at `position`."""
+    dc = model.cfg.dynamics
+    b, f = buffer.shape[:2]
+    here = jnp.arange(f) == position
+
+    def estimate(z: jax.Array, signal: jax.Array, step: float) -> jax.Array:
+        latents = jax.lax.dynamic_update_index_in_dim(buffer, z, position, axis=1)
+        signals = jnp.broadcast_to(jnp.where(here, signal, 1.0 - dc.sample_context_noise), (b, f))
+        steps = jnp.broadcast_to(jnp.where(here, step, 1.0 / dc.shortcut_max_steps), (b, f))
+        x_hat = model.apply({"params": params}, latents, controls, signals, steps, reference_codes, reference_mask)
+        return jax.lax.dynamic_index_in_dim(x_hat, position, axis=1, keepdims=False)
+
+    return denoise_frame(estimate, noise, dc.sampling_steps, guidance)
+
+
+def diffusion_frames(
+    dynamics: DynamicsModel, params: Any, context_codes: jax.Array, controls: Controls, horizon: int,
+    reference_codes: jax.Array | None, reference_mask: jax.Array | None, cached: bool, key: jax.Array | None,
+    temperature: float, top_k: int, guidance: float,
+) -> Iterator[jax.Array]:
+    """`rollout_frames` of the diffusion objective: latents [B, N, W] of each frame, sampled
+    from noise drawn from `key` (None: key(0)); temperature and top_k do not apply. A frame's
+    controls are those of the transition into it (`frame_controls`); the context frames and
+    each finished frame but the last are written into the cache once (`diffusion_write`)."""
+    del temperature, top_k
+    c = _check_lengths(context_codes, controls, horizon)
+    model, frames = DiffusionDynamics(dynamics.cfg), c + horizon
+    scale = dynamics.cfg.dynamics.latent_scale  # the model's latents are the tokenizer's times this
+    context_codes = context_codes * scale
+    key = jax.random.key(0) if key is None else key
+    controls = frame_controls(controls.at(slice(0, frames - 1)))
+    rows, copies = context_codes.shape[0], 2 if guidance != 1.0 else 1
+    if copies == 2:  # every row twice: as given, and with its actions masked
+        context_codes, controls, reference_codes, reference_mask = _with_unconditional(
+            context_codes, controls, reference_codes, reference_mask)
+    b, _, n, width = context_codes.shape
+    level = dynamics.cfg.dynamics.sample_context_noise
+    noise = lambda p, stream: frame_noise(key, p, stream, (b, n, width), copies)
+    if cached:
+        memory = identity_memory(model, params, reference_codes, reference_mask, b, n, width)
+        window = dynamics.cfg.dynamics.temporal_window
+        slots = min(window, frames) if window else frames  # a frame being sampled holds its own slot
+        state = (init_caches(dynamics.cfg, b, slots), jnp.full((slots,), -1, jnp.int32), jnp.zeros((b, slots), jnp.int32))
+    else:
+        buffer = jnp.zeros((b, frames, n, width), jnp.float32)
+    for p in range(frames):
+        if p < c:
+            latents = context_codes[:, p]
+        elif cached:
+            latents = diffusion_sample(model, params, controls.at(p), jnp.int32(p), state, *memory, noise(p, 0), guidance)
+        else:
+            latents = uncached_diffusion_sample(model, params, buffer, controls, jnp.int32(p), reference_codes,
+                                                reference_mask, noise(p, 0), guidance)
+        if p >= c:
+            yield latents[:rows] / scale
+        if cached and p < frames - 1:
+            state = diffusion_write(model, params, latents, controls.at(p), jnp.int32(p), state, *memory, noise(p, 1))
+        elif not cached:
+            buffer = buffer.at[:, p].set(context_latents(latents, noise(p, 1), level))
+
+
+FRAME_ENGINES = {"diffusion": diffusion_frames}  # objective -> its `rollout_frames` engine (default: token_frames)

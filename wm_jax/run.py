@@ -70,6 +70,18 @@ def tokenizer_source(path: str | Path, cfg: Config) -> Path:
     return frozen_source(path, cfg, TOKENIZER.name)
 
 
+def with_tokenizer_run(cfg: Config, path: str | Path) -> Config:
+    """cfg reading its frozen tokenizer from the run (or bundle) at `path` instead of the one
+    `train.tokenizer_workdir` names: for a run moved without it. CheckpointError when `path`
+    is not a run directory, ConfigError when it is not a tokenizer's or cfg reads none."""
+    if TOKENIZER.name not in frozen_workdirs(cfg):
+        raise ConfigError(f"a {cfg.train.stage} run reads no tokenizer run ({TOKENIZER.workdir_key})")
+    stage = load_run_config(path).train.stage
+    if stage != TOKENIZER.name:
+        raise ConfigError(f"{path} is a {stage} run, not a tokenizer run (for {TOKENIZER.workdir_key})")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tokenizer_workdir=os.path.abspath(path)))
+
+
 def named_run(cfg: Config, key: str) -> Path:
     """The run directory config key `key` (train.*_workdir) names; CheckpointError naming the
     key, the path and the fixes when nothing is there."""
@@ -225,7 +237,9 @@ def restore_params(workdir: str | Path, mesh: Any, rules: Any, step: int | None 
     """Parameters of a run's checkpoint (no optimizer bytes read), or of an inference bundle,
     onto `mesh`: (params, run config, step). The checkpoint is the newest that passes the
     integrity check resume uses (`ckpt.read_good`; damaged ones are named on the console),
-    or `step`: every reader (eval, export, generate, the latent cache) comes through here."""
+    or `step`: every reader (eval, export, generate, play/serve, the latent cache) comes
+    through here. ConfigError naming the `model.*` keys where the run's config.yaml differs
+    from the checkpoint's config (config.yaml edited after training)."""
     run_cfg = load_run_config(workdir)
     abstract, _ = state_shardings(run_cfg, mesh, rules)
     if is_bundle(workdir):
@@ -233,8 +247,13 @@ def restore_params(workdir: str | Path, mesh: Any, rules: Any, step: int | None 
         if step is not None and step != info["step"]:
             raise ckpt.CheckpointError(f"bundle {workdir} holds step {info['step']}, not {step}")
         return load_bundle_params(workdir, abstract.params), run_cfg, info["step"]
-    step, params = ckpt.read_good(workdir, step, lambda manager, s: ckpt.restore_params(manager, s, abstract.params),
-                                  warn=telemetry.warn)
+
+    def read(manager: Any, s: int) -> Any:
+        ckpt.check_compatible(manager, s, run_cfg, workdir, fix=f"Was {Path(workdir) / 'config.yaml'} edited after "
+                              "training? Restore its model section (the checkpoint's config is in its config/ item).")
+        return ckpt.restore_params(manager, s, abstract.params)
+
+    step, params = ckpt.read_good(workdir, step, read, warn=telemetry.warn)
     return params, run_cfg, step
 
 

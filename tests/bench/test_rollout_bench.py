@@ -28,3 +28,12 @@ def test_main_reports_both_engines_per_horizon(tmp_path, capsys):
     assert math.isclose(result["flatness_2_to_6"], (last["cached_s"] / 6) / (result["rows"][0]["cached_s"] / 2))
     text = results.read_text()
     assert "## rollout" in text and text.count("wm bench rollout --config rollout_bench") == 2
+
+
+def test_the_diffusion_sampler_is_timed_at_its_steps_per_frame(tmp_path, capsys):
+    diffusion = TINY + ["model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous",
+                        "model.tokenizer.latent_dim=4", "model.dynamics.sampling_steps=2"]
+    args = ["--horizons", "3", "--results", str(tmp_path / "RESULTS.md")] + [a for o in diffusion for a in ("--set", o)]
+    assert bench.main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["horizon"] for r in result["rows"]] == [3] and result["rows"][0]["cached_frames_per_s"] > 0

@@ -9,7 +9,8 @@ from conftest import PRESET, TINY_OVERRIDES
 from data_pipelines import datasets
 from data_pipelines.schema import DatasetError
 from wm_jax import config as config_lib
-from wm_jax.eval.evaluate import atari_counterfactual_truth, evaluate, held_out_clips
+from wm_jax.eval.clips import held_out_clips
+from wm_jax.eval.evaluate import atari_counterfactual_truth, evaluate
 from wm_jax.train.loop import train
 
 S = 16

@@ -9,7 +9,8 @@ from data_pipelines.schema import DatasetError
 from data_pipelines.sources import procedural as P
 from wm_jax import config as config_lib
 from wm_jax.eval import metrics as M
-from wm_jax.eval.evaluate import held_out_clips, procedural_counterfactual_truth
+from wm_jax.eval.clips import held_out_clips
+from wm_jax.eval.evaluate import procedural_counterfactual_truth
 
 S = 16
 

@@ -37,6 +37,26 @@ def test_dynamics_forward_matches_xla(overrides):
     assert flops.dynamics_forward_flops(cfg.model, T) == pytest.approx(xla, rel=0.05)
 
 
+@pytest.mark.parametrize("overrides, streams", [([], 1), (["model.dynamics.action_conditioning=adaln"], 1),
+                                               (["model.dynamics.use_identity_bank=true"], 2)],
+                         ids=["add", "adaln", "identity_bank_two_streams"])
+def test_diffusion_forward_matches_xla(overrides, streams):
+    """The student's pass (one stream) and a shortcut target's jump (two streams)."""
+    from wm_jax.models.diffusion import DiffusionDynamics, frame_controls
+    from wm_jax.models.tokenizer import latent_width
+
+    cfg = config_lib.replace(CFG, ["model.tokenizer.bottleneck=continuous", "model.tokenizer.latent_dim=8",
+                                   "model.dynamics.objective=diffusion", *overrides])
+    model = DiffusionDynamics(cfg.model)
+    latents = jnp.zeros((1, T, num_tokens(cfg.model), latent_width(cfg.model)))
+    controls = frame_controls(make_controls({"action": jnp.zeros((1, T), jnp.int32)}))
+    levels, reference = jnp.ones((1, T)), jnp.zeros((1, num_tokens(cfg.model), 8))
+    query = (latents, levels, levels) if streams == 2 else None
+    params = jax.eval_shape(model.init, jax.random.key(0), latents, controls, levels, levels, reference)
+    xla = _xla_flops(lambda p: model.apply(p, latents, controls, levels, levels, reference, query=query), params)
+    assert flops.diffusion_forward_flops(cfg.model, T, streams) == pytest.approx(xla, rel=0.05)
+
+
 def test_tokenizer_forward_and_encode_match_xla():
     model = VideoTokenizer(CFG.model)
     frames = jnp.zeros((1, T, 16, 16, 3))

@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import linen as nn
 
+from wm_jax import config as config_lib
 from wm_jax.config import ModelConfig, TokenizerConfig
 from wm_jax.models import layers
 from wm_jax.models import tokenizer as tk
@@ -141,3 +142,24 @@ def test_tokenizer_overfits_a_fixed_batch(small_model):
     losses = np.asarray(train(params))
     assert np.isfinite(losses).all()
     assert losses[-5:].mean() < 0.3 * losses[:3].mean(), losses
+
+
+def test_continuous_bottleneck_encodes_bounded_latents_without_indices_and_decodes_them():
+    """`bottleneck: continuous`: latent_dim tanh-bounded values per token, no codebook; the
+    FSQ default keeps its grid (the tests above) and its width."""
+    cfg = ModelConfig(image_size=16, tokenizer=TokenizerConfig(
+        patch_size=4, embed_dim=32, num_layers=1, num_heads=2, mlp_dim=64, bottleneck="continuous", latent_dim=5))
+    assert tuple(tk.BOTTLENECKS) == config_lib.BOTTLENECKS  # the config's choices are the model's
+    assert tk.latent_width(cfg) == 5 and not tk.has_codebook(cfg)
+    assert tk.latent_width(SMALL) == 3 and tk.has_codebook(SMALL)
+    model = tk.VideoTokenizer(cfg)
+    frames = jax.random.uniform(jax.random.key(2), (2, 3, 16, 16, 3), minval=-1, maxval=1)
+    variables = jax.jit(model.init)(jax.random.key(3), frames)
+    codes, indices = model.apply(variables, frames, method=tk.VideoTokenizer.encode)
+    recon, no_indices = model.apply(variables, frames)
+    assert codes.shape == (2, 3, 16, 5) and codes.dtype == jnp.float32 and indices is None and no_indices is None
+    assert float(jnp.abs(codes).max()) < 1.0 and len(np.unique(np.asarray(codes))) > 100  # not on a grid
+    np.testing.assert_allclose(model.apply(variables, codes, method=tk.VideoTokenizer.decode), recon, atol=1e-5)
+    # Gradients reach the encoder through the bound (no straight-through estimator needed).
+    grads = jax.grad(lambda v: jnp.sum(model.apply(v, frames, method=tk.VideoTokenizer.encode)[0] ** 2))(variables)
+    assert float(jnp.abs(grads["params"]["to_latent"]["kernel"].value).max()) > 0

@@ -111,6 +111,7 @@ def test_other_bad_requests(client, server):
     ("start: {images: [/etc/passwd]}\nshots:\n  - duration: 2\n", 400, ("line 1", "may not name a file")),
     ("reference: {image: a.png}\nshots:\n  - duration: 2\n", 400, ("line 1", "may not name a file")),
     ("shots:\n  - duration: 2\n    actions: [7, 7]\n", 400, ("line 3", "not valid")),
+    ("shots:\n  - duration: 1000000000\n", 400, ("line 2", "past the limit of 2 GiB")),  # refused unallocated
 ])
 def test_script_errors_name_their_line(client, script, status, words):
     assert_error(client.post("/v1/generate", json={"script": script}), status, *words)

@@ -9,6 +9,8 @@ def test_bad_workdir_and_options_exit_2(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
     assert commands.main(["play", "--workdir", str(tmp_path), "--no-browser", "--max-sessions", "0"]) == 2
     assert "--max-sessions must be >= 1" in capsys.readouterr().err
+    assert commands.main(["serve", "--workdir", str(tmp_path), "--max-memory-gib", "nan"]) == 2
+    assert "--max-memory-gib must be > 0" in capsys.readouterr().err
 
 
 def test_tokenizer_run_is_refused(tokenizer_run, capsys):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
+from flax import linen as nn
 
 from wm_jax import config as config_lib
 from wm_jax.config import ConfigError
@@ -16,7 +17,7 @@ from wm_jax.models.dynamics import DynamicsModel
 from wm_jax.models.latent_actions import LatentActionModel, num_patches
 from wm_jax.models.tokenizer import VideoTokenizer, num_tokens
 from wm_jax.stages import STAGES, Role, Stage, frozen_workdirs, get_stage, names_with
-from wm_jax.stages.dynamics import DYNAMICS
+from wm_jax.stages.dynamics import DYNAMICS, OBJECTIVES, dynamics_model
 from wm_jax.stages.latent_actions import LATENT_ACTIONS
 from wm_jax.stages.tokenizer import TOKENIZER
 
@@ -45,7 +46,7 @@ def test_an_unknown_stage_is_refused_naming_the_known_ones():
 # name: (role, model, model_section, workdir_key, bundled, min_frames, reads_latent_cache, tokens_per_frame)
 FIELDS = {
     "tokenizer": (Role.TOKENIZER, VideoTokenizer, "tokenizer", "train.tokenizer_workdir", (), 1, False, num_tokens),
-    "dynamics": (Role.WORLD_MODEL, DynamicsModel, "dynamics", "", ("tokenizer",), 2, True, num_tokens),
+    "dynamics": (Role.WORLD_MODEL, dynamics_model, "dynamics", "", ("tokenizer",), 2, True, num_tokens),
     "latent_actions": (Role.ACTION_LABELER, LatentActionModel, "latent_actions", "train.latent_actions_workdir", (),
                        2, False, num_patches),
 }
@@ -57,7 +58,7 @@ def test_each_stage_declares_its_model_dependencies_and_rules(name):
     assert (s.role, s.model, s.model_section, s.workdir_key, s.bundled, s.min_frames, s.reads_latent_cache,
             s.tokens_per_frame) == FIELDS[name]
     cfg = load(f"train.stage={name}")
-    assert isinstance(s.model(cfg.model), s.model) and hasattr(cfg.model, s.model_section)
+    assert isinstance(s.model(cfg.model), nn.Module) and hasattr(cfg.model, s.model_section)
     assert s.frozen_stages(cfg) == (["tokenizer"] if name == "dynamics" else [])
     controls = ["action", "action_valid", "camera", "camera_valid", "cut"]  # the dynamics defaults use these
     assert s.batch_fields(cfg, None) == ["frame"] + (controls if name == "dynamics" else [])
@@ -89,6 +90,42 @@ def test_train_step_flops_of_each_stage():
     inferred = load("train.stage=dynamics", "train.latent_actions_workdir=/lam", "model.dynamics.num_actions=8")
     lam = b * flops.latent_action_encode_flops(inferred.model, t)
     assert DYNAMICS.train_step_flops(inferred) == expected + lam
+
+
+def test_each_objective_has_its_model_inputs_flops_and_bottleneck():
+    """The dynamics stage's objective registry covers every objective the config allows;
+    diffusion reads continuous latents of all T frames (levels and step sizes per frame)
+    and costs its student's forward + backward and two two-stream target passes."""
+    from wm_jax.models.diffusion import DiffusionDynamics
+
+    assert tuple(OBJECTIVES) == config_lib.DYNAMICS_OBJECTIVES
+    tokens = load("train.stage=dynamics", "model.dynamics.objective=maskgit")
+    assert type(DYNAMICS.model(tokens.model)) is DynamicsModel
+    cfg = load("train.stage=dynamics", "model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous",
+               "model.tokenizer.latent_dim=6")
+    assert type(DYNAMICS.model(cfg.model)) is DiffusionDynamics
+    latents, controls, signal, step = DYNAMICS.example_inputs(cfg)
+    assert latents.shape == (1, 4, num_tokens(cfg.model), 6) and controls.action.shape == signal.shape == step.shape == (1, 4)
+    student, target = flops.diffusion_forward_flops(cfg.model, 4), flops.diffusion_forward_flops(cfg.model, 4, 2)
+    assert DYNAMICS.train_step_flops(cfg) == 2 * (flops.tokenizer_encode_flops(cfg.model, 4) + 3 * student + 2 * target)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.dynamics.objective=diffusion"],
+     "'model.dynamics.objective' 'diffusion' needs 'model.tokenizer.bottleneck: continuous'"),
+    (["model.tokenizer.bottleneck=continuous"],
+     "'model.dynamics.objective' 'causal' needs 'model.tokenizer.bottleneck: fsq'"),
+    (["model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous", "data.latent_cache=/c"],
+     "config key 'data.latent_cache' holds FSQ token ids: not for the 'diffusion' objective"),
+    (["model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous",
+      "model.dynamics.cut_framing_shift=true"],
+     "config key 'model.dynamics.cut_framing_shift' is not supported by the 'diffusion' objective"),
+])
+def test_the_objective_and_the_tokenizer_bottleneck_must_agree(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load("train.stage=dynamics", *overrides)
+    assert message in str(e.value)
+    load("train.stage=tokenizer", "model.tokenizer.bottleneck=continuous")  # a tokenizer of either kind trains
 
 
 def test_dynamics_reads_a_latent_action_model_and_the_fields_its_options_use():

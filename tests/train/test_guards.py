@@ -18,6 +18,7 @@ from wm_jax.cli import main
 from wm_jax.config import MeshConfig
 from wm_jax.run import restore_params
 from wm_jax.telemetry import read_metrics
+from wm_jax.train.lock import LOCK_FILE
 
 
 def test_an_overflowing_update_is_rolled_back_and_never_checkpointed(tmp_path, tiny_overrides, capsys):
@@ -81,6 +82,26 @@ def test_ctrl_c_saves_and_exits_42_without_a_traceback(tmp_path, tiny_overrides)
     saved = ckpt.finished_steps(run)
     assert len(saved) == 1 and saved[0] >= read_metrics(run / "metrics.jsonl")[-1]["step"]
     assert read_metrics(run / "events.jsonl")[-1]["message"].startswith("SIGINT")
+
+
+def test_ctrl_c_before_the_loop_exits_130_in_one_line(tmp_path, tiny_overrides):
+    """Once the run is locked the step is still to be compiled: nothing to save, so Ctrl-C
+    ends the process at once (not a KeyboardInterrupt, which a gc callback can swallow and
+    whose interpreter shutdown can crash while XLA compiles)."""
+    run = tmp_path / "run"
+    proc = _train(run, tiny_overrides + LONG)
+    try:
+        deadline = time.time() + 300
+        while not (run / LOCK_FILE).exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    lines = [line for line in err.strip().splitlines() if "os.fork()" not in line and "_fork_exec" not in line]
+    assert lines[-1].startswith("interrupted: wm train stopped outside the training loop") and "Traceback" not in err
+    assert not read_metrics(run / "metrics.jsonl")  # it stopped before the first step
 
 
 @pytest.mark.slow

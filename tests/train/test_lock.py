@@ -57,8 +57,11 @@ def test_workdir_that_is_a_file_exits_2_in_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(PRESET), "--workdir", str(not_a_dir)]) == 2
     assert main(["train", "--config", str(PRESET), "--workdir", str(not_a_dir / "sub")]) == 2
     assert main(["eval", "--workdir", str(not_a_dir)]) == 2
+    assert main(["export", "--workdir", str(not_a_dir), "--out", str(tmp_path / "bundle")]) == 2
+    assert main(["data", "inspect", str(not_a_dir)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and all(str(not_a_dir) in line for line in lines)
+    assert len(lines) == 5 and all(str(not_a_dir) in line for line in lines)
+    assert lines[-1].endswith("is not a directory")
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ from wm_jax import config as config_lib
 from wm_jax.bench import results
 from wm_jax.bench import train as train_bench
 from wm_jax.config import Config, ConfigError
+from wm_jax.presets import preset_path
 from wm_jax.train.loop import loaded_fields
 
 COLUMNS = ["machine", "config", "data", "workers", "raw clips/s", "loader clips/s", "train clips/s",
@@ -152,8 +153,6 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wm_jax.presets import preset_path
-
     parser = argparse.ArgumentParser(prog="wm bench data", description=__doc__.splitlines()[0])
     results.add_config_flags(parser, "tiny_cpu")
     parser.add_argument("--data", default=None, help="dataset directory (default: a procedural one in a temp dir)")

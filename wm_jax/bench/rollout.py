@@ -12,6 +12,9 @@ at each horizon, and the flatness of the cached engine (its time per frame at th
 longest horizon ÷ at the shortest; ~1 means a frame costs the same at t = 16 and 256).
 
 Run: `wm bench rollout [--config rollout_bench] [--horizons 16,64,256] [--set KEY=VALUE ...]`.
+A diffusion model (`--set model.dynamics.objective=diffusion --set
+model.tokenizer.bottleneck=continuous --set model.dynamics.sampling_steps=K`) is timed
+the same way, K jumps and one cache write per frame.
 """
 
 from __future__ import annotations
@@ -28,18 +31,24 @@ import numpy as np
 from wm_jax import config as config_lib
 from wm_jax.bench import results
 from wm_jax.config import Config
-from wm_jax.models.dynamics import DynamicsModel, make_controls
-from wm_jax.models.tokenizer import indices_to_codes, num_tokens, vocab_size
+from wm_jax.models.dynamics import make_controls
+from wm_jax.models.tokenizer import has_codebook, indices_to_codes, latent_width, num_tokens, vocab_size
+from wm_jax.presets import preset_path
 from wm_jax.rollout import rollout
+from wm_jax.stages.dynamics import DYNAMICS, dynamics_model
 
 COLUMNS = ["machine", "config", "window", "layers", "horizon", "cached frames/s", "uncached frames/s", "speedup", "command"]
 
 
 def _inputs(cfg: Config, batch: int, context: int, frames: int, seed: int) -> tuple[Any, ...]:
-    """Random context codes [B,C,N,L], controls of `frames` - 1 steps, reference codes."""
+    """Random context codes [B,C,N,L] (FSQ codes, or continuous latents in [-1, 1]),
+    controls of `frames` - 1 steps, reference codes [B,N,L]."""
     rng = np.random.default_rng(seed)
     levels, n = cfg.model.tokenizer.fsq_levels, num_tokens(cfg.model)
-    codes = indices_to_codes(jnp.asarray(rng.integers(0, vocab_size(cfg.model), (batch, context + 1, n))), levels)
+    if has_codebook(cfg.model):
+        codes = indices_to_codes(jnp.asarray(rng.integers(0, vocab_size(cfg.model), (batch, context + 1, n))), levels)
+    else:
+        codes = jnp.asarray(rng.uniform(-1, 1, (batch, context + 1, n, latent_width(cfg.model))), jnp.float32)
     camera = np.zeros((batch, frames, 7), np.float32)
     camera[..., :2] = np.cumsum(rng.integers(-1, 2, (batch, frames, 2)), axis=1)
     steps = {"action": rng.integers(0, cfg.model.dynamics.num_actions, (batch, frames)).astype(np.int32), "camera": camera}
@@ -48,7 +57,7 @@ def _inputs(cfg: Config, batch: int, context: int, frames: int, seed: int) -> tu
 
 def time_rollout(cfg: Config, params: Any, horizon: int, cached: bool, batch: int, context: int) -> float:
     """Seconds for one rollout of `horizon` frames (after an untimed one that compiles)."""
-    model = DynamicsModel(cfg.model)
+    model = dynamics_model(cfg.model)
     context_codes, controls, reference = _inputs(cfg, batch, context, context + horizon, cfg.seed)
     jax.block_until_ready(rollout(model, params, context_codes, controls, horizon, reference, cached=cached))
     start = time.perf_counter()
@@ -60,9 +69,8 @@ def run(cfg: Config, horizons: list[int], batch: int = 1, context: int = 1) -> d
     """Times both engines at each horizon; returns per-horizon rows and the summary ratios."""
     if not horizons or min(horizons) < 1 or batch < 1 or context < 1:
         raise ValueError(f"horizons, batch and context must be >= 1; got {horizons}, {batch}, {context}")
-    model = DynamicsModel(cfg.model)
-    context_codes, controls, reference = _inputs(cfg, batch, context, context + 1, cfg.seed)
-    params = jax.jit(model.init)(jax.random.key(cfg.seed), context_codes, controls.at(slice(0, context)), reference)["params"]
+    # Parameters do not depend on the clip length: the stage's example inputs initialise them.
+    params = jax.jit(dynamics_model(cfg.model).init)(jax.random.key(cfg.seed), *DYNAMICS.example_inputs(cfg))["params"]
     rows = []
     for h in sorted(horizons):
         cached_s = time_rollout(cfg, params, h, True, batch, context)
@@ -97,8 +105,6 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wm_jax.presets import preset_path
-
     parser = argparse.ArgumentParser(prog="wm bench rollout", description=__doc__.splitlines()[0])
     results.add_config_flags(parser, "rollout_bench")
     parser.add_argument("--horizons", default="16,64,256", help="comma-separated horizons (default 16,64,256)")

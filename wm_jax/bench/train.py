@@ -31,6 +31,7 @@ from wm_jax import telemetry
 from wm_jax.bench import results
 from wm_jax.config import Config, ConfigError
 from wm_jax.models.tokenizer import vocab_size
+from wm_jax.presets import preset_path
 from wm_jax.train import dry_run
 from wm_jax.train.state import create_train_state
 from wm_jax.train.step import batch_specs
@@ -127,8 +128,6 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wm_jax.presets import preset_path
-
     parser = argparse.ArgumentParser(prog="wm bench train", description=__doc__.splitlines()[0])
     results.add_config_flags(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")

@@ -94,7 +94,7 @@ def generated_and_real(workdir: str | Path, script: str | Path, clips: int, seed
                        ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """`clips` videos of `wm generate` (marked, mp4) read back, uint8 [T, H, W, 3] each, and
     `clips` real windows of T frames of the run's dataset, upscaled the same way."""
-    from wm_jax.eval.evaluate import held_out_clips
+    from wm_jax.eval.clips import held_out_clips
     from wm_jax.generate import default_scale, generate
     from wm_jax.run import load_run_config
 

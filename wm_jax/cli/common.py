@@ -4,6 +4,7 @@ from __future__ import annotations
 
 EXIT_USAGE = 2
 EXIT_NUMERICS = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
 
 def print_headline(result: dict) -> None:

@@ -3,15 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from wm_jax import config as config_lib
-from wm_jax.cli.common import EXIT_NUMERICS, EXIT_USAGE
+from wm_jax.cli.common import EXIT_INTERRUPTED, EXIT_NUMERICS, EXIT_USAGE
 from wm_jax.presets import preset_path
 
 
+@contextlib.contextmanager
+def ctrl_c_ends_at_once() -> Iterator[None]:
+    """Outside the training loop (which takes SIGINT over to save, then exit 42) Ctrl-C ends
+    `wm train` at once, in one line, exit 130: there is nothing to save. Not by a
+    KeyboardInterrupt: one raised inside a gc callback is swallowed (the run went on), and
+    interpreter shutdown while XLA compiles on other threads can crash."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works only there
+        yield
+        return
+
+    def abort(signum: int, frame: object) -> None:
+        print(f"interrupted: wm train stopped outside the training loop, nothing to save (exit {EXIT_INTERRUPTED}); "
+              "rerun to resume", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)
+
+    previous = signal.signal(signal.SIGINT, abort)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    with ctrl_c_ends_at_once():
+        return _train_command(args)
+
+
+def _train_command(args: argparse.Namespace) -> int:
     from wm_jax.train.loop import EXIT_PREEMPTED, Preempted, train
 
     cfg = config_lib.load(preset_path(args.config), args.set)

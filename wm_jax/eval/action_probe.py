@@ -13,7 +13,6 @@ for one that ignores them. Procedural datasets only (where the action→motion m
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -21,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax.eval.metrics import agent_position
-from wm_jax.models.dynamics import DynamicsModel, make_controls, predict_codes
+from wm_jax.models.dynamics import DynamicsModel, make_controls
 from wm_jax.models.tokenizer import VideoTokenizer
-from wm_jax.rollout import decode_codes
+from wm_jax.rollout import decode_codes, rollout
 
 
 def forced_actions(actions: np.ndarray, at: int, action: int) -> np.ndarray:
@@ -31,14 +30,6 @@ def forced_actions(actions: np.ndarray, at: int, action: int) -> np.ndarray:
     forced = np.array(actions, copy=True)
     forced[:, at] = action
     return forced
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _next_codes(dynamics: DynamicsModel, params: Any, codes: jax.Array, controls: Any,
-                reference_codes: jax.Array | None) -> jax.Array:
-    """codes [B, C, N, L] + controls of C positions -> greedy codes [B, N, L] of frame C."""
-    logits = dynamics.apply({"params": params}, codes, controls, reference_codes, None)
-    return predict_codes(logits[:, -1], dynamics.cfg)
 
 
 def forced_next_frames(dynamics: DynamicsModel, params: Any, tokenizer: VideoTokenizer, tok_params: Any,
@@ -57,7 +48,8 @@ def forced_next_frames(dynamics: DynamicsModel, params: Any, tokenizer: VideoTok
     frames = []
     for a in range(num_actions):
         controls = make_controls({**steps, "action": forced_actions(steps["action"], c - 1, a)})
-        nxt = _next_codes(dynamics, params, context_codes, controls, reference_codes)
+        # One rollout step (greedy; a diffusion model's noise the same for every action).
+        nxt = rollout(dynamics, params, context_codes, controls, 1, reference_codes)[0][:, 0]
         frames.append(decode_codes(tokenizer, tok_params, jnp.concatenate([context_codes, nxt[:, None]], axis=1),
                                    chunk)[:, c])
     return np.stack(frames)

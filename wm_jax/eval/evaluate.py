@@ -25,12 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines.loader import make_loader
 from data_pipelines.schema import DatasetError
 from data_pipelines.sources import atari, procedural
 from wm_jax import checkpoint as ckpt
@@ -39,46 +37,18 @@ from wm_jax import config as config_lib
 from wm_jax.config import Config, MeshConfig
 from wm_jax.eval import action_probe
 from wm_jax.eval import metrics as M
+from wm_jax.eval.clips import held_out_clips
+from wm_jax.eval.latent_action_probe import evaluate_probe
 from wm_jax.models.dynamics import DynamicsModel, make_controls
 from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.tokenizer import VideoTokenizer
 from wm_jax.rollout import decode_codes, encode_frames, rollout
-from wm_jax.run import check_dataset, is_bundle, load_run_config, restore_params, tokenizer_source
+from wm_jax.run import (check_dataset, is_bundle, load_run_config, restore_params, tokenizer_source,
+                        with_tokenizer_run)
 from wm_jax.stages import Role, get_stage
 from wm_jax.stages.latent_actions import infer_latent_actions
 
 
-def held_out_clips(data_dir: str, cfg: Config, frames: int, split: str | None = None,
-                   num_clips: int | None = None) -> dict[str, np.ndarray]:
-    """Up to `num_clips` (default `eval.num_clips`) windows of `frames` steps from `split`
-    (default the eval split), deterministic.
-
-    Windows do not overlap (stride = length), so clips come from distinct stretches."""
-    split = split or cfg.eval.split
-    loader = make_loader(
-        data_dir,
-        split=split,
-        frames_per_clip=frames,
-        batch_size=1,
-        seed=cfg.seed,
-        window_stride=frames,
-        shuffle=True,
-        num_epochs=1,
-        shard_options=grain.sharding.NoSharding(),
-        batches_per_element=1,  # read no more clips than are taken (the clips are the same for any grouping)
-    )
-    clips = [b for _, b in zip(range(num_clips or cfg.eval.num_clips), loader)]
-    if not clips:
-        raise ValueError(f"split '{split}' of {data_dir} has no episode of {frames} frames")
-    return {k: np.concatenate([c[k] for c in clips]) for k in EVAL_FIELDS if k in clips[0]}
-
-
-# Record fields the evaluation reads (those a dataset has): frames and the controls the
-# rollout is steered by, plus the ground truth of the controllability metrics (camera
-# pose, entity boxes/visibility, shot cuts), the identity bank's reference frame, and
-# where each clip comes from (to replay an Atari episode to it).
-EVAL_FIELDS = ("frame", "action", "action_valid", "camera", "camera_valid", "cut", "reference",
-               "entity_boxes", "entity_visible", "episode_id", "t")
 # Without these (e.g. Atari), the controllability groups are skipped.
 GROUND_TRUTH = ("camera", "cut", "entity_boxes", "entity_visible")
 
@@ -598,12 +568,18 @@ class _Generated:
     probed: np.ndarray | None  # the action probe's forced next frames (None: probe not run)
 
 
-def _run_config(workdir: Path, overrides: list[str]) -> Config:
-    """The run's config with `overrides` applied; ConfigError for any but `eval.*` keys."""
+def _run_config(workdir: Path, overrides: list[str], tokenizer_workdir: str | None = None) -> Config:
+    """The run's config with `overrides` applied (ConfigError for any but `eval.*` keys),
+    reading its tokenizer from `tokenizer_workdir` when given (`run.with_tokenizer_run`)."""
     cfg = load_run_config(workdir)
     if any(not o.startswith("eval.") for o in overrides):
         raise config_lib.ConfigError(f"wm eval takes eval.* overrides only; got {list(overrides)}")
-    return config_lib.replace(cfg, list(overrides))
+    cfg = config_lib.replace(cfg, list(overrides))
+    if tokenizer_workdir is None:
+        return cfg
+    if is_bundle(workdir):
+        raise config_lib.ConfigError(f"{workdir} is a bundle: it carries its own tokenizer")
+    return with_tokenizer_run(cfg, tokenizer_workdir)
 
 
 def _restore_models(workdir: Path, cfg: Config, step: int | None, mesh: Any, rules: Any) -> _Models:
@@ -735,14 +711,14 @@ def _write_outputs(result: dict, out: Path, frames: np.ndarray, gen: _Generated,
 
 
 def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | None = None, out_dir: str | Path | None = None,
-             overrides: list[str] = ()) -> dict:
+             overrides: list[str] = (), tokenizer_workdir: str | None = None) -> dict:
     """Restores `workdir`'s checkpoint and writes the eval report; returns the metrics dict.
-    overrides: `eval.*` config keys (KEY=VALUE) for this evaluation, e.g. eval.guidance=2."""
+    overrides: `eval.*` config keys (KEY=VALUE) for this evaluation, e.g. eval.guidance=2;
+    tokenizer_workdir: the tokenizer run of a dynamics run moved without it, in place of
+    its `train.tokenizer_workdir` (as `data_dir` replaces its `data.dir`)."""
     workdir = Path(workdir)
-    cfg = _run_config(workdir, overrides)
+    cfg = _run_config(workdir, overrides, tokenizer_workdir)
     if get_stage(cfg.train.stage).role is Role.ACTION_LABELER:  # no frames to generate: its evaluation is the probe
-        from wm_jax.eval.latent_action_probe import evaluate_probe  # imports this module
-
         return evaluate_probe(workdir, step=step, data_dir=data_dir, out_dir=out_dir)
     data_dir = data_dir or cfg.data.dir
     manifest = check_dataset(cfg, data_dir, cfg.eval.split)

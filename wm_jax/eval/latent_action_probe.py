@@ -27,7 +27,7 @@ import optax
 from wm_jax import checkpoint as ckpt
 from wm_jax import sharding
 from wm_jax.config import MeshConfig
-from wm_jax.eval.evaluate import held_out_clips
+from wm_jax.eval.clips import held_out_clips
 from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.run import check_dataset, is_bundle, load_run_config, restore_params
 from wm_jax.stages.base import frames_to_float

@@ -1,4 +1,4 @@
-"""Evaluation metrics: pure functions of arrays (numpy, or jax for `psnr_from_mse`), no I/O.
+"""Evaluation metrics: pure functions of arrays (numpy), no I/O.
 
 Frames are uint8 [..., H, W, C] on 0..255 and are compared on the [0, 1] scale unless
 stated otherwise. Videos are [B, T, H, W, C] (clips, steps). Pixel coordinates follow
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import imaging
 from wm_jax.imaging import psnr  # the shared definition, also offered as metrics.psnr
 
 # Wang, Bovik, Sheikh & Simoncelli 2004, "Image quality assessment: from error visibility
@@ -48,11 +46,6 @@ def _masked_mean(x: np.ndarray, mask: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------- PSNR, SSIM
-
-
-def psnr_from_mse(mse: jnp.ndarray, max_val: float = 1.0) -> jnp.ndarray:
-    """`imaging.psnr_from_mse` on jax arrays (traceable: the train step's PSNR)."""
-    return imaging.psnr_from_mse(mse, max_val, xp=jnp)
 
 
 def psnr_per_horizon(truth: np.ndarray, generated: np.ndarray) -> np.ndarray:

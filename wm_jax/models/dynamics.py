@@ -266,6 +266,27 @@ def make_controls(steps: dict[str, jax.Array]) -> Controls:
     )
 
 
+def drop_actions(controls: Controls, rate: float, key: jax.Array) -> Controls:
+    """Action dropout: controls of [B, T] positions with each action masked ("no action")
+    with probability `rate` (the unconditional case of classifier-free guidance)."""
+    dropped = jax.random.bernoulli(key, rate, controls.action_mask.shape)
+    return controls.replace(action_mask=controls.action_mask & ~dropped)
+
+
+def two_stream_mask(mask: jax.Array, positions: jax.Array) -> jax.Array:
+    """The temporal mask bool [B, 2T, 2T] of a context stream and a query stream side by
+    side (keys: context 0..T-1, then query 0..T-1), from the context's own mask bool
+    [B, T, T] and positions int [B, T]: context sees context (`mask`); query t sees the
+    context before t (same shot, window) and query t itself."""
+    t = positions.shape[1]
+    before = mask & (positions[:, None, :] < positions[:, :, None])
+    itself = jnp.broadcast_to(jnp.eye(t, dtype=bool), mask.shape)
+    return jnp.concatenate([
+        jnp.concatenate([mask, jnp.zeros_like(mask)], axis=2),
+        jnp.concatenate([before, itself], axis=2),
+    ], axis=1)
+
+
 def temporal_mask(
     query_pos: jax.Array, query_seg: jax.Array, key_pos: jax.Array, key_seg: jax.Array, window: int
 ) -> jax.Array:
@@ -375,6 +396,16 @@ class DynamicsModel(nn.Module):
         reference frame) -> memory tokens [B, M, D]; computed once per rollout."""
         return self.memory_norm(self.memory_pos(self.memory_embed(reference_codes)[:, None])[:, 0])
 
+    def bank(self, reference_codes: jax.Array | None, reference_mask: jax.Array | None, batch: int, tokens: int,
+             width: int) -> tuple[jax.Array | None, jax.Array | None]:
+        """The identity bank's (memory tokens [B, M, D], mask bool [B] or None: all) from
+        reference codes float [B, M, L] (None: an empty bank, masked); (None, None) without one."""
+        if not self.cfg.dynamics.use_identity_bank:
+            return None, None
+        if reference_codes is None:
+            reference_codes, reference_mask = jnp.zeros((batch, tokens, width)), jnp.zeros((batch,), bool)
+        return self.embed_memory(reference_codes), reference_mask
+
     def _control_vector(self, controls: Controls) -> jax.Array:
         """controls of T positions -> one conditioning vector per position [B, T, D]."""
         cond = self.action_embed(controls.action, controls.action_mask)
@@ -399,14 +430,17 @@ class DynamicsModel(nn.Module):
         framed = controls.next_cut & controls.camera_mask
         return jnp.where(framed[..., None, None], shifted, x)
 
-    def _inputs(self, codes: jax.Array, controls: Controls, next_frame: jax.Array | None = None
-                ) -> tuple[jax.Array, jax.Array | None]:
-        """codes [B, T, N, L] + controls (+ MaskGIT's next-frame embedding [B, T, N, D]) ->
-        (input tokens [B, T, N', D], the adaLN conditioning [B, T, D] or None).
+    def _inputs(self, codes: jax.Array, controls: Controls, next_frame: jax.Array | None = None,
+                extra: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """codes [B, T, N, L] + controls (+ MaskGIT's next-frame embedding [B, T, N, D]; +
+        `extra` [B, T, D] added to the control vector: the diffusion noise level) -> (input
+        tokens [B, T, N', D], the adaLN conditioning [B, T, D] or None).
 
         N' = N + 1 with a control token (`sequence_tokens`), prepended at index 0."""
         mode = self.cfg.dynamics.action_conditioning
         cond = self._control_vector(controls)
+        if extra is not None:
+            cond = cond + extra.astype(cond.dtype)
         x = self.code_embed(codes)
         if self.cfg.dynamics.cut_framing_shift and framed_cuts(self.cfg):
             x = self._shift_at_cuts(x, controls)
@@ -432,17 +466,23 @@ class DynamicsModel(nn.Module):
         """Shots as the temporal mask sees them: all one shot when cuts are not used."""
         return controls.segment if self.cfg.dynamics.use_cuts else jnp.zeros_like(controls.segment)
 
-    def _logits(self, x: jax.Array, cond: jax.Array | None) -> jax.Array:
-        """Final tokens [B, T, N', D] (+ adaLN conditioning [B, T, D]) -> logits float32
-        [B, T, N, *logits_shape] (a control token has none)."""
-        shape = logits_shape(self.cfg)
+    def final_hidden(self, x: jax.Array, cond: jax.Array | None) -> jax.Array:
+        """Final tokens [B, T, N', D] (+ adaLN conditioning [B, T, D]) -> the frame tokens'
+        normalised (and modulated) features [B, T, N, D] that an output head reads (a
+        control token is dropped: it has no output)."""
         if self.cfg.dynamics.action_conditioning == "token":
             x = x[:, :, 1:]
         h = self.final_norm(x)
         if cond is not None:
             ((shift, scale, _),) = self.final_modulation(cond)
             h = layers.modulate(h, shift, scale)
-        logits = self.logits(h).astype(jnp.float32)
+        return h
+
+    def _logits(self, x: jax.Array, cond: jax.Array | None) -> jax.Array:
+        """Final tokens [B, T, N', D] (+ adaLN conditioning [B, T, D]) -> logits float32
+        [B, T, N, *logits_shape] (a control token has none)."""
+        shape = logits_shape(self.cfg)
+        logits = self.logits(self.final_hidden(x, cond)).astype(jnp.float32)
         logits = logits.reshape(logits.shape[:-1] + shape)
         if self.cfg.dynamics.head == "factorized":
             logits = jnp.where(_digit_mask(self.cfg.tokenizer.fsq_levels), logits, -jnp.inf)
@@ -483,11 +523,7 @@ class DynamicsModel(nn.Module):
         if dc.use_cuts or dc.temporal_window or dc.objective == "maskgit":
             seg = self._segments(controls)
             mask = temporal_mask(positions, seg, positions, seg, dc.temporal_window)
-        memory = memory_mask = None
-        if dc.use_identity_bank:
-            if reference_codes is None:
-                reference_codes, reference_mask = jnp.zeros((b, n, levels), codes.dtype), jnp.zeros((b,), bool)
-            memory, memory_mask = self.embed_memory(reference_codes), reference_mask
+        memory, memory_mask = self.bank(reference_codes, reference_mask, b, n, levels)
         if dc.objective != "maskgit":
             if next_codes is not None:
                 raise ValueError("next_codes are for model.dynamics.objective 'maskgit'")
@@ -495,14 +531,7 @@ class DynamicsModel(nn.Module):
             return self._logits(self.transformer(x, memory, memory_mask, mask, positions, cond=cond), cond)
         context, cond = self._inputs(codes, controls, self._next_frame(codes, None, None))
         query, _ = self._inputs(codes, controls, self._next_frame(codes, next_codes, next_mask))
-        # Keys: [context 0..T-1, query 0..T-1]. Context sees context (the temporal mask);
-        # query t sees context before t (same shot, window) and query t itself.
-        before = mask & (positions[:, None, :] < positions[:, :, None])
-        itself = jnp.broadcast_to(jnp.eye(t, dtype=bool), (b, t, t))
-        mask = jnp.concatenate([
-            jnp.concatenate([mask, jnp.zeros_like(mask)], axis=2),
-            jnp.concatenate([before, itself], axis=2),
-        ], axis=1)
+        mask = two_stream_mask(mask, positions)
         x = jnp.concatenate([context, query], axis=1)
         both = None if cond is None else jnp.concatenate([cond, cond], axis=1)
         x = self.transformer(x, memory, memory_mask, mask, jnp.concatenate([positions, positions], axis=1), cond=both)
@@ -536,12 +565,7 @@ class DynamicsModel(nn.Module):
         committed past and to itself (its keys/values written at the slot of a copy);
         discard the caches it returns.
         """
-        b = codes.shape[0]
-        pos = jnp.full((b, 1), position, jnp.int32)
-        seg = self._segments(controls)
-        key_seg = key_segments if self.cfg.dynamics.use_cuts else jnp.zeros_like(key_segments)
-        keys = jnp.broadcast_to(key_positions, (b,) + key_positions.shape)
-        mask = temporal_mask(pos, seg, keys, key_seg, self.cfg.dynamics.temporal_window)
+        pos, mask = self.cache_mask(controls, position, key_positions, key_segments)
         if not self.cfg.dynamics.use_identity_bank:
             memory = memory_mask = None
         slot = position % key_positions.shape[0]
@@ -549,3 +573,15 @@ class DynamicsModel(nn.Module):
         x, cond = self._inputs(codes, controls, self._next_frame(codes, next_codes, next_mask) if maskgit else None)
         x, caches = self.transformer(x, memory, memory_mask, mask, pos, caches, slot, cond)
         return self._logits(x, cond), caches
+
+    def cache_mask(self, controls: Controls, position: jax.Array, key_positions: jax.Array, key_segments: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+        """One new frame at `position` (int32 scalar; controls of T = 1, B rows) against cache
+        slots holding key_positions int32 [W] / key_segments int32 [B, W] -> (its position
+        int32 [B, 1], the temporal mask bool [B, 1, W])."""
+        b = controls.action.shape[0]
+        pos = jnp.full((b, 1), position, jnp.int32)
+        seg = self._segments(controls)
+        key_seg = key_segments if self.cfg.dynamics.use_cuts else jnp.zeros_like(key_segments)
+        keys = jnp.broadcast_to(key_positions, (b,) + key_positions.shape)
+        return pos, temporal_mask(pos, seg, keys, key_seg, self.cfg.dynamics.temporal_window)

@@ -16,7 +16,7 @@ import math
 from wm_jax.config import ModelConfig
 from wm_jax.models.dynamics import logits_shape, sequence_tokens
 from wm_jax.models.latent_actions import num_patches
-from wm_jax.models.tokenizer import num_tokens
+from wm_jax.models.tokenizer import latent_width, num_tokens
 
 TRAIN_FACTOR = 3  # forward + backward (2x forward)
 
@@ -37,7 +37,7 @@ def tokenizer_encode_flops(cfg: ModelConfig, frames: int) -> int:
     """Forward FLOPs of `VideoTokenizer.encode` on one clip of `frames` frames."""
     tc, n = cfg.tokenizer, num_tokens(cfg)
     patch_dim = tc.patch_size**2 * 3
-    per_token = 2 * (patch_dim * tc.embed_dim + tc.embed_dim * len(tc.fsq_levels))
+    per_token = 2 * (patch_dim * tc.embed_dim + tc.embed_dim * latent_width(cfg))
     return frames * n * per_token + transformer_forward_flops(frames, n, tc.embed_dim, tc.mlp_dim, tc.num_layers)
 
 
@@ -58,13 +58,38 @@ def dynamics_forward_flops(cfg: ModelConfig, frames: int) -> int:
     levels = len(cfg.tokenizer.fsq_levels)
     maskgit = dc.objective == "maskgit"
     per_token = 2 * dc.embed_dim * ((2 if maskgit else 1) * levels + math.prod(logits_shape(cfg)))
+    return frames * n * per_token + _stack_flops(cfg, frames, 2 if maskgit else 1, levels)
+
+
+def _stack_flops(cfg: ModelConfig, frames: int, streams: int, width: int) -> int:
+    """What every dynamics objective shares, on `streams` streams of `frames` frames: the
+    identity bank's embedding (reference tokens of `width` values), adaLN's shifts, scales
+    and gates (each block's per stream, the head's once) and the transformer."""
+    dc, n = cfg.dynamics, num_tokens(cfg)
     memory = n if dc.use_identity_bank else 0  # the reference frame's tokens
-    flops = frames * n * per_token + memory * 2 * dc.embed_dim * levels
-    streams = 2 if maskgit else 1
+    flops = memory * 2 * dc.embed_dim * width
     if dc.action_conditioning == "adaln":
         flops += (streams * dc.num_layers * 9 + 3) * frames * 2 * dc.embed_dim * dc.embed_dim
     seq = sequence_tokens(cfg)
     return flops + transformer_forward_flops(streams * frames, seq, dc.embed_dim, dc.mlp_dim, dc.num_layers, memory)
+
+
+def diffusion_forward_flops(cfg: ModelConfig, frames: int, streams: int = 1) -> int:
+    """Forward FLOPs of `DiffusionDynamics` on one clip of `frames` frames; streams 2: with
+    the query stream of a shortcut target's jump (its estimates alone reach the head).
+    Per frame and stream, the noise embedding's two D x D layers; per token, the latent's
+    projection in (per stream) and the head out, W = the tokenizer's latent width."""
+    dc, n, width = cfg.dynamics, num_tokens(cfg), latent_width(cfg)
+    embed = streams * frames * (2 * 2 * dc.embed_dim * dc.embed_dim + n * 2 * dc.embed_dim * width)
+    head = frames * n * 2 * dc.embed_dim * width
+    return embed + head + _stack_flops(cfg, frames, streams, width)
+
+
+def diffusion_train_flops(cfg: ModelConfig, frames: int) -> int:
+    """Model FLOPs of a diffusion train step on one clip of `frames` frames: forward and
+    backward of the student, and the forward passes of the two half-jumps of its shortcut
+    targets (two streams each, no backward: `models.diffusion.shortcut_target`)."""
+    return TRAIN_FACTOR * diffusion_forward_flops(cfg, frames) + 2 * diffusion_forward_flops(cfg, frames, 2)
 
 
 def latent_action_encode_flops(cfg: ModelConfig, frames: int) -> int:

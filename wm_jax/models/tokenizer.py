@@ -1,20 +1,24 @@
-"""Video tokenizer: ST-transformer autoencoder with an FSQ bottleneck.
+"""Video tokenizer: ST-transformer autoencoder with an FSQ or a continuous bottleneck.
 
 FSQ (finite scalar quantization, Mentzer et al. 2023) bounds each latent dimension to
 `levels[i]` values and rounds it; the code is the vector of rounded values scaled to
-[-1, 1], and its index is the mixed-radix number of the per-dimension levels.
+[-1, 1], and its index is the mixed-radix number of the per-dimension levels. The
+continuous bottleneck (`model.tokenizer.bottleneck: continuous`) keeps `latent_dim`
+tanh-bounded values per token and has no index: the diffusion dynamics' latents.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from wm_jax.config import ModelConfig
+from wm_jax.config import ModelConfig, TokenizerConfig
 from wm_jax.models import layers
 
 _FSQ_EPS = 1e-3  # keeps tanh's bound strictly inside the outer rounding cells
@@ -86,8 +90,36 @@ def indices_to_codes(indices: jax.Array, levels: tuple[int, ...]) -> jax.Array:
     return digits_to_codes(digits, levels)
 
 
+@dataclasses.dataclass(frozen=True)
+class Bottleneck:
+    """What `model.tokenizer.bottleneck` makes of the encoder's latent."""
+
+    width: Callable[[TokenizerConfig], int]  # values per token (L)
+    # latent z float [..., L] -> codes float32 [..., L] in [-1, 1]
+    bound: Callable[[jax.Array, TokenizerConfig], jax.Array]
+    # codes [..., L] -> int32 indices [...] into its codebook; None: it has none
+    indices: Callable[[jax.Array, TokenizerConfig], jax.Array] | None
+
+
+BOTTLENECKS = {
+    "fsq": Bottleneck(lambda tc: len(tc.fsq_levels), lambda z, tc: fsq_quantize(z, tc.fsq_levels),
+                      lambda codes, tc: codes_to_indices(codes, tc.fsq_levels)),
+    "continuous": Bottleneck(lambda tc: tc.latent_dim, lambda z, tc: jnp.tanh(z.astype(jnp.float32)), None),
+}
+
+
+def latent_width(cfg: ModelConfig) -> int:
+    """Values per token of the tokenizer's codes: len(fsq_levels), or latent_dim (continuous)."""
+    return BOTTLENECKS[cfg.tokenizer.bottleneck].width(cfg.tokenizer)
+
+
+def has_codebook(cfg: ModelConfig) -> bool:
+    """Whether the tokenizer's codes are discrete (indices, a latent cache, token dynamics)."""
+    return BOTTLENECKS[cfg.tokenizer.bottleneck].indices is not None
+
+
 class VideoTokenizer(nn.Module):
-    """Frames [B, T, H, W, 3] in [-1, 1] <-> FSQ codes [B, T, N, L].
+    """Frames [B, T, H, W, 3] in [-1, 1] <-> codes [B, T, N, L] (FSQ, or continuous latents).
 
     Encoder and decoder temporal attention are causal: the codes of frame t depend on
     frames <= t only, and frame t decodes from codes <= t (so rollouts decode streaming).
@@ -107,7 +139,7 @@ class VideoTokenizer(nn.Module):
         self.enc_pos = layers.PositionEmbedding(dtype)
         self.encoder = layers.Transformer(**stack)
         self.enc_norm = layers.RMSNorm(dtype)
-        self.to_latent = layers.Dense(len(tc.fsq_levels), ("embed", "codebook"), dtype)
+        self.to_latent = layers.Dense(latent_width(self.cfg), ("embed", "codebook"), dtype)
         self.from_latent = layers.Dense(tc.embed_dim, ("codebook", "embed"), dtype)
         self.dec_pos = layers.PositionEmbedding(dtype)
         self.decoder = layers.Transformer(**stack)
@@ -119,13 +151,15 @@ class VideoTokenizer(nn.Module):
             tc.patch_size**2 * 3, ("embed", "patch"), dtype, kernel_init=nn.initializers.zeros_init()
         )
 
-    def encode(self, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """frames float [B, T, H, W, 3] -> (codes float32 [B, T, N, L], indices int32 [B, T, N])."""
+    def encode(self, frames: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """frames float [B, T, H, W, 3] -> (codes float32 [B, T, N, L], indices int32 [B, T, N];
+        None for the continuous bottleneck)."""
         x = layers.patchify(frames, self.cfg.tokenizer.patch_size)
         x = self.enc_pos(self.patch_embed(x))
         x = self.enc_norm(self.encoder(x))
-        codes = fsq_quantize(self.to_latent(x), self.cfg.tokenizer.fsq_levels)
-        return codes, codes_to_indices(codes, self.cfg.tokenizer.fsq_levels)
+        bottleneck = BOTTLENECKS[self.cfg.tokenizer.bottleneck]
+        codes = bottleneck.bound(self.to_latent(x), self.cfg.tokenizer)
+        return codes, None if bottleneck.indices is None else bottleneck.indices(codes, self.cfg.tokenizer)
 
     def decode(self, codes: jax.Array) -> jax.Array:
         """codes float [B, T, N, L] -> frames float32 [B, T, H, W, 3]."""
@@ -154,8 +188,9 @@ class VideoTokenizer(nn.Module):
         size = self.cfg.image_size
         return layers.unpatchify(patches, self.cfg.tokenizer.patch_size, size, size)[:, 0], caches
 
-    def __call__(self, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """frames float [B, T, H, W, 3] -> (recon float32 [B, T, H, W, 3], indices int32 [B, T, N])."""
+    def __call__(self, frames: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """frames float [B, T, H, W, 3] -> (recon float32 [B, T, H, W, 3], indices int32 [B, T, N]
+        or None: `encode`'s)."""
         codes, indices = self.encode(frames)
         return self.decode(codes), indices
 

@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "serve") -> No
     parser.add_argument("--data", default=None, help="dataset directory (default: the run's data.dir)")
     parser.add_argument("--record-dir", default=None, help="where recordings/ goes (default: the run's directory)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    parser.add_argument("--max-memory-gib", type=float, default=2.0,
+                        help="POST /v1/generate refuses a script whose video would need more memory than this "
+                             "(estimated before any allocation, as `wm generate --max-memory-gib`)")
     if command == "play":
         parser.add_argument("--no-browser", action="store_true", help="print the page's address, do not open it")
 
@@ -52,6 +55,9 @@ def _serve(args: argparse.Namespace, open_page: bool) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if not args.max_memory_gib > 0:
+        print(f"error: --max-memory-gib must be > 0, got {args.max_memory_gib}", file=sys.stderr)
+        return 2
     try:
         engine = Engine(args.workdir, max_sessions=args.max_sessions, window=args.window,
                         context_frames=args.context_frames, temperature=args.temperature,
@@ -60,7 +66,8 @@ def _serve(args: argparse.Namespace, open_page: bool) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_app(engine, token=args.token, max_queue=args.max_queue, gather_s=args.gather_ms / 1000,
-                     max_body_bytes=args.max_body_bytes, record_dir=args.record_dir)
+                     max_body_bytes=args.max_body_bytes, record_dir=args.record_dir,
+                     generate_max_gib=args.max_memory_gib)
     url = f"http://{args.host}:{args.port}/" + (f"#token={args.token}" if args.token else "")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         print(f"warning: serving on {args.host} without --token: anyone who can reach it can use it", file=sys.stderr)

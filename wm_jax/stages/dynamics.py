@@ -1,23 +1,30 @@
 """The dynamics stage: the world model, trained on a frozen tokenizer's codes to predict
 frame t+1 from frames <= t and the controls at t (optionally on actions a frozen latent
-action model infers)."""
+action model infers).
+
+What depends on `model.dynamics.objective` (the model, its loss, its inputs, its FLOPs and
+the tokenizer bottleneck it reads) is looked up in `OBJECTIVES`: the token objectives
+("causal", "maskgit") here, "diffusion" in `stages/diffusion.py`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from wm_jax.config import Config, ConfigError
+from wm_jax.config import Config, ConfigError, ModelConfig
 from wm_jax.models import flops
-from wm_jax.models.dynamics import (DynamicsModel, corrupt_codes, framed_cuts, make_controls, sample_maskgit_mask,
-                                    token_loss)
+from wm_jax.models.dynamics import (DynamicsModel, corrupt_codes, drop_actions, framed_cuts, make_controls,
+                                    sample_maskgit_mask, token_loss)
 from wm_jax.models.latent_actions import LatentActionModel
-from wm_jax.models.tokenizer import VideoTokenizer, indices_to_codes, num_tokens
+from wm_jax.models.diffusion import DiffusionDynamics
+from wm_jax.models.tokenizer import VideoTokenizer, has_codebook, indices_to_codes, num_tokens
+from wm_jax.stages import diffusion
 from wm_jax.stages.base import Batch, LogMetricsFn, Metrics, Role, Stage, frames_to_float, step_rng
 from wm_jax.stages.latent_actions import LATENT_ACTIONS, infer_latent_actions
 from wm_jax.stages.tokenizer import TOKENIZER
@@ -26,7 +33,8 @@ Reference = tuple[jax.Array | None, jax.Array | None]
 
 
 def encode_codes(tokenizer: VideoTokenizer, tokenizer_params: Any, frames: jax.Array) -> jax.Array:
-    """uint8 frames [B,T,H,W,3] -> FSQ codes float32 [B,T,N,L] of the frozen tokenizer."""
+    """uint8 frames [B,T,H,W,3] -> codes float32 [B,T,N,L] of the frozen tokenizer (FSQ
+    codes, or continuous latents)."""
     codes, _ = tokenizer.apply({"params": tokenizer_params}, frames_to_float(frames), method=tokenizer.encode)
     return jax.lax.stop_gradient(codes)
 
@@ -62,8 +70,7 @@ def dynamics_loss(
     if dc.action_dropout > 0:
         if rng is None:
             raise ValueError("action_dropout needs an rng")
-        dropped = jax.random.bernoulli(jax.random.fold_in(rng, 1), dc.action_dropout, controls.action_mask.shape)
-        controls = controls.replace(action_mask=controls.action_mask & ~dropped)
+        controls = drop_actions(controls, dc.action_dropout, jax.random.fold_in(rng, 1))
     context = codes[:, :-1]
     if dc.context_corruption > 0:
         if rng is None:
@@ -99,8 +106,9 @@ def action_sensitivity(
     shuffled = {**batch, "action": jnp.roll(batch["action"], 1, axis=0)}
     if "action_valid" in batch:
         shuffled["action_valid"] = jnp.roll(batch["action_valid"], 1, axis=0)
-    true_loss, _ = dynamics_loss(params, model, batch, codes, reference, rng)
-    shuffled_loss, _ = dynamics_loss(params, model, shuffled, codes, reference, rng)
+    loss = objective(model.cfg).loss
+    true_loss, _ = loss(params, model, batch, codes, reference, rng)
+    shuffled_loss, _ = loss(params, model, shuffled, codes, reference, rng)
     return shuffled_loss - true_loss
 
 
@@ -129,7 +137,7 @@ def step_loss(cfg: Config, model: nn.Module, params: Any, batch: Batch, frozen: 
               rng: jax.Array) -> tuple[jax.Array, Metrics]:
     """`dynamics_loss` on the inputs the frozen models make of the batch (`dynamics_inputs`)."""
     batch, codes, reference = dynamics_inputs(cfg, batch, frozen)
-    return dynamics_loss(params, model, batch, codes, reference, rng)
+    return objective(cfg.model).loss(params, model, batch, codes, reference, rng)
 
 
 def make_log_metrics(cfg: Config) -> LogMetricsFn | None:
@@ -137,7 +145,7 @@ def make_log_metrics(cfg: Config) -> LogMetricsFn | None:
     jitted; the loop calls it at log steps only (one extra pair of forward passes)."""
     if not cfg.model.dynamics.use_actions:
         return None
-    model = DynamicsModel(cfg.model)
+    model = dynamics_model(cfg.model)
 
     def log_metrics(params: Any, batch: Batch, frozen: Any, step: jax.Array) -> Metrics:
         batch, codes, reference = dynamics_inputs(cfg, batch, frozen)
@@ -146,7 +154,7 @@ def make_log_metrics(cfg: Config) -> LogMetricsFn | None:
     return jax.jit(log_metrics)
 
 
-def example_inputs(cfg: Config) -> tuple[jax.Array, ...]:
+def token_example_inputs(cfg: Config) -> tuple[jax.Array, ...]:
     """Zero inputs of one clip for `init`: codes float32 [1,T-1,N,L] and the controls of T-1
     positions (an identity bank initialises from an absent reference)."""
     t, levels = cfg.data.frames_per_clip, len(cfg.model.tokenizer.fsq_levels)
@@ -186,12 +194,13 @@ def flops_per_example(cfg: Config) -> int:
     t = cfg.data.frames_per_clip
     encoded = (0 if cfg.data.latent_cache else t) + (1 if cfg.model.dynamics.use_identity_bank else 0)
     inferred = flops.latent_action_encode_flops(cfg.model, t) if cfg.train.latent_actions_workdir else 0
-    return (flops.tokenizer_encode_flops(cfg.model, encoded) + inferred
-            + flops.TRAIN_FACTOR * flops.dynamics_forward_flops(cfg.model, t - 1))
+    return flops.tokenizer_encode_flops(cfg.model, encoded) + inferred + objective(cfg.model).train_flops(cfg.model, t)
 
 
 def check_config(cfg: Config) -> None:
-    """Inferred actions need action conditioning and an action vocabulary that covers them."""
+    """The objective reads its bottleneck's codes (and a latent cache only FSQ ids); inferred
+    actions need action conditioning and an action vocabulary that covers them."""
+    check_objective(cfg)
     if not cfg.train.latent_actions_workdir:
         return
     lam = cfg.model.latent_actions
@@ -204,10 +213,62 @@ def check_config(cfg: Config) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the dynamics stage does for one `model.dynamics.objective`."""
+
+    model: Callable[[ModelConfig], nn.Module]
+    # (params, model, batch, codes [B,T,N,L], reference, rng) -> (loss, metrics)
+    loss: Callable[..., tuple[jax.Array, Metrics]]
+    example_inputs: Callable[[Config], tuple[Any, ...]]  # zero inputs of one clip, for `init`
+    train_flops: Callable[[ModelConfig, int], int]  # a train step's model FLOPs on a clip of T frames
+    bottleneck: str  # the `model.tokenizer.bottleneck` whose codes it models
+    refused: tuple[str, ...] = ()  # `model.dynamics` switches it does not support
+
+
+TOKENS = Objective(DynamicsModel, dynamics_loss, token_example_inputs,
+                   lambda m, t: flops.TRAIN_FACTOR * flops.dynamics_forward_flops(m, t - 1), "fsq")
+# cut_framing_shift moves the tokens of the frame before a cut; a diffusion frame's tokens are
+# the noisy frame being generated.
+DIFFUSION = Objective(DiffusionDynamics, diffusion.diffusion_loss, diffusion.example_inputs,
+                      flops.diffusion_train_flops, "continuous", ("cut_framing_shift",))
+OBJECTIVES = {"causal": TOKENS, "maskgit": TOKENS, "diffusion": DIFFUSION}
+
+
+def objective(cfg: ModelConfig) -> Objective:
+    """The `Objective` of cfg's `model.dynamics.objective`."""
+    return OBJECTIVES[cfg.dynamics.objective]
+
+
+def dynamics_model(cfg: ModelConfig) -> nn.Module:
+    """The dynamics module of cfg's objective (`DynamicsModel`, or `DiffusionDynamics`)."""
+    return objective(cfg).model(cfg)
+
+
+def check_objective(cfg: Config) -> None:
+    """ConfigError unless the tokenizer's bottleneck is the objective's (token objectives
+    read FSQ codes or a latent cache of their ids; diffusion, continuous latents) and no
+    switch it refuses is on."""
+    name, obj = cfg.model.dynamics.objective, objective(cfg.model)
+    if cfg.model.tokenizer.bottleneck != obj.bottleneck:
+        raise ConfigError(f"config key 'model.dynamics.objective' '{name}' needs 'model.tokenizer.bottleneck: "
+                          f"{obj.bottleneck}' (the tokenizer run's); got '{cfg.model.tokenizer.bottleneck}'")
+    if cfg.data.latent_cache and not has_codebook(cfg.model):
+        raise ConfigError(f"config key 'data.latent_cache' holds FSQ token ids: not for the '{name}' objective")
+    for key in obj.refused:
+        if getattr(cfg.model.dynamics, key):
+            raise ConfigError(f"config key 'model.dynamics.{key}' is not supported by the '{name}' objective")
+
+
+def example_inputs(cfg: Config) -> tuple[Any, ...]:
+    """Zero inputs of one clip for `init` of cfg's objective (`Objective.example_inputs`)."""
+    return objective(cfg.model).example_inputs(cfg)
+
+
 DYNAMICS = Stage(
     name="dynamics",
     role=Role.WORLD_MODEL,
-    model=DynamicsModel,
+    model=dynamics_model,
     example_inputs=example_inputs,
     loss=step_loss,
     flops_per_example=flops_per_example,

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from wm_jax.config import Config
-from wm_jax.eval.metrics import psnr_from_mse
+from wm_jax.imaging import psnr_from_mse
 from wm_jax.models import flops
 from wm_jax.models.latent_actions import LatentActionModel, num_patches
 from wm_jax.stages.base import Batch, Metrics, Role, Stage, frame_inputs, frames_to_float
@@ -31,8 +31,8 @@ def latent_action_loss(params: Any, model: LatentActionModel, batch: Batch) -> t
     usage = jnp.mean(jnp.bincount(quantized.indices.reshape(-1), length=lc.num_latent_actions) > 0)
     return loss, {
         "loss": loss,
-        "psnr": psnr_from_mse(mse / 4.0),
-        "psnr_copy_last": psnr_from_mse(copy_mse / 4.0),
+        "psnr": psnr_from_mse(mse / 4.0, xp=jnp),
+        "psnr_copy_last": psnr_from_mse(copy_mse / 4.0, xp=jnp),
         "vq_distance": quantized.codebook_loss,
         "code_usage": usage,
     }

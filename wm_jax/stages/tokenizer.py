@@ -9,19 +9,22 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from wm_jax.config import Config
-from wm_jax.eval.metrics import psnr_from_mse
+from wm_jax.imaging import psnr_from_mse
 from wm_jax.models import flops
 from wm_jax.models.tokenizer import VideoTokenizer, num_tokens, vocab_size
 from wm_jax.stages.base import Batch, Metrics, Role, Stage, frame_inputs, frames_to_float
 
 
 def tokenizer_loss(params: Any, model: nn.Module, batch: Batch) -> tuple[jax.Array, Metrics]:
-    """MSE reconstruction loss on frames [B,T,H,W,3] uint8; PSNR on the [0, 1] scale."""
+    """MSE reconstruction loss on frames [B,T,H,W,3] uint8; PSNR on the [0, 1] scale; the
+    share of the codebook used (an FSQ bottleneck only: a continuous one has no codebook)."""
     x = frames_to_float(batch["frame"])
     recon, indices = model.apply({"params": params}, x)
     mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - x))
-    usage = jnp.mean(jnp.bincount(indices.reshape(-1), length=vocab_size(model.cfg)) > 0)
-    return mse, {"loss": mse, "psnr": psnr_from_mse(mse / 4.0), "code_usage": usage}
+    metrics = {"loss": mse, "psnr": psnr_from_mse(mse / 4.0, xp=jnp)}
+    if indices is not None:
+        metrics["code_usage"] = jnp.mean(jnp.bincount(indices.reshape(-1), length=vocab_size(model.cfg)) > 0)
+    return mse, metrics
 
 
 def step_loss(cfg: Config, model: nn.Module, params: Any, batch: Batch, frozen: Any,

@@ -10,7 +10,7 @@ import numpy as np
 
 from wm_jax import config as config_lib
 from wm_jax.eval import metrics as M
-from wm_jax.eval.evaluate import held_out_clips
+from wm_jax.eval.clips import held_out_clips
 
 
 def main(workdir: str) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from wm_jax import sharding
 from wm_jax.config import MeshConfig
-from wm_jax.eval.evaluate import held_out_clips
+from wm_jax.eval.clips import held_out_clips
 from wm_jax.models.dynamics import DynamicsModel, make_controls, predict_codes
 from wm_jax.models.tokenizer import VideoTokenizer
 from wm_jax.rollout import encode_frames

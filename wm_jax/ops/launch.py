@@ -2,7 +2,7 @@
 
 Every launcher first loads the config with its `--set` overrides (a bad key exits 2
 before anything starts), then renders what it will run from a template in
-`wm_jax/launch_templates/` (`string.Template`, package data) and, with `--dry-run`, prints it and exits 0.
+`wm_jax/ops/launch_templates/` (`string.Template`, package data) and, with `--dry-run`, prints it and exits 0.
 
 How the processes of one run find each other (see `wm_jax.distributed`):
 - local, k8s: `WM_COORDINATOR`, `WM_NUM_PROCESSES`, `WM_PROCESS_ID`;
@@ -40,7 +40,7 @@ from wm_jax.presets import preset_name, preset_path
 
 TEMPLATES = Path(__file__).resolve().parent / "launch_templates"  # package data
 # The source checkout holding this package: where `wm launch tpu-vm` workers `cd` by default.
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 K8S_CONFIG_DIR = "/etc/wm"  # where the pods mount the ConfigMap holding the config
 K8S_GRACE_S = 300  # SIGTERM → save at the next step → exit 42 must fit in this
@@ -68,7 +68,7 @@ class LaunchError(ConfigError):
 
 
 def render(template: str, **values: object) -> str:
-    """Fills `wm_jax/launch_templates/<template>`; every placeholder must be given."""
+    """Fills `wm_jax/ops/launch_templates/<template>`; every placeholder must be given."""
     path = TEMPLATES / template
     if not path.is_file():
         raise LaunchError(f"launcher template not found: {path}")
