@@ -175,9 +175,12 @@ def test_idle_sessions_expire(serve_model):
 
 @pytest.fixture
 def full_server(serve_model):
-    """A server of its own for 16 sessions (the shared one's batch size: compiled already)."""
+    """A server of its own for 16 sessions (the shared one's batch size: compiled already).
+    Its gather window is 50 ms, not the default 4: on a loaded 2-core machine the 16
+    clients' requests (same process, one GIL) arrive spread over more than 4 ms, and the
+    batching test would measure the scheduler instead of the batcher."""
     engine = Engine(serve_model, max_sessions=16)
-    with BackgroundServer(create_app(engine, max_queue=64)) as running, \
+    with BackgroundServer(create_app(engine, max_queue=64, gather_s=0.05)) as running, \
             httpx.Client(base_url=running.url, timeout=60) as client:
         running.engine = engine
         yield running, client
