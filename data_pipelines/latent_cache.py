@@ -15,7 +15,7 @@ time and adds a per-frame temporal position (`VideoTokenizer.encode`), so a fram
 depend on its place in the clip it is encoded in. The cache encodes every episode in
 consecutive windows of C = the tokenizer run's `data.frames_per_clip` frames from its
 first frame (the last window of an episode may be shorter): the codes of frame t of an
-episode are those of `wm_jax.rollout.encode_frames(tokenizer, params, episode[None], C)`.
+episode are those of `wm_jax.inference.rollout.encode_frames(tokenizer, params, episode[None], C)`.
 A clip cut elsewhere (a training window that starts mid-window, say) encodes to other
 codes: its frames have other positions and predecessors. Windows are encoded `batch_size`
 at a time, padded to one compiled shape [batch_size, C, S, S, 3]; causality keeps the

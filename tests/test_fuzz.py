@@ -14,7 +14,7 @@ import numpy as np
 from conftest import PRESET
 from test_generate import THREE_SHOTS
 from wm_jax import config as config_lib
-from wm_jax import watermark as wmk
+from wm_jax.inference import watermark as wmk
 from wm_jax.cli import main
 
 ROUNDS = 300

@@ -21,7 +21,7 @@ from wm_jax.config import ConfigError, MeshConfig
 from wm_jax.models import flops
 from wm_jax.stages.dynamics import DYNAMICS
 from wm_jax.models.tokenizer import VideoTokenizer
-from wm_jax.rollout import encode_frames
+from wm_jax.inference.rollout import encode_frames
 from wm_jax.telemetry import read_metrics
 from wm_jax.run import load_run_config, restore_params, tokenizer_identity
 from wm_jax.train.loop import train

@@ -18,7 +18,7 @@ from data_pipelines.latent_cache import CacheEncoder, LatentCache
 from wm_jax import sharding
 from wm_jax.config import ConfigError, MeshConfig
 from wm_jax.models.tokenizer import VideoTokenizer, has_codebook, indices_to_codes, num_tokens
-from wm_jax.rollout import encode_frames
+from wm_jax.inference.rollout import encode_frames
 from wm_jax.run import restore_params, tokenizer_identity
 
 

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from wm_jax import watermark
+from wm_jax.inference import watermark
 from wm_jax.serve.app import BackgroundServer, create_app, decode_frame
 from wm_jax.serve.engine import Engine
 

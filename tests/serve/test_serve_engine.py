@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import writer
-from wm_jax import watermark
+from wm_jax.inference import watermark
 from wm_jax.models.dynamics import DynamicsModel, make_controls
-from wm_jax.rollout import decode_codes, encode_frames, rollout_frames
+from wm_jax.inference.rollout import decode_codes, encode_frames, rollout_frames
 from wm_jax.serve.engine import CapacityError, Engine, RequestError, SessionNotFound, StepRequest
 
 

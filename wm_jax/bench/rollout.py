@@ -34,7 +34,7 @@ from wm_jax.config import Config
 from wm_jax.models.dynamics import make_controls
 from wm_jax.models.tokenizer import has_codebook, indices_to_codes, latent_width, num_tokens, vocab_size
 from wm_jax.presets import preset_path
-from wm_jax.rollout import rollout
+from wm_jax.inference.rollout import rollout
 from wm_jax.stages.dynamics import DYNAMICS, dynamics_model
 
 COLUMNS = ["machine", "config", "window", "layers", "horizon", "cached frames/s", "uncached frames/s", "speedup", "command"]

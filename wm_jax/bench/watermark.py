@@ -12,7 +12,7 @@ Clips come from the procedural world (`data_pipelines.sources.procedural`): epis
 * false_positive_rate_after_mp4, wrong_key_rate (marked clips tested with another key);
 * psnr_db: mean PSNR of marked vs original frames (the house floor is 38 dB).
 
-The threshold is `wm_jax.watermark.THRESHOLD`; the scores' means and extremes are
+The threshold is `wm_jax.inference.watermark.THRESHOLD`; the scores' means and extremes are
 reported too, so the margin on either side is visible.
 
 With `--workdir RUN --script SHOTS.yaml`, the marked clips are generated ones: `wm
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from wm_jax import watermark as wmk
+from wm_jax.inference import watermark as wmk
 from wm_jax.bench import results
 from wm_jax.imaging import psnr
 
@@ -61,7 +61,7 @@ def mp4_round_trip(frames: np.ndarray, directory: str, fps: float = MP4_FPS) -> 
     """Writes uint8 [T, H, W, 3] as mp4 at imageio-ffmpeg's default quality, reads it back.
 
     Frame rate matters: x264's constant-quality mode spends fewer bits per frame at higher
-    fps, so the mark weakens (see the module docstring of wm_jax.watermark).
+    fps, so the mark weakens (see the module docstring of wm_jax.inference.watermark).
     """
     import imageio.v2 as imageio
 
@@ -95,7 +95,7 @@ def generated_and_real(workdir: str | Path, script: str | Path, clips: int, seed
     """`clips` videos of `wm generate` (marked, mp4) read back, uint8 [T, H, W, 3] each, and
     `clips` real windows of T frames of the run's dataset, upscaled the same way."""
     from wm_jax.eval.clips import held_out_clips
-    from wm_jax.generate import default_scale, generate
+    from wm_jax.inference.generate import default_scale, generate
     from wm_jax.run import load_run_config
 
     generated = [read_video(p) for p in generate(workdir, script, Path(directory) / "generated.mp4", seed=seed,

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from wm_jax.generate import DEFAULT_MAX_MEMORY_GIB
+from wm_jax.inference.generate import DEFAULT_MAX_MEMORY_GIB
 
 
 def watermark_key(text: str) -> int:
@@ -21,7 +21,7 @@ def watermark_key(text: str) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from wm_jax.generate import generate
+    from wm_jax.inference.generate import generate
 
     paths = generate(args.workdir, args.script, args.out, seed=args.seed, data_dir=args.data, batch=args.batch,
                      step=args.step, scale=args.scale, key=args.key, max_memory_gib=args.max_memory_gib)
@@ -31,10 +31,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Prints wm_jax.watermark.verify's dict as JSON, and on stderr what was verified or
+    """Prints wm_jax.inference.watermark.verify's dict as JSON, and on stderr what was verified or
     what failed; 0 when the watermark is detected and the signed sidecar matches the file,
     else 1 (the dict's "problems" say why, naming any edited field)."""
-    from wm_jax import watermark
+    from wm_jax.inference import watermark
 
     result = watermark.verify(args.video, watermark.DEFAULT_KEY if args.key is None else args.key)
     ok = result["watermark_detected"] and result["manifest_ok"]

@@ -22,7 +22,7 @@ import numpy as np
 from wm_jax.eval.metrics import agent_position
 from wm_jax.models.dynamics import DynamicsModel, make_controls
 from wm_jax.models.tokenizer import VideoTokenizer
-from wm_jax.rollout import decode_codes, rollout
+from wm_jax.inference.rollout import decode_codes, rollout
 
 
 def forced_actions(actions: np.ndarray, at: int, action: int) -> np.ndarray:

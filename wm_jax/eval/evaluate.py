@@ -42,7 +42,7 @@ from wm_jax.eval.latent_action_probe import evaluate_probe
 from wm_jax.models.dynamics import DynamicsModel, make_controls
 from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.tokenizer import VideoTokenizer
-from wm_jax.rollout import decode_codes, encode_frames, rollout
+from wm_jax.inference.rollout import decode_codes, encode_frames, rollout
 from wm_jax.run import (check_dataset, is_bundle, load_run_config, restore_params, tokenizer_source,
                         with_tokenizer_run)
 from wm_jax.stages import Role, get_stage

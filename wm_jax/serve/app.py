@@ -140,7 +140,7 @@ def parse_step(session: str, body: dict[str, Any]) -> tuple[StepRequest, str]:
 def refuse_paths(text: str) -> Any:
     """A shot script (YAML text) parsed, refused (400 naming the line) where it names a file
     or directory on the server: its frames come from the run's own dataset."""
-    from wm_jax.generate import ScriptError, parse_script
+    from wm_jax.inference.shot_script import ScriptError, parse_script
 
     try:
         script = parse_script(text, "script.yaml")
@@ -234,7 +234,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_queue: int = 64,
                generate_max_gib: float = 2.0, expire_every_s: float = 1.0) -> Starlette:
     """The app (see the module doc). Recordings go under RECORD_DIR/recordings/ (default:
     the run's directory); `/v1/generate` refuses videos past `generate_max_gib` GiB."""
-    from wm_jax import generate as generate_lib
+    from wm_jax.inference import generate as generate_lib
 
     workers = {name: ThreadPoolExecutor(1, thread_name_prefix=f"wm-serve-{name}") for name in ("engine", "io")}
     record_dir = Path(record_dir or engine.model.workdir)

@@ -39,10 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax.config import ConfigError, to_dict
-from wm_jax.generate import DEFAULT_FPS, DEFAULT_POSE, checkpoint_info, default_scale
+from wm_jax.inference.generate import DEFAULT_FPS, checkpoint_info, default_scale
+from wm_jax.inference.shot_script import DEFAULT_POSE
 from wm_jax.models.dynamics import CAMERA_DIM, Controls, DynamicsModel, make_controls
 from wm_jax.models.tokenizer import VideoTokenizer, init_decoder_caches, num_tokens
-from wm_jax.rollout import Sampling, cached_step, decode_codes, encode_frames, identity_memory, init_caches
+from wm_jax.inference.rollout import Sampling, cached_step, decode_codes, encode_frames, identity_memory, init_caches
 from wm_jax.stages.base import float_to_frames
 
 
@@ -460,7 +461,7 @@ class Engine:
         """Writes the session so far (its newest `record_frames` frames, context included
         while kept) as a watermarked mp4 under DIRECTORY/recordings/ with a name chosen
         here, plus the provenance sidecar `wm verify` checks; returns the video's path."""
-        from wm_jax import watermark
+        from wm_jax.inference import watermark
 
         with self._lock:
             s = self._get(session)

@@ -15,7 +15,7 @@ from wm_jax.config import MeshConfig
 from wm_jax.eval.clips import held_out_clips
 from wm_jax.models.dynamics import DynamicsModel, make_controls, predict_codes
 from wm_jax.models.tokenizer import VideoTokenizer
-from wm_jax.rollout import encode_frames
+from wm_jax.inference.rollout import encode_frames
 from wm_jax.run import load_run_config, restore_params, tokenizer_source
 
 

@@ -14,8 +14,9 @@ import pytest
 from conftest import PRESET, REPO, TINY_OVERRIDES
 from wm_jax.bench import watermark as bench_watermark
 from wm_jax.cli import main
-from wm_jax.generate import (DEFAULT_POSE, ScriptError, load_script, output_paths, parse_script, read_source,
-                             resolve_shots)
+from wm_jax.inference.generate import output_paths
+from wm_jax.inference.shot_script import (DEFAULT_POSE, ScriptError, load_script, parse_script, read_source,
+                                         resolve_shots)
 
 # Line numbers matter below: each error must name the line it is about.
 THREE_SHOTS = """\
@@ -196,7 +197,7 @@ def test_decode_stream_matches_decode_codes():
 
     from wm_jax.config import ModelConfig, TokenizerConfig
     from wm_jax.models.tokenizer import VideoTokenizer
-    from wm_jax.rollout import decode_codes, decode_stream, encode_frames
+    from wm_jax.inference.rollout import decode_codes, decode_stream, encode_frames
 
     cfg = ModelConfig(image_size=8, tokenizer=TokenizerConfig(patch_size=4, embed_dim=16, num_layers=1, num_heads=2,
                                                               mlp_dim=32, fsq_levels=(4, 3, 3)))

@@ -10,7 +10,7 @@ import pytest
 from wm_jax.config import DynamicsConfig, ModelConfig, TokenizerConfig
 from wm_jax.models import tokenizer as tk
 from wm_jax.models.dynamics import DynamicsModel, make_controls
-from wm_jax.rollout import rollout
+from wm_jax.inference.rollout import rollout
 
 CFG = ModelConfig(
     image_size=8,

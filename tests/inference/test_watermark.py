@@ -1,4 +1,4 @@
-"""Output watermark (wm_jax.watermark), its sidecar manifest, `wm verify` and `wm bench watermark`.
+"""Output watermark (wm_jax.inference.watermark), its sidecar manifest, `wm verify` and `wm bench watermark`.
 
 Clips are real procedural-world episodes; mp4 round trips go through imageio-ffmpeg.
 Rates over many clips live in the benchmark; here each check is one deterministic clip.
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from wm_jax import cli
-from wm_jax import watermark as wmk
+from wm_jax.inference import watermark as wmk
 from wm_jax.bench import watermark as bench
 from wm_jax.imaging import psnr
 
