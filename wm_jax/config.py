@@ -280,6 +280,12 @@ class EvalConfig:
     # Classifier-free guidance on actions (a model trained with action_dropout > 0): logits
     # = uncond + guidance * (cond - uncond); 1 is plain conditional sampling.
     guidance: float = 1.0
+    # How generated frames become pixels: "decode" renders every frame from its codes;
+    # "carry" keeps the previous frame's pixels (the last real frame, then the previous
+    # generated one) in every patch whose FSQ code did not change and decodes the rest.
+    # On near-static screens (Atari) the tokenizer's reconstruction error then stays
+    # where something moved. FSQ tokenizers only.
+    render: str = "decode"
 
 
 @dataclass(frozen=True)
@@ -299,6 +305,7 @@ BOTTLENECKS = ("fsq", "continuous")
 ACTION_CONDITIONINGS = ("add", "adaln", "token")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn")
+RENDERS = ("decode", "carry")
 REMAT_POLICIES = ("full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
 
 
@@ -535,6 +542,7 @@ def _check_choices(cfg: Config, stage_names: tuple[str, ...]) -> None:
         "model.dtype": (cfg.model.dtype, DTYPES),
         "model.attention": (cfg.model.attention, ATTENTION_IMPLS),
         "model.remat_policy": (cfg.model.remat_policy, REMAT_POLICIES),
+        "eval.render": (cfg.eval.render, RENDERS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -625,6 +633,9 @@ def _check_ranges(cfg: Config) -> None:
     for key, v in steps.items():
         if v < 1 or v & (v - 1):
             raise ConfigError(f"config key '{key}' must be a power of two; got {v}")
+    if cfg.eval.render == "carry" and cfg.model.tokenizer.bottleneck != "fsq":
+        raise ConfigError("config key 'eval.render' = 'carry' needs FSQ codes (model.tokenizer.bottleneck: fsq): "
+                          "continuous latents never repeat exactly")
     if cfg.model.dynamics.sampling_steps > cfg.model.dynamics.shortcut_max_steps:
         raise ConfigError("config key 'model.dynamics.sampling_steps' must be <= 'model.dynamics.shortcut_max_steps'")
     if cfg.model.dynamics.temporal_window < 0:
