@@ -8,11 +8,14 @@
 - No import cycle among first-party modules, imports inside functions included: a
   function-level import that closes a cycle only hides it (the CLI's deferred imports
   of JAX modules close none). `make lint` checks the same layering with import-linter.
+- Loading and validating a config imports no JAX (a fresh interpreter, every preset).
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +31,6 @@ class Use:
     line: int
     target: str  # the imported module, dotted
     name: str | None = None  # the name taken from it, if any
-    at_import: bool = False  # run when the module is imported (not inside a function)
 
 
 def module_name(path: Path) -> str:
@@ -55,26 +57,15 @@ def resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def import_time_nodes(tree: ast.Module) -> set[int]:
-    """ids of the nodes that run when the module is imported: all but function bodies."""
-    found, stack = set(), [tree]
-    while stack:
-        node = stack.pop()
-        found.add(id(node))
-        stack.extend(c for c in ast.iter_child_nodes(node)
-                     if not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
-    return found
-
-
 def uses(module: str, tree: ast.Module, packages: set[str]) -> list[Use]:
     """First-party imports of `module`, and attribute reads `alias._name` / `pkg.mod._name`
     on the modules it imported."""
-    found, aliases, eager = [], {}, import_time_nodes(tree)
+    found, aliases = [], {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
                 if is_first_party(a.name):
-                    found.append(Use(module, node.lineno, a.name, at_import=id(node) in eager))
+                    found.append(Use(module, node.lineno, a.name))
                     root = a.name.split(".")[0]  # `import a.b` binds `a`; `import a.b as c` binds a.b
                     aliases[a.asname or root] = a.name if a.asname else root
         elif isinstance(node, ast.ImportFrom):
@@ -84,10 +75,10 @@ def uses(module: str, tree: ast.Module, packages: set[str]) -> list[Use]:
             for a in node.names:
                 submodule = f"{target}.{a.name}"
                 if submodule in packages or submodule in MODULES:
-                    found.append(Use(module, node.lineno, submodule, at_import=id(node) in eager))
+                    found.append(Use(module, node.lineno, submodule))
                     aliases[a.asname or a.name] = submodule
                 else:
-                    found.append(Use(module, node.lineno, target, a.name, at_import=id(node) in eager))
+                    found.append(Use(module, node.lineno, target, a.name))
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             dotted = dotted_name(node.value)
@@ -169,17 +160,28 @@ def test_import_cycles_are_found():
     assert import_cycles({"a": {"b"}, "b": set()}) == []
 
 
-# Known function-level imports that close a cycle, to be removed (never added to).
-# `config.validate` imports the stage registry for the stage checks, and every stage module
-# imports the config: the fix is a JAX-free part of each stage (its config checks) below
-# the config (issue 17).
-CYCLE_EXCEPTIONS = {("wm_jax.config", "wm_jax.stages")}
-
-
 def test_no_import_cycle():
     graph: dict[str, set[str]] = {}
     for u in USES:
-        excepted = (u.module, u.target) in CYCLE_EXCEPTIONS and not u.at_import
-        if u.target in MODULES and u.target != u.module and not excepted:
+        if u.target in MODULES and u.target != u.module:
             graph.setdefault(u.module, set()).add(u.target)
     assert import_cycles(graph) == []
+
+
+JAX_MODULES = ("jax", "jaxlib", "flax", "optax", "orbax")
+
+
+def test_loading_and_validating_a_config_imports_no_jax():
+    """The config and the stages' config checks (`wm_jax.stage_checks`) sit below everything
+    that needs JAX: a fresh interpreter loads and validates every preset (each stage's checks
+    run) without importing it, so `wm launch --dry-run` and other config-only commands
+    start fast."""
+    code = ("import sys\n"
+            "from wm_jax import config\n"
+            "from wm_jax.presets import PRESETS_DIR\n"
+            "for path in sorted(PRESETS_DIR.glob('*.yaml')):\n"
+            "    config.validate(config.load(path))\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {JAX_MODULES!r}))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"imported by wm_jax.config: {done.stdout}"

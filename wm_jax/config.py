@@ -4,6 +4,9 @@ A config is a tree of frozen dataclasses. YAML files and `--set a.b=value` overr
 checked against the schema: an unknown key or a value of the wrong type raises
 `ConfigError`, whose message names the key and the closest valid key. The CLI turns a
 `ConfigError` into exit code 2.
+
+`validate` runs each training stage's own checks too (`wm_jax.stage_checks`); like this
+module they import no JAX, so loading and validating a config is fast (`wm launch --dry-run`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from wm_jax import stage_checks
 
 
 class ConfigError(ValueError):
@@ -182,7 +187,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: str = "tokenizer"  # tokenizer | dynamics | latent_actions (wm_jax.stages.STAGES)
+    stage: str = "tokenizer"  # tokenizer | dynamics | latent_actions (wm_jax.stage_checks.STAGE_NAMES)
     steps: int = 100
     learning_rate: float = 1e-3
     warmup_steps: int = 20
@@ -510,16 +515,13 @@ def nonfinite_values(values: Any, prefix: str = "") -> list[tuple[str, float]]:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks the type system cannot express; the first failing check raises."""
-    # Imported here: the stages build the models, which import this module.
-    from wm_jax import stages
-
     _check_finite(cfg)
-    _check_choices(cfg, tuple(stages.STAGES))
+    _check_choices(cfg)
     _check_positive(cfg)
     _check_data_sources(cfg)
     _check_model(cfg)
     _check_ranges(cfg)
-    stages.check_config(cfg)  # options tied to the training stage
+    _check_stage(cfg)  # options tied to the training stage
     _check_mesh_rules(cfg)
 
 
@@ -531,10 +533,10 @@ def _check_finite(cfg: Config) -> None:
         raise ConfigError(f"config key '{bad[0][0]}' must be a finite number; got {bad[0][1]}")
 
 
-def _check_choices(cfg: Config, stage_names: tuple[str, ...]) -> None:
-    """Each string-valued option is one of its allowed values (`stage_names` for train.stage)."""
+def _check_choices(cfg: Config) -> None:
+    """Each string-valued option is one of its allowed values."""
     choices = {
-        "train.stage": (cfg.train.stage, stage_names),
+        "train.stage": (cfg.train.stage, stage_checks.STAGE_NAMES),
         "model.dynamics.head": (cfg.model.dynamics.head, DYNAMICS_HEADS),
         "model.dynamics.objective": (cfg.model.dynamics.objective, DYNAMICS_OBJECTIVES),
         "model.tokenizer.bottleneck": (cfg.model.tokenizer.bottleneck, BOTTLENECKS),
@@ -641,6 +643,13 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.model.dynamics.temporal_window < 0:
         raise ConfigError(f"config key 'model.dynamics.temporal_window' must be >= 0 (0: whole clip); "
                           f"got {cfg.model.dynamics.temporal_window}")
+
+
+def _check_stage(cfg: Config) -> None:
+    """The checks of cfg's training stage (`wm_jax.stage_checks`: JAX-free, like this module)."""
+    problem = stage_checks.stage_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_mesh_rules(cfg: Config) -> None:

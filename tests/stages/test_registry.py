@@ -11,6 +11,7 @@ import pytest
 from flax import linen as nn
 
 from wm_jax import config as config_lib
+from wm_jax import stage_checks
 from wm_jax.config import ConfigError
 from wm_jax.models import flops
 from wm_jax.models.dynamics import DynamicsModel
@@ -33,6 +34,9 @@ def test_the_registry_lists_each_stage_under_its_name_in_config_order():
     assert list(STAGES) == ["tokenizer", "dynamics", "latent_actions"]
     assert [get_stage(n) for n in STAGES] == [TOKENIZER, DYNAMICS, LATENT_ACTIONS]
     assert all(isinstance(s, Stage) and s.name == n for n, s in STAGES.items())
+    # the config checks (JAX-free, below the config) know the same stages, in the same order
+    assert tuple(STAGES) == stage_checks.STAGE_NAMES
+    assert all(s.rules is stage_checks.RULES[n] for n, s in STAGES.items())
 
 
 def test_an_unknown_stage_is_refused_naming_the_known_ones():
@@ -98,7 +102,8 @@ def test_each_objective_has_its_model_inputs_flops_and_bottleneck():
     and costs its student's forward + backward and two two-stream target passes."""
     from wm_jax.models.diffusion import DiffusionDynamics
 
-    assert tuple(OBJECTIVES) == config_lib.DYNAMICS_OBJECTIVES
+    assert tuple(OBJECTIVES) == config_lib.DYNAMICS_OBJECTIVES == tuple(stage_checks.OBJECTIVES)
+    assert all(o.rules is stage_checks.OBJECTIVES[n] for n, o in OBJECTIVES.items())
     tokens = load("train.stage=dynamics", "model.dynamics.objective=maskgit")
     assert type(DYNAMICS.model(tokens.model)) is DynamicsModel
     cfg = load("train.stage=dynamics", "model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous",

@@ -1,9 +1,10 @@
 """The Stage interface: everything a training stage (`train.stage`) decides, in one object.
 
 A stage module (`tokenizer.py`, `latent_actions.py`, `dynamics.py`) builds one `Stage`; the
-registry (`wm_jax.stages`) lists them. Training, FLOPs, config validation, evaluation,
-export and generation ask the stage of a config instead of switching on its name. Stage
-modules import the models and the config only: everything above them (train, eval, run,
+registry (`wm_jax.stages`) lists them. Training, FLOPs, evaluation, export and generation
+ask the stage of a config instead of switching on its name; config validation asks its
+JAX-free part, `Stage.rules` (`wm_jax.stage_checks`, below the config). Stage modules import
+the models, the config and the stage checks only: everything above them (train, eval, run,
 export) imports the stages.
 """
 
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from wm_jax.config import Config, ConfigError, ModelConfig
+from wm_jax.config import Config, ModelConfig
+from wm_jax.stage_checks import StageRules
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -77,21 +79,16 @@ def step_rng(cfg: Config, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(cfg.seed), step)
 
 
-def refuse_latent_actions(cfg: Config) -> None:
-    """The config check of a stage that reads no latent action model."""
-    if cfg.train.latent_actions_workdir:
-        raise ConfigError("config key 'train.latent_actions_workdir' is for the dynamics stage, "
-                          f"not '{cfg.train.stage}'")
-
-
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One training stage: its model, loss, inputs, dependencies, cost and checks.
 
     Function fields take the run's whole `Config` (the stage reads the sections it needs).
+    Its name and what `config.validate` checks of a config that trains it are its `rules`
+    (`wm_jax.stage_checks`, JAX-free, below the config).
     """
 
-    name: str  # the value of `train.stage`
+    rules: StageRules  # name, config checks, min_frames, reads_latent_cache
     role: Role
     model: Callable[[ModelConfig], nn.Module]  # the module the stage trains
     example_inputs: Callable[[Config], tuple[jax.Array, ...]]  # zero inputs of one clip, for `init`
@@ -109,10 +106,22 @@ class Stage:
     # are the step's `frozen` argument, in this order).
     frozen_stages: Callable[[Config], list[str]] = no_frozen_stages
     bundled: tuple[str, ...] = ()  # frozen stages `wm export` bundles inside this stage's bundle
-    check_config: Callable[[Config], None] = refuse_latent_actions  # stage-specific ConfigErrors
-    min_frames: int = 1  # data.frames_per_clip at least
-    reads_latent_cache: bool = False  # may train on `data.latent_cache` codes instead of frames
     make_log_metrics: Callable[[Config], LogMetricsFn | None] = no_log_metrics  # jitted, or None
+
+    @property
+    def name(self) -> str:
+        """The value of `train.stage`."""
+        return self.rules.name
+
+    @property
+    def min_frames(self) -> int:
+        """data.frames_per_clip at least."""
+        return self.rules.min_frames
+
+    @property
+    def reads_latent_cache(self) -> bool:
+        """Whether it may train on `data.latent_cache` codes instead of frames."""
+        return self.rules.reads_latent_cache
 
     def train_step_flops(self, cfg: Config) -> int:
         """Model FLOPs of one training step on the global batch."""

@@ -4,7 +4,8 @@ action model infers).
 
 What depends on `model.dynamics.objective` (the model, its loss, its inputs, its FLOPs and
 the tokenizer bottleneck it reads) is looked up in `OBJECTIVES`: the token objectives
-("causal", "maskgit") here, "diffusion" in `stages/diffusion.py`.
+("causal", "maskgit") here, "diffusion" in `stages/diffusion.py`; the config checks of an
+objective and of this stage are in `wm_jax.stage_checks` (JAX-free, run by `config.validate`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from wm_jax.config import Config, ConfigError, ModelConfig
+from wm_jax import stage_checks
+from wm_jax.config import Config, ModelConfig
 from wm_jax.models import flops
 from wm_jax.models.dynamics import (DynamicsModel, corrupt_codes, drop_actions, framed_cuts, make_controls,
                                     sample_maskgit_mask, token_loss)
 from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.diffusion import DiffusionDynamics
-from wm_jax.models.tokenizer import VideoTokenizer, has_codebook, indices_to_codes, num_tokens
+from wm_jax.models.tokenizer import VideoTokenizer, indices_to_codes, num_tokens
 from wm_jax.stages import diffusion
 from wm_jax.stages.base import Batch, LogMetricsFn, Metrics, Role, Stage, frames_to_float, step_rng
 from wm_jax.stages.latent_actions import LATENT_ACTIONS, infer_latent_actions
@@ -197,22 +199,6 @@ def flops_per_example(cfg: Config) -> int:
     return flops.tokenizer_encode_flops(cfg.model, encoded) + inferred + objective(cfg.model).train_flops(cfg.model, t)
 
 
-def check_config(cfg: Config) -> None:
-    """The objective reads its bottleneck's codes (and a latent cache only FSQ ids); inferred
-    actions need action conditioning and an action vocabulary that covers them."""
-    check_objective(cfg)
-    if not cfg.train.latent_actions_workdir:
-        return
-    lam = cfg.model.latent_actions
-    if not cfg.model.dynamics.use_actions:
-        raise ConfigError("config key 'train.latent_actions_workdir' needs 'model.dynamics.use_actions: true'")
-    if cfg.model.dynamics.num_actions < lam.num_latent_actions:
-        raise ConfigError(
-            f"config key 'model.dynamics.num_actions' ({cfg.model.dynamics.num_actions}) must cover the latent "
-            f"action vocabulary 'model.latent_actions.num_latent_actions' ({lam.num_latent_actions})"
-        )
-
-
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """What the dynamics stage does for one `model.dynamics.objective`."""
@@ -222,16 +208,16 @@ class Objective:
     loss: Callable[..., tuple[jax.Array, Metrics]]
     example_inputs: Callable[[Config], tuple[Any, ...]]  # zero inputs of one clip, for `init`
     train_flops: Callable[[ModelConfig, int], int]  # a train step's model FLOPs on a clip of T frames
-    bottleneck: str  # the `model.tokenizer.bottleneck` whose codes it models
-    refused: tuple[str, ...] = ()  # `model.dynamics` switches it does not support
+    # What it needs of a config (its tokenizer bottleneck, latent cache, refused switches):
+    # checked by `config.validate` (`wm_jax.stage_checks.OBJECTIVES`, JAX-free).
+    rules: stage_checks.ObjectiveRules
 
 
 TOKENS = Objective(DynamicsModel, dynamics_loss, token_example_inputs,
-                   lambda m, t: flops.TRAIN_FACTOR * flops.dynamics_forward_flops(m, t - 1), "fsq")
-# cut_framing_shift moves the tokens of the frame before a cut; a diffusion frame's tokens are
-# the noisy frame being generated.
+                   lambda m, t: flops.TRAIN_FACTOR * flops.dynamics_forward_flops(m, t - 1),
+                   stage_checks.TOKEN_OBJECTIVE)
 DIFFUSION = Objective(DiffusionDynamics, diffusion.diffusion_loss, diffusion.example_inputs,
-                      flops.diffusion_train_flops, "continuous", ("cut_framing_shift",))
+                      flops.diffusion_train_flops, stage_checks.DIFFUSION_OBJECTIVE)
 OBJECTIVES = {"causal": TOKENS, "maskgit": TOKENS, "diffusion": DIFFUSION}
 
 
@@ -245,28 +231,13 @@ def dynamics_model(cfg: ModelConfig) -> nn.Module:
     return objective(cfg).model(cfg)
 
 
-def check_objective(cfg: Config) -> None:
-    """ConfigError unless the tokenizer's bottleneck is the objective's (token objectives
-    read FSQ codes or a latent cache of their ids; diffusion, continuous latents) and no
-    switch it refuses is on."""
-    name, obj = cfg.model.dynamics.objective, objective(cfg.model)
-    if cfg.model.tokenizer.bottleneck != obj.bottleneck:
-        raise ConfigError(f"config key 'model.dynamics.objective' '{name}' needs 'model.tokenizer.bottleneck: "
-                          f"{obj.bottleneck}' (the tokenizer run's); got '{cfg.model.tokenizer.bottleneck}'")
-    if cfg.data.latent_cache and not has_codebook(cfg.model):
-        raise ConfigError(f"config key 'data.latent_cache' holds FSQ token ids: not for the '{name}' objective")
-    for key in obj.refused:
-        if getattr(cfg.model.dynamics, key):
-            raise ConfigError(f"config key 'model.dynamics.{key}' is not supported by the '{name}' objective")
-
-
 def example_inputs(cfg: Config) -> tuple[Any, ...]:
     """Zero inputs of one clip for `init` of cfg's objective (`Objective.example_inputs`)."""
     return objective(cfg.model).example_inputs(cfg)
 
 
 DYNAMICS = Stage(
-    name="dynamics",
+    rules=stage_checks.DYNAMICS,  # min_frames 2: a context frame and a target
     role=Role.WORLD_MODEL,
     model=dynamics_model,
     example_inputs=example_inputs,
@@ -277,8 +248,5 @@ DYNAMICS = Stage(
     batch_fields=batch_fields,
     frozen_stages=frozen_stages,
     bundled=(TOKENIZER.name,),  # a bundle decodes its rollouts without the tokenizer run
-    check_config=check_config,
-    min_frames=2,  # a context frame and a target
-    reads_latent_cache=True,
     make_log_metrics=make_log_metrics,
 )

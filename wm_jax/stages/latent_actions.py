@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from wm_jax import stage_checks
 from wm_jax.config import Config
 from wm_jax.imaging import psnr_from_mse
 from wm_jax.models import flops
@@ -61,7 +62,7 @@ def flops_per_example(cfg: Config) -> int:
 
 
 LATENT_ACTIONS = Stage(
-    name="latent_actions",
+    rules=stage_checks.LATENT_ACTIONS,  # min_frames 2: a pair of frames per action
     role=Role.ACTION_LABELER,
     model=LatentActionModel,
     example_inputs=frame_inputs,
@@ -70,5 +71,4 @@ LATENT_ACTIONS = Stage(
     tokens_per_frame=num_patches,  # the LAM's patches
     model_section="latent_actions",
     workdir_key="train.latent_actions_workdir",
-    min_frames=2,  # a pair of frames per action
 )

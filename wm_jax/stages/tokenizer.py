@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from wm_jax import stage_checks
 from wm_jax.config import Config
 from wm_jax.imaging import psnr_from_mse
 from wm_jax.models import flops
@@ -40,7 +41,7 @@ def flops_per_example(cfg: Config) -> int:
 
 
 TOKENIZER = Stage(
-    name="tokenizer",
+    rules=stage_checks.TOKENIZER,
     role=Role.TOKENIZER,
     model=VideoTokenizer,
     example_inputs=frame_inputs,
