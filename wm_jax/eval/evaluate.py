@@ -42,7 +42,7 @@ from wm_jax.eval.latent_action_probe import evaluate_probe
 from wm_jax.models.dynamics import DynamicsModel, make_controls
 from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.tokenizer import VideoTokenizer
-from wm_jax.inference.rollout import decode_codes, encode_frames, rollout
+from wm_jax.inference.rollout import carry_unchanged, decode_codes, encode_frames, rollout
 from wm_jax.run import (check_dataset, is_bundle, load_run_config, restore_params, tokenizer_source,
                         with_tokenizer_run)
 from wm_jax.stages import Role, get_stage
@@ -636,7 +636,11 @@ def _generate(cfg: Config, models: _Models, clips: dict[str, np.ndarray], random
         key = jax.random.fold_in(jax.random.key(cfg.seed), s.start)  # the same draws for true and random actions
         new, _ = rollout(dynamics, dyn_params, context, controls, horizon, ref, key=key, temperature=cfg.eval.temperature,
                          top_k=cfg.eval.top_k, guidance=cfg.eval.guidance)
-        return decode_codes(tokenizer, tok_params, jnp.concatenate([context, new], axis=1), chunk)
+        video = decode_codes(tokenizer, tok_params, jnp.concatenate([context, new], axis=1), chunk)
+        if cfg.eval.render == "carry":  # static patches keep the last real frame's pixels
+            codes = jnp.concatenate([context[:, -1:], new], axis=1)
+            video[:, ctx:] = carry_unchanged(video[:, ctx:], codes, frames[s, ctx - 1], cfg.model.tokenizer.patch_size)
+        return video
 
     recon, gen_true, gen_random, probed = [], [], [], []
     for i in range(0, n, cfg.eval.batch_size):
@@ -666,7 +670,8 @@ def _result_header(workdir: Path, step: int, cfg: Config, manifest: dict, data_d
         "data_dir": str(data_dir),
         "split": cfg.eval.split,
         "num_clips": int(num_clips),
-        "sampling": {"temperature": cfg.eval.temperature, "top_k": cfg.eval.top_k, "guidance": cfg.eval.guidance},
+        "sampling": {"temperature": cfg.eval.temperature, "top_k": cfg.eval.top_k, "guidance": cfg.eval.guidance,
+                     "render": cfg.eval.render},
     }
 
 

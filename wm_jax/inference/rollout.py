@@ -71,6 +71,23 @@ def decode_codes(tokenizer: VideoTokenizer, params: Any, codes: jax.Array, chunk
     return np.concatenate([np.asarray(_decode(tokenizer, params, codes[:, s])) for s in _chunks(codes.shape[1], chunk)], axis=1)
 
 
+def carry_unchanged(decoded: np.ndarray, codes: np.ndarray, last: np.ndarray, patch: int) -> np.ndarray:
+    """The "carry" render of generated frames: decoded uint8 [B, H, S, S', 3] (frames decoded
+    from codes), codes [B, H + 1, N, L] (the last context frame's, then each generated
+    frame's; N = (S/patch)(S'/patch) row-major patches), last uint8 [B, S, S', 3] (the last
+    real frame) -> uint8 [B, H, S, S', 3]: each patch whose code equals the previous frame's
+    keeps the previous rendered frame's pixels (a patch that never changes stays the real
+    frame's), every other patch is the decoded one."""
+    b, h, height, width = decoded.shape[:4]
+    codes = np.asarray(codes)
+    same = np.all(codes[:, 1:] == codes[:, :-1], axis=-1).reshape(b, h, height // patch, width // patch)
+    same = same.repeat(patch, axis=2).repeat(patch, axis=3)[..., None]  # [B, H, S, S', 1]
+    out, previous = np.empty_like(decoded), np.asarray(last)
+    for t in range(h):
+        out[:, t] = previous = np.where(same[:, t], previous, decoded[:, t])
+    return out
+
+
 def decode_stream(tokenizer: VideoTokenizer, params: Any, codes: Iterable[jax.Array], chunk: int) -> Iterator[np.ndarray]:
     """Streaming `decode_codes`: codes [B, N, L] of one frame at a time (e.g. `rollout_frames`)
     -> yields uint8 frames [B, t, H, W, 3] per time chunk of `chunk` frames (the last may be
