@@ -15,7 +15,8 @@ TINY = ["model.image_size=8", "model.dynamics.embed_dim=16", "model.dynamics.num
 
 def test_main_reports_both_engines_per_horizon(tmp_path, capsys):
     results = tmp_path / "RESULTS.md"
-    args = ["--horizons", "2,6", "--batch", "2", "--results", str(results)] + [a for o in TINY for a in ("--set", o)]
+    args = ["--horizons", "2,6", "--batch", "2", "--diffusion-steps", "none", "--results", str(results)]
+    args += [a for o in TINY for a in ("--set", o)]
     assert bench.main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["bench"] == "rollout" and result["temporal_window"] == 3 and result["layers"] == 2
@@ -37,3 +38,4 @@ def test_the_diffusion_sampler_is_timed_at_its_steps_per_frame(tmp_path, capsys)
     assert bench.main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["horizon"] for r in result["rows"]] == [3] and result["rows"][0]["cached_frames_per_s"] > 0
+    assert result["objective"] == "diffusion" and result["diffusion"] == []  # no token engine to compare with
