@@ -135,8 +135,8 @@ def test_loss_drops_on_a_fixed_batch(tiny_dataset):
     loader = make_loader(tiny_dataset, split="train", frames_per_clip=4, batch_size=4, seed=0)
     batch = {"frame": jnp.asarray(next(iter(loader))["frame"])}
     model = build_model(cfg)
-    params = nn.meta.unbox(model.init(jax.random.key(0), *example_inputs(cfg))["params"])
-    _, metrics = latent_action_loss(params, model, batch)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), *example_inputs(cfg))["params"])
+    _, metrics = jax.jit(latent_action_loss, static_argnums=1)(params, model, batch)
     assert set(metrics) == {"loss", "psnr", "psnr_copy_last", "vq_distance", "code_usage"}
     state = TrainState.create(params, make_optimizer(cfg.train))
     step = jax.jit(make_train_step(cfg))
@@ -147,7 +147,7 @@ def test_loss_drops_on_a_fixed_batch(tiny_dataset):
     assert losses[-1] < 0.75 * losses[0]
 
 
-def test_stage_trains_resumes_evaluates_and_dry_runs(tmp_path, tiny_overrides, capsys):
+def test_stage_trains_resumes_evaluates_and_dry_runs(tmp_path, tiny_overrides, tokenizer_run, capsys):
     """`wm train` on the latent_actions stage: checkpoints, resume, `wm eval` (the probe), --dry-run."""
     run = tmp_path / "lam"
     overrides = [*tiny_overrides, *LAM_OVERRIDES]
@@ -173,11 +173,10 @@ def test_stage_trains_resumes_evaluates_and_dry_runs(tmp_path, tiny_overrides, c
     assert report["stage"] == "latent_actions" and report["parameters"] == param_count(variables["params"])
     assert report["flops_per_step"] == LATENT_ACTIONS.train_step_flops(cfg) > 0
 
-    # The LAM's actions drive a dynamics run (as on video without labels), and its eval.
-    tok, dyn = tmp_path / "tok", tmp_path / "dyn"
-    assert main(["train", "--config", str(PRESET), "--workdir", str(tok)]
-                + [a for o in [*tiny_overrides, "train.steps=2"] for a in ("--set", o)]) == 0
-    dynamics = [*overrides, "train.stage=dynamics", f"train.tokenizer_workdir={tok}",
+    # The LAM's actions drive a dynamics run (as on video without labels), and its eval; the
+    # frozen tokenizer is the shared tiny run (conftest), which a dynamics run only reads.
+    dyn = tmp_path / "dyn"
+    dynamics = [*overrides, "train.stage=dynamics", f"train.tokenizer_workdir={tokenizer_run}",
                 f"train.latent_actions_workdir={run}", "model.dynamics.num_actions=8"]
     dyn_args = lambda *extra: ["train", "--config", str(PRESET), "--workdir", str(dyn)] + [
         a for o in [*dynamics, *extra] for a in ("--set", o)]
@@ -204,7 +203,7 @@ def test_dynamics_step_uses_the_inferred_actions(lam):
           for f in dataclasses.fields(CFG.latent_actions)),
     ])
     model, tokenizer = build_model(cfg), build_model(cfg, "tokenizer")
-    init = lambda m, stage: nn.meta.unbox(m.init(jax.random.key(2), *example_inputs(cfg, stage))["params"])
+    init = lambda m, stage: nn.meta.unbox(jax.jit(m.init)(jax.random.key(2), *example_inputs(cfg, stage))["params"])
     frozen = {"tokenizer": init(tokenizer, "tokenizer"), "latent_actions": lam[1]["params"]}
     params = init(model, "dynamics")
     frames = ((np.asarray(_frames(3)) + 1) * 127.5).astype(np.uint8)
@@ -214,10 +213,11 @@ def test_dynamics_step_uses_the_inferred_actions(lam):
     state = TrainState.create(params, make_optimizer(cfg.train))
     _, from_step = step(state, own, frozen)
     _, shuffled = step(state, {**own, "action": own["action"][:, ::-1]}, frozen)
-    inferred = infer_latent_actions(lam[0], lam[1]["params"], jnp.asarray(frames))
-    codes = encode_codes(tokenizer, frozen["tokenizer"], jnp.asarray(frames))
-    expect, _ = dynamics_loss(params, model, {**own, "action": inferred}, codes)
-    with_own, _ = dynamics_loss(params, model, own, codes)
+    # (jitted: the same programs, without compiling each op of the eager forward passes)
+    inferred = jax.jit(infer_latent_actions, static_argnums=0)(lam[0], lam[1]["params"], jnp.asarray(frames))
+    codes = jax.jit(encode_codes, static_argnums=0)(tokenizer, frozen["tokenizer"], jnp.asarray(frames))
+    loss = jax.jit(lambda batch: dynamics_loss(params, model, batch, codes)[0])
+    expect, with_own = loss({**own, "action": inferred}), loss(own)
     assert float(from_step["loss"]) == float(shuffled["loss"])
     np.testing.assert_allclose(float(from_step["loss"]), float(expect), rtol=1e-6)
     assert abs(float(with_own) - float(expect)) > 1e-6

@@ -19,9 +19,9 @@ def test_a_diffusion_step_reads_the_frozen_continuous_tokenizer_and_its_controls
         "model.dynamics.objective=diffusion", "model.dynamics.action_conditioning=adaln",
         "model.dynamics.action_dropout=0.2", "data.frames_per_clip=4", "data.batch_size=2", "train.stage=dynamics",
     ])
-    tok_params = TOKENIZER.model(cfg.model).init(jax.random.key(0), *TOKENIZER.example_inputs(cfg))["params"]
+    tok_params = jax.jit(TOKENIZER.model(cfg.model).init)(jax.random.key(0), *TOKENIZER.example_inputs(cfg))["params"]
     model = DYNAMICS.model(cfg.model)
-    params = model.init(jax.random.key(1), *DYNAMICS.example_inputs(cfg))["params"]
+    params = jax.jit(model.init)(jax.random.key(1), *DYNAMICS.example_inputs(cfg))["params"]
     rng = np.random.default_rng(0)
     batch = {"frame": jnp.asarray(rng.integers(0, 256, (2, 4, 8, 8, 3)), jnp.uint8),
              "action": jnp.asarray(rng.integers(0, 5, (2, 4)), jnp.int32)}
