@@ -2,6 +2,10 @@
 tokenizer run and one dynamics run on them for the tests that only read a trained run
 (a test that changes a run copies it first: `shutil.copytree` into its tmp_path)."""
 
+import os
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,29 @@ from wm_jax.presets import preset_path
 from wm_jax.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One persistent compilation cache for the whole test run: the xdist workers and every
+# process a test starts (`wm train`, multi-process runs) share it, so a program that several
+# tests compile (the tiny train step, the evaluator's rollout) is compiled once. Set before
+# JAX reads its config; fresh per run (xdist's run id), removed when the run ends. A run's
+# own `train.compile_cache_dir` is then not used: `enable_compile_cache` keeps a cache the
+# process already has (tests of the run's cache call `without_session_compile_cache`).
+COMPILE_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+SESSION_COMPILE_CACHE = (Path(tempfile.gettempdir()) / "wm_jax_test_compile_cache"
+                         / os.environ.get("PYTEST_XDIST_TESTRUNUID", uuid.uuid4().hex))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ.update(COMPILE_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=str(SESSION_COMPILE_CACHE))
+
+
+def without_session_compile_cache() -> dict[str, str]:
+    """This environment without the session's compilation cache (for a child process)."""
+    return {k: v for k, v in os.environ.items() if k not in COMPILE_CACHE_ENV}
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller, after its workers
+        shutil.rmtree(SESSION_COMPILE_CACHE, ignore_errors=True)
 PRESET = preset_path("tiny_cpu")
 
 # A model small enough that a train step compiles and runs in about a second on a CPU.

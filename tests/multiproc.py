@@ -26,9 +26,11 @@ def cpu_env(devices: int | None = None, base: dict[str, str] | None = None, **ex
     return env
 
 
-def run_python(args: list[str], devices: int | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`python ARGS` in the repository on `devices` CPU devices, waited for, output captured."""
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=cpu_env(devices), capture_output=True, text=True,
+def run_python(args: list[str], devices: int | None = None, timeout: float = 900,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` in the repository on `devices` CPU devices (in `env`, default this
+    environment), waited for, output captured."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=cpu_env(devices, env), capture_output=True, text=True,
                           timeout=timeout)
 
 

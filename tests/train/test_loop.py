@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import PRESET, REPO, TINY_OVERRIDES
+from conftest import PRESET, REPO, TINY_OVERRIDES, without_session_compile_cache
 from multiproc import cpu_env, finish, free_port, start
 from wm_jax import config as config_lib
 from wm_jax.cli import main
@@ -167,8 +167,10 @@ def test_a_restart_reads_its_compiled_step_from_the_run_compile_cache(tmp_path, 
     script = ("import sys; from wm_jax import config as c; from wm_jax.train.loop import train; "
               "train(c.load(sys.argv[1], sys.argv[4:]), sys.argv[2], stop_at=int(sys.argv[3]))")
     run = tmp_path / "run"
+    own_cache = without_session_compile_cache()
     for stop_at in (2, 4):
-        out = run_python(["-c", script, str(PRESET), str(run), str(stop_at), *tiny_overrides, "train.steps=6"])
+        out = run_python(["-c", script, str(PRESET), str(run), str(stop_at), *tiny_overrides, "train.steps=6"],
+                         env=own_cache)
         assert out.returncode == 0, out.stderr[-3000:]
         summary = json.loads((run / "train_summary.json").read_text())
         assert summary["time_to_first_step_s"] > 0 and summary["compile_cache_dir"] == str(run / "compile_cache")
