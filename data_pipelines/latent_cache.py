@@ -282,6 +282,18 @@ def _finished_manifest(plan: dict, data: dict, encoder: CacheEncoder, entries: d
     }
 
 
+def _build_plan(data_dir: str | os.PathLike, content_hash: str, encoder: CacheEncoder, batch_size: int,
+                chunk_records: int, splits: list[str]) -> dict:
+    """What a build is of (dataset, tokenizer) and how (windows, batches, chunks): a resumed
+    build must match it."""
+    who = encoder.identity
+    return {"format_version": FORMAT_VERSION, "data_dir": str(Path(data_dir).resolve()), "content_hash": content_hash,
+            "tokenizer_workdir": str(Path(who.workdir).resolve()), "tokenizer_step": who.step,
+            "tokenizer_hash": who.config_hash, "tokenizer_fingerprint": who.fingerprint,
+            "window_frames": encoder.window_frames, "batch_size": batch_size, "chunk_records": chunk_records,
+            "splits": splits}
+
+
 def write_cache(data_dir: str | os.PathLike, encoder: CacheEncoder, out_dir: str | os.PathLike, *,
                 splits: Iterable[str] | None = None, batch_size: int = 32, chunk_records: int = 256,
                 log: Callable[[str], None] = print,
@@ -297,14 +309,11 @@ def write_cache(data_dir: str | os.PathLike, encoder: CacheEncoder, out_dir: str
     verified first; DatasetError for a bad dataset, frames of another size than the
     encoder's, or an out_dir that is a finished cache or something else.
     """
-    root, who = Path(out_dir), encoder.identity
+    root = Path(out_dir)
     data, splits = _checked_inputs(data_dir, encoder, splits, batch_size, chunk_records)
     window_frames, tokens = encoder.window_frames, encoder.tokens_per_frame
     dtype = token_dtype(math.prod(encoder.fsq_levels))
-    plan = {"format_version": FORMAT_VERSION, "data_dir": str(Path(data_dir).resolve()),
-            "content_hash": data["content_hash"], "tokenizer_workdir": str(Path(who.workdir).resolve()),
-            "tokenizer_step": who.step, "tokenizer_hash": who.config_hash, "tokenizer_fingerprint": who.fingerprint,
-            "window_frames": window_frames, "batch_size": batch_size, "chunk_records": chunk_records, "splits": splits}
+    plan = _build_plan(data_dir, data["content_hash"], encoder, batch_size, chunk_records, splits)
     done = _start_progress(root, plan)
 
     encode = encoder.load()

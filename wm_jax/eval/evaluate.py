@@ -119,53 +119,58 @@ def _finite_mean(values: Any) -> float | None:
     return float(x.mean()) if x.size else None
 
 
+# The report's bar panels: (title, [(bar label, path of the metric in a metrics dict), ...]),
+# the model's figure first and its controls after it.
+METRIC_PANELS: list[tuple[str, list[tuple[str, tuple[str, ...]]]]] = [
+    ("tokenizer PSNR (dB)", [("reconstruction", ("tokenizer", "psnr"))]),
+    ("rollout PSNR, mean over horizon (dB)", [
+        ("model", ("rollout", "psnr")), ("random actions", ("rollout_random_actions", "psnr")),
+        ("copy last", ("baseline_copy_last", "psnr"))]),
+    ("rollout SSIM, mean over horizon", [
+        ("model", ("rollout", "ssim")), ("random actions", ("rollout_random_actions", "ssim")),
+        ("copy last", ("baseline_copy_last", "ssim"))]),
+    ("action following: agent within 1.5 px", [
+        ("true actions", ("action_following", "true_actions", "within_1.5px")),
+        ("random actions", ("action_following", "random_actions", "within_1.5px"))]),
+    ("camera following: within 1 px", [
+        ("model", ("camera_following", "model", "within_1px")),
+        ("copy last", ("camera_following", "baseline_copy_last", "within_1px")),
+        ("truth", ("camera_following", "truth", "within_1px"))]),
+    ("identity persistence", [
+        ("similarity before cut", ("identity_persistence", "before_cut")),
+        ("similarity after cut", ("identity_persistence", "after_cut")),
+        ("swap margin", ("identity_persistence", "swap_margin"))]),
+    ("object permanence: crop PSNR (dB)", [
+        ("reappearing", ("object_permanence", "reappear_psnr")),
+        ("other visible steps", ("object_permanence", "visible_psnr"))]),
+    ("counterfactual (random actions): PSNR, mean over horizon (dB)", [
+        ("model vs counterfactual truth", ("counterfactual", "psnr_vs_counterfactual_truth")),
+        ("model vs factual truth", ("counterfactual", "psnr_vs_factual_truth")),
+        ("copy last vs counterfactual truth", ("counterfactual", "copy_last_psnr_vs_counterfactual_truth"))]),
+    ("ΔtPSNR at t=4, true − random actions (dB)", [
+        ("all clips", ("controllability", "delta_psnr_t4")),
+        ("no cut by t=4", ("controllability", "delta_psnr_t4_before_cut"))]),
+    ("counterfactual: agent within 1.5 px", [
+        ("model", ("counterfactual", "agent_within_1.5px")),
+        ("copy last", ("counterfactual", "copy_last", "agent_within_1.5px")),
+        ("action blind", ("counterfactual", "action_blind", "agent_within_1.5px"))]),
+    ("counterfactual margin: PSNR vs counterfactual − vs factual (dB)", [
+        ("model", ("counterfactual", "margin_db")),
+        ("copy last", ("counterfactual", "copy_last", "margin_db"))]),
+    ("action probe: agent move in one step (px)", [
+        ("model", ("action_probe", "displacement_px")),
+        ("commanded", ("action_probe", "commanded_px"))]),
+]
+
+
 def metric_bar_groups(result: dict) -> list[tuple[str, list[tuple[str, float]]]]:
     """[(panel title, [(bar label, value), ...]), ...]: each headline metric group of
-    `result` (a metrics dict, before or after `json_safe`), the model's figure first and its
-    controls after it; per-horizon lists are averaged over the horizon. Bars without a
-    value (absent group, None or NaN) are dropped, then panels left without a bar."""
-    mean = lambda *path: _finite_mean(_lookup(result, *path))
-    panels = [
-        ("tokenizer PSNR (dB)", [("reconstruction", mean("tokenizer", "psnr"))]),
-        ("rollout PSNR, mean over horizon (dB)", [
-            ("model", mean("rollout", "psnr")), ("random actions", mean("rollout_random_actions", "psnr")),
-            ("copy last", mean("baseline_copy_last", "psnr"))]),
-        ("rollout SSIM, mean over horizon", [
-            ("model", mean("rollout", "ssim")), ("random actions", mean("rollout_random_actions", "ssim")),
-            ("copy last", mean("baseline_copy_last", "ssim"))]),
-        ("action following: agent within 1.5 px", [
-            ("true actions", mean("action_following", "true_actions", "within_1.5px")),
-            ("random actions", mean("action_following", "random_actions", "within_1.5px"))]),
-        ("camera following: within 1 px", [
-            ("model", mean("camera_following", "model", "within_1px")),
-            ("copy last", mean("camera_following", "baseline_copy_last", "within_1px")),
-            ("truth", mean("camera_following", "truth", "within_1px"))]),
-        ("identity persistence", [
-            ("similarity before cut", mean("identity_persistence", "before_cut")),
-            ("similarity after cut", mean("identity_persistence", "after_cut")),
-            ("swap margin", mean("identity_persistence", "swap_margin"))]),
-        ("object permanence: crop PSNR (dB)", [
-            ("reappearing", mean("object_permanence", "reappear_psnr")),
-            ("other visible steps", mean("object_permanence", "visible_psnr"))]),
-        ("counterfactual (random actions): PSNR, mean over horizon (dB)", [
-            ("model vs counterfactual truth", mean("counterfactual", "psnr_vs_counterfactual_truth")),
-            ("model vs factual truth", mean("counterfactual", "psnr_vs_factual_truth")),
-            ("copy last vs counterfactual truth", mean("counterfactual", "copy_last_psnr_vs_counterfactual_truth"))]),
-        ("ΔtPSNR at t=4, true − random actions (dB)", [
-            ("all clips", mean("controllability", "delta_psnr_t4")),
-            ("no cut by t=4", mean("controllability", "delta_psnr_t4_before_cut"))]),
-        ("counterfactual: agent within 1.5 px", [
-            ("model", mean("counterfactual", "agent_within_1.5px")),
-            ("copy last", mean("counterfactual", "copy_last", "agent_within_1.5px")),
-            ("action blind", mean("counterfactual", "action_blind", "agent_within_1.5px"))]),
-        ("counterfactual margin: PSNR vs counterfactual − vs factual (dB)", [
-            ("model", mean("counterfactual", "margin_db")),
-            ("copy last", mean("counterfactual", "copy_last", "margin_db"))]),
-        ("action probe: agent move in one step (px)", [
-            ("model", mean("action_probe", "displacement_px")),
-            ("commanded", mean("action_probe", "commanded_px"))]),
-    ]
-    kept = [(title, [(label, v) for label, v in bars if v is not None]) for title, bars in panels]
+    `result` (a metrics dict, before or after `json_safe`) in `METRIC_PANELS`; per-horizon
+    lists are averaged over the horizon. Bars without a value (absent group, None or NaN)
+    are dropped, then panels left without a bar."""
+    kept = [(title, [(label, _finite_mean(_lookup(result, *path))) for label, path in bars])
+            for title, bars in METRIC_PANELS]
+    kept = [(title, [(label, v) for label, v in bars if v is not None]) for title, bars in kept]
     return [(title, bars) for title, bars in kept if bars]
 
 

@@ -375,65 +375,68 @@ def shot_duration(script: Script, shot: Shot, fps: float) -> int:
     return frames
 
 
+def shot_poses(script: Script, shot: Shot, d: int, prev: np.ndarray, first_pose: dict[int, np.ndarray]) -> np.ndarray:
+    """float64 [d, POSE_DIM]: the camera pose of each of `shot`'s `d` frames: its listed
+    poses, or its move integrated from `prev` (the pose before it; at a cut, from its start:
+    another shot's first pose in `first_pose`, absolute values, an offset)."""
+    if shot.poses is not None:
+        if len(shot.poses) != d:
+            raise script.checker.error(shot.path + ("camera", "poses"),
+                                       f"has {len(shot.poses)} poses for a shot of {d} frames (one per frame)")
+        return np.asarray(shot.poses, np.float64)
+    move = np.zeros(POSE_DIM)
+    move[:3] = shot.move
+    if not shot.cut:
+        return prev + np.arange(1, d + 1)[:, None] * move
+    # A cut: the shot's first frame is its start; the move follows.
+    base = (first_pose[shot.start_shot] if shot.start_shot is not None else prev).copy()
+    if shot.start is not None:
+        base[: len(shot.start)] = shot.start
+    base[: len(shot.start_offset)] += shot.start_offset
+    return base + np.arange(d)[:, None] * move
+
+
+def shot_actions(script: Script, shot: Shot, d: int, num_actions: int, seed: int, samples: int) -> np.ndarray:
+    """int32 [samples, d]: `shot`'s listed or repeated action ids (checked against
+    `num_actions`), or a random policy's draws from (seed, sample), its seed defaulting to
+    (`seed`, shot number)."""
+    c, ap = script.checker, shot.path + ("actions",)
+    invalid = lambda a: f"action id {a} is not valid: the model has num_actions={num_actions} (ids 0..{num_actions - 1})"
+    if shot.actions is not None:
+        if len(shot.actions) != d:
+            raise c.error(ap, f"has {len(shot.actions)} actions for a shot of {d} frames (one per frame)")
+        bad = [j for j, a in enumerate(shot.actions) if a >= num_actions]
+        if bad:
+            raise c.error(ap + (bad[0],), invalid(shot.actions[bad[0]]))
+        return np.broadcast_to(np.asarray(shot.actions, np.int32), (samples, d))
+    if shot.repeat is not None:
+        if shot.repeat >= num_actions:
+            raise c.error(ap + ("repeat",), invalid(shot.repeat))
+        return np.full((samples, d), shot.repeat, np.int32)
+    base_seed = [shot.seed] if shot.seed is not None else [seed, shot.number]
+    return np.stack([np.random.default_rng(base_seed + [k]).integers(0, num_actions, d) for k in range(samples)])
+
+
 def resolve_shots(script: Script, *, fps: float, num_actions: int, last_pose: Any = DEFAULT_POSE, seed: int = 0,
                   samples: int = 1) -> Plan:
     """Durations (timecodes at `fps`), camera poses integrated from the moves starting after
     `last_pose` (the last context frame's), action ids checked against `num_actions` and
-    drawn for each of `samples` samples (a random policy draws from (seed, sample), its
-    seed defaulting to (`seed`, shot number)), cut flags."""
-    c = script.checker
+    drawn for each of `samples` samples (`shot_actions`), cut flags."""
     prev = np.asarray(last_pose, np.float64)
     actions, poses, cuts, shots = [], [], [], []
     first_pose: dict[int, np.ndarray] = {}
     frame = 0
     for shot in script.shots:
         d = shot_duration(script, shot, fps)
-        if shot.poses is not None:
-            if len(shot.poses) != d:
-                raise c.error(shot.path + ("camera", "poses"), f"has {len(shot.poses)} poses for a shot of {d} frames (one per frame)")
-            shot_poses = np.asarray(shot.poses, np.float64)
-        else:
-            move = np.zeros(POSE_DIM)
-            move[:3] = shot.move
-            if shot.cut:  # the shot's first frame is its start; the move follows
-                base = prev.copy()
-                if shot.start_shot is not None:
-                    base = first_pose[shot.start_shot].copy()
-                if shot.start is not None:
-                    base[: len(shot.start)] = shot.start
-                base[: len(shot.start_offset)] += shot.start_offset
-                steps = np.arange(d)
-            else:
-                base, steps = prev, np.arange(1, d + 1)
-            shot_poses = base + steps[:, None] * move
-        first_pose[shot.number] = shot_poses[0]
-        prev = shot_poses[-1]
-
-        ap = shot.path + ("actions",)
-        if shot.actions is not None:
-            if len(shot.actions) != d:
-                raise c.error(ap, f"has {len(shot.actions)} actions for a shot of {d} frames (one per frame)")
-            bad = [j for j, a in enumerate(shot.actions) if a >= num_actions]
-            if bad:
-                raise c.error(ap + (bad[0],), f"action id {shot.actions[bad[0]]} is not valid: the model has "
-                              f"num_actions={num_actions} (ids 0..{num_actions - 1})")
-            acts = np.broadcast_to(np.asarray(shot.actions, np.int32), (samples, d))
-        elif shot.repeat is not None:
-            if shot.repeat >= num_actions:
-                raise c.error(ap + ("repeat",), f"action id {shot.repeat} is not valid: the model has "
-                              f"num_actions={num_actions} (ids 0..{num_actions - 1})")
-            acts = np.full((samples, d), shot.repeat, np.int32)
-        else:
-            base_seed = [shot.seed] if shot.seed is not None else [seed, shot.number]
-            acts = np.stack([np.random.default_rng(base_seed + [k]).integers(0, num_actions, d) for k in range(samples)])
-        actions.append(acts.astype(np.int32))
-        poses.append(shot_poses)
+        poses.append(shot_poses(script, shot, d, prev, first_pose))
+        first_pose[shot.number], prev = poses[-1][0], poses[-1][-1]
+        actions.append(shot_actions(script, shot, d, num_actions, seed, samples).astype(np.int32))
         cut = np.zeros(d, bool)
         cut[0] = shot.cut
         cuts.append(cut)
         shots.append({"shot": shot.number, "name": shot.name, "first_frame": frame, "frames": d, "cut": shot.cut,
-                      "line": c.line(shot.path), "camera_start": [float(v) for v in shot_poses[0]],
-                      "camera_end": [float(v) for v in shot_poses[-1]]})
+                      "line": script.checker.line(shot.path), "camera_start": [float(v) for v in poses[-1][0]],
+                      "camera_end": [float(v) for v in poses[-1][-1]]})
         frame += d
     return Plan(action=np.concatenate(actions, axis=1), poses=np.concatenate(poses).astype(np.float32),
                 cut=np.concatenate(cuts), shots=shots)

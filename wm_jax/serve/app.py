@@ -269,13 +269,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_queue: int = 64,
         return {"name": path.name, "frames": json.loads(Path(f"{path}.json").read_text())["provenance"]["frames"]}
 
     async def generate(request: Request) -> dict:
-        body = _keys(await read_json(request, max_body_bytes), GENERATE_KEYS, "a generate request")
-        text, seed = body.get("script"), body.get("seed", 0)
-        if not isinstance(text, str) or not text.strip():
-            raise HTTPError(400, "'script' must be the text of a shot list (YAML), as `wm generate --script` reads")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise HTTPError(400, f"'seed' must be an integer >= 0, got {seed!r}")
-        refuse_paths(text)
+        text, seed = parse_generate(await read_json(request, max_body_bytes))
         if not generating.acquire(blocking=False):
             raise CapacityError("a generation is running; retry when it is done")
         try:
@@ -296,17 +290,36 @@ def create_app(engine: Engine, *, token: str | None = None, max_queue: int = 64,
             for worker in workers.values():
                 worker.shutdown(wait=False, cancel_futures=True)
 
+    handlers = dict(health=health, create=create, step=step, delete=delete, record=record, generate=generate)
+    return Starlette(routes=_routes(token, handlers), lifespan=lifespan)
+
+
+def parse_generate(body: Any) -> tuple[str, int]:
+    """A `/v1/generate` request's JSON body -> (script text, seed); HTTPError 400 for a bad
+    one (unknown key, no script, a bad seed, a script that names a file)."""
+    body = _keys(body, GENERATE_KEYS, "a generate request")
+    text, seed = body.get("script"), body.get("seed", 0)
+    if not isinstance(text, str) or not text.strip():
+        raise HTTPError(400, "'script' must be the text of a shot list (YAML), as `wm generate --script` reads")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise HTTPError(400, f"'seed' must be an integer >= 0, got {seed!r}")
+    refuse_paths(text)
+    return text, seed
+
+
+def _routes(token: str | None, handlers: dict[str, Callable[[Request], Awaitable[dict]]]) -> list[Route]:
+    """The page and the API's routes to `create_app`'s handlers, each behind the token check."""
     page = (resources.files("wm_jax.serve") / "static" / "play.html").read_text()
-    routes = [
+    guarded = {name: _guarded(token, fn) for name, fn in handlers.items()}
+    return [
         Route("/", lambda request: HTMLResponse(page)),
-        Route("/v1/health", _guarded(token, health)),
-        Route("/v1/sessions", _guarded(token, create), methods=["POST"]),
-        Route("/v1/sessions/{sid}/step", _guarded(token, step), methods=["POST"]),
-        Route("/v1/sessions/{sid}", _guarded(token, delete), methods=["DELETE"]),
-        Route("/v1/sessions/{sid}/record", _guarded(token, record), methods=["POST"]),
-        Route("/v1/generate", _guarded(token, generate), methods=["POST"]),
+        Route("/v1/health", guarded["health"]),
+        Route("/v1/sessions", guarded["create"], methods=["POST"]),
+        Route("/v1/sessions/{sid}/step", guarded["step"], methods=["POST"]),
+        Route("/v1/sessions/{sid}", guarded["delete"], methods=["DELETE"]),
+        Route("/v1/sessions/{sid}/record", guarded["record"], methods=["POST"]),
+        Route("/v1/generate", guarded["generate"], methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
 
 
 async def _expire_loop(engine: Engine, run_sync: Callable[..., Awaitable[Any]], every_s: float) -> None:
