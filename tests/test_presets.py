@@ -42,3 +42,17 @@ def test_presets_and_templates_are_declared_package_data():
     for path in shipped:
         relative = path.relative_to(package).as_posix()
         assert any(fnmatch.fnmatch(relative, p) for p in patterns), relative
+
+
+def test_the_peer_presets_have_the_peers_shapes():
+    """peer_cpu / peer_cpu_dynamics: Jasmine's config as measured for issue 20 (64x64 frames,
+    16-frame clips, batch 8, width 128, MLP 512, 2 blocks, 4 heads, 4x4 patches)."""
+    for name, stage in (("peer_cpu", "tokenizer"), ("peer_cpu_dynamics", "dynamics")):
+        cfg = config_lib.load(preset_path(name))  # validates
+        assert cfg.train.stage == stage
+        assert (cfg.model.image_size, cfg.data.frames_per_clip, cfg.data.batch_size) == (64, 16, 8)
+        assert cfg.model.tokenizer.patch_size == 4
+        for sub in (cfg.model.tokenizer, cfg.model.dynamics):
+            assert (sub.embed_dim, sub.mlp_dim, sub.num_layers, sub.num_heads) == (128, 512, 2, 4)
+    dynamics = config_lib.load(preset_path("peer_cpu_dynamics")).model.dynamics
+    assert dynamics.use_actions and not dynamics.use_camera and not dynamics.use_cuts

@@ -29,4 +29,6 @@ def test_main_reports_consistent_figures(stage, peak, tmp_path, capsys):
         assert result["mfu"] == pytest.approx(result["tflops_per_device"] / peak)
     else:  # a CPU has no entry in the peak table: no MFU is made up
         assert result["mfu"] is None
+    # Without --matmul-reference its figures are null, like an MFU without a peak.
+    assert result["matmul_tflops"] is None and result["fraction_of_matmul"] is None
     assert "## train" in results.read_text() and "wm bench train --config tiny_cpu" in results.read_text()
