@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check wm_jax data_pipelines tests experiments
+	$(BIN)/ruff format --check wm_jax data_pipelines tests experiments  # `ruff format` fixes it
 	$(BIN)/lint-imports  # the import contracts in pyproject.toml
 
 test: $(STAMP)

@@ -1,4 +1,5 @@
 """Dataset making and inspection by source name (what `wm data make|inspect` call)."""
+
 from __future__ import annotations
 
 import itertools
@@ -21,26 +22,34 @@ from data_pipelines.sources import atari, mujoco, procedural, video_files
 # inputs(**params): the list the splits divide (e.g. video files), INPUT_UNIT (what to
 # call them, e.g. "videos"), and input_episodes(item, episode_ids, num_frames, size,
 # **params): an item's episodes, each numbered with next(episode_ids).
-SOURCES: dict[str, ModuleType] = {procedural.SOURCE_NAME: procedural, atari.SOURCE_NAME: atari,
-                                  video_files.SOURCE_NAME: video_files, mujoco.SOURCE_NAME: mujoco}
-SOURCE_PARAMS: dict[str, dict] = {procedural.SOURCE_NAME: procedural.DEFAULT_PARAMS,
-                                  atari.SOURCE_NAME: atari.DEFAULT_PARAMS,
-                                  video_files.SOURCE_NAME: video_files.DEFAULT_PARAMS,
-                                  mujoco.SOURCE_NAME: mujoco.DEFAULT_PARAMS}
+SOURCES: dict[str, ModuleType] = {
+    procedural.SOURCE_NAME: procedural,
+    atari.SOURCE_NAME: atari,
+    video_files.SOURCE_NAME: video_files,
+    mujoco.SOURCE_NAME: mujoco,
+}
+SOURCE_PARAMS: dict[str, dict] = {
+    procedural.SOURCE_NAME: procedural.DEFAULT_PARAMS,
+    atari.SOURCE_NAME: atari.DEFAULT_PARAMS,
+    video_files.SOURCE_NAME: video_files.DEFAULT_PARAMS,
+    mujoco.SOURCE_NAME: mujoco.DEFAULT_PARAMS,
+}
 DEFAULT_EPISODES = DEFAULT_FRAMES = 64  # of a generating source
 
 
-def split_sizes(episodes: int, val_fraction: float, test_fraction: float,
-                unit: str = "episodes") -> dict[str, int]:
+def split_sizes(episodes: int, val_fraction: float, test_fraction: float, unit: str = "episodes") -> dict[str, int]:
     """Episodes (or other `unit`s, e.g. videos) per split; a nonzero fraction gets at least one."""
+
     def count(fraction: float) -> int:
         return max(1, round(episodes * fraction)) if fraction > 0 else 0
 
     sizes = {"train": 0, "val": count(val_fraction), "test": count(test_fraction)}
     sizes["train"] = episodes - sizes["val"] - sizes["test"]
     if sizes["train"] < 1:
-        raise DatasetError(f"{episodes} {unit} leave none for train after val={sizes['val']}"
-                           f" and test={sizes['test']}; give more {unit} or lower the val/test fractions")
+        raise DatasetError(
+            f"{episodes} {unit} leave none for train after val={sizes['val']}"
+            f" and test={sizes['test']}; give more {unit} or lower the val/test fractions"
+        )
     return {k: v for k, v in sizes.items() if v}
 
 
@@ -52,14 +61,23 @@ def source_params(source: str, given: dict) -> dict:
     defaults = SOURCE_PARAMS[source]
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise DatasetError(f"source {source!r} has no parameter(s) {unknown}; "
-                           f"it takes {sorted(defaults)}")
+        raise DatasetError(f"source {source!r} has no parameter(s) {unknown}; it takes {sorted(defaults)}")
     return {**defaults, **given}
 
 
-def make_dataset(source: str, out: str | os.PathLike, *, size: int, episodes: int | None = None,
-                 frames: int | None = None, seed: int = 0, val_fraction: float = 0.1,
-                 test_fraction: float = 0.1, records_per_shard: int = 4096, **params) -> dict:
+def make_dataset(
+    source: str,
+    out: str | os.PathLike,
+    *,
+    size: int,
+    episodes: int | None = None,
+    frames: int | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    records_per_shard: int = 4096,
+    **params,
+) -> dict:
     """Generates `episodes` episodes (default 64) of (at most) `frames` steps (default 64)
     at size×size and writes them to out (split by episode: train first, then val, then
     test ids); returns the manifest. A source with inputs (video) takes no `episodes`: its
@@ -89,24 +107,36 @@ def make_dataset(source: str, out: str | os.PathLike, *, size: int, episodes: in
         def episodes_of(lo: int, hi: int):
             for episode_id in range(lo, hi):
                 yield mod.generate_episode(seed, episode_id, frames, size=size, **params)
+
     bounds = np.cumsum([0, *sizes.values()])
 
     def files():
         for episode_id in range(episodes):
             yield from mod.episode_files(seed, episode_id, **params).items()
 
-    splits = {name: episodes_of(int(bounds[i]), int(bounds[i + 1]))
-              for i, name in enumerate(sizes)}
-    manifest_params = {**({"episodes": episodes} if episodes is not None else {}),
-                       "frames": frames, "size": size, "seed": seed,
-                       **params, "val_fraction": val_fraction, "test_fraction": test_fraction,
-                       **described}
-    return writer.write_dataset(out, splits, source=source, source_params=manifest_params,
-                                generator_version=mod.GENERATOR_VERSION, frame_size=size,
-                                fps=mod.fps(**params) if hasattr(mod, "fps") else mod.FPS,
-                                spec=mod.record_spec(size, **params),
-                                files=files() if hasattr(mod, "episode_files") else (),
-                                records_per_shard=records_per_shard)
+    splits = {name: episodes_of(int(bounds[i]), int(bounds[i + 1])) for i, name in enumerate(sizes)}
+    manifest_params = {
+        **({"episodes": episodes} if episodes is not None else {}),
+        "frames": frames,
+        "size": size,
+        "seed": seed,
+        **params,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        **described,
+    }
+    return writer.write_dataset(
+        out,
+        splits,
+        source=source,
+        source_params=manifest_params,
+        generator_version=mod.GENERATOR_VERSION,
+        frame_size=size,
+        fps=mod.fps(**params) if hasattr(mod, "fps") else mod.FPS,
+        spec=mod.record_spec(size, **params),
+        files=files() if hasattr(mod, "episode_files") else (),
+        records_per_shard=records_per_shard,
+    )
 
 
 def _records(paths: list[str], spec: schema.Spec):
@@ -169,7 +199,10 @@ def dataset_stats(data_dir: str | os.PathLike) -> dict:
             "num_entities": manifest["num_entities"],
             "files_verified": len(manifest.get("files", [])),
             "content_hash": manifest["content_hash"],
-            "splits": {split: _split_stats(writer.shard_paths(data_dir, manifest, split),
-                                           len(entry["episodes"]), manifest["fields"])
-                       for split, entry in manifest["splits"].items()},
+            "splits": {
+                split: _split_stats(
+                    writer.shard_paths(data_dir, manifest, split), len(entry["episodes"]), manifest["fields"]
+                )
+                for split, entry in manifest["splits"].items()
+            },
         }

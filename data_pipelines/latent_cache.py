@@ -36,6 +36,7 @@ This module owns the format, writing and reading; it takes the encoder as a func
 (`CacheEncoder`). Restoring a tokenizer run into one is `wm_jax.latent_cache`'s job: the
 data layer imports nothing from `wm_jax`.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -106,8 +107,10 @@ def encode_windows(episodes: list[dict], window_frames: int) -> np.ndarray:
     windows, expected = [], 0
     for episode in episodes:
         if episode["start"] != expected:
-            raise DatasetError(f"episode {episode['episode_id']} starts at record {episode['start']}, "
-                               f"expected {expected}: the episode index does not tile the records")
+            raise DatasetError(
+                f"episode {episode['episode_id']} starts at record {episode['start']}, "
+                f"expected {expected}: the episode index does not tile the records"
+            )
         for offset in range(0, episode["length"], window_frames):
             windows.append((episode["start"] + offset, min(window_frames, episode["length"] - offset)))
         expected += episode["length"]
@@ -138,9 +141,11 @@ def _array_spec(path: Path, records: int, tokens: int, dtype: np.dtype, chunk_re
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_records, tokens]}},
             "data_type": dtype.name,
             "fill_value": 0,
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                       # The checksum turns a corrupt chunk into a read error naming its file.
-                       {"name": "zstd", "configuration": {"level": ZSTD_LEVEL, "checksum": True}}],
+            "codecs": [
+                {"name": "bytes", "configuration": {"endian": "little"}},
+                # The checksum turns a corrupt chunk into a read error naming its file.
+                {"name": "zstd", "configuration": {"level": ZSTD_LEVEL, "checksum": True}},
+            ],
         },
         "create": True,
         "open": True,
@@ -152,7 +157,7 @@ def _read_array(store: ts.TensorStore, first: int, count: int, what: str) -> np.
     tensorstore error (a corrupt chunk) becomes a DatasetError naming `what`. (A deleted
     chunk reads as zeros, the fill value: `verify_cache`'s hashes catch it.)"""
     try:
-        return store[first:first + count].read().result()
+        return store[first : first + count].read().result()
     except ValueError as e:  # tensorstore's errors are ValueErrors naming the chunk file
         raise DatasetError(f"{what}: {e}") from e
 
@@ -178,8 +183,11 @@ class _FrameReader:
 
     def read(self, first: int, count: int) -> np.ndarray:
         """uint8 [count, S, S, 3]: the frames of records first..first+count-1."""
-        data = [d for shard, begin, end in loader.record_ranges(self._shard_ends, first, count)
-                for d in loader.read_range(self._readers[shard], begin, end)]
+        data = [
+            d
+            for shard, begin, end in loader.record_ranges(self._shard_ends, first, count)
+            for d in loader.read_range(self._readers[shard], begin, end)
+        ]
         return np.stack([schema.decode_record(d)["frame"] for d in data])
 
     def close(self) -> None:
@@ -194,7 +202,7 @@ def _batch_frames(frames: np.ndarray, windows: np.ndarray, batch_size: int, wind
     out = np.zeros((batch_size, window_frames, *frames.shape[1:]), frames.dtype)
     first = windows[0, 0]
     for i, (start, length) in enumerate(windows):
-        out[i, :length] = frames[start - first:start - first + length]
+        out[i, :length] = frames[start - first : start - first + length]
     return out
 
 
@@ -208,9 +216,15 @@ def _unbatch(indices: np.ndarray, windows: np.ndarray) -> np.ndarray:
     return np.concatenate([indices[i, :length] for i, (_, length) in enumerate(windows)])
 
 
-def _encode_batches(encode: Callable[[np.ndarray], Any], read_frames: Callable[[int, int], np.ndarray],
-                    batches: list[np.ndarray], first_index: int, batch_size: int, window_frames: int,
-                    write: Callable[[int, np.ndarray], None]) -> None:
+def _encode_batches(
+    encode: Callable[[np.ndarray], Any],
+    read_frames: Callable[[int, int], np.ndarray],
+    batches: list[np.ndarray],
+    first_index: int,
+    batch_size: int,
+    window_frames: int,
+    write: Callable[[int, np.ndarray], None],
+) -> None:
     """Encodes each batch of windows (int64 [<=batch_size, 2]) in order and calls
     write(first_index + k, token ids [R', N] of the records batch k covers).
 
@@ -238,8 +252,10 @@ def _start_progress(root: Path, plan: dict) -> dict[str, int]:
         progress = _read_json(path)
         if progress["plan"] != plan:
             diff = sorted(k for k in plan if progress["plan"].get(k) != plan[k])
-            raise DatasetError(f"{root} holds an unfinished latent cache built with other settings "
-                               f"(differing: {diff}); build it with the same ones, or remove it")
+            raise DatasetError(
+                f"{root} holds an unfinished latent cache built with other settings "
+                f"(differing: {diff}); build it with the same ones, or remove it"
+            )
         return progress["done"]
     if root.exists() and any(root.iterdir()):
         raise DatasetError(f"{root} is not empty and is not a latent cache; refusing to write into it")
@@ -249,8 +265,13 @@ def _start_progress(root: Path, plan: dict) -> dict[str, int]:
     return {}
 
 
-def _checked_inputs(data_dir: str | os.PathLike, encoder: CacheEncoder, splits: Iterable[str] | None,
-                    batch_size: int, chunk_records: int) -> tuple[dict, list[str]]:
+def _checked_inputs(
+    data_dir: str | os.PathLike,
+    encoder: CacheEncoder,
+    splits: Iterable[str] | None,
+    batch_size: int,
+    chunk_records: int,
+) -> tuple[dict, list[str]]:
     """The verified dataset's manifest and the splits to encode (default: all); DatasetError
     for bad sizes, a bad dataset, an unknown split or frames the encoder does not take."""
     if batch_size < 1 or chunk_records < 1:
@@ -260,8 +281,10 @@ def _checked_inputs(data_dir: str | os.PathLike, encoder: CacheEncoder, splits: 
     for split in splits:
         writer.shard_paths(data_dir, data, split)  # DatasetError naming an unknown split
     if data["frame_size"] != encoder.image_size:
-        raise DatasetError(f"tokenizer {encoder.identity.workdir} encodes {encoder.image_size}x{encoder.image_size} "
-                           f"frames, dataset {data_dir} has {data['frame_size']}x{data['frame_size']}")
+        raise DatasetError(
+            f"tokenizer {encoder.identity.workdir} encodes {encoder.image_size}x{encoder.image_size} "
+            f"frames, dataset {data_dir} has {data['frame_size']}x{data['frame_size']}"
+        )
     return data, splits
 
 
@@ -271,9 +294,15 @@ def _finished_manifest(plan: dict, data: dict, encoder: CacheEncoder, entries: d
     return {
         "format_version": FORMAT_VERSION,
         "dataset": {"dir": plan["data_dir"], "content_hash": data["content_hash"], "frame_size": data["frame_size"]},
-        "tokenizer": {"workdir": plan["tokenizer_workdir"], "step": who.step, "config_hash": who.config_hash,
-                      "fingerprint": who.fingerprint, "window_frames": plan["window_frames"],
-                      "batch_size": plan["batch_size"], "dtype": encoder.dtype},
+        "tokenizer": {
+            "workdir": plan["tokenizer_workdir"],
+            "step": who.step,
+            "config_hash": who.config_hash,
+            "fingerprint": who.fingerprint,
+            "window_frames": plan["window_frames"],
+            "batch_size": plan["batch_size"],
+            "dtype": encoder.dtype,
+        },
         "fsq_levels": list(encoder.fsq_levels),
         "tokens_per_frame": encoder.tokens_per_frame,
         "vocab_size": math.prod(encoder.fsq_levels),
@@ -282,22 +311,43 @@ def _finished_manifest(plan: dict, data: dict, encoder: CacheEncoder, entries: d
     }
 
 
-def _build_plan(data_dir: str | os.PathLike, content_hash: str, encoder: CacheEncoder, batch_size: int,
-                chunk_records: int, splits: list[str]) -> dict:
+def _build_plan(
+    data_dir: str | os.PathLike,
+    content_hash: str,
+    encoder: CacheEncoder,
+    batch_size: int,
+    chunk_records: int,
+    splits: list[str],
+) -> dict:
     """What a build is of (dataset, tokenizer) and how (windows, batches, chunks): a resumed
     build must match it."""
     who = encoder.identity
-    return {"format_version": FORMAT_VERSION, "data_dir": str(Path(data_dir).resolve()), "content_hash": content_hash,
-            "tokenizer_workdir": str(Path(who.workdir).resolve()), "tokenizer_step": who.step,
-            "tokenizer_hash": who.config_hash, "tokenizer_fingerprint": who.fingerprint,
-            "window_frames": encoder.window_frames, "batch_size": batch_size, "chunk_records": chunk_records,
-            "splits": splits}
+    return {
+        "format_version": FORMAT_VERSION,
+        "data_dir": str(Path(data_dir).resolve()),
+        "content_hash": content_hash,
+        "tokenizer_workdir": str(Path(who.workdir).resolve()),
+        "tokenizer_step": who.step,
+        "tokenizer_hash": who.config_hash,
+        "tokenizer_fingerprint": who.fingerprint,
+        "window_frames": encoder.window_frames,
+        "batch_size": batch_size,
+        "chunk_records": chunk_records,
+        "splits": splits,
+    }
 
 
-def write_cache(data_dir: str | os.PathLike, encoder: CacheEncoder, out_dir: str | os.PathLike, *,
-                splits: Iterable[str] | None = None, batch_size: int = 32, chunk_records: int = 256,
-                log: Callable[[str], None] = print,
-                progress: Callable[[str, int, int], None] | None = None) -> dict:
+def write_cache(
+    data_dir: str | os.PathLike,
+    encoder: CacheEncoder,
+    out_dir: str | os.PathLike,
+    *,
+    splits: Iterable[str] | None = None,
+    batch_size: int = 32,
+    chunk_records: int = 256,
+    log: Callable[[str], None] = print,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
     """Encodes `splits` (default: all) of the dataset at data_dir with `encoder` into a
     latent cache at out_dir; returns its manifest.
 
@@ -321,11 +371,13 @@ def write_cache(data_dir: str | os.PathLike, encoder: CacheEncoder, out_dir: str
     for split in splits:
         records = data["splits"][split]["num_records"]
         windows = encode_windows(data["splits"][split]["episodes"], window_frames)
-        batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+        batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
         store = ts.open(_array_spec(root / f"{split}.zarr", records, tokens, dtype, chunk_records)).result()
         start = done.get(split, 0)
-        log(f"{split}: {records} records in {len(windows)} windows of <= {window_frames} frames, "
-            f"{len(batches)} batches" + (f", resuming at batch {start}" if start else ""))
+        log(
+            f"{split}: {records} records in {len(windows)} windows of <= {window_frames} frames, "
+            f"{len(batches)} batches" + (f", resuming at batch {start}" if start else "")
+        )
         frames, t0 = _FrameReader(data_dir, data, split), time.perf_counter()
 
         def write(k: int, ids: np.ndarray) -> None:
@@ -344,9 +396,14 @@ def write_cache(data_dir: str | os.PathLike, encoder: CacheEncoder, out_dir: str
         encoded = records - (_span(batches[start])[0] if start < len(batches) else records)
         seconds = time.perf_counter() - t0
         log(f"{split}: encoded {encoded} frames in {seconds:.1f} s ({encoded / max(seconds, 1e-9):.0f} frames/s)")
-        entries[split] = {"path": f"{split}.zarr", "records": records, "shape": [records, tokens],
-                          "dtype": dtype.name, "chunk_shape": [chunk_records, tokens],
-                          "content_hash": _content_hash(store, chunk_records * 16, f"split {split!r} of {root}")}
+        entries[split] = {
+            "path": f"{split}.zarr",
+            "records": records,
+            "shape": [records, tokens],
+            "dtype": dtype.name,
+            "chunk_shape": [chunk_records, tokens],
+            "content_hash": _content_hash(store, chunk_records * 16, f"split {split!r} of {root}"),
+        }
     manifest = _finished_manifest(plan, data, encoder, entries)
     _write_json(root / MANIFEST, manifest)
     (root / PROGRESS).unlink()
@@ -372,8 +429,9 @@ class LatentCache:
 
     def _entry(self, split: str) -> dict:
         if split not in self.manifest["splits"]:
-            raise DatasetError(f"split {split!r} not in latent cache {self.root} "
-                               f"(has {sorted(self.manifest['splits'])})")
+            raise DatasetError(
+                f"split {split!r} not in latent cache {self.root} (has {sorted(self.manifest['splits'])})"
+            )
         return self.manifest["splits"][split]
 
     def _store(self, split: str) -> ts.TensorStore:
@@ -382,13 +440,16 @@ class LatentCache:
             entry = self._entry(split)
             path = self.root / entry["path"]
             try:
-                store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
-                                 "open": True}, read=True).result()
+                store = ts.open(
+                    {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}, "open": True}, read=True
+                ).result()
             except ValueError as e:
                 raise DatasetError(f"latent cache array {path} is missing or unreadable: {e}") from e
             if list(store.shape) != entry["shape"] or store.dtype.numpy_dtype.name != entry["dtype"]:
-                raise DatasetError(f"latent cache array {path} has shape {list(store.shape)} and dtype "
-                                   f"{store.dtype.numpy_dtype.name}; its manifest says {entry['shape']}, {entry['dtype']}")
+                raise DatasetError(
+                    f"latent cache array {path} has shape {list(store.shape)} and dtype "
+                    f"{store.dtype.numpy_dtype.name}; its manifest says {entry['shape']}, {entry['dtype']}"
+                )
             self._stores[split] = store
         return self._stores[split]
 
@@ -397,15 +458,21 @@ class LatentCache:
         tensorstore read)."""
         records = self.num_records(split)
         if not (0 <= first and 0 <= count and first + count <= records):
-            raise DatasetError(f"records {first}..{first + count - 1} are outside split {split!r} "
-                               f"of latent cache {self.root} ({records} records)")
+            raise DatasetError(
+                f"records {first}..{first + count - 1} are outside split {split!r} "
+                f"of latent cache {self.root} ({records} records)"
+            )
         ids = _read_array(self._store(split), first, count, f"split {split!r} of latent cache {self.root}")
         return ids.astype(np.int32)
 
 
-def open_cache(cache_dir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
-               expect_content_hash: str | None = None,
-               expect_tokenizer: TokenizerIdentity | None = None) -> LatentCache:
+def open_cache(
+    cache_dir: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    expect_content_hash: str | None = None,
+    expect_tokenizer: TokenizerIdentity | None = None,
+) -> LatentCache:
     """The finished latent cache at cache_dir, its arrays opened and checked against its
     manifest. Given data_dir (or expect_content_hash), the cache must be of that dataset
     (content hash); given expect_tokenizer, of that tokenizer (step, config hash and
@@ -415,28 +482,40 @@ def open_cache(cache_dir: str | os.PathLike, *, data_dir: str | os.PathLike | No
     if not root.is_dir():
         raise DatasetError(f"latent cache directory {root} does not exist")
     if not (root / MANIFEST).is_file():
-        raise DatasetError(f"{root / MANIFEST} is missing: {root} is an incomplete latent cache "
-                           "(its build stopped before it finished); run `wm data cache` again to finish it")
+        raise DatasetError(
+            f"{root / MANIFEST} is missing: {root} is an incomplete latent cache "
+            "(its build stopped before it finished); run `wm data cache` again to finish it"
+        )
     manifest = _read_json(root / MANIFEST)
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"{root / MANIFEST}: format version {manifest.get('format_version')!r} is unsupported "
-                           f"(this code reads version {FORMAT_VERSION})")
+        raise DatasetError(
+            f"{root / MANIFEST}: format version {manifest.get('format_version')!r} is unsupported "
+            f"(this code reads version {FORMAT_VERSION})"
+        )
     cached = manifest["dataset"]["content_hash"]
     expected = [(expect_content_hash, "expected")] if expect_content_hash else []
     if data_dir is not None:
         expected.append((writer.read_manifest(data_dir)["content_hash"], f"dataset {data_dir} has"))
     for content_hash, whose in expected:
         if content_hash != cached:
-            raise DatasetError(f"latent cache {root} is of dataset content hash {cached} "
-                               f"({manifest['dataset']['dir']}); {whose} {content_hash}")
+            raise DatasetError(
+                f"latent cache {root} is of dataset content hash {cached} "
+                f"({manifest['dataset']['dir']}); {whose} {content_hash}"
+            )
     if expect_tokenizer is not None:
         ours, theirs = manifest["tokenizer"], expect_tokenizer
-        if (theirs.step, theirs.config_hash, theirs.fingerprint) != (ours["step"], ours["config_hash"], ours.get("fingerprint")):
+        if (theirs.step, theirs.config_hash, theirs.fingerprint) != (
+            ours["step"],
+            ours["config_hash"],
+            ours.get("fingerprint"),
+        ):
             recorded = (ours.get("fingerprint") or "none recorded")[:16]
-            raise DatasetError(f"latent cache {root} was encoded by tokenizer {ours['workdir']} at step {ours['step']} "
-                               f"(config hash {ours['config_hash'][:16]}, parameter files {recorded}); "
-                               f"{theirs.workdir} is at step {theirs.step} (config hash {theirs.config_hash[:16]}, "
-                               f"parameter files {theirs.fingerprint[:16]}): build the cache again")
+            raise DatasetError(
+                f"latent cache {root} was encoded by tokenizer {ours['workdir']} at step {ours['step']} "
+                f"(config hash {ours['config_hash'][:16]}, parameter files {recorded}); "
+                f"{theirs.workdir} is at step {theirs.step} (config hash {theirs.config_hash[:16]}, "
+                f"parameter files {theirs.fingerprint[:16]}): build the cache again"
+            )
     cache = LatentCache(root, manifest)
     for split in manifest["splits"]:
         cache._store(split)

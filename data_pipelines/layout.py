@@ -10,6 +10,7 @@ it decodes and checks exactly as the full decoder would; T such records are deco
 once with numpy, an order of magnitude faster than T msgpack decodes, checks and stacks.
 A record that differs is left to the full decoder, which names what is wrong.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,9 @@ def learn(data: bytes, record: dict[str, np.ndarray]) -> Layout:
     return Layout(len(data), header, fields)
 
 
-def decode_window(records: Sequence[bytes], layout: Layout, names: frozenset[str] | None = None
-                  ) -> dict[str, np.ndarray] | None:
+def decode_window(
+    records: Sequence[bytes], layout: Layout, names: frozenset[str] | None = None
+) -> dict[str, np.ndarray] | None:
     """The fields (all, or those in `names`) of T encoded records stacked to [T, ...]
     (e.g. frame uint8 [T, S, S, 3], action int32 [T]), as fresh writable arrays; None
     unless every record has `layout`'s length and header bytes."""
@@ -82,5 +84,8 @@ def decode_window(records: Sequence[bytes], layout: Layout, names: frozenset[str
     if not all((rows[:, start:stop] == ref).all() for start, stop, ref in layout.header):
         return None
     # The copy makes each field contiguous and aligned before it is viewed as its dtype.
-    return {f.name: rows[:, f.start:f.stop].copy().view(f.dtype).reshape((len(records), *f.shape))
-            for f in layout.fields if names is None or f.name in names}
+    return {
+        f.name: rows[:, f.start : f.stop].copy().view(f.dtype).reshape((len(records), *f.shape))
+        for f in layout.fields
+        if names is None or f.name in names
+    }

@@ -10,6 +10,7 @@ record that cannot be read, decoded or checked raises DatasetError naming its sh
 its index in the shard and (for a check) the field. With `skip_bad_records`, a window
 holding such a record is logged and replaced by the next good window instead.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -52,28 +53,27 @@ def window_starts(episodes: list[dict], frames_per_clip: int, window_stride: int
     """int64 [num_windows] first record index of each window, from a split's episode
     index ({episode_id, start, length} dicts), in episode order."""
     if frames_per_clip < 1 or window_stride < 1:
-        raise DatasetError(f"frames_per_clip ({frames_per_clip}) and window_stride "
-                           f"({window_stride}) must be >= 1")
-    starts = [e["start"] + np.arange(0, e["length"] - frames_per_clip + 1, window_stride)
-              for e in episodes]
+        raise DatasetError(f"frames_per_clip ({frames_per_clip}) and window_stride ({window_stride}) must be >= 1")
+    starts = [e["start"] + np.arange(0, e["length"] - frames_per_clip + 1, window_stride) for e in episodes]
     return np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
 
 
-def _split_windows(data_dir: str | os.PathLike, split: str, frames_per_clip: int,
-                   window_stride: int) -> tuple[dict, np.ndarray]:
+def _split_windows(
+    data_dir: str | os.PathLike, split: str, frames_per_clip: int, window_stride: int
+) -> tuple[dict, np.ndarray]:
     manifest = writer.read_manifest(data_dir)
     writer.shard_paths(data_dir, manifest, split)  # raises on an unknown split
     episodes = manifest["splits"][split]["episodes"]
     starts = window_starts(episodes, frames_per_clip, window_stride)
     if not len(starts):
         longest = max((e["length"] for e in episodes), default=0)
-        raise DatasetError(f"split {split!r} of {data_dir} has no episode with "
-                           f"{frames_per_clip} frames (longest: {longest})")
+        raise DatasetError(
+            f"split {split!r} of {data_dir} has no episode with {frames_per_clip} frames (longest: {longest})"
+        )
     return manifest, starts
 
 
-def num_windows(data_dir: str | os.PathLike, split: str, frames_per_clip: int,
-                window_stride: int = 1) -> int:
+def num_windows(data_dir: str | os.PathLike, split: str, frames_per_clip: int, window_stride: int = 1) -> int:
     """How many windows of frames_per_clip steps a split holds."""
     return len(_split_windows(data_dir, split, frames_per_clip, window_stride)[1])
 
@@ -129,9 +129,16 @@ class WindowSource(grain.sources.RandomAccessDataSource):
     (`data_pipelines.layout`); a record that differs from it is decoded and checked in full.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, frames_per_clip: int,
-                 window_stride: int = 1, skip_bad_records: bool = False,
-                 fields: Iterable[str] | None = None, latent_cache: Any = None):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str,
+        frames_per_clip: int,
+        window_stride: int = 1,
+        skip_bad_records: bool = False,
+        fields: Iterable[str] | None = None,
+        latent_cache: Any = None,
+    ):
         manifest, self._starts = _split_windows(data_dir, split, frames_per_clip, window_stride)
         self._split, self._cache = split, latent_cache
         self._paths = writer.shard_paths(data_dir, manifest, split)
@@ -147,8 +154,10 @@ class WindowSource(grain.sources.RandomAccessDataSource):
         self._locks = [threading.Lock() for _ in self._paths]
         # The repr is checked when an iterator state is restored: name the data by its
         # content, not its path, so a moved dataset still resumes.
-        self._repr = (f"WindowSource(content_hash={manifest['content_hash']}, split={split}, "
-                      f"frames_per_clip={frames_per_clip}, window_stride={window_stride})")
+        self._repr = (
+            f"WindowSource(content_hash={manifest['content_hash']}, split={split}, "
+            f"frames_per_clip={frames_per_clip}, window_stride={window_stride})"
+        )
         if latent_cache is not None:
             self._repr = self._repr[:-1] + f", latent_cache={latent_cache.manifest['splits'][split]['content_hash']})"
 
@@ -160,8 +169,11 @@ class WindowSource(grain.sources.RandomAccessDataSource):
 
     def window_bytes(self) -> int:
         """Bytes of one window as batches carry it: its loaded fields (and cached ids)."""
-        record = sum(np.dtype(dtype).itemsize * math.prod(shape) for name, (dtype, shape) in self._spec.items()
-                     if self._fields is None or name in self._fields)
+        record = sum(
+            np.dtype(dtype).itemsize * math.prod(shape)
+            for name, (dtype, shape) in self._spec.items()
+            if self._fields is None or name in self._fields
+        )
         if self._cache is not None:
             record += 4 * self._cache.manifest["splits"][self._split]["shape"][1]
         return record * self._T
@@ -183,8 +195,9 @@ class WindowSource(grain.sources.RandomAccessDataSource):
         return {**self.__dict__, "_readers": None, "_locks": None}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _readers=[None] * len(state["_paths"]),
-                             _locks=[threading.Lock() for _ in state["_paths"]])
+        self.__dict__.update(
+            state, _readers=[None] * len(state["_paths"]), _locks=[threading.Lock() for _ in state["_paths"]]
+        )
 
     def _read(self, first: int) -> list[bytes]:
         """The T records of the split from record `first` on, one `read_range` per shard,
@@ -218,8 +231,11 @@ class WindowSource(grain.sources.RandomAccessDataSource):
         records = [self._record(first + i, d) for i, d in enumerate(data)]
         if self._layout is None and data[0] is not None:
             self._layout = layout.learn(data[0], records[0])
-        return {name: np.stack([rec[name] for rec in records]) for name in records[0]
-                if self._fields is None or name in self._fields}
+        return {
+            name: np.stack([rec[name] for rec in records])
+            for name in records[0]
+            if self._fields is None or name in self._fields
+        }
 
     def batch(self, ks: Sequence[int]) -> dict[str, np.ndarray]:
         """Windows ks stacked to [B, T, ...]. Their B*T records are read and decoded at
@@ -315,16 +331,25 @@ class BatchSource(grain.sources.RandomAccessDataSource):
     `auto_batches_per_element` of a batch's bytes (`source.window_bytes()` * B).
     """
 
-    def __init__(self, source: grain.sources.RandomAccessDataSource, order: WindowOrder, *,
-                 batch_size: int, num_elements: int | None, drop_remainder: bool,
-                 shard: grain.sharding.ShardOptions | None = None, batches_per_element: int | None = None):
+    def __init__(
+        self,
+        source: grain.sources.RandomAccessDataSource,
+        order: WindowOrder,
+        *,
+        batch_size: int,
+        num_elements: int | None,
+        drop_remainder: bool,
+        shard: grain.sharding.ShardOptions | None = None,
+        batches_per_element: int | None = None,
+    ):
         if shard is None:  # one shard per JAX process
             shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
         if batches_per_element is None:
             batches_per_element = auto_batches_per_element(source.window_bytes() * batch_size)
         if batch_size < 1 or batches_per_element < 1:
-            raise DatasetError(f"batch_size ({batch_size}) and batches_per_element ({batches_per_element}) "
-                               f"must be >= 1")
+            raise DatasetError(
+                f"batch_size ({batch_size}) and batches_per_element ({batches_per_element}) must be >= 1"
+            )
         self._source, self._order, self._B, self._K = source, order, batch_size, batches_per_element
         self._p, self._P = shard.shard_index, shard.shard_count
         self._end = self._batches = None  # the positions the batches cover, and this shard's batches
@@ -336,9 +361,11 @@ class BatchSource(grain.sources.RandomAccessDataSource):
             self._batches = batches // self._P if shard.drop_remainder else len(range(self._p, batches, self._P))
             self._len = -(-self._batches // batches_per_element)
         # Checked when an iterator state is restored: the data, the order, the shard and the grouping.
-        self._repr = (f"BatchSource({source!r}, {order!r}, batch_size={batch_size}, num_elements={num_elements}, "
-                      f"drop_remainder={drop_remainder}, shard={self._p}/{self._P}, "
-                      f"batches_per_element={batches_per_element})")
+        self._repr = (
+            f"BatchSource({source!r}, {order!r}, batch_size={batch_size}, num_elements={num_elements}, "
+            f"drop_remainder={drop_remainder}, shard={self._p}/{self._P}, "
+            f"batches_per_element={batches_per_element})"
+        )
 
     @property
     def batch_size(self) -> int:
@@ -416,7 +443,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             self._element, self._taken, self._skip = element, self._skip, 0
             self._count = -(-len(next(iter(element.values()))) // self._B)
         b, self._taken = self._taken * self._B, self._taken + 1
-        return {name: a[b:b + self._B] for name, a in self._element.items()}
+        return {name: a[b : b + self._B] for name, a in self._element.items()}
 
     def get_state(self) -> bytes:
         """JSON bytes: grain's state before the element the next batch comes from, and
@@ -455,16 +482,25 @@ class Loader(Iterable[dict[str, np.ndarray]]):
         return BatchIterator(iter(self._elements), self._B)
 
 
-def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int,
-                batch_size: int, seed: int, window_stride: int = 1, shuffle: bool = True,
-                num_epochs: int | None = None, worker_count: int = 0,
-                shard_options: grain.sharding.ShardOptions | None = None,
-                drop_remainder: bool = True,
-                read_options: grain.ReadOptions | None = None,
-                skip_bad_records: bool = False,
-                fields: Iterable[str] | None = None,
-                latent_cache: Any = None,
-                batches_per_element: int | None = None) -> Loader:
+def make_loader(
+    data_dir: str | os.PathLike,
+    *,
+    split: str,
+    frames_per_clip: int,
+    batch_size: int,
+    seed: int,
+    window_stride: int = 1,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    shard_options: grain.sharding.ShardOptions | None = None,
+    drop_remainder: bool = True,
+    read_options: grain.ReadOptions | None = None,
+    skip_bad_records: bool = False,
+    fields: Iterable[str] | None = None,
+    latent_cache: Any = None,
+    batches_per_element: int | None = None,
+) -> Loader:
     """A loader over windows of `frames_per_clip` steps of `split`.
 
     `batch_size` is per process. Each element of `iter(loader)` is a dict with every
@@ -488,14 +524,21 @@ def make_loader(data_dir: str | os.PathLike, *, split: str, frames_per_clip: int
         raise DatasetError(f"dataset directory {data_dir} does not exist")
     source = WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, fields, latent_cache)
     n = len(source)
-    batches = BatchSource(source, WindowOrder(n, shuffle=shuffle, seed=seed), batch_size=batch_size,
-                          num_elements=None if num_epochs is None else n * num_epochs, drop_remainder=drop_remainder,
-                          shard=shard_options, batches_per_element=batches_per_element)
+    batches = BatchSource(
+        source,
+        WindowOrder(n, shuffle=shuffle, seed=seed),
+        batch_size=batch_size,
+        num_elements=None if num_epochs is None else n * num_epochs,
+        drop_remainder=drop_remainder,
+        shard=shard_options,
+        batches_per_element=batches_per_element,
+    )
     return data_loader(batches, worker_count=worker_count, read_options=read_options)
 
 
-def data_loader(batches: BatchSource, *, worker_count: int = 0,
-                read_options: grain.ReadOptions | None = None) -> Loader:
+def data_loader(
+    batches: BatchSource, *, worker_count: int = 0, read_options: grain.ReadOptions | None = None
+) -> Loader:
     """The loader delivering the batches of `batches` (already this process's) in order
     (see make_loader)."""
     if worker_count > 0 and not flags.FLAGS.is_parsed():
@@ -504,7 +547,11 @@ def data_loader(batches: BatchSource, *, worker_count: int = 0,
         flags.FLAGS.mark_as_parsed()
     if read_options is None:  # a few elements ahead, read on a few threads per process
         read_options = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=4)
-    elements = grain.DataLoader(data_source=batches, sampler=BatchSampler(len(batches)),
-                                shard_options=grain.sharding.NoSharding(), worker_count=worker_count,
-                                read_options=read_options)
+    elements = grain.DataLoader(
+        data_source=batches,
+        sampler=BatchSampler(len(batches)),
+        shard_options=grain.sharding.NoSharding(),
+        worker_count=worker_count,
+        read_options=read_options,
+    )
     return Loader(elements, batches.batch_size, batches.batches_per_element)

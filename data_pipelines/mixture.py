@@ -13,6 +13,7 @@ exactly, as for one dataset, and processes read disjoint positions.
 The datasets must have the same frame size; batches hold only the fields that every one
 of them has, with the same dtype and shape (`common_fields`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,11 +57,13 @@ class MixtureSource(grain.sources.RandomAccessDataSource):
     """Infinite random-access stream: position k ↦ a window of one of `sources`, dataset
     i taking weights[i] / sum(weights) of the positions (see the module docstring)."""
 
-    def __init__(self, sources: Sequence[loader.WindowSource], weights: Sequence[float], *,
-                 seed: int, shuffle: bool = True):
+    def __init__(
+        self, sources: Sequence[loader.WindowSource], weights: Sequence[float], *, seed: int, shuffle: bool = True
+    ):
         if len(sources) != len(weights) or not sources:
-            raise DatasetError(f"a mixture needs one weight per dataset; got {len(sources)} datasets, "
-                               f"{len(weights)} weights")
+            raise DatasetError(
+                f"a mixture needs one weight per dataset; got {len(sources)} datasets, {len(weights)} weights"
+            )
         if min(weights) <= 0:
             raise DatasetError(f"mixture weights must be > 0; got {list(weights)}")
         parts = []
@@ -72,8 +75,10 @@ class MixtureSource(grain.sources.RandomAccessDataSource):
             mixed = grain.experimental.WindowShuffleMapDataset(mixed, window_size=MIX_WINDOW, seed=seed)
         self._mixed, self._sources = mixed, list(sources)
         # Checked when an iterator state is restored, like WindowSource's: by content.
-        self._repr = (f"MixtureSource(sources=[{', '.join(map(repr, sources))}], "
-                      f"weights={[float(w) for w in weights]}, seed={seed}, shuffle={shuffle})")
+        self._repr = (
+            f"MixtureSource(sources=[{', '.join(map(repr, sources))}], "
+            f"weights={[float(w) for w in weights]}, seed={seed}, shuffle={shuffle})"
+        )
 
     def __len__(self) -> int:
         return len(self._mixed)  # sys.maxsize: the stream never ends
@@ -93,13 +98,21 @@ class MixtureSource(grain.sources.RandomAccessDataSource):
         return loader.stack_windows([self[k] for k in ks])
 
 
-def make_mixture_loader(mixture: Sequence[tuple[str | os.PathLike, float]], *, split: str,
-                        frames_per_clip: int, batch_size: int, seed: int, window_stride: int = 1,
-                        shuffle: bool = True, worker_count: int = 0,
-                        shard_options: grain.sharding.ShardOptions | None = None,
-                        read_options: grain.ReadOptions | None = None,
-                        skip_bad_records: bool = False,
-                        fields: Iterable[str] | None = None) -> loader.Loader:
+def make_mixture_loader(
+    mixture: Sequence[tuple[str | os.PathLike, float]],
+    *,
+    split: str,
+    frames_per_clip: int,
+    batch_size: int,
+    seed: int,
+    window_stride: int = 1,
+    shuffle: bool = True,
+    worker_count: int = 0,
+    shard_options: grain.sharding.ShardOptions | None = None,
+    read_options: grain.ReadOptions | None = None,
+    skip_bad_records: bool = False,
+    fields: Iterable[str] | None = None,
+) -> loader.Loader:
     """A loader over the mixture of (dataset dir, weight) pairs: batches as
     `make_loader`'s, of the fields common to every dataset (or those of them in
     `fields`), forever. Resumes from `iter(loader).get_state()` exactly."""
@@ -109,10 +122,18 @@ def make_mixture_loader(mixture: Sequence[tuple[str | os.PathLike, float]], *, s
         raise DatasetError(f"the datasets of a mixture must have one frame size; got {sizes}")
     kept, _ = common_fields([m["fields"] for m in manifests])
     wanted = kept if fields is None else [name for name in kept if name in set(fields)]
-    sources = [loader.WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, wanted)
-               for data_dir, _ in mixture]
+    sources = [
+        loader.WindowSource(data_dir, split, frames_per_clip, window_stride, skip_bad_records, wanted)
+        for data_dir, _ in mixture
+    ]
     source = MixtureSource(sources, [w for _, w in mixture], seed=seed, shuffle=shuffle)
     # Shuffling happens in the source: batches read the stream in order.
-    batches = loader.BatchSource(source, loader.WindowOrder(len(source), shuffle=False, seed=None),
-                                 batch_size=batch_size, num_elements=None, drop_remainder=True, shard=shard_options)
+    batches = loader.BatchSource(
+        source,
+        loader.WindowOrder(len(source), shuffle=False, seed=None),
+        batch_size=batch_size,
+        num_elements=None,
+        drop_remainder=True,
+        shard=shard_options,
+    )
     return loader.data_loader(batches, worker_count=worker_count, read_options=read_options)

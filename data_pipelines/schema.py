@@ -4,6 +4,7 @@ Records are msgpack maps ``{"v": SCHEMA_VERSION, "fields": {name: array}}`` wher
 every array is stored as ``{"dtype", "shape", "data"}`` (raw little-endian bytes), so
 decoding never executes code (no pickle) and a record describes itself.
 """
+
 from __future__ import annotations
 
 import msgpack
@@ -63,8 +64,7 @@ def _encode_array(x: np.ndarray) -> dict:
     x = np.asarray(x)
     # Force little-endian so records are portable across hosts.
     dtype = x.dtype.newbyteorder("<") if x.dtype.byteorder == ">" else x.dtype
-    return {"dtype": dtype.str, "shape": list(x.shape),
-                    "data": np.ascontiguousarray(x, dtype=dtype).tobytes()}
+    return {"dtype": dtype.str, "shape": list(x.shape), "data": np.ascontiguousarray(x, dtype=dtype).tobytes()}
 
 
 def _decode_array(obj: dict) -> np.ndarray:

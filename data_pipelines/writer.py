@@ -11,6 +11,7 @@ index within the split's shards concatenated in order; a reader never scans shar
 find episode boundaries. Other files a source stores (Atari: each episode's emulator
 start state) are listed under "files" with their sha256, verified like the shards.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,20 +54,19 @@ def _check_episode(episode: list[dict], spec: schema.Spec) -> int:
     for i, rec in enumerate(episode):
         schema.validate_record(rec, spec)
         if int(rec["episode_id"]) != episode_id or int(rec["t"]) != i:
-            raise DatasetError(f"episode {episode_id}: record {i} has episode_id="
-                               f"{int(rec['episode_id'])}, t={int(rec['t'])}")
+            raise DatasetError(
+                f"episode {episode_id}: record {i} has episode_id={int(rec['episode_id'])}, t={int(rec['t'])}"
+            )
     return episode_id
 
 
-def _write_split(split_dir: Path, episodes: Iterable[list[dict]], spec: schema.Spec,
-                 records_per_shard: int) -> dict:
+def _write_split(split_dir: Path, episodes: Iterable[list[dict]], spec: schema.Spec, records_per_shard: int) -> dict:
     """Writes one split's shards into split_dir; returns its manifest entry."""
     split_dir.mkdir(parents=True)
     counts, index, writer = [], [], None
     num_records = 0
     for episode in episodes:
-        index.append({"episode_id": _check_episode(episode, spec), "start": num_records,
-                      "length": len(episode)})
+        index.append({"episode_id": _check_episode(episode, spec), "start": num_records, "length": len(episode)})
         for rec in episode:
             if writer is None:
                 # The final shard count is unknown until the end: write numbered temp
@@ -86,8 +86,7 @@ def _write_split(split_dir: Path, episodes: Iterable[list[dict]], spec: schema.S
     for i, n in enumerate(counts):
         path = split_dir / _shard_name(i, len(counts))
         os.rename(split_dir / f"part-{i:05d}", path)
-        shards.append({"path": f"{split_dir.name}/{path.name}", "records": n,
-                       "sha256": sha256_file(path)})
+        shards.append({"path": f"{split_dir.name}/{path.name}", "records": n, "sha256": sha256_file(path)})
     return {"shards": shards, "episodes": index, "num_records": num_records}
 
 
@@ -120,10 +119,20 @@ def content_hash(splits: dict, files: list[dict] = ()) -> str:
     return digest.hexdigest()
 
 
-def write_dataset(out_dir: str | os.PathLike, splits: dict[str, Iterable[list[dict]]], *,
-                  source: str, source_params: dict, generator_version: str, frame_size: int,
-                  fps: float, num_entities: int | None = None, spec: schema.Spec | None = None,
-                  files: Iterable[tuple[str, bytes]] = (), records_per_shard: int = 4096) -> dict:
+def write_dataset(
+    out_dir: str | os.PathLike,
+    splits: dict[str, Iterable[list[dict]]],
+    *,
+    source: str,
+    source_params: dict,
+    generator_version: str,
+    frame_size: int,
+    fps: float,
+    num_entities: int | None = None,
+    spec: schema.Spec | None = None,
+    files: Iterable[tuple[str, bytes]] = (),
+    records_per_shard: int = 4096,
+) -> dict:
     """Writes `splits` (split name → iterable of episodes, each a list of schema-v1
     records) as a dataset at out_dir and returns the manifest.
 
@@ -148,8 +157,9 @@ def write_dataset(out_dir: str | os.PathLike, splits: dict[str, Iterable[list[di
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
-        split_entries = {name: _write_split(tmp / name, episodes, spec, records_per_shard)
-                         for name, episodes in splits.items()}
+        split_entries = {
+            name: _write_split(tmp / name, episodes, spec, records_per_shard) for name, episodes in splits.items()
+        }
         file_entries = _write_files(tmp, files)
         manifest = {
             "schema_version": schema.SCHEMA_VERSION,
@@ -191,16 +201,16 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
         raise DatasetError(f"{path} has no 'splits' entry")
     version = manifest.get("schema_version")
     if version != schema.SCHEMA_VERSION:
-        raise DatasetError(f"{path}: schema version {version!r} is unsupported "
-                           f"(this code reads version {schema.SCHEMA_VERSION})")
+        raise DatasetError(
+            f"{path}: schema version {version!r} is unsupported (this code reads version {schema.SCHEMA_VERSION})"
+        )
     return manifest
 
 
 def shard_paths(data_dir: str | os.PathLike, manifest: dict, split: str) -> list[str]:
     """Absolute paths of a split's shards, in order; DatasetError for an unknown split."""
     if split not in manifest["splits"]:
-        raise DatasetError(f"split {split!r} not in dataset {data_dir} "
-                           f"(has {sorted(manifest['splits'])})")
+        raise DatasetError(f"split {split!r} not in dataset {data_dir} (has {sorted(manifest['splits'])})")
     return [str(Path(data_dir) / s["path"]) for s in manifest["splits"][split]["shards"]]
 
 
@@ -265,8 +275,7 @@ def _verify_contents(root: Path, manifest: dict, check_hashes: bool) -> None:
             if check_hashes:
                 actual = sha256_file(path)
                 if actual != shard["sha256"]:
-                    raise DatasetError(f"shard {path} is corrupt: sha256 {actual}, "
-                                       f"manifest expects {shard['sha256']}")
+                    raise DatasetError(f"shard {path} is corrupt: sha256 {actual}, manifest expects {shard['sha256']}")
             try:
                 reader = ArrayRecordReader(str(path))
                 count = reader.num_records()
@@ -274,14 +283,14 @@ def _verify_contents(root: Path, manifest: dict, check_hashes: bool) -> None:
             except Exception as e:  # the C++ reader raises plain RuntimeError/ValueError
                 raise DatasetError(f"shard {path} is unreadable: {e}") from e
             if count != shard["records"]:
-                raise DatasetError(f"shard {path} holds {count} records, "
-                                   f"manifest says {shard['records']}")
+                raise DatasetError(f"shard {path} holds {count} records, manifest says {shard['records']}")
         total = sum(s["records"] for s in entry["shards"])
         indexed = sum(e["length"] for e in entry["episodes"])
         if not total == indexed == entry["num_records"]:
-            raise DatasetError(f"split {split!r}: shards hold {total} records, episode index "
-                               f"covers {indexed}, manifest says {entry['num_records']}")
-
+            raise DatasetError(
+                f"split {split!r}: shards hold {total} records, episode index "
+                f"covers {indexed}, manifest says {entry['num_records']}"
+            )
 
 
 def find_episode(manifest: dict, episode_id: int) -> tuple[str, dict]:

@@ -23,10 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 # JAX reads its config; fresh per run (xdist's run id), removed when the run ends. A run's
 # own `train.compile_cache_dir` is then not used: `enable_compile_cache` keeps a cache the
 # process already has (tests of the run's cache call `without_session_compile_cache`).
-COMPILE_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-SESSION_COMPILE_CACHE = (Path(tempfile.gettempdir()) / "wm_jax_test_compile_cache"
-                         / os.environ.get("PYTEST_XDIST_TESTRUNUID", uuid.uuid4().hex))
+COMPILE_CACHE_ENV = {
+    "JAX_COMPILATION_CACHE_DIR": "",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+SESSION_COMPILE_CACHE = (
+    Path(tempfile.gettempdir())
+    / "wm_jax_test_compile_cache"
+    / os.environ.get("PYTEST_XDIST_TESTRUNUID", uuid.uuid4().hex)
+)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.update(COMPILE_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=str(SESSION_COMPILE_CACHE))
 
@@ -39,6 +45,8 @@ def without_session_compile_cache() -> dict[str, str]:
 def pytest_sessionfinish(session):
     if not hasattr(session.config, "workerinput"):  # the controller, after its workers
         shutil.rmtree(SESSION_COMPILE_CACHE, ignore_errors=True)
+
+
 PRESET = preset_path("tiny_cpu")
 
 # A model small enough that a train step compiles and runs in about a second on a CPU.
@@ -91,8 +99,12 @@ def tokenizer_run(tmp_path_factory, tiny_dataset) -> Path:
 def dynamics_run(tiny_dataset, tokenizer_run) -> Path:
     """The tiny dynamics model trained 2 steps on `tokenizer_run` (checkpoint 2)."""
     run = tokenizer_run.parent / "dynamics"
-    overrides = [f"data.dir={tiny_dataset}", "train.steps=2", "train.stage=dynamics",
-                 f"train.tokenizer_workdir={tokenizer_run}"]
+    overrides = [
+        f"data.dir={tiny_dataset}",
+        "train.steps=2",
+        "train.stage=dynamics",
+        f"train.tokenizer_workdir={tokenizer_run}",
+    ]
     train(config_lib.load(PRESET, TINY_OVERRIDES + overrides), run)
     return run
 

@@ -26,22 +26,30 @@ def cpu_env(devices: int | None = None, base: dict[str, str] | None = None, **ex
     return env
 
 
-def run_python(args: list[str], devices: int | None = None, timeout: float = 900,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_python(
+    args: list[str], devices: int | None = None, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`python ARGS` in the repository on `devices` CPU devices (in `env`, default this
     environment), waited for, output captured."""
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=cpu_env(devices, env), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=cpu_env(devices, env), capture_output=True, text=True, timeout=timeout
+    )
 
 
-def start(args_of: Callable[[int], list[str]], processes: int,
-          env_of: Callable[[int], dict[str, str]] = lambda i: cpu_env(),
-          stdout: int = subprocess.PIPE) -> list[subprocess.Popen]:
+def start(
+    args_of: Callable[[int], list[str]],
+    processes: int,
+    env_of: Callable[[int], dict[str, str]] = lambda i: cpu_env(),
+    stdout: int = subprocess.PIPE,
+) -> list[subprocess.Popen]:
     """`processes` children `python args_of(i)` with environment `env_of(i)`, started
     together (to join one JAX run)."""
-    return [subprocess.Popen([sys.executable, *args_of(i)], cwd=REPO, env=env_of(i), stdout=stdout,
-                             stderr=subprocess.PIPE, text=True)
-            for i in range(processes)]
+    return [
+        subprocess.Popen(
+            [sys.executable, *args_of(i)], cwd=REPO, env=env_of(i), stdout=stdout, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(processes)
+    ]
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[str, str]]:

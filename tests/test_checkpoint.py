@@ -57,9 +57,11 @@ def _copy(run, tmp_path):
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("damage, reported", [(_truncate, "/4"), (_flip_one_bit, "sha256 mismatch"),
-                                             (_truncate_unsealed, "Error reading")],
-                         ids=["truncated", "altered", "truncated-unsealed"])
+@pytest.mark.parametrize(
+    "damage, reported",
+    [(_truncate, "/4"), (_flip_one_bit, "sha256 mismatch"), (_truncate_unsealed, "Error reading")],
+    ids=["truncated", "altered", "truncated-unsealed"],
+)
 def test_damaged_checkpoint_falls_back_to_previous_step(tmp_path, tiny_overrides, tokenizer_run, damage, reported):
     run = _copy(tokenizer_run, tmp_path)  # trained 4 steps
     assert (run / "checkpoints" / "4" / ckpt.CHECKSUMS).exists()
@@ -124,7 +126,10 @@ def test_params_only_restore_matches_full_restore_and_reads_no_optimizer_bytes(t
 def test_nonfinite_steps_stop_with_exit_3(tmp_path, tiny_overrides):
     """A learning rate of 1e30 blows the parameters up after one step: later losses are not
     finite, their updates are skipped, and the third in a row stops the run."""
-    args = sum((["--set", o] for o in tiny_overrides + ["train.steps=20", "train.learning_rate=1e30", "train.warmup_steps=0"]), [])
+    args = sum(
+        (["--set", o] for o in tiny_overrides + ["train.steps=20", "train.learning_rate=1e30", "train.warmup_steps=0"]),
+        [],
+    )
     assert main(["train", "--config", str(PRESET), *args, "--workdir", str(tmp_path / "run")]) == 3
     events = [e["event"] for e in read_metrics(tmp_path / "run" / "events.jsonl")]
     assert events.count("nonfinite") == 3
@@ -188,7 +193,9 @@ def _restore(run, step=None):
     return restore_params(run, sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.mesh), step)
 
 
-def test_eval_falls_back_past_a_damaged_newest_checkpoint_and_exits_2_when_none_is_left(tokenizer_run, tmp_path, capsys):
+def test_eval_falls_back_past_a_damaged_newest_checkpoint_and_exits_2_when_none_is_left(
+    tokenizer_run, tmp_path, capsys
+):
     run = _copy(tokenizer_run, tmp_path)
     _truncate(_largest_file(run / "checkpoints" / "4" / "state"))
     assert main(["eval", "--workdir", str(run)]) == 0
@@ -233,7 +240,8 @@ def test_a_key_the_saved_config_lacks_counts_at_its_default(tiny_overrides):
     del saved["model"]["dynamics"]["temporal_window"]
     assert ckpt.model_mismatch(saved, cfg) == []
     assert ckpt.model_mismatch(saved, config_lib.replace(cfg, ["model.dynamics.temporal_window=3"])) == [
-        "model.dynamics.temporal_window (checkpoint: 0, config: 3)"]
+        "model.dynamics.temporal_window (checkpoint: 0, config: 3)"
+    ]
 
 
 def test_garbage_checksums_are_named_and_the_step_set_aside_by_every_reader(tokenizer_run, tmp_path, capsys):

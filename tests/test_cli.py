@@ -10,7 +10,20 @@ import pytest
 
 from wm_jax import cli
 
-COMMANDS = ["data", "train", "eval", "export", "bench", "generate", "verify", "serve", "play", "demo", "launch", "sweep"]
+COMMANDS = [
+    "data",
+    "train",
+    "eval",
+    "export",
+    "bench",
+    "generate",
+    "verify",
+    "serve",
+    "play",
+    "demo",
+    "launch",
+    "sweep",
+]
 
 
 def test_every_command_has_a_handler():

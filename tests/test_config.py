@@ -86,10 +86,15 @@ def test_every_shipped_preset_loads(preset):
     config_lib.load(preset)
 
 
-@pytest.mark.parametrize("override, key", [("train.learning_rate=.nan", "train.learning_rate"),
-                                           ("train.learning_rate=.inf", "train.learning_rate"),
-                                           ("eval.guidance=-.inf", "eval.guidance"),
-                                           ("data.mixture=[[a, 1], [b, .nan]]", "data.mixture[1][1]")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.learning_rate=.nan", "train.learning_rate"),
+        ("train.learning_rate=.inf", "train.learning_rate"),
+        ("eval.guidance=-.inf", "eval.guidance"),
+        ("data.mixture=[[a, 1], [b, .nan]]", "data.mixture[1][1]"),
+    ],
+)
 def test_nonfinite_numbers_exit_2_naming_the_key(tmp_path, capsys, override, key):
     """Issue #16, case 8: a NaN or infinite number anywhere is refused before anything runs."""
     code = main(["train", "--config", str(PRESET), "--set", override, "--workdir", str(tmp_path / "run")])
@@ -98,21 +103,31 @@ def test_nonfinite_numbers_exit_2_naming_the_key(tmp_path, capsys, override, key
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("key", ["model.dynamics.action_dropout", "model.dynamics.context_corruption",
-                                 "model.dynamics.context_noise", "model.dynamics.sample_context_noise"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "model.dynamics.action_dropout",
+        "model.dynamics.context_corruption",
+        "model.dynamics.context_noise",
+        "model.dynamics.sample_context_noise",
+    ],
+)
 @pytest.mark.parametrize("value", [-0.1, 1.0])
 def test_training_shares_outside_0_1_are_refused(key, value):
     with pytest.raises(config_lib.ConfigError, match=rf"'{key}' must be in \[0, 1\)"):
         config_lib.load(PRESET, [f"{key}={value}"])
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["model.dynamics.sampling_steps=3"], ["'model.dynamics.sampling_steps' must be a power of two"]),
-    (["model.dynamics.shortcut_max_steps=0"], ["'model.dynamics.shortcut_max_steps' must be a power of two"]),
-    (["model.dynamics.sampling_steps=32"], ["'model.dynamics.sampling_steps' must be <="]),
-    (["model.tokenizer.bottleneck=vq"], ["model.tokenizer.bottleneck", "continuous"]),
-    (["model.tokenizer.latent_dim=0"], ["model.tokenizer.latent_dim", "> 0"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["model.dynamics.sampling_steps=3"], ["'model.dynamics.sampling_steps' must be a power of two"]),
+        (["model.dynamics.shortcut_max_steps=0"], ["'model.dynamics.shortcut_max_steps' must be a power of two"]),
+        (["model.dynamics.sampling_steps=32"], ["'model.dynamics.sampling_steps' must be <="]),
+        (["model.tokenizer.bottleneck=vq"], ["model.tokenizer.bottleneck", "continuous"]),
+        (["model.tokenizer.latent_dim=0"], ["model.tokenizer.latent_dim", "> 0"]),
+    ],
+)
 def test_diffusion_and_bottleneck_settings_are_checked(overrides, words):
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.load(PRESET, overrides)

@@ -14,7 +14,10 @@ WM_ENV = {"WM_COORDINATOR": "node0:1234", "WM_NUM_PROCESSES": "4", "WM_PROCESS_I
 
 def test_plan_reads_wm_env_vars():
     assert distributed.plan(environ=WM_ENV) == {
-        "mode": "env", "coordinator": "node0:1234", "process_count": 4, "process_index": 3,
+        "mode": "env",
+        "coordinator": "node0:1234",
+        "process_count": 4,
+        "process_index": 3,
     }
 
 
@@ -76,9 +79,13 @@ def test_single_process_barrier_returns_at_once():
 def _start(script: str, processes: int) -> list[subprocess.Popen]:
     """`processes` children running `script`, joining one run through WM_* alone."""
     port = free_port()
-    return start(lambda i: ["-c", script], processes,
-                 env_of=lambda i: cpu_env(WM_COORDINATOR=f"localhost:{port}", WM_NUM_PROCESSES=str(processes),
-                                          WM_PROCESS_ID=str(i)))
+    return start(
+        lambda i: ["-c", script],
+        processes,
+        env_of=lambda i: cpu_env(
+            WM_COORDINATOR=f"localhost:{port}", WM_NUM_PROCESSES=str(processes), WM_PROCESS_ID=str(i)
+        ),
+    )
 
 
 def _results(procs: list[subprocess.Popen], timeout: float = 120) -> list[dict]:

@@ -47,8 +47,17 @@ def _tree(root: Path) -> dict[str, tuple[int, int] | None]:
     return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None for p in root.rglob("*")}
 
 
-def _fuzz(watched: Path, target: Path, original: bytes, seed: int, argv: list[str], codes: tuple[int, ...],
-          capfd, run: Path | None = None, rounds: int = ROUNDS):
+def _fuzz(
+    watched: Path,
+    target: Path,
+    original: bytes,
+    seed: int,
+    argv: list[str],
+    codes: tuple[int, ...],
+    capfd,
+    run: Path | None = None,
+    rounds: int = ROUNDS,
+):
     """Writes each mutant of `original` to `target` and runs `wm argv`: asserts an exit
     code in `codes`, no traceback, and nothing under `watched` (the working directory
     included) written, changed or removed but `target` and what is under `run`. Yields
@@ -89,8 +98,17 @@ def test_fuzzed_scripts_through_wm_generate(tmp_path, monkeypatch, capfd, tiny_o
     run.mkdir()
     config_lib.dump(config_lib.load(PRESET, tiny_overrides + ["train.stage=dynamics"]), run / "config.yaml")
     script = tmp_path / "fuzz.yaml"
-    argv = ["generate", "--workdir", str(run), "--script", str(script), "--out", str(tmp_path / "out" / "o.mp4"),
-            "--max-memory-gib", "1e-9"]
+    argv = [
+        "generate",
+        "--workdir",
+        str(run),
+        "--script",
+        str(script),
+        "--out",
+        str(tmp_path / "out" / "o.mp4"),
+        "--max-memory-gib",
+        "1e-9",
+    ]
     for _ in _fuzz(watched, script, THREE_SHOTS.encode(), 2, argv, (2,), capfd):
         pass
 

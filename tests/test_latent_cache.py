@@ -57,7 +57,9 @@ def _chunk_bytes(cache: Path) -> dict[str, bytes]:
 def test_codes_equal_the_tokenizers_encoding(tiny_dataset, tokenizer_run, cache_dir):
     cfg = load_run_config(tokenizer_run)
     params, _, _ = restore_params(tokenizer_run, sharding.make_mesh(MeshConfig()), sharding.logical_rules(cfg.mesh))
-    cache = latent_cache.open_cache(cache_dir, data_dir=tiny_dataset, expect_tokenizer=tokenizer_identity(tokenizer_run)[1])
+    cache = latent_cache.open_cache(
+        cache_dir, data_dir=tiny_dataset, expect_tokenizer=tokenizer_identity(tokenizer_run)[1]
+    )
     # A grain worker gets the cache's state (paths and manifest only) and reopens the arrays.
     state = cache.__getstate__()
     assert set(state) == {"root", "manifest"}
@@ -90,8 +92,7 @@ def test_interrupted_build_resumes_to_the_same_bytes(tiny_dataset, tokenizer_run
         raise Stop
 
     with pytest.raises(Stop):
-        build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None,
-                                 progress=stop_after_first_batch, **BUILD)
+        build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None, progress=stop_after_first_batch, **BUILD)
     # Batch 0 (4 windows of 5 frames) is written and recorded; no manifest yet.
     assert calls == [("train", 20, 168)]
     assert json.loads((out / "progress.json").read_text())["done"] == {"train": 1}
@@ -117,15 +118,20 @@ def test_incomplete_or_missing_cache_is_refused(cache_dir, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(cache_dir, partial)
     (partial / "manifest.json").unlink()
-    with pytest.raises(DatasetError, match=re.escape(f"{partial / 'manifest.json'}") + r" is missing: .* incomplete latent cache.*"
-                                           r"run `wm data cache` again to finish it"):
+    with pytest.raises(
+        DatasetError,
+        match=re.escape(f"{partial / 'manifest.json'}") + r" is missing: .* incomplete latent cache.*"
+        r"run `wm data cache` again to finish it",
+    ):
         latent_cache.open_cache(partial)
     with pytest.raises(DatasetError, match=re.escape(f"latent cache directory {tmp_path / 'none'} does not exist")):
         latent_cache.open_cache(tmp_path / "none")
 
 
 def test_mismatches_and_corruption_are_named(tiny_dataset, tokenizer_run, cache_dir, tmp_path):
-    with pytest.raises(DatasetError, match=re.escape(f"latent cache {cache_dir} is of dataset content hash") + ".*; expected 00"):
+    with pytest.raises(
+        DatasetError, match=re.escape(f"latent cache {cache_dir} is of dataset content hash") + ".*; expected 00"
+    ):
         latent_cache.open_cache(cache_dir, expect_content_hash="0" * 64)
     # A copy of the tokenizer run (moved runs still match), then another tokenizer config
     # (same checkpoint files).
@@ -134,16 +140,23 @@ def test_mismatches_and_corruption_are_named(tiny_dataset, tokenizer_run, cache_
     latent_cache.open_cache(cache_dir, expect_tokenizer=tokenizer_identity(other)[1])
     cfg = (other / "config.yaml").read_text()
     (other / "config.yaml").write_text(cfg.replace("mlp_dim: 64", "mlp_dim: 128", 1))
-    with pytest.raises(DatasetError, match=re.escape(f"latent cache {cache_dir} was encoded by tokenizer") + ".* step 2 .*; "
-                       + re.escape(f"{other} is at step 2")):
+    with pytest.raises(
+        DatasetError,
+        match=re.escape(f"latent cache {cache_dir} was encoded by tokenizer")
+        + ".* step 2 .*; "
+        + re.escape(f"{other} is at step 2"),
+    ):
         latent_cache.open_cache(cache_dir, expect_tokenizer=tokenizer_identity(other)[1])
 
     # The same config retrained to the same step from another seed: other parameters.
     retrained = tmp_path / "retrained_tok"
     run_cfg = load_run_config(tokenizer_run)
     train(config_lib.replace(run_cfg, [f"seed={run_cfg.seed + 1}"]), retrained)
-    with pytest.raises(DatasetError, match=r"at step 2 \(config hash (\w+), parameter files \w+\); .* at step 2 "
-                                           r"\(config hash \1, parameter files"):
+    with pytest.raises(
+        DatasetError,
+        match=r"at step 2 \(config hash (\w+), parameter files \w+\); .* at step 2 "
+        r"\(config hash \1, parameter files",
+    ):
         latent_cache.open_cache(cache_dir, expect_tokenizer=tokenizer_identity(retrained)[1])
 
     bad = tmp_path / "bad"
@@ -161,14 +174,33 @@ def test_mismatches_and_corruption_are_named(tiny_dataset, tokenizer_run, cache_
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 1
     chunk.write_bytes(bytes(data))
-    with pytest.raises(DatasetError, match=re.escape(f"split 'train' of latent cache {flipped}: ") + ".*" + re.escape(str(chunk))):
+    with pytest.raises(
+        DatasetError, match=re.escape(f"split 'train' of latent cache {flipped}: ") + ".*" + re.escape(str(chunk))
+    ):
         latent_cache.verify_cache(flipped)
 
 
-def test_cli_builds_the_same_cache_and_exits_2_without_a_tokenizer(tiny_dataset, tokenizer_run, cache_dir, tmp_path, capsys):
+def test_cli_builds_the_same_cache_and_exits_2_without_a_tokenizer(
+    tiny_dataset, tokenizer_run, cache_dir, tmp_path, capsys
+):
     out = tmp_path / "cli"
-    assert main(["data", "cache", "--data", str(tiny_dataset), "--tokenizer", str(tokenizer_run),
-                 "--out", str(out), "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "cache",
+                "--data",
+                str(tiny_dataset),
+                "--tokenizer",
+                str(tokenizer_run),
+                "--out",
+                str(out),
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
     assert lines[0].startswith(f"wrote {out}: 240 frames as 16 tokens each")
@@ -180,18 +212,28 @@ def test_cli_builds_the_same_cache_and_exits_2_without_a_tokenizer(tiny_dataset,
     assert {s: e["content_hash"] for s, e in ours.items()} == {s: e["content_hash"] for s, e in theirs.items()}
 
     missing = tmp_path / "no_run"
-    assert main(["data", "cache", "--data", str(tiny_dataset), "--tokenizer", str(missing), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["data", "cache", "--data", str(tiny_dataset), "--tokenizer", str(missing), "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert f"{missing} is not a run directory" in capsys.readouterr().err
 
 
 def test_dynamics_trains_on_cached_codes_as_on_frames(tiny_dataset, tokenizer_run, cache_dir, tmp_path):
     """The same batches give the same losses whether the step encodes frames or reads the
     cache; windows the cache does not hold whole are refused."""
-    common = TINY_OVERRIDES + [f"data.dir={tiny_dataset}", "train.stage=dynamics", "train.steps=3",
-                               f"train.tokenizer_workdir={tokenizer_run}", "data.frames_per_clip=5",
-                               "data.window_stride=5"]
-    cfgs = {"frames": config_lib.load(PRESET, common),
-            "cache": config_lib.load(PRESET, common + [f"data.latent_cache={cache_dir}"])}
+    common = TINY_OVERRIDES + [
+        f"data.dir={tiny_dataset}",
+        "train.stage=dynamics",
+        "train.steps=3",
+        f"train.tokenizer_workdir={tokenizer_run}",
+        "data.frames_per_clip=5",
+        "data.window_stride=5",
+    ]
+    cfgs = {
+        "frames": config_lib.load(PRESET, common),
+        "cache": config_lib.load(PRESET, common + [f"data.latent_cache={cache_dir}"]),
+    }
     for run, cfg in cfgs.items():
         train(cfg, tmp_path / run)
     rows = {run: read_metrics(tmp_path / run / "metrics.jsonl") for run in cfgs}

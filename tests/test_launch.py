@@ -31,12 +31,28 @@ def _wm(capsys, *args):
 def _env_and_argv(line: str) -> tuple[dict, list[str]]:
     words = shlex.split(line)
     env = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-") and w.split("=")[0].isupper())
-    return env, words[len(env):]
+    return env, words[len(env) :]
 
 
 def test_local_dry_run_lists_one_command_per_process(tmp_path, capsys):
-    code, out, _ = _wm(capsys, "launch", "local", "--config", "tiny_cpu", "--workdir", tmp_path / "run",
-                       "--processes", 3, "--devices-per-process", 2, "--port", 4567, "--set", "train.steps=5", "--dry-run")
+    code, out, _ = _wm(
+        capsys,
+        "launch",
+        "local",
+        "--config",
+        "tiny_cpu",
+        "--workdir",
+        tmp_path / "run",
+        "--processes",
+        3,
+        "--devices-per-process",
+        2,
+        "--port",
+        4567,
+        "--set",
+        "train.steps=5",
+        "--dry-run",
+    )
     assert code == 0
     commands = [_env_and_argv(line) for line in out.strip().splitlines()]
     assert len(commands) == 3
@@ -55,15 +71,31 @@ def _sbatch_directives(script: str) -> dict[str, str]:
     directives = {}
     for line in script.splitlines():
         if line.startswith("#SBATCH "):
-            key, _, value = line[len("#SBATCH "):].partition("=")
+            key, _, value = line[len("#SBATCH ") :].partition("=")
             directives[key] = value
     return directives
 
 
 def _slurm_script(capsys, tmp_path, *extra):
-    code, out, err = _wm(capsys, "launch", "slurm", "--config", "tiny_cpu", "--workdir", tmp_path / "run",
-                         "--nodes", 2, "--gpus-per-node", 4, "--partition", "gpu", "--set", "train.steps=9",
-                         "--dry-run", *extra)
+    code, out, err = _wm(
+        capsys,
+        "launch",
+        "slurm",
+        "--config",
+        "tiny_cpu",
+        "--workdir",
+        tmp_path / "run",
+        "--nodes",
+        2,
+        "--gpus-per-node",
+        4,
+        "--partition",
+        "gpu",
+        "--set",
+        "train.steps=9",
+        "--dry-run",
+        *extra,
+    )
     assert code == 0, err
     return out, err
 
@@ -73,9 +105,17 @@ def test_slurm_dry_run_script(tmp_path, capsys):
     run = tmp_path / "run"
     directives = _sbatch_directives(script)
     assert directives == {
-        "--job-name": "wm-run", "--nodes": "2", "--ntasks-per-node": "1", "--gpus-per-node": "4",
-        "--time": "24:00:00", "--chdir": os.getcwd(), "--output": f"{run}/slurm-%j.out",
-        "--open-mode": "append", "--requeue": "", "--signal": "B:USR1@120", "--partition": "gpu",
+        "--job-name": "wm-run",
+        "--nodes": "2",
+        "--ntasks-per-node": "1",
+        "--gpus-per-node": "4",
+        "--time": "24:00:00",
+        "--chdir": os.getcwd(),
+        "--output": f"{run}/slurm-%j.out",
+        "--open-mode": "append",
+        "--requeue": "",
+        "--signal": "B:USR1@120",
+        "--partition": "gpu",
     }
     lines = script.splitlines()
     # Directives count only before the first command.
@@ -118,8 +158,18 @@ def test_slurm_script_forwards_usr1_and_requeues_on_42(tmp_path, capsys):
 
 
 def test_slurm_rejects_bad_time_and_missing_sbatch(tmp_path, capsys, monkeypatch):
-    code, _, err = _wm(capsys, "launch", "slurm", "--config", "tiny_cpu", "--workdir", tmp_path / "run",
-                       "--time", "one day", "--dry-run")
+    code, _, err = _wm(
+        capsys,
+        "launch",
+        "slurm",
+        "--config",
+        "tiny_cpu",
+        "--workdir",
+        tmp_path / "run",
+        "--time",
+        "one day",
+        "--dry-run",
+    )
     assert code == 2 and "--time 'one day'" in err
     monkeypatch.setenv("PATH", str(tmp_path))
     code, _, err = _wm(capsys, "launch", "slurm", "--config", "tiny_cpu", "--workdir", tmp_path / "run")
@@ -128,9 +178,28 @@ def test_slurm_rejects_bad_time_and_missing_sbatch(tmp_path, capsys, monkeypatch
 
 
 def test_k8s_dry_run_manifest(tmp_path, capsys):
-    code, out, err = _wm(capsys, "launch", "k8s", "--config", "tiny_cpu", "--workdir", "/runs/exp1", "--nodes", 3,
-                         "--gpus-per-node", 8, "--namespace", "research", "--pvc", "runs-pvc:/runs",
-                         "--set", "train.steps=7", "--api", "job", "--dry-run")
+    code, out, err = _wm(
+        capsys,
+        "launch",
+        "k8s",
+        "--config",
+        "tiny_cpu",
+        "--workdir",
+        "/runs/exp1",
+        "--nodes",
+        3,
+        "--gpus-per-node",
+        8,
+        "--namespace",
+        "research",
+        "--pvc",
+        "runs-pvc:/runs",
+        "--set",
+        "train.steps=7",
+        "--api",
+        "job",
+        "--dry-run",
+    )
     assert code == 0, err
     assert "placeholder" in err  # no --image: said so
     config_map, service, job = yaml.safe_load_all(out)
@@ -172,18 +241,40 @@ def test_k8s_dry_run_manifest(tmp_path, capsys):
 
 def test_k8s_default_is_a_jobset_that_restarts_the_group(tmp_path, capsys):
     """Issue 20: one failed or preempted process must restart every process together."""
-    code, out, err = _wm(capsys, "launch", "k8s", "--config", "tiny_cpu", "--workdir", "/runs/exp1", "--nodes", 4,
-                         "--gpus-per-node", 8, "--pvc", "runs-pvc:/runs", "--set", "train.steps=7", "--dry-run")
+    code, out, err = _wm(
+        capsys,
+        "launch",
+        "k8s",
+        "--config",
+        "tiny_cpu",
+        "--workdir",
+        "/runs/exp1",
+        "--nodes",
+        4,
+        "--gpus-per-node",
+        8,
+        "--pvc",
+        "runs-pvc:/runs",
+        "--set",
+        "train.steps=7",
+        "--dry-run",
+    )
     assert code == 0, err
     config_map, jobset = yaml.safe_load_all(out)
-    assert (config_map["kind"], jobset["kind"], jobset["apiVersion"]) == ("ConfigMap", "JobSet", "jobset.x-k8s.io/v1alpha2")
+    assert (config_map["kind"], jobset["kind"], jobset["apiVersion"]) == (
+        "ConfigMap",
+        "JobSet",
+        "jobset.x-k8s.io/v1alpha2",
+    )
     name, spec = jobset["metadata"]["name"], jobset["spec"]
     assert spec["network"]["enableDNSHostnames"] is True
     policy = spec["failurePolicy"]
     assert policy["maxRestarts"] == launch.K8S_MAX_RESTARTS
     # Preemption (exit 42) and disruptions fail the Job through its pod failure policy; the
     # JobSet restarts the group for them without spending a restart.
-    assert policy["rules"] == [{"action": "RestartJobSetAndIgnoreMaxRestarts", "onJobFailureReasons": ["PodFailurePolicy"]}]
+    assert policy["rules"] == [
+        {"action": "RestartJobSetAndIgnoreMaxRestarts", "onJobFailureReasons": ["PodFailurePolicy"]}
+    ]
     (workers,) = spec["replicatedJobs"]
     job = workers["template"]["spec"]
     assert job["backoffLimit"] == 0  # any failed pod fails the Job, so the group restarts
@@ -202,31 +293,49 @@ def test_k8s_default_is_a_jobset_that_restarts_the_group(tmp_path, capsys):
     assert volumes[mounts["/runs"]]["persistentVolumeClaim"] == {"claimName": "runs-pvc"}
     assert volumes[mounts[os.path.dirname(config_path)]]["configMap"]["name"] == config_map["metadata"]["name"]
     # A name whose pod hostnames would pass 63 characters is refused by name.
-    code, _, err = _wm(capsys, "launch", "k8s", "--config", "tiny_cpu", "--workdir", "/runs/x",
-                       "--job-name", "a" * 41, "--dry-run")
+    code, _, err = _wm(
+        capsys, "launch", "k8s", "--config", "tiny_cpu", "--workdir", "/runs/x", "--job-name", "a" * 41, "--dry-run"
+    )
     assert code == 2 and "--job-name" in err
 
 
 def test_k8s_requires_image_and_valid_names(tmp_path, capsys):
     code, _, err = _wm(capsys, "launch", "k8s", "--config", "tiny_cpu", "--workdir", "/runs/x")
     assert code == 2 and "--image is required" in err
-    code, _, err = _wm(capsys, "launch", "k8s", "--config", "tiny_cpu", "--workdir", "/runs/x",
-                       "--job-name", "My_Job", "--dry-run")
+    code, _, err = _wm(
+        capsys, "launch", "k8s", "--config", "tiny_cpu", "--workdir", "/runs/x", "--job-name", "My_Job", "--dry-run"
+    )
     assert code == 2 and "--job-name 'My_Job'" in err
 
 
 def test_tpu_vm_dry_run_command(tmp_path, capsys):
-    code, out, err = _wm(capsys, "launch", "tpu-vm", "--config", "tiny_cpu", "--workdir", "/mnt/runs/x",
-                         "--tpu-name", "pod1", "--zone", "us-central2-b", "--project", "proj",
-                         "--set", "train.steps=5", "--dry-run")
+    code, out, err = _wm(
+        capsys,
+        "launch",
+        "tpu-vm",
+        "--config",
+        "tiny_cpu",
+        "--workdir",
+        "/mnt/runs/x",
+        "--tpu-name",
+        "pod1",
+        "--zone",
+        "us-central2-b",
+        "--project",
+        "proj",
+        "--set",
+        "train.steps=5",
+        "--dry-run",
+    )
     assert code == 0, err
     argv = shlex.split(out.strip())
     assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod1"]
     assert "--worker=all" in argv
     assert argv[argv.index("--zone") + 1] == "us-central2-b" and argv[argv.index("--project") + 1] == "proj"
     remote = argv[argv.index("--command") + 1]
-    assert remote == (f"cd {REPO} && WM_DISTRIBUTED=auto wm train --config tiny_cpu "
-                      "--workdir /mnt/runs/x --set train.steps=5")
+    assert remote == (
+        f"cd {REPO} && WM_DISTRIBUTED=auto wm train --config tiny_cpu --workdir /mnt/runs/x --set train.steps=5"
+    )
 
 
 @pytest.mark.parametrize(
@@ -234,11 +343,23 @@ def test_tpu_vm_dry_run_command(tmp_path, capsys):
     [("local", []), ("slurm", []), ("k8s", ["--image", "img"]), ("tpu-vm", ["--tpu-name", "t", "--zone", "z"])],
 )
 def test_bad_config_key_exits_2_before_anything_starts(tmp_path, capsys, launcher, flags):
-    code, out, err = _wm(capsys, "launch", launcher, "--config", "tiny_cpu", "--workdir", tmp_path / "run",
-                         "--set", "train.stpes=5", *flags)
+    code, out, err = _wm(
+        capsys,
+        "launch",
+        launcher,
+        "--config",
+        "tiny_cpu",
+        "--workdir",
+        tmp_path / "run",
+        "--set",
+        "train.stpes=5",
+        *flags,
+    )
     assert code == 2 and out == ""
     assert "unknown config key 'train.stpes' (did you mean 'train.steps'?)" in err
-    code, _, err = _wm(capsys, "launch", launcher, "--config", tmp_path / "missing.yaml", "--workdir", tmp_path / "run", *flags)
+    code, _, err = _wm(
+        capsys, "launch", launcher, "--config", tmp_path / "missing.yaml", "--workdir", tmp_path / "run", *flags
+    )
     assert code == 2 and "missing.yaml" in err
 
 
@@ -267,7 +388,6 @@ def test_one_failing_process_stops_the_others():
     assert procs[0].returncode == -signal.SIGTERM and time.monotonic() - t < 20
 
 
-
 _CTRL_C_SCRIPT = """
 import sys
 from wm_jax.ops import launch
@@ -289,6 +409,7 @@ def test_ctrl_c_asks_the_processes_for_a_clean_stop():
     finally:
         launcher.kill()
 
+
 # A run whose checkpoint and steps are cheap: saves only at the end.
 _RUN = ["train.steps=5", "train.log_every_steps=1", "mesh.data=-1", "checkpoint.every_steps=100"]
 
@@ -305,9 +426,28 @@ def test_launch_local_2x4_matches_1x8(tmp_path, tiny_overrides):
 
     def launch(name: str, extra: list[str]) -> None:
         launched = subprocess.run(
-            [sys.executable, "-m", "wm_jax.cli", "launch", "local", "--processes", "2", "--devices-per-process", "4",
-             "--config", str(PRESET), "--workdir", str(tmp_path / name), *sets, *extra],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "wm_jax.cli",
+                "launch",
+                "local",
+                "--processes",
+                "2",
+                "--devices-per-process",
+                "4",
+                "--config",
+                str(PRESET),
+                "--workdir",
+                str(tmp_path / name),
+                *sets,
+                *extra,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
         lines = launched.stdout.splitlines()
@@ -318,8 +458,21 @@ def test_launch_local_2x4_matches_1x8(tmp_path, tiny_overrides):
     launch("multislice", ["--set", "mesh.dcn_data=2", "--set", "mesh.fsdp=2"])
 
     single = subprocess.run(
-        [sys.executable, "-m", "wm_jax.cli", "train", "--config", str(PRESET), "--workdir", str(tmp_path / "single"), *sets],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "wm_jax.cli",
+            "train",
+            "--config",
+            str(PRESET),
+            "--workdir",
+            str(tmp_path / "single"),
+            *sets,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env=cpu_env(8, base=env),
     )
     assert single.returncode == 0, single.stderr[-3000:]

@@ -40,8 +40,11 @@ def module_name(path: Path) -> str:
 
 def source_modules() -> dict[str, ast.Module]:
     """Every first-party module, parsed, by dotted name."""
-    return {module_name(p): ast.parse(p.read_text(), str(p))
-            for package in PACKAGES for p in sorted((REPO / package).rglob("*.py"))}
+    return {
+        module_name(p): ast.parse(p.read_text(), str(p))
+        for package in PACKAGES
+        for p in sorted((REPO / package).rglob("*.py"))
+    }
 
 
 def is_first_party(target: str) -> bool:
@@ -123,6 +126,7 @@ def test_the_scan_sees_the_package():
 def test_no_private_name_is_used_across_modules():
     def private_elsewhere(u: Use) -> bool:
         return bool(u.name) and u.name.startswith("_") and not u.name.startswith("__") and u.target != u.module
+
     check(private_elsewhere)
 
 
@@ -142,6 +146,7 @@ def test_no_library_module_imports_the_cli():
 def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The modules of `graph` (module -> modules it imports) that reach themselves, grouped
     by mutual reachability: each group one cycle (or a knot of cycles), sorted."""
+
     def reachable(start: str) -> set[str]:
         seen, stack = set(), [start]
         while stack:
@@ -176,12 +181,14 @@ def test_loading_and_validating_a_config_imports_no_jax():
     that needs JAX: a fresh interpreter loads and validates every preset (each stage's checks
     run) without importing it, so `wm launch --dry-run` and other config-only commands
     start fast."""
-    code = ("import sys\n"
-            "from wm_jax import config\n"
-            "from wm_jax.presets import PRESETS_DIR\n"
-            "for path in sorted(PRESETS_DIR.glob('*.yaml')):\n"
-            "    config.validate(config.load(path))\n"
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {JAX_MODULES!r}))\n")
+    code = (
+        "import sys\n"
+        "from wm_jax import config\n"
+        "from wm_jax.presets import PRESETS_DIR\n"
+        "for path in sorted(PRESETS_DIR.glob('*.yaml')):\n"
+        "    config.validate(config.load(path))\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {JAX_MODULES!r}))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"imported by wm_jax.config: {done.stdout}"

@@ -20,12 +20,15 @@ def test_slice_shapes_resolve_minus_one_inside_a_slice():
     assert sharding.mesh_shape(cfg, 8) == (4, 2, 1, 1)
 
 
-@pytest.mark.parametrize("cfg, devices, message", [
-    (MeshConfig(data=2, fsdp=2), 8, "multiply to 4 but there are the 8 devices"),
-    (MeshConfig(data=-1, tensor=3), 8, "fixed axes multiply to 3"),
-    (MeshConfig(data=-1, dcn_data=3), 8, "make 3 slices"),
-    (MeshConfig(data=-1, fsdp=-1), 8, "at most one axis may be -1"),
-])
+@pytest.mark.parametrize(
+    "cfg, devices, message",
+    [
+        (MeshConfig(data=2, fsdp=2), 8, "multiply to 4 but there are the 8 devices"),
+        (MeshConfig(data=-1, tensor=3), 8, "fixed axes multiply to 3"),
+        (MeshConfig(data=-1, dcn_data=3), 8, "make 3 slices"),
+        (MeshConfig(data=-1, fsdp=-1), 8, "at most one axis may be -1"),
+    ],
+)
 def test_bad_mesh_sizes_name_the_keys(cfg, devices, message):
     with pytest.raises(ConfigError, match=message):
         sharding.slice_shapes(cfg, devices)
@@ -145,7 +148,9 @@ def test_every_layout_trains_like_one_device(stage, tiny_overrides):
     # 4-level FSQ: the factorized head's 3x4 logits split over tensor=2.
     # The dynamics stage (slow; CI runs it) checks the layout using every kind of split.
     layouts = LAYOUTS if stage == "tokenizer" else [LAYOUTS[0], (2, 1, 2, 2)]
-    results = _layout_results(tiny_overrides + [f"train.stage={stage}", "model.tokenizer.fsq_levels=[4, 4, 4]"], layouts)
+    results = _layout_results(
+        tiny_overrides + [f"train.stage={stage}", "model.tokenizer.fsq_levels=[4, 4, 4]"], layouts
+    )
     reference = results[LAYOUTS[0]]["losses"]
     assert len(reference) == 5 and np.all(np.isfinite(reference))
     # Sharded float32 sums are reassociated: the tokenizer agrees to ~1e-5. The dynamics
@@ -160,4 +165,3 @@ def test_every_layout_trains_like_one_device(stage, tiny_overrides):
         attn_q = next(v for k, v in specs.items() if k.endswith("['spatial_attn']['query']"))
         assert _mesh_spec(mlp_in, 2) == _expected_spec(("embed", "mlp")), (layout, mlp_in)
         assert _mesh_spec(attn_q, 3) == _expected_spec(("embed", "heads", "kv")), (layout, attn_q)
-

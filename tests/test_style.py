@@ -21,7 +21,9 @@ def long_functions(root: Path, limit: int) -> list[str]:
 
 
 def test_no_library_function_is_over_80_lines():
-    too_long = [f for package in ("wm_jax", "data_pipelines") for f in long_functions(REPO / package, MAX_FUNCTION_LINES)]
+    too_long = [
+        f for package in ("wm_jax", "data_pipelines") for f in long_functions(REPO / package, MAX_FUNCTION_LINES)
+    ]
     assert not too_long, "split these into named steps:\n" + "\n".join(too_long)
 
 

@@ -22,8 +22,14 @@ def _wm(capsys, *args):
 
 def _spec(tmp_path: Path, **fields) -> Path:
     """A tokenizer-stage spec file with a fake data dir (validation never reads it)."""
-    spec = {"name": "t", "base": "tiny_cpu", "set": ["data.dir=/nowhere"], "grid": {"train.learning_rate": [0.001, 0.002]},
-            "out": str(tmp_path / "sweep"), **fields}
+    spec = {
+        "name": "t",
+        "base": "tiny_cpu",
+        "set": ["data.dir=/nowhere"],
+        "grid": {"train.learning_rate": [0.001, 0.002]},
+        "out": str(tmp_path / "sweep"),
+        **fields,
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -49,12 +55,22 @@ def test_unknown_key_in_set_and_random_are_caught(tmp_path):
 
 
 def test_arms_are_named_override_sets_crossed_with_grid_and_seeds(tmp_path):
-    arms = {"plain": {"model.dynamics.use_camera": False, "model.dynamics.use_actions": False},
-            "camera": {"model.dynamics.use_camera": True}}
+    arms = {
+        "plain": {"model.dynamics.use_camera": False, "model.dynamics.use_actions": False},
+        "camera": {"model.dynamics.use_camera": True},
+    }
     p = sweep.plan(_spec(tmp_path, arms=arms, grid={}, seeds=[0, 1]))
-    assert [r.name for r in p.runs] == ["arm-plain_seed-0", "arm-plain_seed-1", "arm-camera_seed-0", "arm-camera_seed-1"]
+    assert [r.name for r in p.runs] == [
+        "arm-plain_seed-0",
+        "arm-plain_seed-1",
+        "arm-camera_seed-0",
+        "arm-camera_seed-1",
+    ]
     plain, camera = p.runs[0].config.model.dynamics, p.runs[2].config.model.dynamics
-    assert (plain.use_camera, plain.use_actions) == (False, False) and (camera.use_camera, camera.use_actions) == (True, True)
+    assert (plain.use_camera, plain.use_actions) == (False, False) and (camera.use_camera, camera.use_actions) == (
+        True,
+        True,
+    )
     assert p.runs[3].varied == {"arm": "camera", "seed": 1} and p.runs[3].config.seed == 1
 
 
@@ -100,10 +116,15 @@ def test_dynamics_sweep_needs_a_tokenizer(tmp_path, capsys):
 
 
 def test_shipped_specs_expand():
-    ablation = sweep.plan(REPO / "experiments/sweeps/actions_ablation.yaml",
-                          ["data.dir=/d", "train.tokenizer_workdir=/tok"])
+    ablation = sweep.plan(
+        REPO / "experiments/sweeps/actions_ablation.yaml", ["data.dir=/d", "train.tokenizer_workdir=/tok"]
+    )
     assert [r.name for r in ablation.runs] == [
-        "use_actions-true_seed-0", "use_actions-true_seed-1", "use_actions-false_seed-0", "use_actions-false_seed-1"]
+        "use_actions-true_seed-0",
+        "use_actions-true_seed-1",
+        "use_actions-false_seed-0",
+        "use_actions-false_seed-1",
+    ]
     assert all(r.config.train.stage == "dynamics" for r in ablation.runs)
     assert ablation.runs[3].config.model.dynamics.use_actions is False and ablation.runs[3].config.seed == 1
     mini = sweep.plan(REPO / "experiments/sweeps/mini_ci.yaml", ["data.dir=/d"])
@@ -124,9 +145,12 @@ def test_run_names_are_stable_and_ignore_grid_key_order(tmp_path):
 
 
 def test_run_names_stay_unique_and_filesystem_safe():
-    combos = [{"model.tokenizer.embed_dim": 32, "model.dynamics.embed_dim": 32, "data.dir": "a/b c"},
-              {"model.tokenizer.embed_dim": 32, "model.dynamics.embed_dim": 64, "data.dir": "a/b c"},
-              {"model.tokenizer.fsq_levels": [5, 5, 5]}, {"model.tokenizer.fsq_levels": [8, 5, 5, 5]}]
+    combos = [
+        {"model.tokenizer.embed_dim": 32, "model.dynamics.embed_dim": 32, "data.dir": "a/b c"},
+        {"model.tokenizer.embed_dim": 32, "model.dynamics.embed_dim": 64, "data.dir": "a/b c"},
+        {"model.tokenizer.fsq_levels": [5, 5, 5]},
+        {"model.tokenizer.fsq_levels": [8, 5, 5, 5]},
+    ]
     names = sweep.run_names(combos)
     assert len(set(names)) == 4
     assert all(sweep.SAFE_NAME.match(n) for n in names)
@@ -137,8 +161,14 @@ def test_run_names_stay_unique_and_filesystem_safe():
 
 
 def test_random_samples_are_reproducible(tmp_path):
-    random = {"samples": 3, "seed": 7, "keys": {"train.learning_rate": {"loguniform": [1e-4, 1e-2]},
-                                                "model.dynamics.head": {"choice": ["factorized", "joint"]}}}
+    random = {
+        "samples": 3,
+        "seed": 7,
+        "keys": {
+            "train.learning_rate": {"loguniform": [1e-4, 1e-2]},
+            "model.dynamics.head": {"choice": ["factorized", "joint"]},
+        },
+    }
     a, b = sweep.plan(_spec(tmp_path, random=random)), sweep.plan(_spec(tmp_path, random=random))
     assert len(a.runs) == 6 and [r.overrides for r in a.runs] == [r.overrides for r in b.runs]
     assert all(1e-4 <= r.config.train.learning_rate <= 1e-2 for r in a.runs)
@@ -198,7 +228,9 @@ def test_miniature_sweep_end_to_end(tmp_path, tiny_dataset, capsys):
     names = ["learning_rate-0.001", "learning_rate-0.003"]
     assert out.split() == [names[0], "ran", names[1], "ran"]
     record = json.loads((out_dir / "sweep.json").read_text())
-    assert [r["name"] for r in record["runs"]] == names and record["runs"][1]["varied"] == {"train.learning_rate": 0.003}
+    assert [r["name"] for r in record["runs"]] == names and record["runs"][1]["varied"] == {
+        "train.learning_rate": 0.003
+    }
     runs = out_dir / "runs"
     logged = {n: (runs / n / "metrics.jsonl").read_text() for n in names}
     assert all(json.loads((runs / n / "train_summary.json").read_text())["step"] == 2 for n in names)

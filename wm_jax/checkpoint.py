@@ -73,8 +73,10 @@ EXECUTION_KEYS = ("dtype", "attention", "remat", "remat_policy")
 
 def with_defaults(values: dict, defaults: dict) -> dict:
     """`values` with each key it lacks (section by section) at its value in `defaults`."""
-    filled = {k: with_defaults(values[k], d) if isinstance(d, dict) and isinstance(values.get(k), dict)
-              else values.get(k, d) for k, d in defaults.items()}
+    filled = {
+        k: with_defaults(values[k], d) if isinstance(d, dict) and isinstance(values.get(k), dict) else values.get(k, d)
+        for k, d in defaults.items()
+    }
     return {**values, **filled}
 
 
@@ -94,8 +96,13 @@ def model_mismatch(saved: dict, current: Config) -> list[str]:
     return walk(saved_model, current_model, "model")
 
 
-def check_compatible(manager: ocp.CheckpointManager, step: int, cfg: Config, workdir: str | Path,
-                     fix: str = "Use a new --workdir or the same model config.") -> None:
+def check_compatible(
+    manager: ocp.CheckpointManager,
+    step: int,
+    cfg: Config,
+    workdir: str | Path,
+    fix: str = "Use a new --workdir or the same model config.",
+) -> None:
     """Refuses a checkpoint whose model config differs from `cfg` (exit 2 in the CLI): a
     ConfigError naming each differing key, then `fix`."""
     diffs = model_mismatch(saved_config(manager, step), cfg)
@@ -209,8 +216,10 @@ def verify_step(step_dir: Path) -> None:
     actual = file_digests(step_dir)
     altered = sorted(name for name, digest in recorded.items() if actual.get(name) != digest)
     if altered:
-        raise CheckpointError(f"checkpoint {step_dir}: sha256 mismatch in {', '.join(altered[:5])}"
-                              + (f" and {len(altered) - 5} more" if len(altered) > 5 else ""))
+        raise CheckpointError(
+            f"checkpoint {step_dir}: sha256 mismatch in {', '.join(altered[:5])}"
+            + (f" and {len(altered) - 5} more" if len(altered) > 5 else "")
+        )
 
 
 def require_finite(tree: Any, step_dir: Path) -> Any:
@@ -277,8 +286,12 @@ def restore_newest_good(
     return None
 
 
-def read_good(workdir: str | Path, step: int | None, read: Callable[[ocp.CheckpointManager, int], Any],
-              warn: Callable[[str], None]) -> tuple[int, Any]:
+def read_good(
+    workdir: str | Path,
+    step: int | None,
+    read: Callable[[ocp.CheckpointManager, int], Any],
+    warn: Callable[[str], None],
+) -> tuple[int, Any]:
     """(step, read(manager, step)) for the newest checkpoint of a run that passes
     `verify_step`, reads and is finite, or for `step` when given. Readers never move
     anything: a damaged step is named through `warn` and the one before it tried.

@@ -385,10 +385,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for name, value in values.items():
         if name not in names:
-            raise ConfigError(
-                f"unknown config key '{prefix}{name}'"
-                + closest(f"{prefix}{name}", _all_keys(Config))
-            )
+            raise ConfigError(f"unknown config key '{prefix}{name}'" + closest(f"{prefix}{name}", _all_keys(Config)))
         kwargs[name] = _coerce(value, hints[name], prefix + name)
     return cls(**kwargs)
 
@@ -548,7 +545,9 @@ def _check_choices(cfg: Config) -> None:
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {allowed}; got '{value}'" + closest(value, list(allowed)))
+            raise ConfigError(
+                f"config key '{key}' must be one of {allowed}; got '{value}'" + closest(value, list(allowed))
+            )
 
 
 def _check_positive(cfg: Config) -> None:
@@ -583,18 +582,23 @@ def _check_positive(cfg: Config) -> None:
 def _check_data_sources(cfg: Config) -> None:
     """One dataset or a mixture, and each mixture entry a directory with a positive weight."""
     if cfg.data.mixture and cfg.data.dir:
-        raise ConfigError("config keys 'data.dir' and 'data.mixture' are both set: train on one dataset or on a mixture")
+        raise ConfigError(
+            "config keys 'data.dir' and 'data.mixture' are both set: train on one dataset or on a mixture"
+        )
     for i, (data_dir, weight) in enumerate(cfg.data.mixture):
         if not data_dir or weight <= 0:
-            raise ConfigError(f"config key 'data.mixture[{i}]' must be [DIR, weight] with a directory and a "
-                              f"weight > 0; got {[data_dir, weight]}")
+            raise ConfigError(
+                f"config key 'data.mixture[{i}]' must be [DIR, weight] with a directory and a "
+                f"weight > 0; got {[data_dir, weight]}"
+            )
 
 
 def _check_model(cfg: Config) -> None:
     """Model shapes fit together: patches tile the image, heads split the width, codebooks are usable."""
     lam = cfg.model.latent_actions
     for key, patch_size in (
-        ("model.tokenizer", cfg.model.tokenizer.patch_size), ("model.latent_actions", lam.patch_size)
+        ("model.tokenizer", cfg.model.tokenizer.patch_size),
+        ("model.latent_actions", lam.patch_size),
     ):
         if cfg.model.image_size % patch_size:
             raise ConfigError(
@@ -602,11 +606,17 @@ def _check_model(cfg: Config) -> None:
                 f"'{key}.patch_size' ({patch_size})"
             )
     if lam.num_latent_actions < 2:
-        raise ConfigError(f"config key 'model.latent_actions.num_latent_actions' must be >= 2; got {lam.num_latent_actions}")
+        raise ConfigError(
+            f"config key 'model.latent_actions.num_latent_actions' must be >= 2; got {lam.num_latent_actions}"
+        )
     if lam.commitment_weight < 0:
-        raise ConfigError(f"config key 'model.latent_actions.commitment_weight' must be >= 0; got {lam.commitment_weight}")
+        raise ConfigError(
+            f"config key 'model.latent_actions.commitment_weight' must be >= 0; got {lam.commitment_weight}"
+        )
     for key, sub in (
-        ("model.tokenizer", cfg.model.tokenizer), ("model.dynamics", cfg.model.dynamics), ("model.latent_actions", lam)
+        ("model.tokenizer", cfg.model.tokenizer),
+        ("model.dynamics", cfg.model.dynamics),
+        ("model.latent_actions", lam),
     ):
         if sub.embed_dim % sub.num_heads:
             raise ConfigError(
@@ -620,29 +630,39 @@ def _check_model(cfg: Config) -> None:
 def _check_ranges(cfg: Config) -> None:
     """Bounded values: action dropout, context corruption and the diffusion noise levels in [0, 1), sampling
     settings and the temporal window >= 0, the shortcut step counts powers of two."""
-    unit = {"model.dynamics.action_dropout": cfg.model.dynamics.action_dropout,
-            "model.dynamics.context_corruption": cfg.model.dynamics.context_corruption,
-            "model.dynamics.context_noise": cfg.model.dynamics.context_noise,
-            "model.dynamics.sample_context_noise": cfg.model.dynamics.sample_context_noise}
+    unit = {
+        "model.dynamics.action_dropout": cfg.model.dynamics.action_dropout,
+        "model.dynamics.context_corruption": cfg.model.dynamics.context_corruption,
+        "model.dynamics.context_noise": cfg.model.dynamics.context_noise,
+        "model.dynamics.sample_context_noise": cfg.model.dynamics.sample_context_noise,
+    }
     for key, v in unit.items():
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"config key '{key}' must be in [0, 1); got {v}")
     if cfg.eval.temperature < 0 or cfg.eval.top_k < 0 or not cfg.eval.guidance >= 0:
-        raise ConfigError(f"config keys 'eval.temperature', 'eval.top_k' and 'eval.guidance' must be >= 0; got "
-                          f"{cfg.eval.temperature}, {cfg.eval.top_k}, {cfg.eval.guidance}")
-    steps = {"model.dynamics.shortcut_max_steps": cfg.model.dynamics.shortcut_max_steps,
-             "model.dynamics.sampling_steps": cfg.model.dynamics.sampling_steps}
+        raise ConfigError(
+            f"config keys 'eval.temperature', 'eval.top_k' and 'eval.guidance' must be >= 0; got "
+            f"{cfg.eval.temperature}, {cfg.eval.top_k}, {cfg.eval.guidance}"
+        )
+    steps = {
+        "model.dynamics.shortcut_max_steps": cfg.model.dynamics.shortcut_max_steps,
+        "model.dynamics.sampling_steps": cfg.model.dynamics.sampling_steps,
+    }
     for key, v in steps.items():
         if v < 1 or v & (v - 1):
             raise ConfigError(f"config key '{key}' must be a power of two; got {v}")
     if cfg.eval.render == "carry" and cfg.model.tokenizer.bottleneck != "fsq":
-        raise ConfigError("config key 'eval.render' = 'carry' needs FSQ codes (model.tokenizer.bottleneck: fsq): "
-                          "continuous latents never repeat exactly")
+        raise ConfigError(
+            "config key 'eval.render' = 'carry' needs FSQ codes (model.tokenizer.bottleneck: fsq): "
+            "continuous latents never repeat exactly"
+        )
     if cfg.model.dynamics.sampling_steps > cfg.model.dynamics.shortcut_max_steps:
         raise ConfigError("config key 'model.dynamics.sampling_steps' must be <= 'model.dynamics.shortcut_max_steps'")
     if cfg.model.dynamics.temporal_window < 0:
-        raise ConfigError(f"config key 'model.dynamics.temporal_window' must be >= 0 (0: whole clip); "
-                          f"got {cfg.model.dynamics.temporal_window}")
+        raise ConfigError(
+            f"config key 'model.dynamics.temporal_window' must be >= 0 (0: whole clip); "
+            f"got {cfg.model.dynamics.temporal_window}"
+        )
 
 
 def _check_stage(cfg: Config) -> None:

@@ -110,8 +110,10 @@ def plan(
             raise ConfigError(f"{given} given but no coordinator: set --coordinator or {ENV_COORDINATOR}")
         address, address_source = settings["coordinator"]
         address = _check_coordinator(str(address), address_source)
-        for key, what, flag, env in (("count", "process count", "--num-processes", ENV_NUM_PROCESSES),
-                                     ("index", "process id", "--process-id", ENV_PROCESS_ID)):
+        for key, what, flag, env in (
+            ("count", "process count", "--num-processes", ENV_NUM_PROCESSES),
+            ("index", "process id", "--process-id", ENV_PROCESS_ID),
+        ):
             if key not in settings:
                 raise ConfigError(f"{address_source} is set but the {what} is not: set {flag} or {env}")
         count, index = _int_setting(*settings["count"]), _int_setting(*settings["index"])
@@ -179,7 +181,9 @@ def barrier(name: str, timeout_s: float = 300.0) -> None:
     state = _runtime()
     if state.client is None:
         if jax.process_count() > 1:  # e.g. a TPU pod that never joined the runtime
-            raise RuntimeError(f"barrier {name!r} needs the distributed runtime: call wm_jax.distributed.initialize() first")
+            raise RuntimeError(
+                f"barrier {name!r} needs the distributed runtime: call wm_jax.distributed.initialize() first"
+            )
         return
     count, me, client = state.num_processes, state.process_id, state.client
     if count == 1:

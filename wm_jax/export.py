@@ -38,11 +38,19 @@ def _write(workdir: Path, out: Path, step: int | None) -> dict:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out.resolve() / "params", params)
     config_lib.dump(cfg, out / "config.yaml")
-    source_manifest = json.loads((workdir / "manifest.json").read_text()) if (workdir / "manifest.json").exists() else None
+    source_manifest = (
+        json.loads((workdir / "manifest.json").read_text()) if (workdir / "manifest.json").exists() else None
+    )
     (out / "manifest.json").write_text(
-        json.dumps({"export": provenance.run_manifest(dataset_hash=(source_manifest or {}).get("dataset_hash", ""),
-                                                      mesh_shape=dict(mesh.shape), step=step),
-                    "run": source_manifest}, indent=2)
+        json.dumps(
+            {
+                "export": provenance.run_manifest(
+                    dataset_hash=(source_manifest or {}).get("dataset_hash", ""), mesh_shape=dict(mesh.shape), step=step
+                ),
+                "run": source_manifest,
+            },
+            indent=2,
+        )
     )
     info = {"format": BUNDLE_FORMAT, "source": str(workdir.resolve()), "step": step, "stage": cfg.train.stage}
     for stage in get_stage(cfg.train.stage).bundled:  # what inference needs besides these params

@@ -46,7 +46,9 @@ def is_bundle(path: str | Path) -> bool:
 def read_bundle(path: str | Path) -> dict:
     info = json.loads((Path(path) / "bundle.json").read_text())
     if info.get("format") != BUNDLE_FORMAT:
-        raise ckpt.CheckpointError(f"{path}: unsupported bundle format {info.get('format')!r} (expected {BUNDLE_FORMAT})")
+        raise ckpt.CheckpointError(
+            f"{path}: unsupported bundle format {info.get('format')!r} (expected {BUNDLE_FORMAT})"
+        )
     return info
 
 
@@ -138,7 +140,9 @@ def relocated(cfg: Config, workdir: Path) -> Config:
 
     def move(value: str) -> str:
         candidate = Path(os.path.normpath(here / os.path.relpath(value, origin)))
-        return str(candidate) if Path(value).is_absolute() and not Path(value).exists() and candidate.exists() else value
+        return (
+            str(candidate) if Path(value).is_absolute() and not Path(value).exists() and candidate.exists() else value
+        )
 
     return map_paths(cfg, move)
 
@@ -152,8 +156,10 @@ def check_dataset(cfg: Config, data_dir: str, split: str, warn: Callable[[str], 
     if not data_dir:
         raise ConfigError("config key 'data.dir' is empty: point it at a dataset made by `wm data make`")
     if not Path(data_dir).is_dir():
-        raise DatasetError(f"dataset directory {data_dir} does not exist (config key 'data.dir'; `wm eval` and "
-                           f"`wm generate` take --data DIR for a run whose dataset has moved)")
+        raise DatasetError(
+            f"dataset directory {data_dir} does not exist (config key 'data.dir'; `wm eval` and "
+            f"`wm generate` take --data DIR for a run whose dataset has moved)"
+        )
     try:
         manifest = verify_dataset(data_dir)
     except DatasetError as e:
@@ -166,8 +172,7 @@ def check_dataset(cfg: Config, data_dir: str, split: str, warn: Callable[[str], 
     size = manifest["frame_size"]
     if size != cfg.model.image_size:
         raise ConfigError(
-            f"config key 'model.image_size' is {cfg.model.image_size} but dataset {data_dir} has "
-            f"{size}x{size} frames"
+            f"config key 'model.image_size' is {cfg.model.image_size} but dataset {data_dir} has {size}x{size} frames"
         )
     return manifest
 
@@ -194,9 +199,12 @@ def check_mixture(cfg: Config, split: str, warn: Callable[[str], None] | None = 
         telemetry.info(f"data.mixture: fields {dropped} are not in every dataset with one dtype and shape: not batched")
     hashes, weights = [m["content_hash"] for m in manifests], [w for _, w in cfg.data.mixture]
     datasets = [{"dir": d, "weight": w, "content_hash": h} for (d, w), h in zip(cfg.data.mixture, hashes)]
-    return {"frame_size": manifests[0]["frame_size"], "fields": {k: manifests[0]["fields"][k] for k in kept},
-            "content_hash": mixture_lib.mixture_hash(hashes, weights),
-            "mixture": {"datasets": datasets, "fields": kept, "dropped_fields": dropped}}
+    return {
+        "frame_size": manifests[0]["frame_size"],
+        "fields": {k: manifests[0]["fields"][k] for k in kept},
+        "content_hash": mixture_lib.mixture_hash(hashes, weights),
+        "mixture": {"datasets": datasets, "fields": kept, "dropped_fields": dropped},
+    }
 
 
 def load_run_config(workdir: str | Path) -> Config:
@@ -249,8 +257,14 @@ def restore_params(workdir: str | Path, mesh: Any, rules: Any, step: int | None 
         return load_bundle_params(workdir, abstract.params), run_cfg, info["step"]
 
     def read(manager: Any, s: int) -> Any:
-        ckpt.check_compatible(manager, s, run_cfg, workdir, fix=f"Was {Path(workdir) / 'config.yaml'} edited after "
-                              "training? Restore its model section (the checkpoint's config is in its config/ item).")
+        ckpt.check_compatible(
+            manager,
+            s,
+            run_cfg,
+            workdir,
+            fix=f"Was {Path(workdir) / 'config.yaml'} edited after "
+            "training? Restore its model section (the checkpoint's config is in its config/ item).",
+        )
         return ckpt.restore_params(manager, s, abstract.params)
 
     step, params = ckpt.read_good(workdir, step, read, warn=telemetry.warn)

@@ -71,8 +71,9 @@ def device_granule(device: Any) -> int:
     return device.process_index
 
 
-def hybrid_device_array(ici: tuple[int, ...], dcn: tuple[int, ...], devices: list[Any],
-                        granule_of: Callable[[Any], int] = device_granule) -> np.ndarray:
+def hybrid_device_array(
+    ici: tuple[int, ...], dcn: tuple[int, ...], devices: list[Any], granule_of: Callable[[Any], int] = device_granule
+) -> np.ndarray:
     """Devices arranged [dcn_0*ici_0, ...]: on each axis the slice index is the outer
     part, so in-slice neighbours (fast links) are adjacent and only the DCN part of an
     axis crosses slices."""
@@ -91,8 +92,9 @@ def hybrid_device_array(ici: tuple[int, ...], dcn: tuple[int, ...], devices: lis
     return arr.transpose(order).reshape([d * i for d, i in zip(dcn, ici)])
 
 
-def make_mesh(cfg: MeshConfig, devices: list[Any] | None = None,
-              granule_of: Callable[[Any], int] = device_granule) -> Mesh:
+def make_mesh(
+    cfg: MeshConfig, devices: list[Any] | None = None, granule_of: Callable[[Any], int] = device_granule
+) -> Mesh:
     """The `data, fsdp, tensor, sequence` mesh over `devices` (default: all), ordered by
     `jax.experimental.mesh_utils` for the hardware's topology within each slice."""
     devices = list(devices if devices is not None else jax.devices())
@@ -178,4 +180,3 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, rules: Any) -> None:
             f"config key 'data.batch_size' ({global_batch}) must be divisible by the batch "
             f"shards of the mesh ({shards}) and the process count ({jax.process_count()})"
         )
-

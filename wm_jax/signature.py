@@ -62,8 +62,10 @@ def problems(sidecar: dict[str, Any], key: int) -> list[str]:
     found = []
     expected = hmac.new(signing_key(key), canonical(signed), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, str(signature.get("hmac", ""))):
-        found.append("signature does not verify under this key: the sidecar was signed with another key, "
-                     "or its signed digests were edited")
+        found.append(
+            "signature does not verify under this key: the sidecar was signed with another key, "
+            "or its signed digests were edited"
+        )
     actual = field_digests(sidecar)
     edited = sorted(name for name in set(signed) | set(actual) if signed.get(name) != actual.get(name))
     found += [f"field '{name}' differs from what was signed (edited, added or removed)" for name in edited]

@@ -49,8 +49,10 @@ def objective_problem(cfg: Any) -> str | None:
     name = cfg.model.dynamics.objective
     rules = OBJECTIVES[name]
     if cfg.model.tokenizer.bottleneck != rules.bottleneck:
-        return (f"config key 'model.dynamics.objective' '{name}' needs 'model.tokenizer.bottleneck: "
-                f"{rules.bottleneck}' (the tokenizer run's); got '{cfg.model.tokenizer.bottleneck}'")
+        return (
+            f"config key 'model.dynamics.objective' '{name}' needs 'model.tokenizer.bottleneck: "
+            f"{rules.bottleneck}' (the tokenizer run's); got '{cfg.model.tokenizer.bottleneck}'"
+        )
     if cfg.data.latent_cache and not rules.reads_latent_cache:
         return f"config key 'data.latent_cache' holds FSQ token ids: not for the '{name}' objective"
     for key in rules.refused:
@@ -68,8 +70,10 @@ def inferred_actions_problem(cfg: Any) -> str | None:
     if not dc.use_actions:
         return "config key 'train.latent_actions_workdir' needs 'model.dynamics.use_actions: true'"
     if dc.num_actions < lam.num_latent_actions:
-        return (f"config key 'model.dynamics.num_actions' ({dc.num_actions}) must cover the latent "
-                f"action vocabulary 'model.latent_actions.num_latent_actions' ({lam.num_latent_actions})")
+        return (
+            f"config key 'model.dynamics.num_actions' ({dc.num_actions}) must cover the latent "
+            f"action vocabulary 'model.latent_actions.num_latent_actions' ({lam.num_latent_actions})"
+        )
     return None
 
 
@@ -106,8 +110,10 @@ def stage_problem(cfg: Any) -> str | None:
         return problem
     if cfg.data.latent_cache and (not rules.reads_latent_cache or cfg.data.mixture):
         readers = " or ".join(r.name for r in RULES.values() if r.reads_latent_cache)
-        return (f"config key 'data.latent_cache' is for the {readers} stage on one dataset ('data.dir'), "
-                "not a mixture or another stage")
+        return (
+            f"config key 'data.latent_cache' is for the {readers} stage on one dataset ('data.dir'), "
+            "not a mixture or another stage"
+        )
     if cfg.data.frames_per_clip < rules.min_frames:
         return f"config key 'data.frames_per_clip' must be >= {rules.min_frames} for the {rules.name} stage"
     return None

@@ -47,8 +47,14 @@ def peak_tflops(device_kind: str, dtype: str, override: float = 0.0) -> float | 
     return None
 
 
-def throughput(step_s: float, flops_per_step: float, tokens_per_step: int, frames_per_step: int,
-               num_devices: int, peak: float | None) -> dict[str, float]:
+def throughput(
+    step_s: float,
+    flops_per_step: float,
+    tokens_per_step: int,
+    frames_per_step: int,
+    num_devices: int,
+    peak: float | None,
+) -> dict[str, float]:
     """Per-step rates: tokens/s, frames/s, TFLOP/s per device and MFU (absent without a peak)."""
     tflops = flops_per_step / step_s / num_devices / 1e12
     rates = {

@@ -14,6 +14,7 @@ The records carry no camera or entity fields: absent from the spec, they are unk
 every frame. ale-py (the `envs` extra) is imported on first use, so the other sources
 work without it.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -56,7 +57,7 @@ def _normalise(name: str) -> str:
 
 
 def display_name(rom: str) -> str:
-    """"montezuma_revenge" → "MontezumaRevenge" (the usual Gym-style game name)."""
+    """ "montezuma_revenge" → "MontezumaRevenge" (the usual Gym-style game name)."""
     return "".join(part.capitalize() for part in rom.split("_"))
 
 
@@ -77,7 +78,8 @@ def rom_id(game: str) -> str:
     raise DatasetError(
         f"unknown Atari game {game!r}; {hint}valid names include "
         f"{', '.join(display_name(r) for r in EXAMPLE_GAMES)} ({len(roms)} games in all, "
-        f"see ale_py.roms.get_all_rom_ids())")
+        f"see ale_py.roms.get_all_rom_ids())"
+    )
 
 
 def check_params(game: str, policy: str, frameskip: int, sticky_prob: float) -> str:
@@ -108,8 +110,7 @@ def episode_seeds(seed: int, episode_id: int) -> tuple[int, np.random.Generator]
     return int(ale_ss.generate_state(1)[0] >> 1), np.random.default_rng(policy_ss)
 
 
-def policy_actions(rng: np.random.Generator, num_frames: int, num_actions: int,
-                   repeat_prob: float) -> np.ndarray:
+def policy_actions(rng: np.random.Generator, num_frames: int, num_actions: int, repeat_prob: float) -> np.ndarray:
     """int32 [num_frames] uniform actions, each repeating the previous one with prob repeat_prob."""
     fresh = rng.integers(0, num_actions, size=num_frames)
     keep = rng.random(num_frames) < repeat_prob
@@ -145,15 +146,23 @@ def resize_area(image: np.ndarray, size: int) -> np.ndarray:
 def check_actions(actions: Sequence[int] | np.ndarray, num_actions: int) -> np.ndarray:
     """int32 [T] (T >= 1) indices into the minimal action set; ValueError otherwise."""
     actions = np.asarray(actions)
-    if (actions.ndim != 1 or not len(actions) or not np.issubdtype(actions.dtype, np.integer)
-            or actions.min() < 0 or actions.max() >= num_actions):
-        raise ValueError(f"actions must be a non-empty 1-D array of ints in [0, {num_actions}), "
-                         f"got {actions.dtype} of shape {actions.shape}")
+    if (
+        actions.ndim != 1
+        or not len(actions)
+        or not np.issubdtype(actions.dtype, np.integer)
+        or actions.min() < 0
+        or actions.max() >= num_actions
+    ):
+        raise ValueError(
+            f"actions must be a non-empty 1-D array of ints in [0, {num_actions}), "
+            f"got {actions.dtype} of shape {actions.shape}"
+        )
     return actions.astype(np.int32)
 
 
-def play(ale: ale_py.ALEInterface, action_set: list, actions: np.ndarray, frameskip: int,
-         size: int) -> Iterator[tuple[np.ndarray, float, bool]]:
+def play(
+    ale: ale_py.ALEInterface, action_set: list, actions: np.ndarray, frameskip: int, size: int
+) -> Iterator[tuple[np.ndarray, float, bool]]:
     """Per action: (frame uint8 [S, S, 3] shown before it, reward summed over the `frameskip`
     emulator frames it is held for, whether the game is over after them)."""
     for a in actions:
@@ -162,9 +171,18 @@ def play(ale: ale_py.ALEInterface, action_set: list, actions: np.ndarray, frames
         yield frame, float(reward), ale.game_over()
 
 
-def generate_episode(seed: int, episode_id: int, num_frames: int, size: int, *, game: str,
-                     policy: str, frameskip: int, sticky_prob: float,
-                     actions: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+def generate_episode(
+    seed: int,
+    episode_id: int,
+    num_frames: int,
+    size: int,
+    *,
+    game: str,
+    policy: str,
+    frameskip: int,
+    sticky_prob: float,
+    actions: np.ndarray | None = None,
+) -> list[dict[str, np.ndarray]]:
     """Schema records (fields `FIELDS`) of one episode, deterministic in (seed, episode_id):
     at most `num_frames` steps, fewer if the game ends first.
 
@@ -184,17 +202,19 @@ def generate_episode(seed: int, episode_id: int, num_frames: int, size: int, *, 
         raise ValueError(f"got {len(actions)} actions for {num_frames} frames")
     records = []
     for t, (frame, reward, over) in enumerate(play(ale, action_set, actions, frameskip, size)):
-        records.append({
-            "episode_id": np.asarray(episode_id, np.int64),
-            "t": np.asarray(t, np.int32),
-            "frame": frame,
-            "action": np.asarray(actions[t], np.int32),
-            "shot_id": np.asarray(0, np.int32),  # one fixed view: a single shot
-            "cut": np.asarray(t == 0),
-            "timecode": np.asarray(t * frameskip / EMULATOR_FPS, np.float32),
-            "reward": np.asarray(reward, np.float32),
-            "done": np.asarray(over or t == num_frames - 1),
-        })
+        records.append(
+            {
+                "episode_id": np.asarray(episode_id, np.int64),
+                "t": np.asarray(t, np.int32),
+                "frame": frame,
+                "action": np.asarray(actions[t], np.int32),
+                "shot_id": np.asarray(0, np.int32),  # one fixed view: a single shot
+                "cut": np.asarray(t == 0),
+                "timecode": np.asarray(t * frameskip / EMULATOR_FPS, np.float32),
+                "reward": np.asarray(reward, np.float32),
+                "done": np.asarray(over or t == num_frames - 1),
+            }
+        )
         if over:
             break
     return records
@@ -217,8 +237,12 @@ def describe(*, game: str, policy: str, frameskip: int, sticky_prob: float) -> d
     `model.dynamics.num_actions` must be), and the ale-py version."""
     rom = check_params(game, policy, frameskip, sticky_prob)
     action_set = make_emulator(rom, 0).getMinimalActionSet()
-    return {"rom": rom, "action_set": [a.name for a in action_set], "num_actions": len(action_set),
-            "ale_py_version": _ale_py().__version__}
+    return {
+        "rom": rom,
+        "action_set": [a.name for a in action_set],
+        "num_actions": len(action_set),
+        "ale_py_version": _ale_py().__version__,
+    }
 
 
 def replay_path(episode_id: int) -> str:
@@ -247,8 +271,7 @@ def _decode_replay(data: bytes, where: str) -> tuple[int, bytes]:
     return ale_seed, state
 
 
-def _start_emulator(data_dir: str | os.PathLike, episode_id: int
-                    ) -> tuple[ale_py.ALEInterface, list, dict, dict]:
+def _start_emulator(data_dir: str | os.PathLike, episode_id: int) -> tuple[ale_py.ALEInterface, list, dict, dict]:
     """(emulator restored to the episode's stored start state, its minimal action set, the
     manifest's source params, the manifest). DatasetError if the dataset is not Atari, the
     episode unknown, its replay file missing or corrupt, or the action set changed."""
@@ -263,13 +286,15 @@ def _start_emulator(data_dir: str | os.PathLike, episode_id: int
     ale.restoreState(_ale_py().ALEState(state))
     action_set = ale.getMinimalActionSet()
     if [a.name for a in action_set] != params["action_set"]:
-        raise DatasetError(f"this ale-py's minimal action set for {params['rom']} differs from "
-                           f"the dataset's {params['action_set']}")
+        raise DatasetError(
+            f"this ale-py's minimal action set for {params['rom']} differs from the dataset's {params['action_set']}"
+        )
     return ale, action_set, params, manifest
 
 
-def replay_episode(data_dir: str | os.PathLike, episode_id: int,
-                   actions: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+def replay_episode(
+    data_dir: str | os.PathLike, episode_id: int, actions: Sequence[int] | np.ndarray | None = None
+) -> np.ndarray:
     """uint8 [T, S, S, 3]: the frames the emulator shows, restored from the episode's stored
     start state, before each of `actions` (int [T] minimal-action-set indices; default the
     recorded ones, which reproduces the recorded frames bit for bit). Every action is
@@ -279,12 +304,10 @@ def replay_episode(data_dir: str | os.PathLike, episode_id: int,
     if actions is None:
         actions = writer.read_episode(data_dir, manifest, episode_id)["action"]
     actions = check_actions(actions, len(action_set))
-    return np.stack([frame for frame, _, _ in play(ale, action_set, actions,
-                                                   params["frameskip"], params["size"])])
+    return np.stack([frame for frame, _, _ in play(ale, action_set, actions, params["frameskip"], params["size"])])
 
 
-def emulator_at(data_dir: str | os.PathLike, episode_id: int, step: int
-                ) -> tuple[ale_py.ALEInterface, list, dict]:
+def emulator_at(data_dir: str | os.PathLike, episode_id: int, step: int) -> tuple[ale_py.ALEInterface, list, dict]:
     """(emulator, minimal action set, source params) of episode `episode_id` after its first
     `step` recorded actions, i.e. showing recorded frame `step` (0 <= step < length).
 
@@ -299,13 +322,16 @@ def emulator_at(data_dir: str | os.PathLike, episode_id: int, step: int
     passed = [frame for frame, _, _ in play(ale, action_set, recorded["action"][:step], params["frameskip"], size)]
     passed.append(resize_area(ale.getScreenRGB(), size))
     if not np.array_equal(np.stack(passed), recorded["frame"][: step + 1]):
-        raise DatasetError(f"replaying episode {episode_id} of {data_dir} to step {step} does not "
-                           "reproduce its recorded frames (another ale-py or ROM?)")
+        raise DatasetError(
+            f"replaying episode {episode_id} of {data_dir} to step {step} does not "
+            "reproduce its recorded frames (another ale-py or ROM?)"
+        )
     return ale, action_set, params
 
 
-def frames_after(ale: ale_py.ALEInterface, action_set: list, actions: np.ndarray, frameskip: int,
-                 size: int) -> np.ndarray:
+def frames_after(
+    ale: ale_py.ALEInterface, action_set: list, actions: np.ndarray, frameskip: int, size: int
+) -> np.ndarray:
     """uint8 [T, S, S, 3]: the frame shown after each of `actions` (int [T] minimal-action-set
     indices), each held `frameskip` emulator frames; what a record's action leads to."""
     out = []
@@ -316,8 +342,9 @@ def frames_after(ale: ale_py.ALEInterface, action_set: list, actions: np.ndarray
     return np.stack(out)
 
 
-def branch_frames(data_dir: str | os.PathLike, episode_id: int, step: int,
-                  branches: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
+def branch_frames(
+    data_dir: str | os.PathLike, episode_id: int, step: int, branches: Sequence[Sequence[int] | np.ndarray]
+) -> np.ndarray:
     """uint8 [K, T, S, S, 3]: from episode `episode_id` at recorded frame `step` (see
     `emulator_at`), the frames after each action of each of the K branches (int [T] action
     sequences), every branch starting from the same emulator state (RNG included): the

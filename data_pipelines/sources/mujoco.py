@@ -20,6 +20,7 @@ Frames are rendered offscreen with MUJOCO_GL (egl unless set; osmesa also works)
 are bit-identical on one machine but may differ slightly across GL implementations; the
 poses do not. mujoco (the `mujoco` extra) is imported on first use.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,9 +48,9 @@ SHOT_LENGTH_RANGE = (8, 16)  # inclusive, in steps
 FOVY = 45.0  # vertical field of view, degrees (MuJoCo's default)
 # Speeds per step. At FOVY 45 and S = 32 a pixel is ~1.4 degrees, so pans move the view
 # by ~1-3 px/step: steady, and well within what `estimate_shift` measures.
-PAN_RATE = np.radians((1.5, 4.0))      # rad/step
-ORBIT_RATE = np.radians((1.5, 4.0))    # rad/step about the centre
-DOLLY_SPEED = (0.04, 0.09)             # metres/step
+PAN_RATE = np.radians((1.5, 4.0))  # rad/step
+ORBIT_RATE = np.radians((1.5, 4.0))  # rad/step about the centre
+DOLLY_SPEED = (0.04, 0.09)  # metres/step
 # Shot openings: on a ring of these radii/heights around the centre, looking at it (up
 # to YAW_JITTER off). The ring keeps a whole dolly-in shot above the ground and clear of
 # the objects (at most 16 · 0.09 m of travel, pitched at most ~25 degrees down, ending
@@ -61,8 +62,17 @@ OBJECT_RADIUS = 1.8  # objects stand within this distance of the centre
 OBJECT_SIZE = (0.15, 0.4)  # half extent, metres
 OBJECT_TYPES = ("box", "sphere", "cylinder")
 OBJECT_COLOURS = np.array(
-    [[0.9, 0.2, 0.2], [0.2, 0.85, 0.9], [0.9, 0.25, 0.85], [0.3, 0.9, 0.25], [1.0, 0.65, 0.0],
-     [0.25, 0.35, 1.0], [0.95, 0.95, 0.95], [0.55, 0.3, 0.1]])
+    [
+        [0.9, 0.2, 0.2],
+        [0.2, 0.85, 0.9],
+        [0.9, 0.25, 0.85],
+        [0.3, 0.9, 0.25],
+        [1.0, 0.65, 0.0],
+        [0.25, 0.35, 1.0],
+        [0.95, 0.95, 0.95],
+        [0.55, 0.3, 0.1],
+    ]
+)
 
 
 def _mujoco():
@@ -72,9 +82,11 @@ def _mujoco():
     try:
         import mujoco
     except (ImportError, AttributeError, OSError) as e:  # AttributeError: PyOpenGL without the GL library
-        raise DatasetError(f"the mujoco source needs mujoco and an offscreen GL (MUJOCO_GL="
-                           f"{os.environ['MUJOCO_GL']}): pip install -e '.[mujoco]' and set "
-                           f"MUJOCO_GL=egl or osmesa ({type(e).__name__}: {e})") from e
+        raise DatasetError(
+            f"the mujoco source needs mujoco and an offscreen GL (MUJOCO_GL="
+            f"{os.environ['MUJOCO_GL']}): pip install -e '.[mujoco]' and set "
+            f"MUJOCO_GL=egl or osmesa ({type(e).__name__}: {e})"
+        ) from e
     return mujoco
 
 
@@ -85,9 +97,11 @@ def make_renderer(model: mujoco.MjModel, size: int) -> mujoco.Renderer:
     try:
         return mj.Renderer(model, size, size)
     except (mj.FatalError, RuntimeError, ImportError, AttributeError, OSError) as e:
-        raise DatasetError(f"mujoco cannot render offscreen with MUJOCO_GL={os.environ['MUJOCO_GL']}: "
-                           f"set MUJOCO_GL=egl or osmesa and install that GL library "
-                           f"({type(e).__name__}: {e})") from e
+        raise DatasetError(
+            f"mujoco cannot render offscreen with MUJOCO_GL={os.environ['MUJOCO_GL']}: "
+            f"set MUJOCO_GL=egl or osmesa and install that GL library "
+            f"({type(e).__name__}: {e})"
+        ) from e
 
 
 def check_params(num_objects: int) -> None:
@@ -116,7 +130,8 @@ def scene_xml(rng: np.random.Generator, num_objects: int, size: int) -> str:
         objects.append(
             f'<geom name="object{i}" type="{kind}" size="{" ".join(f"{v:.4f}" for v in geom_size)}" '
             f'pos="{r * np.cos(angle):.4f} {r * np.sin(angle):.4f} {height:.4f}" '
-            f'euler="0 0 {rng.uniform(0, 360):.2f}" rgba="{" ".join(f"{c:.3f}" for c in colour)} 1"/>')
+            f'euler="0 0 {rng.uniform(0, 360):.2f}" rgba="{" ".join(f"{c:.3f}" for c in colour)} 1"/>'
+        )
     geoms = "\n    ".join(objects)
     return f"""<mujoco model="camera_scene">
   <compiler angle="degree"/>
@@ -175,8 +190,7 @@ def opening_pose(rng: np.random.Generator) -> np.ndarray:
     bearing = rng.uniform(0, 2 * np.pi)
     radius, height = rng.uniform(*RING_RADIUS), rng.uniform(*CAMERA_HEIGHT)
     yaw = bearing + np.pi + rng.uniform(-YAW_JITTER, YAW_JITTER)
-    return np.array([radius * np.cos(bearing), radius * np.sin(bearing), height, yaw,
-                     -np.arctan2(height, radius)])
+    return np.array([radius * np.cos(bearing), radius * np.sin(bearing), height, yaw, -np.arctan2(height, radius)])
 
 
 def move_speed(rng: np.random.Generator, move: int) -> float:
@@ -206,8 +220,9 @@ def camera_path(rng: np.random.Generator, num_frames: int) -> tuple[np.ndarray, 
     return poses, actions, cuts
 
 
-def generate_episode(seed: int, episode_id: int, num_frames: int, size: int, *,
-                     num_objects: int) -> list[dict[str, np.ndarray]]:
+def generate_episode(
+    seed: int, episode_id: int, num_frames: int, size: int, *, num_objects: int
+) -> list[dict[str, np.ndarray]]:
     """Schema records (fields `FIELDS`) of one episode, deterministic in (seed, episode_id):
     frame uint8 [S, S, 3], action int32 (MOVES id), camera float32 [7] (x, y, z, qw, qx,
     qy, qz: the pose MuJoCo rendered the frame from), shot_id/cut at each shot, timecode t/FPS."""
@@ -228,17 +243,19 @@ def generate_episode(seed: int, episode_id: int, num_frames: int, size: int, *,
             mj.mj_forward(model, data)
             renderer.update_scene(data, camera=0)
             mj.mju_mat2Quat(quat, data.cam_xmat[0])  # the pose rendered, read back
-            records.append({
-                "episode_id": np.asarray(episode_id, np.int64),
-                "t": np.asarray(t, np.int32),
-                "frame": renderer.render(),
-                "action": np.asarray(actions[t], np.int32),
-                "camera": np.concatenate([data.cam_xpos[0], quat]).astype(np.float32),
-                "shot_id": np.asarray(shot_ids[t], np.int32),
-                "cut": np.asarray(cuts[t]),
-                "timecode": np.asarray(t / FPS, np.float32),
-                "done": np.asarray(t == num_frames - 1),
-            })
+            records.append(
+                {
+                    "episode_id": np.asarray(episode_id, np.int64),
+                    "t": np.asarray(t, np.int32),
+                    "frame": renderer.render(),
+                    "action": np.asarray(actions[t], np.int32),
+                    "camera": np.concatenate([data.cam_xpos[0], quat]).astype(np.float32),
+                    "shot_id": np.asarray(shot_ids[t], np.int32),
+                    "cut": np.asarray(cuts[t]),
+                    "timecode": np.asarray(t / FPS, np.float32),
+                    "done": np.asarray(t == num_frames - 1),
+                }
+            )
     return records
 
 
@@ -255,5 +272,10 @@ def describe(*, num_objects: int) -> dict:
     check_params(num_objects)
     mj = _mujoco()
     make_renderer(mj.MjModel.from_xml_string("<mujoco/>"), 8).close()
-    return {"actions": list(MOVES), "num_actions": NUM_ACTIONS, "fovy_deg": FOVY,
-            "mujoco_version": mj.__version__, "mujoco_gl": os.environ["MUJOCO_GL"]}
+    return {
+        "actions": list(MOVES),
+        "num_actions": NUM_ACTIONS,
+        "fovy_deg": FOVY,
+        "mujoco_version": mj.__version__,
+        "mujoco_gl": os.environ["MUJOCO_GL"],
+    }

@@ -33,6 +33,7 @@ World versions (source parameter `version`):
   as a control, leaks the actions) and the policy repeats its action with probability
   0.75. Kept so that v2 datasets can be regenerated and replayed (counterfactuals).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,10 +83,10 @@ OCCLUDER_SIZE = (0.4, 0.35)  # width, height in units of S
 # At each cut every entity is re-aimed to pass behind an occluder within AIM_STEPS steps
 # (`aim_at_occluder`), so a shot often shows one hidden and coming back out.
 AIM_STEPS = (2, 8)  # inclusive
-AIM_VELOCITIES = np.array([(vx, vy) for vx in range(-2, 3) for vy in range(-2, 3) if vx or vy],
-                          np.float64)  # [24, 2] in units of S/32 px/step
-PAN_DIRECTIONS = np.array([(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy],
-                          np.float64)  # [8, 2]
+AIM_VELOCITIES = np.array(
+    [(vx, vy) for vx in range(-2, 3) for vy in range(-2, 3) if vx or vy], np.float64
+)  # [24, 2] in units of S/32 px/step
+PAN_DIRECTIONS = np.array([(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy], np.float64)  # [8, 2]
 
 # Muted background (two checker tones + a rarer landmark tone), dark occluders, and
 # saturated entity colours / a white agent, so objects never blend into the ground.
@@ -94,8 +95,8 @@ LANDMARK_RATE = 0.15
 OCCLUDER_COLOUR = np.array([22, 22, 28], np.uint8)
 AGENT_COLOUR = np.array([250, 250, 250], np.uint8)
 ENTITY_COLOURS = np.array(
-    [[235, 45, 45], [40, 225, 235], [235, 60, 225], [70, 235, 60], [255, 160, 0],
-     [60, 90, 255]], np.uint8)
+    [[235, 45, 45], [40, 225, 235], [235, 60, 225], [70, 235, 60], [255, 160, 0], [60, 90, 255]], np.uint8
+)
 ENTITY_SHAPES = ("circle", "triangle", "diamond", "cross")
 # Mid-grey: unlike any ground, occluder or body colour, and 0 after the metrics' mid-grey
 # centring (`appearance_similarity`), so a reference crop is dominated by its sprite.
@@ -105,28 +106,30 @@ REFERENCE_BACKGROUND = np.array([128, 128, 128], np.uint8)
 @dataclasses.dataclass(frozen=True)
 class World:
     """The static part of an episode (sizes in pixels)."""
-    size: int                 # S, view side
-    extent: int               # world side
-    ground: np.ndarray        # uint8 [extent + S, extent + S, 3] tile background, wrapped
-                              # by S so that any view is one contiguous slice
-    occluders: np.ndarray     # float64 [K, 4] x0, y0, x1, y1 in world pixels
-    num_entities: int         # N, excluding the agent
+
+    size: int  # S, view side
+    extent: int  # world side
+    ground: np.ndarray  # uint8 [extent + S, extent + S, 3] tile background, wrapped
+    # by S so that any view is one contiguous slice
+    occluders: np.ndarray  # float64 [K, 4] x0, y0, x1, y1 in world pixels
+    num_entities: int  # N, excluding the agent
     entity_shapes: tuple[str, ...]  # [N] each entity's shape, and
-    entity_colours: np.ndarray      # uint8 [N, 3] colour: its look for the whole episode
-    agent_half: float         # half side of the agent square
+    entity_colours: np.ndarray  # uint8 [N, 3] colour: its look for the whole episode
+    agent_half: float  # half side of the agent square
     entity_radius: float
-    agent_speed: float        # pixels per step per action
-    pan_speed: float          # camera pixels per step along each moving axis
+    agent_speed: float  # pixels per step per action
+    pan_speed: float  # camera pixels per step along each moving axis
 
 
 @dataclasses.dataclass(frozen=True)
 class State:
     """The dynamic part (float64 world pixels)."""
-    agent: np.ndarray         # [2] centre
-    entity_pos: np.ndarray    # [N, 2] centres
-    entity_vel: np.ndarray    # [N, 2] pixels per step
-    camera: np.ndarray        # [2] view centre
-    camera_vel: np.ndarray    # [2] pixels per step
+
+    agent: np.ndarray  # [2] centre
+    entity_pos: np.ndarray  # [N, 2] centres
+    entity_vel: np.ndarray  # [N, 2] pixels per step
+    camera: np.ndarray  # [2] view centre
+    camera_vel: np.ndarray  # [2] pixels per step
 
 
 def make_world(rng: np.random.Generator, size: int, num_entities: int) -> World:
@@ -147,17 +150,24 @@ def make_world(rng: np.random.Generator, size: int, num_entities: int) -> World:
     occ_size = np.array(OCCLUDER_SIZE) * size
     quadrant = extent / 2
     corner = np.array(OCCLUDER_QUADRANTS, np.float64) * quadrant + rng.uniform(
-        0, quadrant - occ_size, size=(len(OCCLUDER_QUADRANTS), 2))
+        0, quadrant - occ_size, size=(len(OCCLUDER_QUADRANTS), 2)
+    )
     slots = np.arange(num_entities)
     shapes = rng.permutation(len(ENTITY_SHAPES))[slots % len(ENTITY_SHAPES)]
     colours = rng.permutation(len(ENTITY_COLOURS))[slots % len(ENTITY_COLOURS)]
     return World(
-        size=size, extent=extent, ground=np.pad(ground, ((0, size), (0, size), (0, 0)), "wrap"),
-        occluders=np.concatenate([corner, corner + occ_size], axis=1), num_entities=num_entities,
+        size=size,
+        extent=extent,
+        ground=np.pad(ground, ((0, size), (0, size), (0, 0)), "wrap"),
+        occluders=np.concatenate([corner, corner + occ_size], axis=1),
+        num_entities=num_entities,
         entity_shapes=tuple(ENTITY_SHAPES[i] for i in shapes),
         entity_colours=ENTITY_COLOURS[colours],
-        agent_half=size / 12, entity_radius=0.11 * size, agent_speed=size / 16,
-        pan_speed=max(1.0, size / 32))
+        agent_half=size / 12,
+        entity_radius=0.11 * size,
+        agent_speed=size / 16,
+        pan_speed=max(1.0, size / 32),
+    )
 
 
 def initial_bodies(rng: np.random.Generator, world: World) -> tuple[np.ndarray, ...]:
@@ -195,8 +205,7 @@ def under_occluder(world: World, pos: np.ndarray, margin: float = 0.0) -> np.nda
     return (np.abs(d) < half - margin).all(axis=-1).any(axis=-1)
 
 
-def random_policy(rng: np.random.Generator, num_frames: int,
-                  persistence: float = POLICY_PERSISTENCE[2]) -> np.ndarray:
+def random_policy(rng: np.random.Generator, num_frames: int, persistence: float = POLICY_PERSISTENCE[2]) -> np.ndarray:
     """int32 [num_frames] actions: repeat the previous one with prob `persistence`."""
     fresh = rng.integers(0, NUM_ACTIONS, size=num_frames)
     keep = rng.random(num_frames) < persistence
@@ -206,8 +215,7 @@ def random_policy(rng: np.random.Generator, num_frames: int,
     return actions
 
 
-def follow(camera: np.ndarray, panned: np.ndarray, agent: np.ndarray, zone: float,
-           max_move: float) -> np.ndarray:
+def follow(camera: np.ndarray, panned: np.ndarray, agent: np.ndarray, zone: float, max_move: float) -> np.ndarray:
     """The next camera centre [..., 2]: `panned` moved just enough that the agent [..., 2]
     lies within +-zone of it (a game-style dead zone: the agent stays on screen, and its
     actions also move the view), at most max_move px per axis from `camera` [..., 2].
@@ -217,13 +225,13 @@ def follow(camera: np.ndarray, panned: np.ndarray, agent: np.ndarray, zone: floa
     return camera + np.clip(target - camera, -max_move, max_move)
 
 
-def camera_step(world: World, camera: np.ndarray, camera_vel: np.ndarray,
-                agent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def camera_step(
+    world: World, camera: np.ndarray, camera_vel: np.ndarray, agent: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Camera centre and pan [..., 2] one step on, given the agent's new centre [..., 2]."""
     panned = camera + camera_vel
     # Whole pixels: a sub-pixel camera would shimmer after rounding in `render`.
-    cam = np.round(follow(camera, panned, agent, FOLLOW_ZONE * world.size,
-                          world.agent_speed + world.pan_speed))
+    cam = np.round(follow(camera, panned, agent, FOLLOW_ZONE * world.size, world.agent_speed + world.pan_speed))
     # The pan reverses where the dead zone held it back, so the view keeps moving.
     return cam, np.where((cam - panned) * camera_vel < 0, -camera_vel, camera_vel)
 
@@ -258,13 +266,17 @@ def aim_at_occluder(world: World, pos: np.ndarray, vel: np.ndarray) -> np.ndarra
     centres = nearest_image(centres, pos, world.extent)  # [K, 2]
     closest = np.linalg.norm(reach[:, :, None] - centres, axis=-1).min(axis=(1, 2))  # [V]
     # One ranking: the hiding step (+A for a sharp turn), then 2A + a fraction below 1.
-    rank = np.where(hides.any(axis=1), hides.argmax(axis=1) + len(steps) * (options @ vel < 0),
-                    2 * len(steps) + closest / (closest.max() + 1))
+    rank = np.where(
+        hides.any(axis=1),
+        hides.argmax(axis=1) + len(steps) * (options @ vel < 0),
+        2 * len(steps) + closest / (closest.max() + 1),
+    )
     return options[np.argmin(rank)]
 
 
-def camera_paths(world: World, cameras: np.ndarray, pan: np.ndarray,
-                 agent_path: np.ndarray, follow_agent: bool = True) -> np.ndarray:
+def camera_paths(
+    world: World, cameras: np.ndarray, pan: np.ndarray, agent_path: np.ndarray, follow_agent: bool = True
+) -> np.ndarray:
     """float64 [C, H, 2]: the camera centre at each step of a shot that opens at each of
     cameras [C, 2] with pan [2], while the agent walks agent_path [H, 2] (H >= 1; without
     `follow_agent` only its length matters: the camera pans as commanded)."""
@@ -289,12 +301,20 @@ def views_ahead(world: World, state: State, cameras: np.ndarray) -> tuple[np.nda
     offset = np.abs(nearest_image(future[None], cam, world.extent) - cam)  # [C, H, N, 2]
     inside = (offset <= world.size / 2 - world.entity_radius).all(axis=-1)
     on_screen = (offset < world.size / 2).all(axis=-1)
-    return (inside & ~under_occluder(world, future),
-            on_screen & under_occluder(world, future, margin=world.entity_radius))
+    return (
+        inside & ~under_occluder(world, future),
+        on_screen & under_occluder(world, future, margin=world.entity_radius),
+    )
 
 
-def new_shot(rng: np.random.Generator, world: World, state: State, returning: np.ndarray,
-             agent_path: np.ndarray, version: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def new_shot(
+    rng: np.random.Generator,
+    world: World,
+    state: State,
+    returning: np.ndarray,
+    agent_path: np.ndarray,
+    version: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
     """Camera centre and nonzero pan [2] (float64) for a shot opening in `state`.
 
     Candidate framings (see CUT_FRAMING) rank by: shows an entity flagged in `returning`
@@ -344,12 +364,11 @@ def bodies(world: World) -> list[tuple[str, float, np.ndarray]]:
     """(shape, radius in px, colour uint8 [3]) of each entity slot: the agent's white
     square, then the entities' looks."""
     return [("square", world.agent_half, AGENT_COLOUR)] + [
-        (shape, world.entity_radius, colour)
-        for shape, colour in zip(world.entity_shapes, world.entity_colours)]
+        (shape, world.entity_radius, colour) for shape, colour in zip(world.entity_shapes, world.entity_colours)
+    ]
 
 
-def sprite(shape: str, radius: float, centre: np.ndarray,
-           size: int) -> tuple[slice, slice, np.ndarray]:
+def sprite(shape: str, radius: float, centre: np.ndarray, size: int) -> tuple[slice, slice, np.ndarray]:
     """Where a body drawn at screen point centre [2] (x, y) covers a size×size image:
     rows, columns and bool mask [h, w] over its bounding window clipped to the image (a
     pixel is covered when its centre is). Drawing windows, not whole frames, keeps
@@ -373,7 +392,7 @@ def render(world: World, state: State) -> tuple[np.ndarray, np.ndarray, np.ndarr
     s, ext = world.size, world.extent
     top_left = state.camera - s / 2
     x0, y0 = np.floor(top_left).astype(int) % ext
-    frame = world.ground[y0:y0 + s, x0:x0 + s].copy()
+    frame = world.ground[y0 : y0 + s, x0 : x0 + s].copy()
     occ_half = (world.occluders[:, 2:] - world.occluders[:, :2]) / 2  # [K, 2]
     occ_centre = nearest_image(world.occluders[:, :2] + occ_half, state.camera, ext) - top_left
     # Pixel j is under an occluder when its centre j + 0.5 lies in [lo, hi).
@@ -382,11 +401,11 @@ def render(world: World, state: State) -> tuple[np.ndarray, np.ndarray, np.ndarr
     occluded = np.zeros((s, s), bool)
     for (ox0, oy0), (ox1, oy1) in zip(occ_lo, occ_hi):
         occluded[oy0:oy1, ox0:ox1] = True
-    centres = nearest_image(np.concatenate([state.agent[None], state.entity_pos]), state.camera,
-                            ext) - top_left  # [E, 2]
+    centres = (
+        nearest_image(np.concatenate([state.agent[None], state.entity_pos]), state.camera, ext) - top_left
+    )  # [E, 2]
     visible = np.zeros(len(centres), bool)
-    agent, *entities = [(sprite(shape, r, c, s), colour)
-                        for (shape, r, colour), c in zip(bodies(world), centres)]
+    agent, *entities = [(sprite(shape, r, c, s), colour) for (shape, r, colour), c in zip(bodies(world), centres)]
     for i, ((rows, cols, mask), colour) in enumerate(entities, start=1):
         frame[rows, cols][mask] = colour
         visible[i] = (mask & ~occluded[rows, cols]).any()
@@ -447,9 +466,16 @@ def describe(num_entities: int, version: int, action_persistence: float | None) 
     return {"action_persistence": float(persistence)}
 
 
-def generate_episode(seed: int, episode_id: int, num_frames: int, size: int = 64,
-                     num_entities: int = 3, actions: np.ndarray | None = None, version: int = 3,
-                     action_persistence: float | None = None) -> list[dict[str, np.ndarray]]:
+def generate_episode(
+    seed: int,
+    episode_id: int,
+    num_frames: int,
+    size: int = 64,
+    num_entities: int = 3,
+    actions: np.ndarray | None = None,
+    version: int = 3,
+    action_persistence: float | None = None,
+) -> list[dict[str, np.ndarray]]:
     """Schema-v1 records for one episode, deterministic in (seed, episode_id) and the
     world `version` (2 or 3, see the module docstring).
 
@@ -467,12 +493,11 @@ def generate_episode(seed: int, episode_id: int, num_frames: int, size: int = 64
     if actions is None:
         actions = random_policy(policy_rng, num_frames, persistence)
     actions = np.asarray(actions)
-    if (actions.shape != (num_frames,) or actions.min(initial=0) < 0
-            or actions.max(initial=0) >= NUM_ACTIONS):
-        raise ValueError(f"actions must be ints in [0, {NUM_ACTIONS}) of shape ({num_frames},), "
-                         f"got shape {actions.shape}")
-    state = State(agent=agent, entity_pos=pos, entity_vel=vel,
-                  camera=np.zeros(2), camera_vel=np.zeros(2))
+    if actions.shape != (num_frames,) or actions.min(initial=0) < 0 or actions.max(initial=0) >= NUM_ACTIONS:
+        raise ValueError(
+            f"actions must be ints in [0, {NUM_ACTIONS}) of shape ({num_frames},), got shape {actions.shape}"
+        )
+    state = State(agent=agent, entity_pos=pos, entity_vel=vel, camera=np.zeros(2), camera_vel=np.zeros(2))
     entity_ids = np.arange(1 + num_entities, dtype=np.int32)
     reference = render_reference(world)
     reference.flags.writeable = False
@@ -481,33 +506,34 @@ def generate_episode(seed: int, episode_id: int, num_frames: int, size: int = 64
     for t in range(num_frames):
         if cuts[t]:
             shot_id += 1
-            vel = np.stack([aim_at_occluder(world, p, v)
-                            for p, v in zip(state.entity_pos, state.entity_vel)])
+            vel = np.stack([aim_at_occluder(world, p, v) for p, v in zip(state.entity_pos, state.entity_vel)])
             state = dataclasses.replace(state, entity_vel=vel)
-            shot_end = t + 1 + int(np.argmax(np.r_[cuts[t + 1:], True]))
-            path = agent_path(world, state.agent, actions[t:shot_end - 1])
+            shot_end = t + 1 + int(np.argmax(np.r_[cuts[t + 1 :], True]))
+            path = agent_path(world, state.agent, actions[t : shot_end - 1])
             # The first shot, or one after a shot without entities, may open on any entity.
             cam, cam_vel = new_shot(world_rng, world, state, seen if seen.any() else ~seen, path, version)
             state = dataclasses.replace(state, camera=cam, camera_vel=cam_vel)
             seen = np.zeros(num_entities, bool)
         frame, boxes, visible = render(world, state)
         seen |= visible[1:]
-        records.append({
-            "episode_id": np.asarray(episode_id, np.int64),
-            "t": np.asarray(t, np.int32),
-            "frame": frame,
-            "reference": reference,
-            "action": np.asarray(actions[t], np.int32),
-            "camera": np.array([*state.camera, 1.0, 1.0, 0.0, 0.0, 0.0], np.float32),
-            "shot_id": np.asarray(shot_id, np.int32),
-            "cut": np.asarray(cuts[t]),
-            "timecode": np.asarray(t / FPS, np.float32),
-            "entity_ids": entity_ids,
-            "entity_boxes": boxes,
-            "entity_visible": visible,
-            "reward": np.asarray(float(touching(world, state)), np.float32),
-            "done": np.asarray(t == num_frames - 1),
-        })
+        records.append(
+            {
+                "episode_id": np.asarray(episode_id, np.int64),
+                "t": np.asarray(t, np.int32),
+                "frame": frame,
+                "reference": reference,
+                "action": np.asarray(actions[t], np.int32),
+                "camera": np.array([*state.camera, 1.0, 1.0, 0.0, 0.0, 0.0], np.float32),
+                "shot_id": np.asarray(shot_id, np.int32),
+                "cut": np.asarray(cuts[t]),
+                "timecode": np.asarray(t / FPS, np.float32),
+                "entity_ids": entity_ids,
+                "entity_boxes": boxes,
+                "entity_visible": visible,
+                "reward": np.asarray(float(touching(world, state)), np.float32),
+                "done": np.asarray(t == num_frames - 1),
+            }
+        )
         state = step(world, state, int(actions[t]), follow_agent=version == 2)
     return records
 
@@ -517,8 +543,9 @@ def record_spec(size: int, num_entities: int, **_: object) -> schema.Spec:
     return schema.field_spec(size, 1 + num_entities)
 
 
-def replay(source_params: Mapping[str, Any], episode_id: int, start_t: int = 0,
-           actions: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def replay(
+    source_params: Mapping[str, Any], episode_id: int, start_t: int = 0, actions: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Episode `episode_id` of a procedural dataset, regenerated from its manifest's
     `source_params` (seed, size, frames, num_entities; version and action_persistence
     where recorded: datasets made before world version 3 lack them and are version 2).
@@ -540,12 +567,20 @@ def replay(source_params: Mapping[str, Any], episode_id: int, start_t: int = 0,
     if actions is not None:
         actions = np.asarray(actions)
         if actions.ndim != 1 or not 0 <= start_t <= start_t + len(actions) <= num_frames:
-            raise ValueError(f"actions of shape {actions.shape} from step {start_t} do not fit an episode of "
-                             f"{num_frames} steps")
-        played[start_t:start_t + len(actions)] = actions
-    records = generate_episode(int(p["seed"]), episode_id, num_frames, size=int(p["size"]),
-                               num_entities=int(p["num_entities"]), actions=played, version=version,
-                               action_persistence=persistence)
+            raise ValueError(
+                f"actions of shape {actions.shape} from step {start_t} do not fit an episode of {num_frames} steps"
+            )
+        played[start_t : start_t + len(actions)] = actions
+    records = generate_episode(
+        int(p["seed"]),
+        episode_id,
+        num_frames,
+        size=int(p["size"]),
+        num_entities=int(p["num_entities"]),
+        actions=played,
+        version=version,
+        action_persistence=persistence,
+    )
     return {k: np.stack([r[k] for r in records]) for k in records[0]}
 
 

@@ -19,6 +19,7 @@ shot_id counts shots from the start of the video. Without side-file timecodes, t
 is the frame's time in the video; either way it counts from the episode's first frame.
 The whole video is decoded however large `stride` is (ffmpeg's pipe has no seek).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -99,7 +100,7 @@ def square_resize(frame: np.ndarray, size: int) -> np.ndarray:
     h, w = frame.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    return resize_area(frame[top:top + side, left:left + side], size)
+    return resize_area(frame[top : top + side, left : left + side], size)
 
 
 def thumbnail(frame: np.ndarray) -> np.ndarray:
@@ -143,11 +144,12 @@ def _check_row(row: object, where: str) -> dict:
         raise DatasetError(f"{where}: unknown key(s) {unknown}; a row may have {list(SIDE_KEYS)}")
     row = {k: v for k, v in row.items() if v is not None}
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    is_num = lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if "action" in row and not (is_int(row["action"]) and row["action"] >= 0):
         raise DatasetError(f"{where}: 'action' must be an int >= 0, got {row['action']!r}")
-    if "camera" in row and not (isinstance(row["camera"], list) and len(row["camera"]) == 7
-                                and all(map(is_num, row["camera"]))):
+    if "camera" in row and not (
+        isinstance(row["camera"], list) and len(row["camera"]) == 7 and all(map(is_num, row["camera"]))
+    ):
         raise DatasetError(f"{where}: 'camera' must be 7 numbers (x, y, z, qw, qx, qy, qz), got {row['camera']!r}")
     if "shot_id" in row and not is_int(row["shot_id"]):
         raise DatasetError(f"{where}: 'shot_id' must be an int, got {row['shot_id']!r}")
@@ -172,8 +174,9 @@ def read_side_file(path: Path) -> list[dict]:
     for key in ("shot_id", "timecode"):
         have = [key in row for row in rows]
         if any(have) and not all(have):
-            raise DatasetError(f"side file {path}: '{key}' must be in every row or in none "
-                               f"(row {have.index(False) + 1} lacks it)")
+            raise DatasetError(
+                f"side file {path}: '{key}' must be in every row or in none (row {have.index(False) + 1} lacks it)"
+            )
     return rows
 
 
@@ -218,10 +221,17 @@ def describe(*, videos, stride: int, cut_ratio: float) -> dict:
         rows = read_side_file(side) if side.is_file() else None
         if rows:
             num_actions = max(num_actions, 1 + max((row.get("action", -1) for row in rows)))
-        entries.append({"path": str(path), "bytes": path.stat().st_size, "sha256": writer.sha256_file(path),
-                        "fps": video_fps(path),
-                        "side_file": None if rows is None else {"path": str(side), "sha256": writer.sha256_file(side),
-                                                                "rows": len(rows)}})
+        entries.append(
+            {
+                "path": str(path),
+                "bytes": path.stat().st_size,
+                "sha256": writer.sha256_file(path),
+                "fps": video_fps(path),
+                "side_file": None
+                if rows is None
+                else {"path": str(side), "sha256": writer.sha256_file(side), "rows": len(rows)},
+            }
+        )
     return {"videos": entries, "num_actions": num_actions}
 
 
@@ -234,8 +244,7 @@ def fps(*, videos, stride: int, **_) -> float:
 def record_spec(size: int, **_) -> schema.Spec:
     """The fields this source records: schema v1's `FIELDS` plus action_valid/camera_valid."""
     full = schema.field_spec(size, 0)
-    return {**{name: full[name] for name in FIELDS},
-            "action_valid": ("bool", ()), "camera_valid": ("bool", ())}
+    return {**{name: full[name] for name in FIELDS}, "action_valid": ("bool", ()), "camera_valid": ("bool", ())}
 
 
 def video_steps(path: Path, size: int, stride: int, cut_ratio: float) -> Iterator[dict[str, np.ndarray]]:
@@ -280,14 +289,21 @@ def _chunks(steps: Iterator[dict], length: int | None) -> Iterator[list[dict]]:
         yield chunk
 
 
-def input_episodes(video: Path, episode_ids: Iterator[int], num_frames: int | None, size: int, *,
-                   stride: int, cut_ratio: float, **_) -> Iterator[list[dict[str, np.ndarray]]]:
+def input_episodes(
+    video: Path, episode_ids: Iterator[int], num_frames: int | None, size: int, *, stride: int, cut_ratio: float, **_
+) -> Iterator[list[dict[str, np.ndarray]]]:
     """The episodes of one video: records of at most `num_frames` steps (None: the whole
     video), each episode numbered with next(episode_ids). An episode's first step is a cut
     and its timecodes count from it."""
     for chunk in _chunks(video_steps(video, size, stride, cut_ratio), num_frames):
         episode_id, start = next(episode_ids), float(chunk[0]["timecode"])
-        yield [{**step, "episode_id": np.asarray(episode_id, np.int64), "t": np.asarray(t, np.int32),
+        yield [
+            {
+                **step,
+                "episode_id": np.asarray(episode_id, np.int64),
+                "t": np.asarray(t, np.int32),
                 "cut": np.asarray(bool(step["cut"]) or t == 0),
-                "timecode": np.asarray(step["timecode"] - start, np.float32)}
-               for t, step in enumerate(chunk)]
+                "timecode": np.asarray(step["timecode"] - start, np.float32),
+            }
+            for t, step in enumerate(chunk)
+        ]

@@ -18,8 +18,26 @@ from wm_jax.config import ConfigError
 
 def test_main_reports_consistent_figures(tmp_path, capsys):
     results = tmp_path / "RESULTS.md"
-    args = ["--config", "tiny_cpu", "--episodes", "4", "--frames", "12", "--clips", "32", "--repeats", "2",
-            "--warmup-batches", "1", "--train-steps", "1", "--workers", "0", "--results", str(results)]
+    args = [
+        "--config",
+        "tiny_cpu",
+        "--episodes",
+        "4",
+        "--frames",
+        "12",
+        "--clips",
+        "32",
+        "--repeats",
+        "2",
+        "--warmup-batches",
+        "1",
+        "--train-steps",
+        "1",
+        "--workers",
+        "0",
+        "--results",
+        str(results),
+    ]
     args += [a for o in TINY_OVERRIDES for a in ("--set", o)]
     assert wm_main(["bench", "data", *args]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -30,7 +48,8 @@ def test_main_reports_consistent_figures(tmp_path, capsys):
     assert result["loader_vs_raw"] == pytest.approx(statistics.median(ratios))
     assert result["train_clips_per_s"] == pytest.approx(8 / result["train_step_s"])  # data.batch_size=8
     assert result["loader_vs_train"] == pytest.approx(
-        statistics.median(result["loader_clips_per_s"]) / result["train_clips_per_s"])
+        statistics.median(result["loader_clips_per_s"]) / result["train_clips_per_s"]
+    )
     assert result["fields"] == ["frame", "action"]  # what the tokenizer stage's training loads
     assert "## data" in results.read_text() and "wm bench data --config tiny_cpu" in results.read_text()
 

@@ -9,8 +9,14 @@ import math
 
 from wm_jax.bench import rollout as bench
 
-TINY = ["model.image_size=8", "model.dynamics.embed_dim=16", "model.dynamics.num_layers=2",
-        "model.dynamics.num_heads=2", "model.dynamics.mlp_dim=32", "model.dynamics.temporal_window=3"]
+TINY = [
+    "model.image_size=8",
+    "model.dynamics.embed_dim=16",
+    "model.dynamics.num_layers=2",
+    "model.dynamics.num_heads=2",
+    "model.dynamics.mlp_dim=32",
+    "model.dynamics.temporal_window=3",
+]
 
 
 def test_main_reports_both_engines_per_horizon(tmp_path, capsys):
@@ -32,8 +38,12 @@ def test_main_reports_both_engines_per_horizon(tmp_path, capsys):
 
 
 def test_the_diffusion_sampler_is_timed_at_its_steps_per_frame(tmp_path, capsys):
-    diffusion = TINY + ["model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous",
-                        "model.tokenizer.latent_dim=4", "model.dynamics.sampling_steps=2"]
+    diffusion = TINY + [
+        "model.dynamics.objective=diffusion",
+        "model.tokenizer.bottleneck=continuous",
+        "model.tokenizer.latent_dim=4",
+        "model.dynamics.sampling_steps=2",
+    ]
     args = ["--horizons", "3", "--results", str(tmp_path / "RESULTS.md")] + [a for o in diffusion for a in ("--set", o)]
     assert bench.main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -18,8 +18,14 @@ from wm_jax.models.diffusion import DiffusionDynamics
 from wm_jax.models.tokenizer import num_tokens
 from wm_jax.presets import preset_path
 
-TINY = ["model.image_size=8", "model.dynamics.embed_dim=16", "model.dynamics.num_layers=2",
-        "model.dynamics.num_heads=2", "model.dynamics.mlp_dim=32", "model.dynamics.temporal_window=3"]
+TINY = [
+    "model.image_size=8",
+    "model.dynamics.embed_dim=16",
+    "model.dynamics.num_layers=2",
+    "model.dynamics.num_heads=2",
+    "model.dynamics.mlp_dim=32",
+    "model.dynamics.temporal_window=3",
+]
 PASSES: collections.Counter = collections.Counter()  # sampling_steps -> model passes run (on the device)
 
 
@@ -73,13 +79,31 @@ def test_the_diffusion_model_keeps_the_token_models_transformer():
         dc, tc = diff.model.dynamics, cfg.model.dynamics
         assert (dc.objective, diff.model.tokenizer.bottleneck, dc.sampling_steps) == ("diffusion", "continuous", k)
         assert (dc.embed_dim, dc.num_layers, dc.num_heads, dc.mlp_dim, dc.temporal_window) == (
-            tc.embed_dim, tc.num_layers, tc.num_heads, tc.mlp_dim, tc.temporal_window)
+            tc.embed_dim,
+            tc.num_layers,
+            tc.num_heads,
+            tc.mlp_dim,
+            tc.temporal_window,
+        )
         assert num_tokens(diff.model) == num_tokens(cfg.model) and diff.seed == cfg.seed
 
 
-@pytest.mark.parametrize("args", [["--diffusion-steps", "3"], ["--diffusion-steps", "1,x"], ["--repeats", "0"],
-                                  ["--diffusion-steps", "2", "--set", "model.dynamics.objective=diffusion",
-                                   "--set", "model.tokenizer.bottleneck=continuous"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--diffusion-steps", "3"],
+        ["--diffusion-steps", "1,x"],
+        ["--repeats", "0"],
+        [
+            "--diffusion-steps",
+            "2",
+            "--set",
+            "model.dynamics.objective=diffusion",
+            "--set",
+            "model.tokenizer.bottleneck=continuous",
+        ],
+    ],
+)
 def test_bad_diffusion_options_are_refused_before_anything_runs(args, tmp_path):
     with pytest.raises(SystemExit) as e:
         bench.main(args + ["--results", str(tmp_path / "RESULTS.md")])

@@ -22,8 +22,18 @@ def test_main_reports_the_step_as_a_fraction_of_the_matmul(tmp_path, capsys):
     results = tmp_path / "RESULTS.md"
     # The same step as test_train_bench's dynamics case: compiled once per test session.
     overrides = TINY_OVERRIDES + ["train.stage=dynamics", "train.peak_tflops_per_device=0.5"]
-    args = ["--config", "tiny_cpu", "--steps", "2", "--warmup", "1", "--matmul-reference", "128",
-            "--results", str(results)]
+    args = [
+        "--config",
+        "tiny_cpu",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--matmul-reference",
+        "128",
+        "--results",
+        str(results),
+    ]
     assert bench.main(args + [a for o in overrides for a in ("--set", o)]) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])

@@ -152,8 +152,31 @@ def test_cli_make_and_inspect(tmp_path, capsys):
     from wm_jax.cli import main
 
     out = tmp_path / "breakout"
-    assert main(["data", "make", "--source", "atari", "--game", "Breakout", "--episodes", "3", "--frames", "6",
-                 "--size", "16", "--policy", "random", "--frameskip", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "make",
+                "--source",
+                "atari",
+                "--game",
+                "Breakout",
+                "--episodes",
+                "3",
+                "--frames",
+                "6",
+                "--size",
+                "16",
+                "--policy",
+                "random",
+                "--frameskip",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert main(["data", "inspect", str(out)]) == 0
     stats = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert stats["source_params"]["rom"] == "breakout" and stats["files_verified"] == 3

@@ -26,8 +26,9 @@ S, T = 16, 4
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "ds"
     # 3 episodes of 12 steps in shards of 16, 16 and 4 records.
-    datasets.make_dataset("procedural", out, episodes=3, frames=12, size=S, val_fraction=0,
-                          test_fraction=0, records_per_shard=16)
+    datasets.make_dataset(
+        "procedural", out, episodes=3, frames=12, size=S, val_fraction=0, test_fraction=0, records_per_shard=16
+    )
     return out
 
 
@@ -109,20 +110,36 @@ def test_flipped_byte_is_named_with_shard_and_record(copy, capsys):
     assert [k for k, _ in errors] == [k for k, s in enumerate(starts) if s <= bad < s + T]
 
 
-@pytest.mark.parametrize("edit, words", [
-    (_narrow_frame({5}), r"field 'frame': shape \(16, 15, 3\), expected \(16, 16, 3\)"),
-    (lambda i, rec: {**rec, "action": rec["action"].astype(np.float32)} if i == 5 else rec,
-     "field 'action': dtype float32, expected int32"),
-    (lambda i, rec: {k: v for k, v in rec.items() if k != "cut"} if i == 5 else rec,
-     r"missing field\(s\) \['cut'\]"),
-], ids=["shape", "dtype", "missing"])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (_narrow_frame({5}), r"field 'frame': shape \(16, 15, 3\), expected \(16, 16, 3\)"),
+        (
+            lambda i, rec: {**rec, "action": rec["action"].astype(np.float32)} if i == 5 else rec,
+            "field 'action': dtype float32, expected int32",
+        ),
+        (
+            lambda i, rec: {k: v for k, v in rec.items() if k != "cut"} if i == 5 else rec,
+            r"missing field\(s\) \['cut'\]",
+        ),
+    ],
+    ids=["shape", "dtype", "missing"],
+)
 def test_record_mismatching_the_manifest_names_shard_record_and_field(copy, capsys, edit, words):
     _rewrite_shard(copy, 1, edit)
     writer.verify_dataset(copy)  # the shards are intact: only the records are wrong
     shard = _shard(copy, 1)
     message = rf"bad record 5 of shard \S*{shard.name}: .*{words}"
-    batches = loader.make_loader(copy, split="train", frames_per_clip=T, batch_size=4, seed=0,
-                                 shuffle=False, num_epochs=1, shard_options=grain.sharding.NoSharding())
+    batches = loader.make_loader(
+        copy,
+        split="train",
+        frames_per_clip=T,
+        batch_size=4,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        shard_options=grain.sharding.NoSharding(),
+    )
     with pytest.raises(DatasetError, match=message):
         list(batches)
     assert main(["data", "inspect", str(copy)]) == 2
@@ -138,8 +155,16 @@ def test_skip_bad_records_replaces_each_bad_window_and_counts_it(copy):
     assert [k for k, r in enumerate(results) if r[loader.SKIPPED]] == bad
     # A bad window's stand-in is the next good one.
     np.testing.assert_array_equal(results[bad[0]]["t"], results[bad[-1] + 1]["t"])
-    batches = loader.make_loader(copy, split="train", frames_per_clip=T, batch_size=3, seed=0, num_epochs=1,
-                                 shard_options=grain.sharding.NoSharding(), skip_bad_records=True)
+    batches = loader.make_loader(
+        copy,
+        split="train",
+        frames_per_clip=T,
+        batch_size=3,
+        seed=0,
+        num_epochs=1,
+        shard_options=grain.sharding.NoSharding(),
+        skip_bad_records=True,
+    )
     batches = list(batches)
     assert sum(int(b[loader.SKIPPED].sum()) for b in batches) == len(bad)
     assert all(b["frame"].shape == (3, T, S, S, 3) and b[loader.SKIPPED].shape == (3,) for b in batches)

@@ -15,14 +15,22 @@ S, T = 16, 6
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "ds"
     # 5 train episodes of 20 steps in shards of 32 records, so windows straddle shards.
-    datasets.make_dataset("procedural", out, episodes=6, frames=20, size=S, num_entities=2,
-                          val_fraction=0.0, test_fraction=0.2, records_per_shard=32)
+    datasets.make_dataset(
+        "procedural",
+        out,
+        episodes=6,
+        frames=20,
+        size=S,
+        num_entities=2,
+        val_fraction=0.0,
+        test_fraction=0.2,
+        records_per_shard=32,
+    )
     return out
 
 
 def _loader(data_dir, **kw):
-    args = dict(split="train", frames_per_clip=T, batch_size=4, seed=0,
-                shard_options=grain.sharding.NoSharding())
+    args = dict(split="train", frames_per_clip=T, batch_size=4, seed=0, shard_options=grain.sharding.NoSharding())
     args.update(kw)
     return loader.make_loader(data_dir, **args)
 

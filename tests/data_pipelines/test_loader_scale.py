@@ -19,8 +19,17 @@ S, T, B = 16, 4, 4
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "ds"
     # 8 train episodes of 12 steps in shards of 20 records: windows straddle shards.
-    datasets.make_dataset("procedural", out, episodes=8, frames=12, size=S, num_entities=2,
-                          val_fraction=0.0, test_fraction=0.0, records_per_shard=20)
+    datasets.make_dataset(
+        "procedural",
+        out,
+        episodes=8,
+        frames=12,
+        size=S,
+        num_entities=2,
+        val_fraction=0.0,
+        test_fraction=0.0,
+        records_per_shard=20,
+    )
     return out
 
 
@@ -86,20 +95,26 @@ def test_fields_selects_what_is_decoded(data_dir):
 def test_each_pass_holds_every_window_once(data_dir, shuffle, epochs, seed, drop):
     source = loader.WindowSource(data_dir, "train", T, fields=["episode_id", "t"])
     n = len(source)
-    it = iter(_loader(data_dir, shuffle=shuffle, num_epochs=epochs, seed=seed, drop_remainder=drop,
-                      fields=["episode_id", "t"]))
+    it = iter(
+        _loader(
+            data_dir, shuffle=shuffle, num_epochs=epochs, seed=seed, drop_remainder=drop, fields=["episode_id", "t"]
+        )
+    )
     batches = _take(it, 2 * n // B) if epochs is None else list(it)
     if epochs is not None:  # every window of every pass, the last batch short unless dropped
         assert len(batches) == (n * epochs // B if drop else -(-n * epochs // B))
     got = [(int(e), int(t)) for b in batches for e, t in zip(b["episode_id"][:, 0], b["t"][:, 0])]
     every = sorted((int(w["episode_id"][0]), int(w["t"][0])) for w in (source[k] for k in range(n)))
-    passes = [got[i:i + n] for i in range(0, len(got) - n + 1, n)]
+    passes = [got[i : i + n] for i in range(0, len(got) - n + 1, n)]
     assert len(passes) >= 2 and all(sorted(p) == every for p in passes)
     assert (passes[0] == passes[1]) == (not shuffle)  # reshuffled every pass
     if not shuffle:
         assert passes[0] == [(int(w["episode_id"][0]), int(w["t"][0])) for w in (source[k] for k in range(n))]
-    again = iter(_loader(data_dir, shuffle=shuffle, num_epochs=epochs, seed=seed, drop_remainder=drop,
-                         fields=["episode_id", "t"]))
+    again = iter(
+        _loader(
+            data_dir, shuffle=shuffle, num_epochs=epochs, seed=seed, drop_remainder=drop, fields=["episode_id", "t"]
+        )
+    )
     _assert_same_batches(batches[:4], _take(again, 4))
 
 
@@ -131,13 +146,22 @@ def _keys(batches):
     return [[(int(e), int(t)) for e, t in zip(b["episode_id"][:, 0], b["t"][:, 0])] for b in batches]
 
 
-@pytest.mark.parametrize("epochs,drop,shard", [(None, True, (0, 1)), (2, False, (0, 1)), (2, True, (1, 3)),
-                                               (3, False, (2, 3)), (None, True, (1, 2))])
+@pytest.mark.parametrize(
+    "epochs,drop,shard",
+    [(None, True, (0, 1)), (2, False, (0, 1)), (2, True, (1, 3)), (3, False, (2, 3)), (None, True, (1, 2))],
+)
 def test_batches_do_not_depend_on_how_many_an_element_holds(data_dir, epochs, drop, shard):
     def batches(k):
-        it = iter(_loader(data_dir, num_epochs=epochs, drop_remainder=drop, batches_per_element=k,
-                          shard_options=grain.sharding.ShardOptions(*shard, drop_remainder=True),
-                          fields=["episode_id", "t"]))
+        it = iter(
+            _loader(
+                data_dir,
+                num_epochs=epochs,
+                drop_remainder=drop,
+                batches_per_element=k,
+                shard_options=grain.sharding.ShardOptions(*shard, drop_remainder=True),
+                fields=["episode_id", "t"],
+            )
+        )
         return _take(it, 23) if epochs is None else list(it)
 
     want = batches(1)
@@ -145,16 +169,28 @@ def test_batches_do_not_depend_on_how_many_an_element_holds(data_dir, epochs, dr
         _assert_same_batches(want, batches(k))
     n = loader.num_windows(data_dir, "train", T)
     if epochs is not None:  # shard p of P: global batches p, p+P, ...; as many per shard
-        everything = _keys(list(iter(_loader(data_dir, num_epochs=epochs, drop_remainder=drop,
-                                             batches_per_element=1, fields=["episode_id", "t"]))))
+        everything = _keys(
+            list(
+                iter(
+                    _loader(
+                        data_dir,
+                        num_epochs=epochs,
+                        drop_remainder=drop,
+                        batches_per_element=1,
+                        fields=["episode_id", "t"],
+                    )
+                )
+            )
+        )
         assert len(everything) == (n * epochs // B if drop else -(-n * epochs // B))
         p, count = shard
-        assert _keys(want) == everything[p:len(everything) // count * count:count]
+        assert _keys(want) == everything[p : len(everything) // count * count : count]
 
 
 @pytest.mark.parametrize("taken", [0, 2, 3, 5])
 def test_resume_inside_an_element(data_dir, taken):
     """3 batches per element: a state taken before, inside and at the end of an element."""
+
     def make():
         return iter(_loader(data_dir, batches_per_element=3, fields=["episode_id", "t"]))
 

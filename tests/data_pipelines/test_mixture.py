@@ -21,11 +21,20 @@ FIRST_B = 100  # episode ids of dataset b start here; dataset a's are below
 
 def _write(out, first_id, episodes, size=S, num_entities=2, frames=12):
     """A procedural dataset of `episodes` episodes numbered from `first_id` (train split only)."""
-    eps = (procedural.generate_episode(0, first_id + i, frames, size=size, num_entities=num_entities)
-           for i in range(episodes))
-    writer.write_dataset(out, {"train": eps}, source="procedural", source_params={"first_id": first_id},
-                         generator_version=procedural.GENERATOR_VERSION, frame_size=size, fps=procedural.FPS,
-                         spec=procedural.record_spec(size, num_entities))
+    eps = (
+        procedural.generate_episode(0, first_id + i, frames, size=size, num_entities=num_entities)
+        for i in range(episodes)
+    )
+    writer.write_dataset(
+        out,
+        {"train": eps},
+        source="procedural",
+        source_params={"first_id": first_id},
+        generator_version=procedural.GENERATOR_VERSION,
+        frame_size=size,
+        fps=procedural.FPS,
+        spec=procedural.record_spec(size, num_entities),
+    )
     return out
 
 
@@ -49,8 +58,11 @@ def _windows(batches):
 
 
 def test_common_fields_keeps_only_equal_specs():
-    a = {"frame": {"dtype": "uint8", "shape": [8, 8, 3]}, "camera": {"dtype": "float32", "shape": [7]},
-         "entity_ids": {"dtype": "int32", "shape": [3]}}
+    a = {
+        "frame": {"dtype": "uint8", "shape": [8, 8, 3]},
+        "camera": {"dtype": "float32", "shape": [7]},
+        "entity_ids": {"dtype": "int32", "shape": [3]},
+    }
     b = {"frame": {"dtype": "uint8", "shape": [8, 8, 3]}, "entity_ids": {"dtype": "int32", "shape": [4]}}
     assert mixture.common_fields([a, b]) == (["frame"], ["camera", "entity_ids"])
 
@@ -97,8 +109,17 @@ def test_mixture_is_deterministic_and_resumes_exactly(dirs, workers):
 def test_processes_read_alternate_positions_of_one_stream(dirs):
     mix = [(dirs[0], 3), (dirs[1], 1)]
     whole = _windows(_take(iter(_loader(mix, batch_size=1)), 24))
-    halves = [_windows(_take(iter(_loader(mix, batch_size=1, shard_options=grain.sharding.ShardOptions(
-        shard_index=i, shard_count=2))), 12)) for i in range(2)]
+    halves = [
+        _windows(
+            _take(
+                iter(
+                    _loader(mix, batch_size=1, shard_options=grain.sharding.ShardOptions(shard_index=i, shard_count=2))
+                ),
+                12,
+            )
+        )
+        for i in range(2)
+    ]
     assert halves[0] == whole[0::2] and halves[1] == whole[1::2]
 
 

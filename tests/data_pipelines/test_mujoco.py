@@ -16,8 +16,7 @@ try:
     # be loaded raises AttributeError (from PyOpenGL), which it would not skip.
     source.describe(**source.DEFAULT_PARAMS)
 except DatasetError as e:
-    pytest.skip(f"needs mujoco rendering offscreen (the mujoco extra, EGL or OSMesa): {e}",
-                allow_module_level=True)
+    pytest.skip(f"needs mujoco rendering offscreen (the mujoco extra, EGL or OSMesa): {e}", allow_module_level=True)
 
 from wm_jax.cli import main  # noqa: E402  (after the skips: the module needs a renderer)
 from wm_jax.eval.metrics import estimate_shift  # noqa: E402
@@ -45,8 +44,27 @@ def episodes() -> list[dict[str, np.ndarray]]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("mujoco") / "scene32"
-    assert main(["data", "make", "--source", "mujoco", "--out", str(out), "--episodes", str(EPISODES),
-                 "--frames", str(FRAMES), "--size", str(S), "--num-objects", "4"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "make",
+                "--source",
+                "mujoco",
+                "--out",
+                str(out),
+                "--episodes",
+                str(EPISODES),
+                "--frames",
+                str(FRAMES),
+                "--size",
+                str(S),
+                "--num-objects",
+                "4",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -139,8 +157,18 @@ def test_cli_make_and_inspect(dataset, capsys):
 def test_loader_batches_feed_the_dynamics_controls(dataset):
     from wm_jax.models.dynamics import make_controls
 
-    batch = next(iter(loader.make_loader(dataset, split="train", frames_per_clip=8, batch_size=2, seed=0,
-                                         shard_options=grain.sharding.NoSharding())))
+    batch = next(
+        iter(
+            loader.make_loader(
+                dataset,
+                split="train",
+                frames_per_clip=8,
+                batch_size=2,
+                seed=0,
+                shard_options=grain.sharding.NoSharding(),
+            )
+        )
+    )
     assert batch["frame"].shape == (2, 8, S, S, 3) and batch["frame"].dtype == np.uint8
     assert batch["camera"].shape == (2, 8, 7) and batch["action"].shape == (2, 8) and batch["cut"].shape == (2, 8)
     controls = make_controls({k: batch[k] for k in ("action", "camera", "cut")})

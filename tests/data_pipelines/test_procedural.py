@@ -93,8 +93,7 @@ def test_supplied_actions_keep_the_world():
     # Same world, entity motion and shots; only the agent and the camera differ.
     np.testing.assert_array_equal(_stack(base, "cut"), _stack(other, "cut"))
     np.testing.assert_array_equal(base[0]["reference"], other[0]["reference"])
-    np.testing.assert_allclose(_entity_world_positions(base), _entity_world_positions(other),
-                               atol=1e-3)
+    np.testing.assert_allclose(_entity_world_positions(base), _entity_world_positions(other), atol=1e-3)
     assert not np.array_equal(_stack(base, "camera"), _stack(other, "camera"))
 
 
@@ -103,8 +102,13 @@ def test_occluder_hides_an_entity():
     world = P.make_world(rng, S, 2)
     occ = world.occluders[0]
     centre = (occ[:2] + occ[2:]) / 2
-    state = P.State(agent=centre + [0, S], entity_pos=np.stack([centre, centre + [S, 0]]),
-                    entity_vel=np.zeros((2, 2)), camera=centre.copy(), camera_vel=np.zeros(2))
+    state = P.State(
+        agent=centre + [0, S],
+        entity_pos=np.stack([centre, centre + [S, 0]]),
+        entity_vel=np.zeros((2, 2)),
+        camera=centre.copy(),
+        camera_vel=np.zeros(2),
+    )
     frame, boxes, visible = P.render(world, state)
     assert frame.shape == (S, S, 3) and frame.dtype == np.uint8
     assert not visible[1]  # behind the occluder
@@ -130,12 +134,10 @@ def _cut_and_occlusion_stats(seed, episodes=8, frames=96):
         records = _episode(seed, episode_id, frames)
         cut, visible = _stack(records, "cut"), _stack(records, "entity_visible")[:, 1:]
         starts = np.flatnonzero(cut)
-        returns += [(visible[b:b + 3] & visible[a:b].any(axis=0)).any()
-                    for a, b in zip(starts[:-1], starts[1:])]
+        returns += [(visible[b : b + 3] & visible[a:b].any(axis=0)).any() for a, b in zip(starts[:-1], starts[1:])]
         hidden = M.on_screen(_stack(records, "entity_boxes")[:, 1:], S, S) & ~visible
         windows = (frames // 16, 16, visible.shape[1])
-        occlusions += list(M.reappearances(visible.reshape(windows), hidden.reshape(windows))
-                           .any(axis=(1, 2)))
+        occlusions += list(M.reappearances(visible.reshape(windows), hidden.reshape(windows)).any(axis=(1, 2)))
     return returns, occlusions
 
 
@@ -164,7 +166,7 @@ def test_boxes_track_hidden_entities_and_visibility_matches_the_pixels():
     hidden_steps = 0
     colours = _slot_colours(records[0]["reference"], 4)
     for i, colour in enumerate(colours[1:], start=1):
-        mask = M.box_mask(boxes[:, i:i + 1], S, S, grow=0.0)  # [T, S, S]
+        mask = M.box_mask(boxes[:, i : i + 1], S, S, grow=0.0)  # [T, S, S]
         shows = ((frames == colour).all(axis=-1) & mask).any(axis=(1, 2))
         on = M.on_screen(boxes[:, i], S, S)
         np.testing.assert_array_equal(shows[on], visible[on, i])

@@ -26,12 +26,15 @@ def test_field_spec_scales_with_size_and_entities():
     assert spec["camera"] == ("float32", (7,))
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda r: r.pop("camera"), "missing"),
-    (lambda r: r.update(extra=np.zeros(1)), "unknown"),
-    (lambda r: r.update(action=np.asarray(1, np.int64)), "'action': dtype int64"),
-    (lambda r: r.update(frame=np.zeros((8, 8, 3), np.uint8)), "'frame': shape"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.pop("camera"), "missing"),
+        (lambda r: r.update(extra=np.zeros(1)), "unknown"),
+        (lambda r: r.update(action=np.asarray(1, np.int64)), "'action': dtype int64"),
+        (lambda r: r.update(frame=np.zeros((8, 8, 3), np.uint8)), "'frame': shape"),
+    ],
+)
 def test_validate_names_the_problem(mutate, message):
     rec = _record()
     spec = procedural.record_spec(16, 3)

@@ -33,8 +33,10 @@ def _shots(lengths, h=48, w=64, seed=0):
         freq = rng.uniform(0.5, 1.5, (2, 3, 2)) * rng.choice([-1, 1], (2, 3, 2)) * 2 * np.pi / w
         phase, (dy, dx) = rng.uniform(0, 2 * np.pi, (2, 3)), rng.choice([-0.5, 0.5], 2)
         for t in range(n):
-            waves = [np.sin(f[..., 0, None, None] * (y + dy * t) + f[..., 1, None, None] * (x + dx * t)
-                            + p[:, None, None]) for f, p in zip(freq, phase)]
+            waves = [
+                np.sin(f[..., 0, None, None] * (y + dy * t) + f[..., 1, None, None] * (x + dx * t) + p[:, None, None])
+                for f, p in zip(freq, phase)
+            ]
             frame = 128 + 60 * sum(waves) + rng.normal(0, 3, (3, h, w))
             frames.append(np.clip(frame, 0, 255).astype(np.uint8).transpose(1, 2, 0))
     return np.stack(frames)
@@ -93,8 +95,26 @@ def videos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def video_dataset(videos):
     out = videos.parent / "ds"
-    code = main(["data", "make", "--source", "video", "--videos", str(videos), "--size", str(S),
-                 "--frames", "16", "--val-fraction", "0.5", "--test-fraction", "0", "--out", str(out)])
+    code = main(
+        [
+            "data",
+            "make",
+            "--source",
+            "video",
+            "--videos",
+            str(videos),
+            "--size",
+            str(S),
+            "--frames",
+            "16",
+            "--val-fraction",
+            "0.5",
+            "--test-fraction",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -130,8 +150,18 @@ def test_cli_make_and_inspect(video_dataset, videos, capsys):
 
 
 def test_batches_feed_the_dynamics_controls_masked(video_dataset):
-    batch = next(iter(loader.make_loader(video_dataset, split="train", frames_per_clip=6, batch_size=2, seed=0,
-                                         shard_options=grain.sharding.NoSharding())))
+    batch = next(
+        iter(
+            loader.make_loader(
+                video_dataset,
+                split="train",
+                frames_per_clip=6,
+                batch_size=2,
+                seed=0,
+                shard_options=grain.sharding.NoSharding(),
+            )
+        )
+    )
     assert batch["action_valid"].shape == (2, 6) and batch["camera"].shape == (2, 6, 7)
     controls = make_controls({k: batch[k] for k in ("action", "action_valid", "camera", "camera_valid", "cut")})
     assert not np.asarray(controls.action_mask).any() and not np.asarray(controls.camera_mask).any()
@@ -141,13 +171,14 @@ def test_batches_feed_the_dynamics_controls_masked(video_dataset):
 def test_side_file_gives_actions_cameras_shots_and_timecodes(tmp_path):
     n = 12
     path = _write_video(tmp_path / "clip.mp4", _shots([n]))
-    rows = [{"action": i % 3, "camera": [i, 0, 0, 1, 0, 0, 0], "shot_id": 7 + i // 5, "timecode": 100 + i / 10}
-            for i in range(n)]
+    rows = [
+        {"action": i % 3, "camera": [i, 0, 0, 1, 0, 0, 0], "shot_id": 7 + i // 5, "timecode": 100 + i / 10}
+        for i in range(n)
+    ]
     rows[4] = {"shot_id": 7, "timecode": 100.4, "action": None}  # action and camera unknown here
     vf.side_path(path).write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
     out = tmp_path / "ds"
-    datasets.make_dataset("video", out, size=16, frames=None, val_fraction=0, test_fraction=0,
-                          videos=[path], stride=2)
+    datasets.make_dataset("video", out, size=16, frames=None, val_fraction=0, test_fraction=0, videos=[path], stride=2)
     manifest = writer.read_manifest(out)
     side = manifest["source_params"]["videos"][0]["side_file"]
     assert side["path"] == str(vf.side_path(path)) and side["rows"] == n
@@ -174,13 +205,16 @@ def test_side_file_rows_must_match_the_frames(tmp_path, rows):
     assert not (tmp_path / "ds").exists()
 
 
-@pytest.mark.parametrize("line, words", [
-    ('{"action": 1', "line 2.*not JSON"),
-    ('{"camera": [1, 2, 3]}', "line 2.*'camera' must be 7 numbers"),
-    ('{"action": -1}', "line 2.*'action' must be an int >= 0"),
-    ('{"act": 1}', r"line 2.*unknown key\(s\) \['act'\]"),
-    ('{"shot_id": 3}', "'shot_id' must be in every row or in none \\(row 1 lacks it\\)"),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ('{"action": 1', "line 2.*not JSON"),
+        ('{"camera": [1, 2, 3]}', "line 2.*'camera' must be 7 numbers"),
+        ('{"action": -1}', "line 2.*'action' must be an int >= 0"),
+        ('{"act": 1}', r"line 2.*unknown key\(s\) \['act'\]"),
+        ('{"shot_id": 3}', "'shot_id' must be in every row or in none \\(row 1 lacks it\\)"),
+    ],
+)
 def test_bad_side_file_rows_are_named(tmp_path, line, words):
     side = tmp_path / "clip.mp4.jsonl"
     side.write_text('{"action": 1}\n' + line + "\n")

@@ -17,8 +17,16 @@ def _episodes(ids, frames=10):
 
 def _write(out, splits, records_per_shard=15):
     return writer.write_dataset(
-        out, splits, source="procedural", source_params={"size": S}, generator_version="1.0",
-        frame_size=S, num_entities=E + 1, fps=procedural.FPS, records_per_shard=records_per_shard)
+        out,
+        splits,
+        source="procedural",
+        source_params={"size": S},
+        generator_version="1.0",
+        frame_size=S,
+        num_entities=E + 1,
+        fps=procedural.FPS,
+        records_per_shard=records_per_shard,
+    )
 
 
 def test_manifest_indexes_shards_and_episodes(tmp_path):
@@ -86,10 +94,8 @@ def test_existing_output_is_refused(tmp_path):
 
 def test_make_dataset_and_stats(tmp_path):
     out = tmp_path / "ds"
-    manifest = datasets.make_dataset("procedural", out, episodes=5, frames=20, size=S, seed=3,
-                                     num_entities=E)
-    assert {k: len(v["episodes"]) for k, v in manifest["splits"].items()} == \
-        {"train": 3, "val": 1, "test": 1}
+    manifest = datasets.make_dataset("procedural", out, episodes=5, frames=20, size=S, seed=3, num_entities=E)
+    assert {k: len(v["episodes"]) for k, v in manifest["splits"].items()} == {"train": 3, "val": 1, "test": 1}
     stats = datasets.dataset_stats(out)
     train = stats["splits"]["train"]
     assert train["episodes"] == 3 and train["frames"] == 60

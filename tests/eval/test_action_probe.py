@@ -61,8 +61,9 @@ def test_the_worlds_own_next_frames_score_fraction_one():
     inside = (box[:, :2] >= 2).all(axis=1) & (box[:, 2:] <= S - 2).all(axis=1)  # room for a step
     ts = [t for t in range(len(box) - 1) if inside[t] and not factual["cut"][t + 1]][:3]
     assert ts, "the episode needs a step with the agent in view"
-    frames = np.stack([np.stack([P.replay(params, 2, t, [a])["frame"][t + 1] for t in ts])
-                       for a in range(P.NUM_ACTIONS)])  # [A, B, S, S, 3]
+    frames = np.stack(
+        [np.stack([P.replay(params, 2, t, [a])["frame"][t + 1] for t in ts]) for a in range(P.NUM_ACTIONS)]
+    )  # [A, B, S, S, 3]
     r = action_probe.probe_scores(frames, MOVES, np.ones(len(ts), bool))
     assert r["num_clips"] == len(ts) and r["fraction"] == pytest.approx(1.0)
 

@@ -45,8 +45,12 @@ def test_counterfactual_truth_of_held_out_clips(pong16):
 
 @pytest.mark.slow  # ~80 s on a loaded 2-core CPU: two tiny trainings and an eval
 def test_eval_of_an_atari_run_scores_against_the_counterfactual_truth(pong16, tmp_path):
-    overrides = TINY_OVERRIDES + [f"data.dir={pong16}", f"model.image_size={S}", "train.steps=2",
-                                  f"model.dynamics.num_actions={PONG_NUM_ACTIONS}"]
+    overrides = TINY_OVERRIDES + [
+        f"data.dir={pong16}",
+        f"model.image_size={S}",
+        "train.steps=2",
+        f"model.dynamics.num_actions={PONG_NUM_ACTIONS}",
+    ]
     tok, dyn = tmp_path / "tok", tmp_path / "dyn"
     train(config_lib.load(PRESET, overrides), tok)
     train(config_lib.load(PRESET, overrides + ["train.stage=dynamics", f"train.tokenizer_workdir={tok}"]), dyn)
@@ -54,8 +58,12 @@ def test_eval_of_an_atari_run_scores_against_the_counterfactual_truth(pong16, tm
     metrics = json.loads((dyn / "eval" / "metrics.json").read_text())
     cf = metrics["counterfactual"]
     assert cf["horizon"] == [1, 2, 3]
-    for key in ("psnr_vs_counterfactual_truth", "psnr_vs_factual_truth", "ssim_vs_counterfactual_truth",
-                "copy_last_psnr_vs_counterfactual_truth"):
+    for key in (
+        "psnr_vs_counterfactual_truth",
+        "psnr_vs_factual_truth",
+        "ssim_vs_counterfactual_truth",
+        "copy_last_psnr_vs_counterfactual_truth",
+    ):
         assert len(cf[key]) == 3 and np.all(np.isfinite(cf[key])), key
     assert 0 <= cf["counterfactual_truth_differs_fraction"] <= 1
     for group in (cf, cf["copy_last"]):

@@ -13,13 +13,21 @@ def _write(path, metrics):
 
 
 def test_compare_prints_one_column_per_run(tmp_path, capsys):
-    dyn = _write(tmp_path / "dyn", {
-        "step": 800, "tokenizer": {"psnr": 23.0},
-        "rollout": {"horizon": [1, 2], "psnr": [15.0, 14.0], "ssim": [0.5, 0.4]},
-        "controllability": {"delta_psnr": 0.25, "delta_psnr_t4": 0.4},
-        "counterfactual": {"psnr_vs_counterfactual_truth": [12.0, 11.0], "psnr_vs_factual_truth": [11.0, 11.0],
-                           "margin_db": 0.5, "agent_within_1.5px": 0.3},
-    })
+    dyn = _write(
+        tmp_path / "dyn",
+        {
+            "step": 800,
+            "tokenizer": {"psnr": 23.0},
+            "rollout": {"horizon": [1, 2], "psnr": [15.0, 14.0], "ssim": [0.5, 0.4]},
+            "controllability": {"delta_psnr": 0.25, "delta_psnr_t4": 0.4},
+            "counterfactual": {
+                "psnr_vs_counterfactual_truth": [12.0, 11.0],
+                "psnr_vs_factual_truth": [11.0, 11.0],
+                "margin_db": 0.5,
+                "agent_within_1.5px": 0.3,
+            },
+        },
+    )
     tok = _write(tmp_path / "tok", {"step": 600, "tokenizer": {"psnr": 24.5}})
     table = compare.compare([dyn, tok])
     assert table["step"] == [800.0, 600.0] and "| step | 800 | 600 |" in compare.markdown_table([dyn, tok], table)

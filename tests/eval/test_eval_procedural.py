@@ -30,8 +30,11 @@ def test_eval_of_a_procedural_run_has_the_controllability_headline(tmp_path, tin
     assert cf["margin_db"] == cf["psnr_vs_counterfactual"] - cf["psnr_vs_factual"]
     assert np.isfinite(cf["action_blind"]["psnr_vs_counterfactual"])
     assert cf["num_clips"] == metrics["num_clips"] and cf["num_clips_reframed"] == 0  # world v3: causal
-    for within in (cf["agent_within_1.5px"], cf["copy_last"]["agent_within_1.5px"],
-                    cf["action_blind"]["agent_within_1.5px"]):
+    for within in (
+        cf["agent_within_1.5px"],
+        cf["copy_last"]["agent_within_1.5px"],
+        cf["action_blind"]["agent_within_1.5px"],
+    ):
         assert within is None or 0 <= within <= 1  # None: every generated step after a cut
     probe = metrics["action_probe"]
     assert probe["commanded_px"] == 1.0  # S = 16: S/16 px a step

@@ -173,7 +173,13 @@ def _shots(looks_after_cut: list[tuple]) -> dict[str, np.ndarray]:
     cut = np.zeros((1, 8), bool)
     cut[0, 4] = True
     reference = M.crop_boxes(frames[:, 0], boxes[:, 0])  # [1, E, 8, 8, 3] from the context frame
-    return dict(generated=frames[:, 1:], reference_crops=reference, boxes=boxes[:, 1:], visible=np.ones((1, 8, 3), bool), cut=cut)
+    return dict(
+        generated=frames[:, 1:],
+        reference_crops=reference,
+        boxes=boxes[:, 1:],
+        visible=np.ones((1, 8, 3), bool),
+        cut=cut,
+    )
 
 
 def test_identity_persistence_detects_identities_swapped_after_a_cut():
@@ -257,7 +263,9 @@ def test_agent_position_is_the_agent_box_centre_on_procedural_frames():
     box = ep["entity_boxes"][:, 0]
     in_view = (box[:, :2] >= 0).all(axis=1) & (box[:, 2:] <= S).all(axis=1)
     assert in_view.sum() > 20
-    np.testing.assert_allclose(M.agent_position(ep["frame"][in_view]), (box[in_view, :2] + box[in_view, 2:]) / 2, atol=1e-4)
+    np.testing.assert_allclose(
+        M.agent_position(ep["frame"][in_view]), (box[in_view, :2] + box[in_view, 2:]) / 2, atol=1e-4
+    )
 
 
 def test_action_following_is_zero_for_identical_videos_and_grows_with_displacement():
@@ -296,7 +304,11 @@ VIS = np.ones((2, 4, 3), bool)
         (lambda: M.estimate_shift(V[0, 0], W[0, 0, :8]), (16, 16, 3), (8, 16, 3)),
         (lambda: M.camera_following(V, np.zeros((2, 3, 2))), (2, 3, 2), V.shape),
         (lambda: M.crop_boxes(V, BOXES[:, :3]), V.shape, (2, 3, 3, 4)),
-        (lambda: M.identity_persistence(V, np.zeros((2, 3, 8, 8, 3)), BOXES, VIS[:, :3], np.zeros((2, 4), bool)), (2, 3, 3), V.shape),
+        (
+            lambda: M.identity_persistence(V, np.zeros((2, 3, 8, 8, 3)), BOXES, VIS[:, :3], np.zeros((2, 4), bool)),
+            (2, 3, 3),
+            V.shape,
+        ),
         (lambda: M.object_permanence(V, W, BOXES, VIS), W.shape, V.shape),
         (lambda: M.action_following(V, W), W.shape, V.shape),
     ],
@@ -348,7 +360,9 @@ def test_counterfactual_following_scalars_and_baselines_on_agent_videos():
     assert r["copy_last"]["agent_within_1.5px"] == 0.0 and r["action_blind"]["agent_within_1.5px"] == 0.0
     assert r["copy_last"]["psnr_vs_counterfactual"] == pytest.approx(M.psnr(counterfactual, copy_last).mean())
     assert r["action_blind"]["psnr_vs_counterfactual"] == pytest.approx(M.psnr(counterfactual, factual).mean())
-    assert r["copy_last"]["psnr_vs_counterfactual"] == pytest.approx(np.mean(r["copy_last_psnr_vs_counterfactual_truth"]))
+    assert r["copy_last"]["psnr_vs_counterfactual"] == pytest.approx(
+        np.mean(r["copy_last_psnr_vs_counterfactual_truth"])
+    )
     blind = M.counterfactual_following(factual, counterfactual, factual, copy_last, agent_steps)  # ignores the actions
     assert blind["margin_db"] < 0 and blind["agent_within_1.5px"] == 0.0
     assert "agent_within_1.5px" not in M.counterfactual_following(factual, counterfactual, factual, copy_last)

@@ -49,9 +49,9 @@ def test_other_actions_change_the_agent_only_until_the_next_cut(tiny_dataset):
     params = writer.read_manifest(tiny_dataset)["source_params"]
     factual = P.replay(params, 1)
     start = 4
-    others = (factual["action"][start:start + 10] + 1) % P.NUM_ACTIONS  # every action different
+    others = (factual["action"][start : start + 10] + 1) % P.NUM_ACTIONS  # every action different
     cf = P.replay(params, 1, start, others)
-    next_cut = start + 1 + int(np.argmax(np.r_[factual["cut"][start + 1:], True]))
+    next_cut = start + 1 + int(np.argmax(np.r_[factual["cut"][start + 1 :], True]))
     same = slice(0, start + 1)
     np.testing.assert_array_equal(cf["frame"][same], factual["frame"][same])
     shot = slice(start + 1, next_cut)
@@ -59,7 +59,7 @@ def test_other_actions_change_the_agent_only_until_the_next_cut(tiny_dataset):
     np.testing.assert_array_equal(cf["camera"][shot], factual["camera"][shot])
     np.testing.assert_array_equal(cf["entity_boxes"][shot, 1:], factual["entity_boxes"][shot, 1:])
     moved = P.agent_moves(S)[others[: next_cut - start - 1]]  # each step's commanded move
-    true_moves = P.agent_moves(S)[factual["action"][start:next_cut - 1]]
+    true_moves = P.agent_moves(S)[factual["action"][start : next_cut - 1]]
     agent = lambda r: (r["entity_boxes"][shot, 0, :2] + r["entity_boxes"][shot, 0, 2:]) / 2
     np.testing.assert_allclose(agent(cf) - agent(factual), np.cumsum(moved - true_moves, axis=0), atol=1e-5)
     # Pixels differ only where either agent is drawn.
@@ -91,7 +91,7 @@ def test_counterfactual_truth_of_held_out_clips(which, tiny_dataset, v2_dataset)
     np.testing.assert_array_equal(recorded["entity_boxes"], clips["entity_boxes"][:, ctx:])
     assert recorded["same_context"].all()
     random = clips["action"].copy()
-    random[:, ctx - 1:] = (random[:, ctx - 1:] + 1 + np.arange(horizon + 1) % 4) % P.NUM_ACTIONS  # all differ
+    random[:, ctx - 1 :] = (random[:, ctx - 1 :] + 1 + np.arange(horizon + 1) % 4) % P.NUM_ACTIONS  # all differ
     cf = procedural_counterfactual_truth(params, clips, ctx, random)
     assert cf["frame"].shape == (len(random), horizon, S, S, 3) and cf["frame"].dtype == np.uint8
     assert (cf["frame"] != clips["frame"][:, ctx:]).any()

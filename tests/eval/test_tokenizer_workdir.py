@@ -25,5 +25,7 @@ def test_a_run_moved_without_its_tokenizer_evaluates_with_the_flag(tmp_path, tok
     assert main(["eval", "--workdir", str(tokenizer), "--tokenizer-workdir", str(tokenizer)]) == 2
     assert "a tokenizer run reads no tokenizer run" in capsys.readouterr().err
 
-    assert main(["eval", "--workdir", str(run), "--tokenizer-workdir", str(tokenizer), "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(["eval", "--workdir", str(run), "--tokenizer-workdir", str(tokenizer), "--out", str(tmp_path / "ev")]) == 0
+    )
     assert (tmp_path / "ev" / "metrics.json").is_file()

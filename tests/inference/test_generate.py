@@ -15,8 +15,14 @@ from conftest import PRESET, REPO, TINY_OVERRIDES
 from wm_jax.bench import watermark as bench_watermark
 from wm_jax.cli import main
 from wm_jax.inference.generate import output_paths
-from wm_jax.inference.shot_script import (DEFAULT_POSE, ScriptError, load_script, parse_script, read_source,
-                                         resolve_shots)
+from wm_jax.inference.shot_script import (
+    DEFAULT_POSE,
+    ScriptError,
+    load_script,
+    parse_script,
+    read_source,
+    resolve_shots,
+)
 
 # Line numbers matter below: each error must name the line it is about.
 THREE_SHOTS = """\
@@ -123,13 +129,17 @@ def test_action_ids_are_checked_against_the_models_num_actions():
 
 
 def test_pose_lists_of_the_wrong_length_name_their_line():
-    msg = _error("shots:\n  - duration: 3\n    camera:\n      poses:\n        - [0, 0, 1, 1, 0, 0, 0]\n"
-                 "        - [1, 0, 1, 1, 0, 0]\n        - [2, 0, 1, 1, 0, 0, 0]\n")
+    msg = _error(
+        "shots:\n  - duration: 3\n    camera:\n      poses:\n        - [0, 0, 1, 1, 0, 0, 0]\n"
+        "        - [1, 0, 1, 1, 0, 0]\n        - [2, 0, 1, 1, 0, 0, 0]\n"
+    )
     assert "line 6" in msg and "7 numbers, got 6 values" in msg
     msg = _error("shots:\n  - duration: 3\n    camera:\n      poses: [[0, 0, 1, 1, 0, 0, 0]]\n")
     assert "line 4" in msg and "1 poses for a shot of 3 frames" in msg
     # With timecodes the duration is known only at the fps: checked when resolving.
-    msg = _error("shots:\n  - timecodes: [0, 1]\n    camera:\n      poses: [[0, 0, 1, 1, 0, 0, 0]]\n", fps=4, num_actions=5)
+    msg = _error(
+        "shots:\n  - timecodes: [0, 1]\n    camera:\n      poses: [[0, 0, 1, 1, 0, 0, 0]]\n", fps=4, num_actions=5
+    )
     assert "line 4" in msg and "1 poses for a shot of 4 frames" in msg
     assert "line 3" in _error("shots:\n  - duration: 3\n    camera: {pan: [1, 0, 2]}\n")
     msg = _error("shots:\n  - duration: 3\n    camera: {start: [4, 4], pan: [1, 0]}\n")
@@ -148,7 +158,9 @@ def test_yaml_syntax_errors_and_duplicate_keys_name_the_line():
 def test_dataset_episodes_that_do_not_exist_are_named(tiny_dataset):
     script = _parse(f"start: {{data: {tiny_dataset}, split: test,\n        episode: 5}}\nshots:\n  - duration: 2\n")
     kw = dict(default_data=None, default_split="test", default_frames=2, size=16)
-    with pytest.raises(ScriptError, match=r"line 2: start.episode: split 'test' of .* has 2 episodes .*episode 5 does not exist"):
+    with pytest.raises(
+        ScriptError, match=r"line 2: start.episode: split 'test' of .* has 2 episodes .*episode 5 does not exist"
+    ):
         read_source(script, script.start, **kw)
     script = _parse("start: {split: tset}\nshots:\n  - duration: 2\n")
     with pytest.raises(ScriptError, match=r"line 1: start.split: .*no split 'tset'"):
@@ -167,9 +179,21 @@ def test_dataset_episodes_that_do_not_exist_are_named(tiny_dataset):
 def test_missing_run_or_checkpoint(tmp_path, capsys):
     script = tmp_path / "s.yaml"
     script.write_text("shots:\n  - duration: 2\n")
-    code = main(["generate", "--workdir", str(tmp_path / "nope"), "--script", str(script), "--out", str(tmp_path / "o.mp4")])
+    code = main(
+        ["generate", "--workdir", str(tmp_path / "nope"), "--script", str(script), "--out", str(tmp_path / "o.mp4")]
+    )
     assert code == 2 and "not a run directory" in capsys.readouterr().err
-    code = main(["generate", "--workdir", str(tmp_path), "--script", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "o.mp4")])
+    code = main(
+        [
+            "generate",
+            "--workdir",
+            str(tmp_path),
+            "--script",
+            str(tmp_path / "none.yaml"),
+            "--out",
+            str(tmp_path / "o.mp4"),
+        ]
+    )
     assert code == 2 and "none.yaml does not exist" in capsys.readouterr().err
     code = main(["generate", "--workdir", str(tmp_path), "--script", str(script), "--out", str(tmp_path / "o.gif")])
     assert code == 2 and "GIF" in capsys.readouterr().err
@@ -199,8 +223,12 @@ def test_decode_stream_matches_decode_codes():
     from wm_jax.models.tokenizer import VideoTokenizer
     from wm_jax.inference.rollout import decode_codes, decode_stream, encode_frames
 
-    cfg = ModelConfig(image_size=8, tokenizer=TokenizerConfig(patch_size=4, embed_dim=16, num_layers=1, num_heads=2,
-                                                              mlp_dim=32, fsq_levels=(4, 3, 3)))
+    cfg = ModelConfig(
+        image_size=8,
+        tokenizer=TokenizerConfig(
+            patch_size=4, embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32, fsq_levels=(4, 3, 3)
+        ),
+    )
     tok = VideoTokenizer(cfg)
     frames = np.random.default_rng(0).integers(0, 256, (2, 7, 8, 8, 3), dtype=np.uint8)
     params = jax.jit(tok.init)(jax.random.key(0), jnp.zeros((2, 3, 8, 8, 3)))["params"]
@@ -228,7 +256,9 @@ def _check_outputs(paths, script_text, frames, fps, capsys):
         info = side["provenance"]
         assert info["frames"] == frames and info["fps"] == fps and info["sample"] == k
         assert info["script"]["text"] == script_text and info["seed"] == 0 and info["time"]
-        assert info["config"]["train"]["stage"] == "dynamics" and info["config"]["model"]["dynamics"]["use_identity_bank"]
+        assert (
+            info["config"]["train"]["stage"] == "dynamics" and info["config"]["model"]["dynamics"]["use_identity_bank"]
+        )
         assert len(info["checkpoint_sha256"]) == 64 and len(info["model"]["tokenizer"]["sha256"]) == 64
         shots = info["shots"]
         assert [s["cut"] for s in shots] == [False, True, True]
@@ -259,7 +289,9 @@ def _init_bundle(path: Path, cfg, stage: str) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path.resolve() / "params", params)
     config_lib.dump(cfg, path / "config.yaml")
-    (path / "bundle.json").write_text(json.dumps({"format": BUNDLE_FORMAT, "source": "test", "step": 0, "stage": stage}))
+    (path / "bundle.json").write_text(
+        json.dumps({"format": BUNDLE_FORMAT, "source": "test", "step": 0, "stage": stage})
+    )
 
 
 def test_generate_from_a_bundle_writes_verifiable_videos(tmp_path, tiny_overrides, capsys):
@@ -269,8 +301,9 @@ def test_generate_from_a_bundle_writes_verifiable_videos(tmp_path, tiny_override
     base = tiny_overrides + ["model.dynamics.use_identity_bank=true"]
     bundle = tmp_path / "bundle"
     _init_bundle(bundle / "tokenizer", config_lib.load(PRESET, base), "tokenizer")
-    _init_bundle(bundle, config_lib.load(PRESET, base + ["train.stage=dynamics", "train.tokenizer_workdir=/unused"]),
-                 "dynamics")
+    _init_bundle(
+        bundle, config_lib.load(PRESET, base + ["train.stage=dynamics", "train.tokenizer_workdir=/unused"]), "dynamics"
+    )
     script = tmp_path / "shots.yaml"
     script.write_text(THREE_SHOTS)
     out = tmp_path / "videos" / "out.mp4"
@@ -303,9 +336,25 @@ def test_generate_from_trained_runs(tmp_path, tiny_dataset, capsys):
     sets = [a for o in TINY_OVERRIDES + [f"data.dir={tiny_dataset}", "train.steps=2"] for a in ("--set", o)]
     tok, dyn = tmp_path / "tok", tmp_path / "dyn"
     assert main(["train", "--config", str(PRESET), *sets, "--workdir", str(tok)]) == 0
-    assert main(["train", "--config", str(PRESET), *sets, "--set", "train.stage=dynamics", "--set",
-                 f"train.tokenizer_workdir={tok}", "--set", "model.dynamics.use_identity_bank=true",
-                 "--workdir", str(dyn)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(PRESET),
+                *sets,
+                "--set",
+                "train.stage=dynamics",
+                "--set",
+                f"train.tokenizer_workdir={tok}",
+                "--set",
+                "model.dynamics.use_identity_bank=true",
+                "--workdir",
+                str(dyn),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     script = tmp_path / "shots.yaml"
     script.write_text(THREE_SHOTS)
@@ -341,8 +390,9 @@ def _config_only_run(tmp_path, tiny_overrides):
 def test_a_huge_duration_is_refused_by_line_before_any_allocation(tmp_path, tiny_overrides, capsys):
     run = _config_only_run(tmp_path, tiny_overrides)
     script = tmp_path / "huge.yaml"
-    script.write_text("start: {split: test, episode: 0, t: 0, frames: 2}\nshots:\n  - duration: 4\n"
-                      "  - duration: 1000000000\n")
+    script.write_text(
+        "start: {split: test, episode: 0, t: 0, frames: 2}\nshots:\n  - duration: 4\n  - duration: 1000000000\n"
+    )
     args = ["generate", "--workdir", str(run), "--script", str(script), "--out", str(tmp_path / "o.mp4")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

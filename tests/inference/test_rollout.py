@@ -15,8 +15,16 @@ from wm_jax.inference.rollout import rollout
 CFG = ModelConfig(
     image_size=8,
     tokenizer=TokenizerConfig(patch_size=4, fsq_levels=(4, 3, 3)),
-    dynamics=DynamicsConfig(embed_dim=32, num_layers=2, num_heads=2, mlp_dim=64, num_actions=5,
-                            use_camera=True, use_cuts=True, use_identity_bank=True),
+    dynamics=DynamicsConfig(
+        embed_dim=32,
+        num_layers=2,
+        num_heads=2,
+        mlp_dim=64,
+        num_actions=5,
+        use_camera=True,
+        use_cuts=True,
+        use_identity_bank=True,
+    ),
 )
 B, C, H = 2, 3, 32
 
@@ -43,17 +51,32 @@ def _case(cfg, seed=0):
 
 @pytest.mark.parametrize(
     "window, objective, conditioning, sampling",
-    [(0, "causal", "add", {}), (6, "causal", "add", {}), (6, "maskgit", "add", {}),
-     (0, "maskgit", "add", {"temperature": 2.0}), (6, "causal", "adaln", {"temperature": 1.0, "top_k": 3}),
-     (6, "causal", "token", {"temperature": 0.5, "guidance": 2.0})],
-    ids=["whole_context", "sliding_window_6", "maskgit_window_6", "maskgit_gumbel", "adaln_sampled_top3",
-         "token_sampled_guided"])
+    [
+        (0, "causal", "add", {}),
+        (6, "causal", "add", {}),
+        (6, "maskgit", "add", {}),
+        (0, "maskgit", "add", {"temperature": 2.0}),
+        (6, "causal", "adaln", {"temperature": 1.0, "top_k": 3}),
+        (6, "causal", "token", {"temperature": 0.5, "guidance": 2.0}),
+    ],
+    ids=[
+        "whole_context",
+        "sliding_window_6",
+        "maskgit_window_6",
+        "maskgit_gumbel",
+        "adaln_sampled_top3",
+        "token_sampled_guided",
+    ],
+)
 def test_cached_and_uncached_rollouts_give_identical_tokens(window, objective, conditioning, sampling):
     """MaskGIT: 4 decoding passes per frame; the cached engine commits each frame once.
     Every conditioning mode, and sampled / guided decoding, give the same tokens cached."""
-    cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, temporal_window=window,
-                                                                objective=objective, maskgit_steps=4,
-                                                                action_conditioning=conditioning))
+    cfg = dataclasses.replace(
+        CFG,
+        dynamics=dataclasses.replace(
+            CFG.dynamics, temporal_window=window, objective=objective, maskgit_steps=4, action_conditioning=conditioning
+        ),
+    )
     model, params, context, controls, reference = _case(cfg)
     key = jax.random.key(5)
     cached, cached_idx = rollout(model, params, context, controls, H, reference, cached=True, key=key, **sampling)
@@ -65,11 +88,17 @@ def test_cached_and_uncached_rollouts_give_identical_tokens(window, objective, c
 
 
 def test_cut_framing_rolls_out_the_same_cached_and_follows_the_framing():
-    cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, action_conditioning="adaln",
-                                                                cut_framing=True, cut_framing_shift=True))
+    cfg = dataclasses.replace(
+        CFG,
+        dynamics=dataclasses.replace(
+            CFG.dynamics, action_conditioning="adaln", cut_framing=True, cut_framing_shift=True
+        ),
+    )
     model, params, context, controls, reference = _case(cfg)
     # Each cut framed a patch and a half away: the shift moves the tokens, not only the embedding.
-    framed = controls.replace(camera=controls.camera.at[..., :2].add(controls.next_cut[..., None] * jnp.array([6.0, -5.0])))
+    framed = controls.replace(
+        camera=controls.camera.at[..., :2].add(controls.next_cut[..., None] * jnp.array([6.0, -5.0]))
+    )
     _, cached = rollout(model, params, context, framed, H, reference, cached=True)
     _, uncached = rollout(model, params, context, framed, H, reference, cached=False)
     np.testing.assert_array_equal(cached, uncached)
@@ -82,7 +111,8 @@ def test_cut_framing_rolls_out_the_same_cached_and_follows_the_framing():
 @pytest.mark.parametrize("conditioning", ["add", "adaln", "token"])
 def test_rollout_follows_its_controls_and_reference(conditioning):
     model, params, context, controls, reference = _case(
-        dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, action_conditioning=conditioning)))
+        dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, action_conditioning=conditioning))
+    )
     _, base = rollout(model, params, context, controls, 8, reference)
     other_actions = dataclasses.replace(controls, action=(controls.action + 1) % 5)
     _, moved = rollout(model, params, context, other_actions, 8, reference)
@@ -121,9 +151,16 @@ def test_guidance_extrapolates_from_the_unconditional_logits():
 # --- the diffusion engine -------------------------------------------------------------
 
 DIFFUSION = dataclasses.replace(
-    CFG, tokenizer=TokenizerConfig(patch_size=4, bottleneck="continuous", latent_dim=3),
-    dynamics=dataclasses.replace(CFG.dynamics, objective="diffusion", shortcut_max_steps=8, sampling_steps=4,
-                                 sample_context_noise=0.1, latent_scale=2.0),
+    CFG,
+    tokenizer=TokenizerConfig(patch_size=4, bottleneck="continuous", latent_dim=3),
+    dynamics=dataclasses.replace(
+        CFG.dynamics,
+        objective="diffusion",
+        shortcut_max_steps=8,
+        sampling_steps=4,
+        sample_context_noise=0.1,
+        latent_scale=2.0,
+    ),
 )
 DH = 8  # diffusion rollouts run K + 1 passes a frame: a shorter horizon keeps the test quick
 
@@ -140,26 +177,38 @@ def _diffusion_case(cfg, seed=0):
     f = C + DH
     cut = np.zeros((B, f), bool)
     cut[0, 5] = cut[1, 8] = True
-    controls = make_controls({"action": rng.integers(0, 5, (B, f)).astype(np.int32), "cut": cut,
-                              "camera": np.cumsum(rng.normal(size=(B, f, 7)), axis=1).astype(np.float32)})
+    controls = make_controls(
+        {
+            "action": rng.integers(0, 5, (B, f)).astype(np.int32),
+            "cut": cut,
+            "camera": np.cumsum(rng.normal(size=(B, f, 7)), axis=1).astype(np.float32),
+        }
+    )
     model = DiffusionDynamics(cfg)
     frames = frame_controls(controls).at(slice(0, C))
-    params = jax.jit(model.init)(jax.random.key(seed), context, frames, jnp.ones((B, C)), jnp.ones((B, C)),
-                                 reference)["params"]
+    params = jax.jit(model.init)(jax.random.key(seed), context, frames, jnp.ones((B, C)), jnp.ones((B, C)), reference)[
+        "params"
+    ]
     leaves, tree = jax.tree.flatten(params)
-    params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(jax.random.key(100 + i), x.shape)
-                                       for i, x in enumerate(leaves)])
+    params = jax.tree.unflatten(
+        tree, [x + 0.1 * jax.random.normal(jax.random.key(100 + i), x.shape) for i, x in enumerate(leaves)]
+    )
     return model, params, context, controls, reference
 
 
-@pytest.mark.parametrize("window, conditioning, guidance", [(0, "adaln", 1.0), (3, "add", 1.0), (0, "token", 2.0)],
-                         ids=["whole_context_adaln", "window_3_add", "token_guided"])
+@pytest.mark.parametrize(
+    "window, conditioning, guidance",
+    [(0, "adaln", 1.0), (3, "add", 1.0), (0, "token", 2.0)],
+    ids=["whole_context_adaln", "window_3_add", "token_guided"],
+)
 def test_cached_and_uncached_diffusion_sampling_agree(window, conditioning, guidance):
     """K = 4 jumps a frame against the cache (each frame written once, re-noised) give the
     latents of rerunning every frame at each jump; cuts, a window, an identity bank and
     classifier-free guidance included."""
-    cfg = dataclasses.replace(DIFFUSION, dynamics=dataclasses.replace(
-        DIFFUSION.dynamics, temporal_window=window, action_conditioning=conditioning))
+    cfg = dataclasses.replace(
+        DIFFUSION,
+        dynamics=dataclasses.replace(DIFFUSION.dynamics, temporal_window=window, action_conditioning=conditioning),
+    )
     model, params, context, controls, reference = _diffusion_case(cfg)
     key = jax.random.key(5)
     cached, indices = rollout(model, params, context, controls, DH, reference, cached=True, key=key, guidance=guidance)
@@ -171,10 +220,14 @@ def test_cached_and_uncached_diffusion_sampling_agree(window, conditioning, guid
 
 def test_diffusion_sampling_follows_its_key_actions_and_context():
     model, params, context, controls, reference = _diffusion_case(DIFFUSION)
-    run = lambda **kw: np.asarray(rollout(model, params, kw.pop("context", context), kw.pop("controls", controls), 4,
-                                          reference, **kw)[0])
+    run = lambda **kw: np.asarray(
+        rollout(model, params, kw.pop("context", context), kw.pop("controls", controls), 4, reference, **kw)[0]
+    )
     base = run(key=jax.random.key(1))
     np.testing.assert_array_equal(base, run(key=jax.random.key(1)))
     assert np.abs(base - run(key=jax.random.key(2))).max() > 1e-3
-    assert np.abs(base - run(key=jax.random.key(1), controls=controls.replace(action=(controls.action + 1) % 5))).max() > 1e-3
+    assert (
+        np.abs(base - run(key=jax.random.key(1), controls=controls.replace(action=(controls.action + 1) % 5))).max()
+        > 1e-3
+    )
     assert np.abs(base - run(key=jax.random.key(1), context=context.at[:, -1].multiply(-1))).max() > 1e-3

@@ -233,9 +233,13 @@ def signed_video(tmp_path):
     import hashlib
 
     path = tmp_path / "gen.mp4"
-    info = {"checkpoint_sha256": "ab" * 32, "model": {"step": 12, "sha256": "ab" * 32}, "config": {"seed": 0},
-            "script": {"path": "/s.yaml", "sha256": hashlib.sha256(SCRIPT_TEXT.encode()).hexdigest(),
-                       "text": SCRIPT_TEXT}, "seed": 7}
+    info = {
+        "checkpoint_sha256": "ab" * 32,
+        "model": {"step": 12, "sha256": "ab" * 32},
+        "config": {"seed": 0},
+        "script": {"path": "/s.yaml", "sha256": hashlib.sha256(SCRIPT_TEXT.encode()).hexdigest(), "text": SCRIPT_TEXT},
+        "seed": 7,
+    }
     wmk.write_marked_video(clip(), path, info)
     return path
 
@@ -247,14 +251,17 @@ def _edit(video, change):
     side.write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("field, change", [
-    ("provenance.checkpoint_sha256", lambda m: m["provenance"].update(checkpoint_sha256="cd" * 32)),
-    ("provenance.config", lambda m: m["provenance"]["config"].update(seed=1)),
-    ("provenance.script", lambda m: m["provenance"]["script"].update(sha256="0" * 64)),
-    ("provenance.seed", lambda m: m["provenance"].update(seed=8)),
-    ("provenance.seed", lambda m: m["provenance"].pop("seed")),
-    ("created", lambda m: m.update(created="1999-01-01T00:00:00+00:00")),
-])
+@pytest.mark.parametrize(
+    "field, change",
+    [
+        ("provenance.checkpoint_sha256", lambda m: m["provenance"].update(checkpoint_sha256="cd" * 32)),
+        ("provenance.config", lambda m: m["provenance"]["config"].update(seed=1)),
+        ("provenance.script", lambda m: m["provenance"]["script"].update(sha256="0" * 64)),
+        ("provenance.seed", lambda m: m["provenance"].update(seed=8)),
+        ("provenance.seed", lambda m: m["provenance"].pop("seed")),
+        ("created", lambda m: m.update(created="1999-01-01T00:00:00+00:00")),
+    ],
+)
 def test_any_edit_of_a_signed_sidecar_fails_naming_the_field(signed_video, field, change):
     _edit(signed_video, change)
     result = wmk.verify(signed_video)
@@ -268,12 +275,17 @@ def test_a_forger_without_the_key_cannot_re_sign(signed_video):
     def forge(manifest):  # edit the seed and its digest: the HMAC over the digests breaks
         manifest["provenance"]["seed"] = 8
         manifest["signature"]["fields"] = signature.field_digests(manifest)
+
     _edit(signed_video, forge)
     problems = wmk.verify(signed_video)["problems"]
     assert len(problems) == 1 and "signature does not verify under this key" in problems[0]
     # Re-signed with the forger's own key (and its key id): fails under the signer's key.
-    _edit(signed_video, lambda m: m.update(watermark={**m["watermark"], "key_id": wmk.key_id(OTHER_KEY)},
-                                           signature=signature.sign(m, OTHER_KEY)))
+    _edit(
+        signed_video,
+        lambda m: m.update(
+            watermark={**m["watermark"], "key_id": wmk.key_id(OTHER_KEY)}, signature=signature.sign(m, OTHER_KEY)
+        ),
+    )
     problems = wmk.verify(signed_video)["problems"]
     assert any("key id" in p for p in problems) and any("signature does not verify" in p for p in problems)
     _edit(signed_video, lambda m: m.pop("signature"))

@@ -10,16 +10,23 @@ import optax
 import pytest
 
 from wm_jax.config import DynamicsConfig, ModelConfig, TokenizerConfig
-from wm_jax.models.diffusion import (DiffusionDynamics, frame_controls, jump, noised, sample_levels,
-                                     shortcut_target)
+from wm_jax.models.diffusion import DiffusionDynamics, frame_controls, jump, noised, sample_levels, shortcut_target
 from wm_jax.models.dynamics import make_controls
 from wm_jax.stages.diffusion import diffusion_loss
 
 CFG = ModelConfig(
     image_size=8,
     tokenizer=TokenizerConfig(patch_size=4, bottleneck="continuous", latent_dim=3),
-    dynamics=DynamicsConfig(embed_dim=32, num_layers=2, num_heads=2, mlp_dim=64, objective="diffusion",
-                            action_conditioning="adaln", shortcut_max_steps=8, sampling_steps=4),
+    dynamics=DynamicsConfig(
+        embed_dim=32,
+        num_layers=2,
+        num_heads=2,
+        mlp_dim=64,
+        objective="diffusion",
+        action_conditioning="adaln",
+        shortcut_max_steps=8,
+        sampling_steps=4,
+    ),
 )
 B, T, N, W = 2, 5, 4, 3
 
@@ -36,8 +43,9 @@ def case():
     step = jnp.full((B, T), 0.25)
     params = jax.jit(model.init)(jax.random.key(0), latents, controls, signal, step)["params"]
     leaves, tree = jax.tree.flatten(params)
-    params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape)
-                                       for i, x in enumerate(leaves)])
+    params = jax.tree.unflatten(
+        tree, [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]
+    )
     apply = jax.jit(lambda z, s, d, query=None: model.apply({"params": params}, z, controls, s, d, query=query))
     return apply, latents, signal, step
 
@@ -134,10 +142,22 @@ def _one_vs_two_jumps(model, params, latents, actions):
 
 
 def test_a_toy_trains_its_loss_falls_and_one_jump_lands_where_two_half_jumps_do():
-    cfg = ModelConfig(image_size=8, tokenizer=CFG.tokenizer,
-                      dynamics=DynamicsConfig(embed_dim=32, num_layers=1, num_heads=2, mlp_dim=64, num_actions=2,
-                                              objective="diffusion", action_conditioning="adaln",
-                                              shortcut_max_steps=8, use_camera=False, use_cuts=False))
+    cfg = ModelConfig(
+        image_size=8,
+        tokenizer=CFG.tokenizer,
+        dynamics=DynamicsConfig(
+            embed_dim=32,
+            num_layers=1,
+            num_heads=2,
+            mlp_dim=64,
+            num_actions=2,
+            objective="diffusion",
+            action_conditioning="adaln",
+            shortcut_max_steps=8,
+            use_camera=False,
+            use_cuts=False,
+        ),
+    )
     model = DiffusionDynamics(cfg)
     latents, actions = _toy_batch(jax.random.key(0))
     controls = frame_controls(make_controls({"action": actions}))
@@ -150,9 +170,11 @@ def test_a_toy_trains_its_loss_falls_and_one_jump_lands_where_two_half_jumps_do(
             params, opt_state = carry
             x, a = _toy_batch(jax.random.fold_in(k, 0))
             (loss, _), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(
-                params, model, {"action": a}, x, (None, None), jax.random.fold_in(k, 1))
+                params, model, {"action": a}, x, (None, None), jax.random.fold_in(k, 1)
+            )
             updates, opt_state = opt.update(grads, opt_state)
             return (optax.apply_updates(params, updates), opt_state), loss
+
         (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), jax.random.split(key, 600))
         return params, opt_state, losses
 

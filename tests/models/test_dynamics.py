@@ -212,7 +212,9 @@ def test_use_camera_false_ignores_the_camera():
     moved = dict(steps, camera=steps["camera"] * 3)
     variables = jax.jit(model.init)(jax.random.key(2), codes, make_controls(steps))
     apply = jax.jit(model.apply)
-    np.testing.assert_array_equal(apply(variables, codes, make_controls(steps)), apply(variables, codes, make_controls(moved)))
+    np.testing.assert_array_equal(
+        apply(variables, codes, make_controls(steps)), apply(variables, codes, make_controls(moved))
+    )
 
 
 def test_a_cut_resets_scene_context_but_not_identities(steered):
@@ -221,8 +223,10 @@ def test_a_cut_resets_scene_context_but_not_identities(steered):
     base = apply(variables, codes, make_controls(steps), reference)
     # Other frames before the cut change nothing after it ...
     earlier = codes.at[:, :3].set(_inputs(seed=9)[0][:, :3])
-    np.testing.assert_array_equal(_changed(base, apply(variables, earlier, make_controls(steps), reference)),
-                                  [True, True, True, False, False, False])
+    np.testing.assert_array_equal(
+        _changed(base, apply(variables, earlier, make_controls(steps), reference)),
+        [True, True, True, False, False, False],
+    )
     # ... while the identity bank still steers every frame, after the cut included.
     other_ref = _inputs(seed=5)[0][:, 0]
     assert _changed(base, apply(variables, codes, make_controls(steps), other_ref)).all()
@@ -244,8 +248,9 @@ def test_make_controls_gives_a_cut_its_framing():
 
 @pytest.mark.parametrize("embed, shift", [(True, False), (False, True), (False, False)])
 def test_a_cut_framing_steers_the_first_frame_of_its_shot_only(embed, shift):
-    cfg = dataclasses.replace(STEERED, dynamics=dataclasses.replace(STEERED.dynamics, cut_framing=embed,
-                                                                    cut_framing_shift=shift))
+    cfg = dataclasses.replace(
+        STEERED, dynamics=dataclasses.replace(STEERED.dynamics, cut_framing=embed, cut_framing_shift=shift)
+    )
     framing = embed or shift
     model = DynamicsModel(cfg)
     codes, steps = _inputs()[0], _steps(cut_at=3)  # position 2 predicts frame 3, the cut
@@ -266,9 +271,12 @@ def test_shift_tokens_moves_the_view_with_the_camera():
     x = jnp.arange(16.0).reshape(1, 1, 16, 1)  # a 4 x 4 grid of 4-px patches, row-major
     shifted, in_view = shift_tokens(x, jnp.array([[[4.0, -5.0]]]), grid=4, patch=4)  # 1 patch right, 1 up
     # What was at (row, col) is now at (row + 1, col - 1); the new top row and right column were unseen.
-    np.testing.assert_array_equal(np.asarray(shifted)[0, 0, :, 0].reshape(4, 4)[1:, :3], [[1, 2, 3], [5, 6, 7], [9, 10, 11]])
-    np.testing.assert_array_equal(np.asarray(in_view)[0, 0].reshape(4, 4),
-                                  [[0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]])
+    np.testing.assert_array_equal(
+        np.asarray(shifted)[0, 0, :, 0].reshape(4, 4)[1:, :3], [[1, 2, 3], [5, 6, 7], [9, 10, 11]]
+    )
+    np.testing.assert_array_equal(
+        np.asarray(in_view)[0, 0].reshape(4, 4), [[0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]]
+    )
 
 
 def test_identity_bank_is_ignored_when_masked(steered):
@@ -346,16 +354,22 @@ def test_maskgit_known_tokens_inform_their_own_position_only(maskgit):
     # Another known token of frame 3 at position 2 changes position 2's prediction ...
     other = nxt.at[:, 2, 3].set(_clip(seed=4)[1][:, 2, 3])
     assert (np.asarray(other) != np.asarray(nxt)).any()
-    np.testing.assert_array_equal(_changed(base, apply(variables, codes, other, HALF, _steps(), reference)),
-                                  [False, False, True, False, False, False])
+    np.testing.assert_array_equal(
+        _changed(base, apply(variables, codes, other, HALF, _steps(), reference)),
+        [False, False, True, False, False, False],
+    )
     # ... and so does revealing one more token; no other position sees either (the past
     # is the context stream, whose next frame is always all masked).
     revealed = HALF.at[:, 2, 0].set(False)
-    np.testing.assert_array_equal(_changed(base, apply(variables, codes, nxt, revealed, _steps(), reference)),
-                                  [False, False, True, False, False, False])
+    np.testing.assert_array_equal(
+        _changed(base, apply(variables, codes, nxt, revealed, _steps(), reference)),
+        [False, False, True, False, False, False],
+    )
     # All masked is the context stream: the default without next codes.
     all_masked = apply(variables, codes, nxt, jnp.ones_like(HALF), _steps(), reference)
-    np.testing.assert_array_equal(all_masked, apply(variables, codes, _clip(seed=4)[1], jnp.ones_like(HALF), _steps(), reference))
+    np.testing.assert_array_equal(
+        all_masked, apply(variables, codes, _clip(seed=4)[1], jnp.ones_like(HALF), _steps(), reference)
+    )
 
 
 @pytest.mark.parametrize("t", [0, 3])
@@ -374,8 +388,9 @@ def test_maskgit_keeps_cuts_and_identity_bank(maskgit):
     steps = _steps(cut_at=3)
     base = apply(variables, codes, nxt, HALF, steps, reference)
     earlier = codes.at[:, :3].set(_inputs(seed=9)[0][:, :3])
-    np.testing.assert_array_equal(_changed(base, apply(variables, earlier, nxt, HALF, steps, reference)),
-                                  [True, True, True, False, False, False])
+    np.testing.assert_array_equal(
+        _changed(base, apply(variables, earlier, nxt, HALF, steps, reference)), [True, True, True, False, False, False]
+    )
     assert _changed(base, apply(variables, codes, nxt, HALF, steps, _inputs(seed=5)[0][:, 0])).all()
 
 
@@ -430,8 +445,15 @@ def test_token_loss_over_masked_tokens_only():
     assert float(accuracy) == 1.0 and float(loss) < 1e-6
 
 
-@pytest.mark.parametrize("objective, head, conditioning", [("causal", "joint", "add"), ("maskgit", "factorized", "add"),
-                                                            ("causal", "joint", "adaln"), ("causal", "joint", "token")])
+@pytest.mark.parametrize(
+    "objective, head, conditioning",
+    [
+        ("causal", "joint", "add"),
+        ("maskgit", "factorized", "add"),
+        ("causal", "joint", "adaln"),
+        ("causal", "joint", "token"),
+    ],
+)
 def test_both_objectives_train(objective, head, conditioning):
     """A procedural next-frame problem: each step the frame's tokens shift one place when
     the action is 1 and stay when it is 0. One compiled program: init + 120 Adam steps.
@@ -440,8 +462,10 @@ def test_both_objectives_train(objective, head, conditioning):
 
     from wm_jax.stages.dynamics import action_sensitivity, dynamics_loss
 
-    cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, objective=objective, head=head,
-                                                                action_conditioning=conditioning))
+    cfg = dataclasses.replace(
+        CFG,
+        dynamics=dataclasses.replace(CFG.dynamics, objective=objective, head=head, action_conditioning=conditioning),
+    )
     model, tx, frames = DynamicsModel(cfg), optax.adam(1e-2), 5
 
     def batch(key):
@@ -461,7 +485,9 @@ def test_both_objectives_train(objective, head, conditioning):
             params, opt = carry
             steps, codes = batch(jax.random.fold_in(key, i))
             rng = jax.random.fold_in(jax.random.key(3), i)  # as make_train_step: from the step
-            (loss, _), grads = jax.value_and_grad(dynamics_loss, has_aux=True)(params, model, steps, codes, (None, None), rng)
+            (loss, _), grads = jax.value_and_grad(dynamics_loss, has_aux=True)(
+                params, model, steps, codes, (None, None), rng
+            )
             updates, opt = tx.update(grads, opt, params)
             return (optax.apply_updates(params, updates), opt), loss
 
@@ -506,8 +532,9 @@ def test_the_first_frame_of_a_new_shot_is_left_out_of_the_loss(with_actions):
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
     unmasked = DynamicsModel(dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, mask_cut_loss=False)))
     everything, _ = token_loss(logits, frames[:, 1:], CFG)
-    np.testing.assert_allclose(float(dynamics_loss(variables["params"], unmasked, steps, frames)[0]),
-                               float(everything), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(dynamics_loss(variables["params"], unmasked, steps, frames)[0]), float(everything), rtol=1e-6
+    )
 
 
 def test_a_cut_with_a_framing_stays_in_the_loss():
@@ -519,14 +546,18 @@ def test_a_cut_with_a_framing_stays_in_the_loss():
     variables = model.init(jax.random.key(2), codes, make_controls(steps))
     logits = model.apply(variables, frames[:, :-1], make_controls(steps))
     everything, _ = token_loss(logits, frames[:, 1:], cfg)
-    np.testing.assert_allclose(float(dynamics_loss(variables["params"], model, steps, frames)[0]), float(everything),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(dynamics_loss(variables["params"], model, steps, frames)[0]), float(everything), rtol=1e-6
+    )
     # Where the camera is unknown the model is told no framing: the cut is left out again.
     blind = dict(steps, camera_valid=np.zeros((B, T + 1), bool))
     logits = model.apply(variables, frames[:, :-1], make_controls(blind))
     kept = jnp.broadcast_to((jnp.arange(T) != 2)[None, :, None], (B, T, N))
-    np.testing.assert_allclose(float(dynamics_loss(variables["params"], model, blind, frames)[0]),
-                               float(token_loss(logits, frames[:, 1:], cfg, kept)[0]), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(dynamics_loss(variables["params"], model, blind, frames)[0]),
+        float(token_loss(logits, frames[:, 1:], cfg, kept)[0]),
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("conditioning", ["adaln", "token"])
@@ -537,13 +568,14 @@ def test_each_conditioning_mode_is_causal_and_reads_its_actions(conditioning, t=
     params = model.init(jax.random.key(1), codes, _controls(actions))["params"]
     # adaLN starts at zero (controls do nothing yet): move every parameter off its init.
     leaves, tree = jax.tree.flatten(params)
-    params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
+    params = jax.tree.unflatten(
+        tree, [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]
+    )
     apply = jax.jit(lambda c, a: model.apply({"params": params}, c, _controls(a, mask)))
     base = apply(codes, actions)
     assert base.shape == (B, T, N, V)
     codes2, _, _ = _inputs(seed=7)
-    out = apply(codes.at[:, t + 1 :].set(codes2[:, t + 1 :]),
-                actions.at[:, t + 1 :].set((actions[:, t + 1 :] + 1) % 5))
+    out = apply(codes.at[:, t + 1 :].set(codes2[:, t + 1 :]), actions.at[:, t + 1 :].set((actions[:, t + 1 :] + 1) % 5))
     np.testing.assert_array_equal(out[:, : t + 1], base[:, : t + 1])
     assert np.all(np.abs(np.asarray(out[:, t + 1 :] - base[:, t + 1 :])).max(axis=(2, 3)) > 1e-4)
     # An action alone moves its own position's prediction.

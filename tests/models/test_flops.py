@@ -10,12 +10,20 @@ from wm_jax.models.dynamics import DynamicsModel, make_controls
 from wm_jax.models.tokenizer import VideoTokenizer, num_tokens
 
 # Wide enough that matrix products dominate, as in real models; small enough to compile fast.
-CFG = config_lib.load(None, [
-    "model.image_size=16",
-    "model.tokenizer.embed_dim=128", "model.tokenizer.mlp_dim=512", "model.tokenizer.num_heads=4",
-    "model.dynamics.embed_dim=128", "model.dynamics.mlp_dim=512", "model.dynamics.num_heads=4",
-    "data.frames_per_clip=6", "data.batch_size=2",
-])
+CFG = config_lib.load(
+    None,
+    [
+        "model.image_size=16",
+        "model.tokenizer.embed_dim=128",
+        "model.tokenizer.mlp_dim=512",
+        "model.tokenizer.num_heads=4",
+        "model.dynamics.embed_dim=128",
+        "model.dynamics.mlp_dim=512",
+        "model.dynamics.num_heads=4",
+        "data.frames_per_clip=6",
+        "data.batch_size=2",
+    ],
+)
 T = CFG.data.frames_per_clip
 
 
@@ -23,9 +31,16 @@ def _xla_flops(fn, *args) -> float:
     return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
 
 
-@pytest.mark.parametrize("overrides", [["model.dynamics.head=factorized"], ["model.dynamics.head=joint"],
-                                       ["model.dynamics.use_identity_bank=true"], ["model.dynamics.objective=maskgit"]],
-                         ids=["factorized", "joint", "identity_bank", "maskgit"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.dynamics.head=factorized"],
+        ["model.dynamics.head=joint"],
+        ["model.dynamics.use_identity_bank=true"],
+        ["model.dynamics.objective=maskgit"],
+    ],
+    ids=["factorized", "joint", "identity_bank", "maskgit"],
+)
 def test_dynamics_forward_matches_xla(overrides):
     cfg = config_lib.replace(CFG, overrides)
     model = DynamicsModel(cfg.model)
@@ -37,16 +52,25 @@ def test_dynamics_forward_matches_xla(overrides):
     assert flops.dynamics_forward_flops(cfg.model, T) == pytest.approx(xla, rel=0.05)
 
 
-@pytest.mark.parametrize("overrides, streams", [([], 1), (["model.dynamics.action_conditioning=adaln"], 1),
-                                               (["model.dynamics.use_identity_bank=true"], 2)],
-                         ids=["add", "adaln", "identity_bank_two_streams"])
+@pytest.mark.parametrize(
+    "overrides, streams",
+    [([], 1), (["model.dynamics.action_conditioning=adaln"], 1), (["model.dynamics.use_identity_bank=true"], 2)],
+    ids=["add", "adaln", "identity_bank_two_streams"],
+)
 def test_diffusion_forward_matches_xla(overrides, streams):
     """The student's pass (one stream) and a shortcut target's jump (two streams)."""
     from wm_jax.models.diffusion import DiffusionDynamics, frame_controls
     from wm_jax.models.tokenizer import latent_width
 
-    cfg = config_lib.replace(CFG, ["model.tokenizer.bottleneck=continuous", "model.tokenizer.latent_dim=8",
-                                   "model.dynamics.objective=diffusion", *overrides])
+    cfg = config_lib.replace(
+        CFG,
+        [
+            "model.tokenizer.bottleneck=continuous",
+            "model.tokenizer.latent_dim=8",
+            "model.dynamics.objective=diffusion",
+            *overrides,
+        ],
+    )
     model = DiffusionDynamics(cfg.model)
     latents = jnp.zeros((1, T, num_tokens(cfg.model), latent_width(cfg.model)))
     controls = frame_controls(make_controls({"action": jnp.zeros((1, T), jnp.int32)}))
@@ -77,11 +101,19 @@ def test_train_step_flops_match_xla_on_the_compiled_step():
     assert report["xla_flops_per_device"] >= report["flops_per_step"]
 
 
-HAND = config_lib.load(None, [
-    "model.image_size=8", "model.tokenizer.patch_size=4", "model.tokenizer.fsq_levels=[4,3,3]",
-    "model.dynamics.embed_dim=8", "model.dynamics.num_layers=1", "model.dynamics.num_heads=2",
-    "model.dynamics.mlp_dim=16", "model.dynamics.head=joint",
-])
+HAND = config_lib.load(
+    None,
+    [
+        "model.image_size=8",
+        "model.tokenizer.patch_size=4",
+        "model.tokenizer.fsq_levels=[4,3,3]",
+        "model.dynamics.embed_dim=8",
+        "model.dynamics.num_layers=1",
+        "model.dynamics.num_heads=2",
+        "model.dynamics.mlp_dim=16",
+        "model.dynamics.head=joint",
+    ],
+)
 
 
 def test_dynamics_flops_by_hand():

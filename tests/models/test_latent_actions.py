@@ -24,8 +24,9 @@ from wm_jax.train.step import make_train_step
 
 CFG = ModelConfig(
     image_size=8,
-    latent_actions=LatentActionConfig(patch_size=4, embed_dim=32, num_layers=1, num_heads=2, mlp_dim=64,
-                                      num_latent_actions=4, latent_dim=8),
+    latent_actions=LatentActionConfig(
+        patch_size=4, embed_dim=32, num_layers=1, num_heads=2, mlp_dim=64, num_latent_actions=4, latent_dim=8
+    ),
 )
 B, T, K = 2, 5, 4
 LAM_OVERRIDES = [
@@ -118,8 +119,11 @@ def test_bfloat16_activations_give_float32_outputs():
 
 
 def test_forward_flops_match_xla():
-    cfg = dataclasses.replace(CFG, image_size=16, latent_actions=dataclasses.replace(
-        CFG.latent_actions, embed_dim=128, mlp_dim=512, num_heads=4))
+    cfg = dataclasses.replace(
+        CFG,
+        image_size=16,
+        latent_actions=dataclasses.replace(CFG.latent_actions, embed_dim=128, mlp_dim=512, num_heads=4),
+    )
     model, frames = LatentActionModel(cfg), jnp.zeros((1, 6, 16, 16, 3))
     params = jax.eval_shape(model.init, jax.random.key(0), frames)
     xla = lambda fn: jax.jit(fn).lower(params).compile().cost_analysis()["flops"]
@@ -129,9 +133,18 @@ def test_forward_flops_match_xla():
 
 
 def test_loss_drops_on_a_fixed_batch(tiny_dataset):
-    cfg = config_lib.load(None, [*LAM_OVERRIDES, "model.image_size=16", "data.frames_per_clip=4",
-                                 "data.batch_size=4", "train.warmup_steps=1", "train.steps=40",
-                                 "train.learning_rate=0.01"])
+    cfg = config_lib.load(
+        None,
+        [
+            *LAM_OVERRIDES,
+            "model.image_size=16",
+            "data.frames_per_clip=4",
+            "data.batch_size=4",
+            "train.warmup_steps=1",
+            "train.steps=40",
+            "train.learning_rate=0.01",
+        ],
+    )
     loader = make_loader(tiny_dataset, split="train", frames_per_clip=4, batch_size=4, seed=0)
     batch = {"frame": jnp.asarray(next(iter(loader))["frame"])}
     model = build_model(cfg)
@@ -151,8 +164,10 @@ def test_stage_trains_resumes_evaluates_and_dry_runs(tmp_path, tiny_overrides, t
     """`wm train` on the latent_actions stage: checkpoints, resume, `wm eval` (the probe), --dry-run."""
     run = tmp_path / "lam"
     overrides = [*tiny_overrides, *LAM_OVERRIDES]
-    args = lambda *extra: ["train", "--config", str(PRESET), "--workdir", str(run)] + [
-        a for o in [*overrides, *extra] for a in ("--set", o)]
+    args = lambda *extra: (
+        ["train", "--config", str(PRESET), "--workdir", str(run)]
+        + [a for o in [*overrides, *extra] for a in ("--set", o)]
+    )
     assert main(args("train.steps=4")) == 0
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     assert main(args("train.steps=6")) == 0
@@ -176,10 +191,17 @@ def test_stage_trains_resumes_evaluates_and_dry_runs(tmp_path, tiny_overrides, t
     # The LAM's actions drive a dynamics run (as on video without labels), and its eval; the
     # frozen tokenizer is the shared tiny run (conftest), which a dynamics run only reads.
     dyn = tmp_path / "dyn"
-    dynamics = [*overrides, "train.stage=dynamics", f"train.tokenizer_workdir={tokenizer_run}",
-                f"train.latent_actions_workdir={run}", "model.dynamics.num_actions=8"]
-    dyn_args = lambda *extra: ["train", "--config", str(PRESET), "--workdir", str(dyn)] + [
-        a for o in [*dynamics, *extra] for a in ("--set", o)]
+    dynamics = [
+        *overrides,
+        "train.stage=dynamics",
+        f"train.tokenizer_workdir={tokenizer_run}",
+        f"train.latent_actions_workdir={run}",
+        "model.dynamics.num_actions=8",
+    ]
+    dyn_args = lambda *extra: (
+        ["train", "--config", str(PRESET), "--workdir", str(dyn)]
+        + [a for o in [*dynamics, *extra] for a in ("--set", o)]
+    )
     capsys.readouterr()
     assert main(dyn_args("train.steps=2", "model.latent_actions.mlp_dim=32")) == 2
     assert "'model.latent_actions'" in capsys.readouterr().err  # not the LAM that run trained
@@ -193,22 +215,39 @@ def test_stage_trains_resumes_evaluates_and_dry_runs(tmp_path, tiny_overrides, t
 def test_dynamics_step_uses_the_inferred_actions(lam):
     """With a frozen LAM the step's loss is the dynamics loss under the LAM's actions, whatever
     the batch's own actions say."""
-    cfg = config_lib.load(None, [
-        "train.stage=dynamics", "train.latent_actions_workdir=lam", "model.image_size=8",
-        "model.tokenizer.patch_size=4", "model.tokenizer.embed_dim=16", "model.tokenizer.num_layers=1",
-        "model.tokenizer.num_heads=2", "model.tokenizer.mlp_dim=32", "model.dynamics.embed_dim=16",
-        "model.dynamics.num_layers=1", "model.dynamics.num_heads=2", "model.dynamics.mlp_dim=32",
-        "model.dynamics.num_actions=4", f"data.frames_per_clip={T}",
-        *(f"model.latent_actions.{f.name}={getattr(CFG.latent_actions, f.name)}"
-          for f in dataclasses.fields(CFG.latent_actions)),
-    ])
+    cfg = config_lib.load(
+        None,
+        [
+            "train.stage=dynamics",
+            "train.latent_actions_workdir=lam",
+            "model.image_size=8",
+            "model.tokenizer.patch_size=4",
+            "model.tokenizer.embed_dim=16",
+            "model.tokenizer.num_layers=1",
+            "model.tokenizer.num_heads=2",
+            "model.tokenizer.mlp_dim=32",
+            "model.dynamics.embed_dim=16",
+            "model.dynamics.num_layers=1",
+            "model.dynamics.num_heads=2",
+            "model.dynamics.mlp_dim=32",
+            "model.dynamics.num_actions=4",
+            f"data.frames_per_clip={T}",
+            *(
+                f"model.latent_actions.{f.name}={getattr(CFG.latent_actions, f.name)}"
+                for f in dataclasses.fields(CFG.latent_actions)
+            ),
+        ],
+    )
     model, tokenizer = build_model(cfg), build_model(cfg, "tokenizer")
     init = lambda m, stage: nn.meta.unbox(jax.jit(m.init)(jax.random.key(2), *example_inputs(cfg, stage))["params"])
     frozen = {"tokenizer": init(tokenizer, "tokenizer"), "latent_actions": lam[1]["params"]}
     params = init(model, "dynamics")
     frames = ((np.asarray(_frames(3)) + 1) * 127.5).astype(np.uint8)
-    own = {"frame": frames, "action": np.tile(np.arange(T) % K, (B, 1)).astype(np.int32),
-           "action_valid": np.ones((B, T), bool)}
+    own = {
+        "frame": frames,
+        "action": np.tile(np.arange(T) % K, (B, 1)).astype(np.int32),
+        "action_valid": np.ones((B, T), bool),
+    }
     step = jax.jit(make_train_step(cfg))
     state = TrainState.create(params, make_optimizer(cfg.train))
     _, from_step = step(state, own, frozen)
@@ -221,4 +260,3 @@ def test_dynamics_step_uses_the_inferred_actions(lam):
     assert float(from_step["loss"]) == float(shuffled["loss"])
     np.testing.assert_allclose(float(from_step["loss"]), float(expect), rtol=1e-6)
     assert abs(float(with_own) - float(expect)) > 1e-6
-

@@ -125,8 +125,10 @@ def test_scan_layers_decodes_with_per_layer_caches(stack_params):
     params, stacked, x = stack_params
     b, _, n, d = x.shape
     caches = [
-        {"key": jax.random.normal(jax.random.key(10 + i), (b * n, 4, 2, d // 2)),
-         "value": jax.random.normal(jax.random.key(20 + i), (b * n, 4, 2, d // 2))}
+        {
+            "key": jax.random.normal(jax.random.key(10 + i), (b * n, 4, 2, d // 2)),
+            "value": jax.random.normal(jax.random.key(20 + i), (b * n, 4, 2, d // 2)),
+        }
         for i in range(_L)
     ]
     step, slot = x[:, :1], jnp.int32(2)

@@ -110,7 +110,9 @@ def _latents(model, frames):
 
 def test_tokenizer_params_carry_logical_axes(small_model):
     _, variables, _ = small_model
-    specs = jax.tree.leaves(nn.get_partition_spec(variables), is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+    specs = jax.tree.leaves(
+        nn.get_partition_spec(variables), is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)
+    )
     assert len(specs) == len(jax.tree.leaves(nn.unbox(variables)))
     assert all(isinstance(s, jax.sharding.PartitionSpec) and any(s) for s in specs)
 
@@ -147,8 +149,12 @@ def test_tokenizer_overfits_a_fixed_batch(small_model):
 def test_continuous_bottleneck_encodes_bounded_latents_without_indices_and_decodes_them():
     """`bottleneck: continuous`: latent_dim tanh-bounded values per token, no codebook; the
     FSQ default keeps its grid (the tests above) and its width."""
-    cfg = ModelConfig(image_size=16, tokenizer=TokenizerConfig(
-        patch_size=4, embed_dim=32, num_layers=1, num_heads=2, mlp_dim=64, bottleneck="continuous", latent_dim=5))
+    cfg = ModelConfig(
+        image_size=16,
+        tokenizer=TokenizerConfig(
+            patch_size=4, embed_dim=32, num_layers=1, num_heads=2, mlp_dim=64, bottleneck="continuous", latent_dim=5
+        ),
+    )
     assert tuple(tk.BOTTLENECKS) == config_lib.BOTTLENECKS  # the config's choices are the model's
     assert tk.latent_width(cfg) == 5 and not tk.has_codebook(cfg)
     assert tk.latent_width(SMALL) == 3 and tk.has_codebook(SMALL)

@@ -67,23 +67,26 @@ def test_health_page_and_a_session_lifecycle(client, server):
     assert_error(client.post(f"/v1/sessions/{sid}/step", json={}), 404, "no session")
 
 
-@pytest.mark.parametrize("body, words", [
-    (b"{not json", ("malformed JSON",)),
-    (b"[1, 2]", ("JSON object",)),
-    (b'{"action": 99}', ("'action'", "0..")),
-    (b'{"action": -1}', ("'action'",)),
-    (b'{"action": "left"}', ("'action'", "integer")),
-    (b'{"action": 1.5}', ("'action'", "integer")),
-    (b'{"action": true}', ("'action'", "integer")),
-    (b'{"actoin": 1}', ("unknown key 'actoin'",)),
-    (b'{"camera": {"pan": [1]}}', ("camera.pan",)),
-    (b'{"camera": {"pan": [1, "x"]}}', ("camera.pan",)),
-    (b'{"camera": [1, 2]}', ("'camera'",)),
-    (b'{"camera": {"zoom": 2}}', ("unknown key 'zoom'",)),
-    (b'{"cut": "yes"}', ("'cut'",)),
-    (b'{"format": "jpeg"}', ("'format'",)),
-    (b'\xff\xfe', ("malformed JSON",)),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"{not json", ("malformed JSON",)),
+        (b"[1, 2]", ("JSON object",)),
+        (b'{"action": 99}', ("'action'", "0..")),
+        (b'{"action": -1}', ("'action'",)),
+        (b'{"action": "left"}', ("'action'", "integer")),
+        (b'{"action": 1.5}', ("'action'", "integer")),
+        (b'{"action": true}', ("'action'", "integer")),
+        (b'{"actoin": 1}', ("unknown key 'actoin'",)),
+        (b'{"camera": {"pan": [1]}}', ("camera.pan",)),
+        (b'{"camera": {"pan": [1, "x"]}}', ("camera.pan",)),
+        (b'{"camera": [1, 2]}', ("'camera'",)),
+        (b'{"camera": {"zoom": 2}}', ("unknown key 'zoom'",)),
+        (b'{"cut": "yes"}', ("'cut'",)),
+        (b'{"format": "jpeg"}', ("'format'",)),
+        (b"\xff\xfe", ("malformed JSON",)),
+    ],
+)
 def test_bad_step_bodies_are_400_with_the_reason(client, body, words):
     sid = new_session(client)["session"]
     assert_error(client.post(f"/v1/sessions/{sid}/step", content=body), 400, *words)
@@ -104,15 +107,18 @@ def test_other_bad_requests(client, server):
     assert client.get("/v1/sessions").status_code == 405
 
 
-@pytest.mark.parametrize("script, status, words", [
-    ("shots: [", 400, ("script.yaml line", "not valid YAML")),
-    ("shots:\n  - duration: 2\n    camra: {}\n", 400, ("script.yaml line 3", "unknown key 'camra'")),
-    ("start: {data: /etc}\nshots:\n  - duration: 2\n", 400, ("line 1", "may not name a file")),
-    ("start: {images: [/etc/passwd]}\nshots:\n  - duration: 2\n", 400, ("line 1", "may not name a file")),
-    ("reference: {image: a.png}\nshots:\n  - duration: 2\n", 400, ("line 1", "may not name a file")),
-    ("shots:\n  - duration: 2\n    actions: [7, 7]\n", 400, ("line 3", "not valid")),
-    ("shots:\n  - duration: 1000000000\n", 400, ("line 2", "past the limit of 2 GiB")),  # refused unallocated
-])
+@pytest.mark.parametrize(
+    "script, status, words",
+    [
+        ("shots: [", 400, ("script.yaml line", "not valid YAML")),
+        ("shots:\n  - duration: 2\n    camra: {}\n", 400, ("script.yaml line 3", "unknown key 'camra'")),
+        ("start: {data: /etc}\nshots:\n  - duration: 2\n", 400, ("line 1", "may not name a file")),
+        ("start: {images: [/etc/passwd]}\nshots:\n  - duration: 2\n", 400, ("line 1", "may not name a file")),
+        ("reference: {image: a.png}\nshots:\n  - duration: 2\n", 400, ("line 1", "may not name a file")),
+        ("shots:\n  - duration: 2\n    actions: [7, 7]\n", 400, ("line 3", "not valid")),
+        ("shots:\n  - duration: 1000000000\n", 400, ("line 2", "past the limit of 2 GiB")),  # refused unallocated
+    ],
+)
 def test_script_errors_name_their_line(client, script, status, words):
     assert_error(client.post("/v1/generate", json={"script": script}), status, *words)
 
@@ -142,8 +148,10 @@ def test_token_auth(serve_model):
 
 def test_sessions_and_queue_are_bounded_429(serve_model):
     engine = Engine(serve_model, max_sessions=2)
-    with BackgroundServer(create_app(engine, max_queue=1, gather_s=0.3)) as server, \
-            httpx.Client(base_url=server.url, timeout=60) as c:
+    with (
+        BackgroundServer(create_app(engine, max_queue=1, gather_s=0.3)) as server,
+        httpx.Client(base_url=server.url, timeout=60) as c,
+    ):
         first, _ = new_session(c)["session"], new_session(c)["session"]
         assert_error(c.post("/v1/sessions"), 429, "sessions are in use")
 
@@ -161,8 +169,10 @@ def test_sessions_and_queue_are_bounded_429(serve_model):
 
 def test_idle_sessions_expire(serve_model):
     engine = Engine(serve_model, max_sessions=2, idle_timeout_s=1.0)
-    with BackgroundServer(create_app(engine, expire_every_s=0.1)) as server, \
-            httpx.Client(base_url=server.url, timeout=60) as c:
+    with (
+        BackgroundServer(create_app(engine, expire_every_s=0.1)) as server,
+        httpx.Client(base_url=server.url, timeout=60) as c,
+    ):
         sid = new_session(c)["session"]
         assert c.post(f"/v1/sessions/{sid}/step", json={}).status_code == 200
         for _ in range(100):
@@ -180,8 +190,10 @@ def full_server(serve_model):
     clients' requests (same process, one GIL) arrive spread over more than 4 ms, and the
     batching test would measure the scheduler instead of the batcher."""
     engine = Engine(serve_model, max_sessions=16)
-    with BackgroundServer(create_app(engine, max_queue=64, gather_s=0.05)) as running, \
-            httpx.Client(base_url=running.url, timeout=60) as client:
+    with (
+        BackgroundServer(create_app(engine, max_queue=64, gather_s=0.05)) as running,
+        httpx.Client(base_url=running.url, timeout=60) as client,
+    ):
         running.engine = engine
         yield running, client
 

@@ -13,10 +13,12 @@ from wm_jax.serve.app import BackgroundServer, create_app, decode_frame
 from wm_jax.serve.engine import Engine
 
 CHROMIUM = Path("/usr/bin/chromium")
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="needs Playwright's Python package: pip install playwright")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason=f"no browser at {CHROMIUM}: apt-get install -y chromium (Debian)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="needs Playwright's Python package: pip install playwright"
+)
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason=f"no browser at {CHROMIUM}: apt-get install -y chromium (Debian)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,18 @@ def shown(history):
 
 
 def test_keys_steer_and_match_the_engine(page, server, tmp_path):
-    right = play(page, [("key", "ArrowRight"), ("key", "d"), ("key", "ArrowRight"), ("key", "d"),
-                        ("button", "text=pan →"), ("button", "#cut"), ("key", "ArrowUp")])
+    right = play(
+        page,
+        [
+            ("key", "ArrowRight"),
+            ("key", "d"),
+            ("key", "ArrowRight"),
+            ("key", "d"),
+            ("button", "text=pan →"),
+            ("button", "#cut"),
+            ("key", "ArrowUp"),
+        ],
+    )
     assert [h["action"] for h in right[1:]] == [4, 4, 4, 4, 0, 0, 1]
     assert right[5]["camera"] == {"pan": [2, 0]} and right[6]["cut"] is True
     left = play(page, [("key", "ArrowLeft"), ("key", "a"), ("key", "ArrowLeft"), ("key", "a")])

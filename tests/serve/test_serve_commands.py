@@ -24,5 +24,7 @@ def test_bench_rows(serve_model, dynamics_run, tmp_path):
         assert all(r["frames_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
         assert format_rows(rows).count("\n") == 3
     results = tmp_path / "RESULTS.md"
-    assert bench_main(["--workdir", str(dynamics_run), "--sessions", "1", "--steps", "2", "--results", str(results)]) == 0
+    assert (
+        bench_main(["--workdir", str(dynamics_run), "--sessions", "1", "--steps", "2", "--results", str(results)]) == 0
+    )
     assert "## serve" in results.read_text() and "| engine | 1 |" in results.read_text()

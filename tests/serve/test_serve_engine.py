@@ -37,13 +37,16 @@ def reference_frames(engine, clip, requests):
         pose[:3] += r.move
         poses.append(pose)
     valid = lambda name: fields.get(name, np.ones(c, bool))
-    steps = {"action": np.r_[fields["action"][: c - 1], [r.action for r in requests], 0][None].astype(np.int32),
-             "action_valid": np.r_[valid("action_valid")[: c - 1], np.ones(h + 1, bool)][None],
-             "camera": np.r_[fields["camera"], poses][None].astype(np.float32),
-             "camera_valid": np.r_[valid("camera_valid"), np.ones(h, bool)][None],
-             "cut": np.r_[fields["cut"], [r.cut for r in requests]][None]}
-    windowed = dataclasses.replace(m.cfg.model, dynamics=dataclasses.replace(m.cfg.model.dynamics,
-                                                                               temporal_window=engine.window))
+    steps = {
+        "action": np.r_[fields["action"][: c - 1], [r.action for r in requests], 0][None].astype(np.int32),
+        "action_valid": np.r_[valid("action_valid")[: c - 1], np.ones(h + 1, bool)][None],
+        "camera": np.r_[fields["camera"], poses][None].astype(np.float32),
+        "camera_valid": np.r_[valid("camera_valid"), np.ones(h, bool)][None],
+        "cut": np.r_[fields["cut"], [r.cut for r in requests]][None],
+    }
+    windowed = dataclasses.replace(
+        m.cfg.model, dynamics=dataclasses.replace(m.cfg.model.dynamics, temporal_window=engine.window)
+    )
     codes, _ = encode_frames(m.tokenizer, m.tok_params, fields["frame"][None], m.chunk)
     new = list(rollout_frames(DynamicsModel(windowed), m.params, codes, make_controls(steps), h))
     video = decode_codes(m.tokenizer, m.tok_params, np.concatenate([codes, np.stack(new, axis=1)], axis=1), m.chunk)
@@ -52,8 +55,10 @@ def reference_frames(engine, clip, requests):
 
 def random_requests(session, n, seed, num_actions):
     rng = np.random.default_rng(seed)
-    return [StepRequest(session, int(rng.integers(num_actions)), (float(rng.integers(-1, 2)), 0.0, 0.0),
-                        bool(k == n // 2)) for k in range(n)]
+    return [
+        StepRequest(session, int(rng.integers(num_actions)), (float(rng.integers(-1, 2)), 0.0, 0.0), bool(k == n // 2))
+        for k in range(n)
+    ]
 
 
 def test_sessions_generate_what_the_rollout_generates_batched_and_past_the_window(serve_model):

@@ -40,10 +40,15 @@ def test_the_registry_lists_each_stage_under_its_name_in_config_order():
 
 
 def test_an_unknown_stage_is_refused_naming_the_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown stage 'diffusion': the stages are tokenizer, dynamics, latent_actions"):
+    with pytest.raises(
+        ConfigError, match=r"unknown stage 'diffusion': the stages are tokenizer, dynamics, latent_actions"
+    ):
         get_stage("diffusion")
-    with pytest.raises(ConfigError, match=r"'train.stage' must be one of \('tokenizer', 'dynamics', 'latent_actions'\); "
-                                          r"got 'tokeniser' \(did you mean 'tokenizer'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'train.stage' must be one of \('tokenizer', 'dynamics', 'latent_actions'\); "
+        r"got 'tokeniser' \(did you mean 'tokenizer'\?\)",
+    ):
         load("train.stage=tokeniser")
 
 
@@ -51,16 +56,32 @@ def test_an_unknown_stage_is_refused_naming_the_known_ones():
 FIELDS = {
     "tokenizer": (Role.TOKENIZER, VideoTokenizer, "tokenizer", "train.tokenizer_workdir", (), 1, False, num_tokens),
     "dynamics": (Role.WORLD_MODEL, dynamics_model, "dynamics", "", ("tokenizer",), 2, True, num_tokens),
-    "latent_actions": (Role.ACTION_LABELER, LatentActionModel, "latent_actions", "train.latent_actions_workdir", (),
-                       2, False, num_patches),
+    "latent_actions": (
+        Role.ACTION_LABELER,
+        LatentActionModel,
+        "latent_actions",
+        "train.latent_actions_workdir",
+        (),
+        2,
+        False,
+        num_patches,
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(STAGES))
 def test_each_stage_declares_its_model_dependencies_and_rules(name):
     s = STAGES[name]
-    assert (s.role, s.model, s.model_section, s.workdir_key, s.bundled, s.min_frames, s.reads_latent_cache,
-            s.tokens_per_frame) == FIELDS[name]
+    assert (
+        s.role,
+        s.model,
+        s.model_section,
+        s.workdir_key,
+        s.bundled,
+        s.min_frames,
+        s.reads_latent_cache,
+        s.tokens_per_frame,
+    ) == FIELDS[name]
     cfg = load(f"train.stage={name}")
     assert isinstance(s.model(cfg.model), nn.Module) and hasattr(cfg.model, s.model_section)
     assert s.frozen_stages(cfg) == (["tokenizer"] if name == "dynamics" else [])
@@ -84,8 +105,10 @@ def test_example_inputs_are_one_clip_of_what_each_model_reads():
 def test_train_step_flops_of_each_stage():
     """B x (a train step's forward + backward, and the frozen models' forward passes)."""
     b, t = 2, 4
-    for stage, per_clip in [(TOKENIZER, lambda m: 3 * flops.tokenizer_forward_flops(m, t)),
-                            (LATENT_ACTIONS, lambda m: 3 * flops.latent_action_forward_flops(m, t))]:
+    for stage, per_clip in [
+        (TOKENIZER, lambda m: 3 * flops.tokenizer_forward_flops(m, t)),
+        (LATENT_ACTIONS, lambda m: 3 * flops.latent_action_forward_flops(m, t)),
+    ]:
         cfg = load(f"train.stage={stage.name}")
         assert stage.train_step_flops(cfg) == b * per_clip(cfg.model)
     dyn = load("train.stage=dynamics")
@@ -106,26 +129,49 @@ def test_each_objective_has_its_model_inputs_flops_and_bottleneck():
     assert all(o.rules is stage_checks.OBJECTIVES[n] for n, o in OBJECTIVES.items())
     tokens = load("train.stage=dynamics", "model.dynamics.objective=maskgit")
     assert type(DYNAMICS.model(tokens.model)) is DynamicsModel
-    cfg = load("train.stage=dynamics", "model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous",
-               "model.tokenizer.latent_dim=6")
+    cfg = load(
+        "train.stage=dynamics",
+        "model.dynamics.objective=diffusion",
+        "model.tokenizer.bottleneck=continuous",
+        "model.tokenizer.latent_dim=6",
+    )
     assert type(DYNAMICS.model(cfg.model)) is DiffusionDynamics
     latents, controls, signal, step = DYNAMICS.example_inputs(cfg)
-    assert latents.shape == (1, 4, num_tokens(cfg.model), 6) and controls.action.shape == signal.shape == step.shape == (1, 4)
+    assert latents.shape == (
+        1,
+        4,
+        num_tokens(cfg.model),
+        6,
+    ) and controls.action.shape == signal.shape == step.shape == (1, 4)
     student, target = flops.diffusion_forward_flops(cfg.model, 4), flops.diffusion_forward_flops(cfg.model, 4, 2)
     assert DYNAMICS.train_step_flops(cfg) == 2 * (flops.tokenizer_encode_flops(cfg.model, 4) + 3 * student + 2 * target)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.dynamics.objective=diffusion"],
-     "'model.dynamics.objective' 'diffusion' needs 'model.tokenizer.bottleneck: continuous'"),
-    (["model.tokenizer.bottleneck=continuous"],
-     "'model.dynamics.objective' 'causal' needs 'model.tokenizer.bottleneck: fsq'"),
-    (["model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous", "data.latent_cache=/c"],
-     "config key 'data.latent_cache' holds FSQ token ids: not for the 'diffusion' objective"),
-    (["model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous",
-      "model.dynamics.cut_framing_shift=true"],
-     "config key 'model.dynamics.cut_framing_shift' is not supported by the 'diffusion' objective"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.dynamics.objective=diffusion"],
+            "'model.dynamics.objective' 'diffusion' needs 'model.tokenizer.bottleneck: continuous'",
+        ),
+        (
+            ["model.tokenizer.bottleneck=continuous"],
+            "'model.dynamics.objective' 'causal' needs 'model.tokenizer.bottleneck: fsq'",
+        ),
+        (
+            ["model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous", "data.latent_cache=/c"],
+            "config key 'data.latent_cache' holds FSQ token ids: not for the 'diffusion' objective",
+        ),
+        (
+            [
+                "model.dynamics.objective=diffusion",
+                "model.tokenizer.bottleneck=continuous",
+                "model.dynamics.cut_framing_shift=true",
+            ],
+            "config key 'model.dynamics.cut_framing_shift' is not supported by the 'diffusion' objective",
+        ),
+    ],
+)
 def test_the_objective_and_the_tokenizer_bottleneck_must_agree(overrides, message):
     with pytest.raises(ConfigError) as e:
         load("train.stage=dynamics", *overrides)
@@ -139,26 +185,49 @@ def test_dynamics_reads_a_latent_action_model_and_the_fields_its_options_use():
     assert frozen_workdirs(load("train.stage=tokenizer", "train.tokenizer_workdir=/tok")) == {}
     inferred = load("train.stage=dynamics", "train.latent_actions_workdir=/lam", "model.dynamics.num_actions=8")
     assert frozen_workdirs(inferred) == {"tokenizer": "", "latent_actions": "/lam"}
-    assert DYNAMICS.batch_fields(inferred, ["frame"]) == ["frame", "camera", "camera_valid", "cut"]  # no action: inferred
-    steered = load("train.stage=dynamics", "model.dynamics.use_camera=false", "model.dynamics.use_cuts=true",
-                   "model.dynamics.use_identity_bank=true", "data.latent_cache=/cache")
+    assert DYNAMICS.batch_fields(inferred, ["frame"]) == [
+        "frame",
+        "camera",
+        "camera_valid",
+        "cut",
+    ]  # no action: inferred
+    steered = load(
+        "train.stage=dynamics",
+        "model.dynamics.use_camera=false",
+        "model.dynamics.use_cuts=true",
+        "model.dynamics.use_identity_bank=true",
+        "data.latent_cache=/cache",
+    )
     assert DYNAMICS.batch_fields(steered, None) == ["codes", "action", "action_valid", "cut", "reference"]
     with pytest.raises(ValueError, match="the dynamics stage needs the dataset field 'action'"):
         DYNAMICS.batch_fields(plain, ["frame"])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.stage=tokenizer", "train.latent_actions_workdir=/lam"],
-     "config key 'train.latent_actions_workdir' is for the dynamics stage, not 'tokenizer'"),
-    (["train.stage=dynamics", "train.latent_actions_workdir=/lam", "model.dynamics.use_actions=false"],
-     "config key 'train.latent_actions_workdir' needs 'model.dynamics.use_actions: true'"),
-    (["train.stage=dynamics", "train.latent_actions_workdir=/lam", "model.dynamics.num_actions=2"],
-     "config key 'model.dynamics.num_actions' (2) must cover the latent action vocabulary"),
-    (["train.stage=latent_actions", "data.latent_cache=/cache"],
-     "config key 'data.latent_cache' is for the dynamics stage on one dataset ('data.dir'), not a mixture"),
-    (["train.stage=latent_actions", "data.frames_per_clip=1"],
-     "config key 'data.frames_per_clip' must be >= 2 for the latent_actions stage"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["train.stage=tokenizer", "train.latent_actions_workdir=/lam"],
+            "config key 'train.latent_actions_workdir' is for the dynamics stage, not 'tokenizer'",
+        ),
+        (
+            ["train.stage=dynamics", "train.latent_actions_workdir=/lam", "model.dynamics.use_actions=false"],
+            "config key 'train.latent_actions_workdir' needs 'model.dynamics.use_actions: true'",
+        ),
+        (
+            ["train.stage=dynamics", "train.latent_actions_workdir=/lam", "model.dynamics.num_actions=2"],
+            "config key 'model.dynamics.num_actions' (2) must cover the latent action vocabulary",
+        ),
+        (
+            ["train.stage=latent_actions", "data.latent_cache=/cache"],
+            "config key 'data.latent_cache' is for the dynamics stage on one dataset ('data.dir'), not a mixture",
+        ),
+        (
+            ["train.stage=latent_actions", "data.frames_per_clip=1"],
+            "config key 'data.frames_per_clip' must be >= 2 for the latent_actions stage",
+        ),
+    ],
+)
 def test_a_config_is_checked_against_its_stage(overrides, message):
     with pytest.raises(ConfigError) as e:
         load(*overrides)
@@ -171,9 +240,12 @@ def test_generate_names_the_stages_of_a_role():
 
 # --- no stage switch outside wm_jax/stages/ -----------------------------------------
 
+
 def is_stage(node: ast.expr) -> bool:
     """`stage`, `cfg.train.stage`, `run.config.train.stage`, ..."""
-    return (isinstance(node, ast.Name) and node.id == "stage") or (isinstance(node, ast.Attribute) and node.attr == "stage")
+    return (isinstance(node, ast.Name) and node.id == "stage") or (
+        isinstance(node, ast.Attribute) and node.attr == "stage"
+    )
 
 
 def is_text(node: ast.expr) -> bool:
@@ -203,17 +275,22 @@ def stage_switches(tree: ast.AST) -> list[int]:
 
 
 def test_the_switch_finder_sees_each_form():
-    code = ('if cfg.train.stage == "dynamics": pass\nif stage in ("tokenizer", "x"): pass\n'
-            'if "a" != run.config.train.stage: pass\nmodels = {"tokenizer": 1, "dynamics": 2}\n'
-            'match cfg.train.stage:\n    case "tokenizer": pass\n'
-            'if stage == 0: pass\nif cfg.train.stage == name: pass\n')
+    code = (
+        'if cfg.train.stage == "dynamics": pass\nif stage in ("tokenizer", "x"): pass\n'
+        'if "a" != run.config.train.stage: pass\nmodels = {"tokenizer": 1, "dynamics": 2}\n'
+        'match cfg.train.stage:\n    case "tokenizer": pass\n'
+        "if stage == 0: pass\nif cfg.train.stage == name: pass\n"
+    )
     assert stage_switches(ast.parse(code)) == [1, 2, 3, 4, 5]
 
 
 def test_no_module_outside_the_registry_switches_on_a_stage_name():
     stages_dir = REPO / "wm_jax" / "stages"
-    found = [f"{path.relative_to(REPO)}:{line}"
-             for package in ("wm_jax", "data_pipelines", "benchmarks")
-             for path in sorted((REPO / package).rglob("*.py")) if stages_dir not in path.parents
-             for line in stage_switches(ast.parse(path.read_text(), str(path)))]
+    found = [
+        f"{path.relative_to(REPO)}:{line}"
+        for package in ("wm_jax", "data_pipelines", "benchmarks")
+        for path in sorted((REPO / package).rglob("*.py"))
+        if stages_dir not in path.parents
+        for line in stage_switches(ast.parse(path.read_text(), str(path)))
+    ]
     assert not found, "ask wm_jax.stages.get_stage(name) instead:\n" + "\n".join(found)

@@ -13,7 +13,11 @@ from wm_jax.train.state import build_model, example_inputs, param_count
 
 
 def test_cli_dry_run_needs_no_data_and_prints_the_plan(tmp_path, capsys):
-    overrides = TINY_OVERRIDES + ["train.stage=dynamics", "train.tokenizer_workdir=/nonexistent", "data.dir=/nonexistent"]
+    overrides = TINY_OVERRIDES + [
+        "train.stage=dynamics",
+        "train.tokenizer_workdir=/nonexistent",
+        "data.dir=/nonexistent",
+    ]
     args = ["train", "--config", str(PRESET), "--workdir", str(tmp_path / "run"), "--dry-run"]
     assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
     out = capsys.readouterr().out.strip().splitlines()

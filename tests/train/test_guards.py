@@ -37,9 +37,13 @@ def test_an_overflowing_update_is_rolled_back_and_never_checkpointed(tmp_path, t
 
 def _train(run, overrides):
     args = sum((["--set", o] for o in overrides), [])
-    return subprocess.Popen([sys.executable, "-m", "wm_jax.cli", "train", "--config", str(PRESET), *args,
-                             "--workdir", str(run)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "wm_jax.cli", "train", "--config", str(PRESET), *args, "--workdir", str(run)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _stderr_lines(proc):

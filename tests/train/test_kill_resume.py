@@ -45,7 +45,9 @@ def test_sigkill_at_five_random_points_resumes_bit_identically(tmp_path, tiny_ov
 
     run, rng, kills = tmp_path / "killed", random.Random(0), 0
     while kills < 5:
-        proc = subprocess.Popen(_command(run, tiny_overrides), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            _command(run, tiny_overrides), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         # Kill once this life has logged a random number of new steps, plus a random delay,
         # so kills land mid-step, mid-save and mid-write alike.
         target = min(_rows_logged(run) + rng.randint(1, 3), 10**9)

@@ -34,8 +34,13 @@ def test_second_writer_exits_2_naming_the_holder_then_a_stale_lock_is_taken_over
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        second = subprocess.run(_train_command(run, tiny_overrides + ["train.steps=1"]), cwd=REPO,
-                                capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            _train_command(run, tiny_overrides + ["train.steps=1"]),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"pid {holder.pid} on host {socket.gethostname()}" in second.stderr
         assert "Traceback" not in second.stderr
@@ -75,8 +80,15 @@ def test_two_wm_train_one_second_apart_then_kill_9_and_restart(tmp_path, tiny_ov
     rates = ["train.learning_rate=0.001", "train.learning_rate=0.002"]
     procs = []
     for rate in rates:
-        procs.append(subprocess.Popen(_train_command(run, common + [rate]), cwd=REPO, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                _train_command(run, common + [rate]),
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
         time.sleep(1)
     try:
         deadline = time.time() + 300
@@ -92,8 +104,9 @@ def test_two_wm_train_one_second_apart_then_kill_9_and_restart(tmp_path, tiny_ov
     finally:
         for p in procs:
             p.kill()
-    restart = subprocess.run(_train_command(run, common + [rates[1 - loser]]), cwd=REPO, capture_output=True,
-                             text=True, timeout=600)
+    restart = subprocess.run(
+        _train_command(run, common + [rates[1 - loser]]), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert restart.returncode == 0, restart.stderr[-2000:]
     events = read_metrics(run / "events.jsonl")
     assert [e["event"] for e in events] == ["stale_lock"] and f"pid {winner.pid}" in events[0]["message"]

@@ -49,8 +49,15 @@ def test_train_checkpoint_resume_eval(tmp_path, tiny_overrides, tokenizer_run, d
     assert metrics["step"] == 2 and len(metrics["dataset_hash"]) == 64
     for group in ("rollout", "baseline_copy_last"):
         assert metrics[group]["horizon"] == [1, 2, 3] and np.all(np.isfinite(metrics[group]["psnr"]))
-    assert set(metrics["controllability"]) == {"psnr_true_actions", "psnr_random_actions", "delta_psnr", "delta_psnr_t4",
-                                               "delta_psnr_per_horizon", "delta_psnr_t4_before_cut", "num_clips_before_cut"}
+    assert set(metrics["controllability"]) == {
+        "psnr_true_actions",
+        "psnr_random_actions",
+        "delta_psnr",
+        "delta_psnr_t4",
+        "delta_psnr_per_horizon",
+        "delta_psnr_t4_before_cut",
+        "num_clips_before_cut",
+    }
     assert len(metrics["rollout"]["ssim"]) == 3 and all(-1 <= v <= 1 for v in metrics["rollout"]["ssim"])
     assert set(metrics["action_following"]) == {"true_actions", "random_actions"}
     assert set(metrics["camera_following"]) == {"model", "baseline_copy_last", "truth"}
@@ -78,7 +85,9 @@ def _run_cli(*args):
 
 
 def test_missing_data_dir_exits_2(tmp_path, capsys):
-    code = _run_cli("train", "--config", PRESET, "--set", f"data.dir={tmp_path / 'nope'}", "--workdir", tmp_path / "run")
+    code = _run_cli(
+        "train", "--config", PRESET, "--set", f"data.dir={tmp_path / 'nope'}", "--workdir", tmp_path / "run"
+    )
     assert code == 2
     assert "nope" in capsys.readouterr().err
 
@@ -115,7 +124,10 @@ def test_sigterm_saves_and_exits_42(tmp_path, tiny_overrides):
     args = sum((["--set", o] for o in tiny_overrides + ["train.steps=100000", "checkpoint.every_steps=100000"]), [])
     proc = subprocess.Popen(
         [sys.executable, "-m", "wm_jax.cli", "train", "--config", str(PRESET), *args, "--workdir", str(run)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.time() + 300
@@ -141,12 +153,32 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, t
     SIGTERM, yet both save the same step and exit 42."""
     port, run = free_port(), tmp_path / "run"
     args = sum((["--set", o] for o in tiny_overrides + ["train.steps=100000", "checkpoint.every_steps=100000"]), [])
-    procs = start(lambda i: ["-m", "wm_jax.cli", "train", "--config", str(PRESET), *args, "--workdir", str(run),
-                             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                  2, env_of=lambda i: cpu_env(2), stdout=subprocess.DEVNULL)
+    procs = start(
+        lambda i: [
+            "-m",
+            "wm_jax.cli",
+            "train",
+            "--config",
+            str(PRESET),
+            *args,
+            "--workdir",
+            str(run),
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+        ],
+        2,
+        env_of=lambda i: cpu_env(2),
+        stdout=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 300
-        while not read_metrics(run / "metrics.jsonl") and time.time() < deadline and all(p.poll() is None for p in procs):
+        while (
+            not read_metrics(run / "metrics.jsonl") and time.time() < deadline and all(p.poll() is None for p in procs)
+        ):
             time.sleep(0.5)
         procs[0].send_signal(signal.SIGTERM)
         errs = [err for _, err in finish(procs)]
@@ -164,13 +196,16 @@ def test_a_restart_reads_its_compiled_step_from_the_run_compile_cache(tmp_path, 
     to first step."""
     from multiproc import run_python
 
-    script = ("import sys; from wm_jax import config as c; from wm_jax.train.loop import train; "
-              "train(c.load(sys.argv[1], sys.argv[4:]), sys.argv[2], stop_at=int(sys.argv[3]))")
+    script = (
+        "import sys; from wm_jax import config as c; from wm_jax.train.loop import train; "
+        "train(c.load(sys.argv[1], sys.argv[4:]), sys.argv[2], stop_at=int(sys.argv[3]))"
+    )
     run = tmp_path / "run"
     own_cache = without_session_compile_cache()
     for stop_at in (2, 4):
-        out = run_python(["-c", script, str(PRESET), str(run), str(stop_at), *tiny_overrides, "train.steps=6"],
-                         env=own_cache)
+        out = run_python(
+            ["-c", script, str(PRESET), str(run), str(stop_at), *tiny_overrides, "train.steps=6"], env=own_cache
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         summary = json.loads((run / "train_summary.json").read_text())
         assert summary["time_to_first_step_s"] > 0 and summary["compile_cache_dir"] == str(run / "compile_cache")

@@ -5,12 +5,21 @@ import jax
 from wm_jax import config as config_lib
 from wm_jax.train.state import build_model, example_inputs, param_count, param_counts_by_module
 
-HAND = config_lib.load(None, [
-    "train.stage=dynamics", "data.frames_per_clip=4",
-    "model.image_size=8", "model.tokenizer.patch_size=4", "model.tokenizer.fsq_levels=[4,3,3]",
-    "model.dynamics.embed_dim=8", "model.dynamics.num_layers=1", "model.dynamics.num_heads=2",
-    "model.dynamics.mlp_dim=16", "model.dynamics.head=joint",
-])
+HAND = config_lib.load(
+    None,
+    [
+        "train.stage=dynamics",
+        "data.frames_per_clip=4",
+        "model.image_size=8",
+        "model.tokenizer.patch_size=4",
+        "model.tokenizer.fsq_levels=[4,3,3]",
+        "model.dynamics.embed_dim=8",
+        "model.dynamics.num_layers=1",
+        "model.dynamics.num_heads=2",
+        "model.dynamics.mlp_dim=16",
+        "model.dynamics.head=joint",
+    ],
+)
 
 
 def test_dynamics_parameters_per_module_by_hand():

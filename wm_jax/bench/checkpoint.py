@@ -75,7 +75,9 @@ def verify_restore(manager: ocp.CheckpointManager, step: int, state: dict[str, j
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     for name in ("params_layer0", f"nu_layer{NUM_LAYERS - 1}", "step"):
         if not np.array_equal(np.asarray(restored[name]), np.asarray(state[name])):
-            raise RuntimeError(f"checkpoint {manager.directory}/{step}: restored leaf {name!r} differs from the saved state")
+            raise RuntimeError(
+                f"checkpoint {manager.directory}/{step}: restored leaf {name!r} differs from the saved state"
+            )
 
 
 def time_one_save(
@@ -172,8 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table(result)
     command = f"wm bench checkpoint --state-mb {args.state_mb:g} --repeats {args.repeats}"
     values = [
-        results.machine(result["device"]), f"{result['state_mb']:.1f}", f"{result['sync_blocking_s']:.4f}",
-        f"{result['async_blocking_s']:.4f}", f"{result['async_blocking_vs_sync']:.3f}", f"`{command}`",
+        results.machine(result["device"]),
+        f"{result['state_mb']:.1f}",
+        f"{result['sync_blocking_s']:.4f}",
+        f"{result['async_blocking_s']:.4f}",
+        f"{result['async_blocking_vs_sync']:.3f}",
+        f"`{command}`",
     ]
     results.append_row("checkpoint", COLUMNS, values, args.results)
     print(json.dumps(result), flush=True)  # must stay the last line of stdout

@@ -45,11 +45,23 @@ from wm_jax.config import Config, ConfigError
 from wm_jax.presets import preset_path
 from wm_jax.train.loop import loaded_fields
 
-COLUMNS = ["machine", "config", "data", "workers", "raw clips/s", "loader clips/s", "train clips/s",
-           "loader/raw", "loader/train", "command"]
+COLUMNS = [
+    "machine",
+    "config",
+    "data",
+    "workers",
+    "raw clips/s",
+    "loader clips/s",
+    "train clips/s",
+    "loader/raw",
+    "loader/train",
+    "command",
+]
 
 
-def window_reads(manifest: dict, split: str, starts: np.ndarray, frames_per_clip: int) -> list[list[tuple[int, int, int]]]:
+def window_reads(
+    manifest: dict, split: str, starts: np.ndarray, frames_per_clip: int
+) -> list[list[tuple[int, int, int]]]:
     """Per window (first record index in `starts`, int64 [N]): its (shard, begin, end)
     record ranges, one per shard it spans."""
     ends = np.cumsum([s["records"] for s in manifest["splits"][split]["shards"]])
@@ -65,15 +77,21 @@ def raw_rate(readers: list[ArrayRecordReader], reads: list[list[tuple[int, int, 
     return len(reads) / (time.perf_counter() - start)
 
 
-def loader_rate(data_dir: str | Path, cfg: Config, fields: list[str], workers: int, batches: int,
-                warmup: int) -> float:
+def loader_rate(data_dir: str | Path, cfg: Config, fields: list[str], workers: int, batches: int, warmup: int) -> float:
     """Clips/s of a fresh loader of `fields` (`workers` worker processes) over `batches`
     batches, after `warmup` batches or, if more, the batches of one element from each
     worker and one more (worker start-up: ~1.5 s each here)."""
     batch_loader = loader.make_loader(
-        data_dir, split=cfg.data.split, frames_per_clip=cfg.data.frames_per_clip, batch_size=cfg.data.batch_size,
-        seed=cfg.seed, window_stride=cfg.data.window_stride, worker_count=workers,
-        shard_options=grain.sharding.NoSharding(), fields=fields)
+        data_dir,
+        split=cfg.data.split,
+        frames_per_clip=cfg.data.frames_per_clip,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        window_stride=cfg.data.window_stride,
+        worker_count=workers,
+        shard_options=grain.sharding.NoSharding(),
+        fields=fields,
+    )
     it = iter(batch_loader)
     for _ in range(max(warmup, (workers + 1) * batch_loader.batches_per_element)):
         next(it)
@@ -88,27 +106,41 @@ def loader_rate(data_dir: str | Path, cfg: Config, fields: list[str], workers: i
 def train_rate(cfg: Config, steps: int) -> dict[str, Any]:
     """step_s, clips/s (batch_size / step_s) and device of the config's compiled train step."""
     timed = train_bench.run(cfg, steps=steps, warmup=2)
-    return {"device": timed["device"], "train_step_s": timed["step_s"],
-            "train_clips_per_s": cfg.data.batch_size / timed["step_s"]}
+    return {
+        "device": timed["device"],
+        "train_step_s": timed["step_s"],
+        "train_clips_per_s": cfg.data.batch_size / timed["step_s"],
+    }
 
 
-def run(data_dir: str | Path, cfg: Config, *, workers: int = 2, clips: int = 2048, repeats: int = 3,
-        warmup_batches: int = 8, train_steps: int = 10) -> dict[str, Any]:
+def run(
+    data_dir: str | Path,
+    cfg: Config,
+    *,
+    workers: int = 2,
+    clips: int = 2048,
+    repeats: int = 3,
+    warmup_batches: int = 8,
+    train_steps: int = 10,
+) -> dict[str, Any]:
     """The three rates (raw and loader per repeat), their ratios and what was measured."""
     manifest = writer.read_manifest(data_dir)
     if manifest["frame_size"] != cfg.model.image_size:
-        raise ConfigError(f"dataset {data_dir} has {manifest['frame_size']}x{manifest['frame_size']} frames but "
-                          f"'model.image_size' is {cfg.model.image_size}: pass --set model.image_size="
-                          f"{manifest['frame_size']} (or a matching dataset)")
+        raise ConfigError(
+            f"dataset {data_dir} has {manifest['frame_size']}x{manifest['frame_size']} frames but "
+            f"'model.image_size' is {cfg.model.image_size}: pass --set model.image_size="
+            f"{manifest['frame_size']} (or a matching dataset)"
+        )
     t, b = cfg.data.frames_per_clip, cfg.data.batch_size
     episodes = manifest["splits"][cfg.data.split]["episodes"]
     starts = loader.window_starts(episodes, t, cfg.data.window_stride)
     batches = max(1, clips // b)
     order = np.random.default_rng(cfg.seed).choice(len(starts), batches * b, replace=batches * b > len(starts))
     reads = window_reads(manifest, cfg.data.split, starts[order], t)
-    readers = [ArrayRecordReader(p, loader.READER_OPTIONS)
-               for p in writer.shard_paths(data_dir, manifest, cfg.data.split)]
-    raw_rate(readers, reads[:warmup_batches * b])  # opens the files, warms the page cache
+    readers = [
+        ArrayRecordReader(p, loader.READER_OPTIONS) for p in writer.shard_paths(data_dir, manifest, cfg.data.split)
+    ]
+    raw_rate(readers, reads[: warmup_batches * b])  # opens the files, warms the page cache
     fields = loaded_fields(cfg, manifest["fields"])
     raw, loaded = [], []
     for _ in range(repeats):
@@ -117,11 +149,23 @@ def run(data_dir: str | Path, cfg: Config, *, workers: int = 2, clips: int = 204
     for r in readers:
         r.close()
     ratios = [lo / ra for lo, ra in zip(loaded, raw)]
-    result = {"bench": "data", "data_dir": str(data_dir), "content_hash": manifest["content_hash"],
-              "split": cfg.data.split, "windows": len(starts), "frames_per_clip": t, "batch_size": b,
-              "clips": batches * b, "repeats": repeats, "workers": workers, "fields": fields,
-              "raw_clips_per_s": raw, "loader_clips_per_s": loaded,
-              "loader_vs_raw": statistics.median(ratios), "loader_vs_raw_range": [min(ratios), max(ratios)]}
+    result = {
+        "bench": "data",
+        "data_dir": str(data_dir),
+        "content_hash": manifest["content_hash"],
+        "split": cfg.data.split,
+        "windows": len(starts),
+        "frames_per_clip": t,
+        "batch_size": b,
+        "clips": batches * b,
+        "repeats": repeats,
+        "workers": workers,
+        "fields": fields,
+        "raw_clips_per_s": raw,
+        "loader_clips_per_s": loaded,
+        "loader_vs_raw": statistics.median(ratios),
+        "loader_vs_raw_range": [min(ratios), max(ratios)],
+    }
     result.update(train_rate(cfg, train_steps))
     result["loader_vs_train"] = statistics.median(loaded) / result["train_clips_per_s"]
     return result
@@ -136,8 +180,10 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"data loading, {result['clips']} clips of {result['frames_per_clip']} steps x "
-                        f"{result['repeats']} repeats, {result['workers']} workers")
+    table = Table(
+        title=f"data loading, {result['clips']} clips of {result['frames_per_clip']} steps x "
+        f"{result['repeats']} repeats, {result['workers']} workers"
+    )
     table.add_column("figure")
     table.add_column("value", justify="right")
     low, high = result["loader_vs_raw_range"]
@@ -166,29 +212,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=10, help="timed train steps (default 10)")
     results.add_flag(parser)
     args = parser.parse_args(argv)
-    if min(args.clips, args.repeats, args.train_steps, args.episodes, args.frames) < 1 or min(args.workers, args.warmup_batches) < 0:
-        parser.error("--clips, --repeats, --train-steps, --episodes and --frames must be >= 1; "
-                     "--workers and --warmup-batches >= 0")
+    if (
+        min(args.clips, args.repeats, args.train_steps, args.episodes, args.frames) < 1
+        or min(args.workers, args.warmup_batches) < 0
+    ):
+        parser.error(
+            "--clips, --repeats, --train-steps, --episodes and --frames must be >= 1; "
+            "--workers and --warmup-batches >= 0"
+        )
     cfg = config_lib.load(preset_path(args.config), args.set)
     with tempfile.TemporaryDirectory(prefix="wm-bench-data-") as tmp:
         data_dir, data_name = args.data, Path(args.data or "").name
         if data_dir is None:
             size = args.size or cfg.model.image_size
             data_dir, data_name = Path(tmp) / "procedural", f"procedural {args.episodes}x{args.frames}x{size}"
-            datasets.make_dataset("procedural", data_dir, episodes=args.episodes, frames=args.frames, size=size,
-                                  seed=cfg.seed)
-        result = run(data_dir, cfg, workers=args.workers, clips=args.clips, repeats=args.repeats,
-                     warmup_batches=args.warmup_batches, train_steps=args.train_steps)
+            datasets.make_dataset(
+                "procedural", data_dir, episodes=args.episodes, frames=args.frames, size=size, seed=cfg.seed
+            )
+        result = run(
+            data_dir,
+            cfg,
+            workers=args.workers,
+            clips=args.clips,
+            repeats=args.repeats,
+            warmup_batches=args.warmup_batches,
+            train_steps=args.train_steps,
+        )
     print_table(result)
     data_args = [f"--data {args.data}"] if args.data else [f"--episodes {args.episodes} --frames {args.frames}"]
     data_args += [f"--size {args.size}"] if args.size and not args.data else []
-    command = " ".join(["wm bench data --config", args.config, *(f"--set {s}" for s in args.set), *data_args,
-                        f"--workers {args.workers} --clips {args.clips} --repeats {args.repeats}"])
+    command = " ".join(
+        [
+            "wm bench data --config",
+            args.config,
+            *(f"--set {s}" for s in args.set),
+            *data_args,
+            f"--workers {args.workers} --clips {args.clips} --repeats {args.repeats}",
+        ]
+    )
     low, high = result["loader_vs_raw_range"]
     values = [
-        results.machine(result["device"]), args.config, data_name, str(args.workers),
-        _span(result["raw_clips_per_s"]), _span(result["loader_clips_per_s"]), f"{result['train_clips_per_s']:,.1f}",
-        f"{result['loader_vs_raw']:.2f} ({low:.2f}–{high:.2f})", f"{result['loader_vs_train']:.1f}", f"`{command}`",
+        results.machine(result["device"]),
+        args.config,
+        data_name,
+        str(args.workers),
+        _span(result["raw_clips_per_s"]),
+        _span(result["loader_clips_per_s"]),
+        f"{result['train_clips_per_s']:,.1f}",
+        f"{result['loader_vs_raw']:.2f} ({low:.2f}–{high:.2f})",
+        f"{result['loader_vs_train']:.1f}",
+        f"`{command}`",
     ]
     results.append_row("data", COLUMNS, values, args.results)
     print(json.dumps(result), flush=True)  # must stay the last line of stdout

@@ -38,8 +38,18 @@ from wm_jax.presets import preset_path
 from wm_jax.stages import STAGES, get_stage
 from wm_jax.train.loop import train
 
-COLUMNS = ["machine", "config", "loop s/step", "bare step s", "loop / bare", "first step cold s",
-           "first step restart s", "restart no cache s", "cold / restart", "command"]
+COLUMNS = [
+    "machine",
+    "config",
+    "loop s/step",
+    "bare step s",
+    "loop / bare",
+    "first step cold s",
+    "first step restart s",
+    "restart no cache s",
+    "cold / restart",
+    "command",
+]
 
 
 def prepare(cfg: Config, work: Path) -> list[str]:
@@ -51,7 +61,9 @@ def prepare(cfg: Config, work: Path) -> list[str]:
     make_dataset("procedural", str(data), episodes=24, frames=frames, size=cfg.model.image_size, seed=cfg.seed)
     overrides = [f"data.dir={data}"]
     for name in get_stage(cfg.train.stage).frozen_stages(cfg):
-        frozen = config_lib.replace(cfg, overrides + [f"train.stage={name}", "train.steps=1", "train.log_every_steps=1"])
+        frozen = config_lib.replace(
+            cfg, overrides + [f"train.stage={name}", "train.steps=1", "train.log_every_steps=1"]
+        )
         train(frozen, work / name)
         overrides.append(f"{STAGES[name].workdir_key}={work / name}")
     return overrides
@@ -60,8 +72,15 @@ def prepare(cfg: Config, work: Path) -> list[str]:
 def loop_step_s(cfg: Config, workdir: Path, window: int) -> float:
     """Median seconds per step of `train`'s log windows after the first (3 windows, no
     checkpoint inside them, the compilation cache off so the first window holds it)."""
-    cfg = config_lib.replace(cfg, [f"train.steps={3 * window}", f"train.log_every_steps={window}",
-                                   f"checkpoint.every_steps={10 * window}", "train.compile_cache_dir=none"])
+    cfg = config_lib.replace(
+        cfg,
+        [
+            f"train.steps={3 * window}",
+            f"train.log_every_steps={window}",
+            f"checkpoint.every_steps={10 * window}",
+            "train.compile_cache_dir=none",
+        ],
+    )
     train(cfg, workdir)
     rows = telemetry.read_metrics(workdir / "metrics.jsonl")
     return statistics.median(r["step_s"] for r in rows if r["step"] > window)
@@ -103,11 +122,21 @@ def run(config: str, overrides: list[str], window: int = 20, repeats: int = 3) -
         restart = first_step_s(cfg_path, overrides, run_dir, 4, "auto")
         uncached = first_step_s(cfg_path, overrides, run_dir, 6, "none")
     loop_s, bare_s = statistics.median(loop), statistics.median(bare)
-    return {"bench": "loop", "config": config, "device": jax.devices()[0].device_kind, "stage": cfg.train.stage,
-            "loop_step_s": loop_s, "bare_step_s": bare_s, "loop_over_bare": loop_s / bare_s,
-            "loop_step_s_runs": loop, "bare_step_s_runs": bare, "first_step_cold_s": cold,
-            "first_step_restart_s": restart, "first_step_restart_uncached_s": uncached,
-            "cold_over_restart": cold / restart}
+    return {
+        "bench": "loop",
+        "config": config,
+        "device": jax.devices()[0].device_kind,
+        "stage": cfg.train.stage,
+        "loop_step_s": loop_s,
+        "bare_step_s": bare_s,
+        "loop_over_bare": loop_s / bare_s,
+        "loop_step_s_runs": loop,
+        "bare_step_s_runs": bare,
+        "first_step_cold_s": cold,
+        "first_step_restart_s": restart,
+        "first_step_restart_uncached_s": uncached,
+        "cold_over_restart": cold / restart,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,11 +149,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.window < 2 or args.repeats < 1:
         parser.error("--window must be >= 2 and --repeats >= 1")
     r = run(args.config, args.set, args.window, args.repeats)
-    command = " ".join(["wm bench loop --config", args.config, *(f"--set {s}" for s in args.set),
-                        f"--window {args.window} --repeats {args.repeats}"])
-    values = [results.machine(r["device"]), args.config, f"{r['loop_step_s']:.4f}", f"{r['bare_step_s']:.4f}",
-              f"{r['loop_over_bare']:.3f}", f"{r['first_step_cold_s']:.1f}", f"{r['first_step_restart_s']:.1f}",
-              f"{r['first_step_restart_uncached_s']:.1f}", f"{r['cold_over_restart']:.2f}", f"`{command}`"]
+    command = " ".join(
+        [
+            "wm bench loop --config",
+            args.config,
+            *(f"--set {s}" for s in args.set),
+            f"--window {args.window} --repeats {args.repeats}",
+        ]
+    )
+    values = [
+        results.machine(r["device"]),
+        args.config,
+        f"{r['loop_step_s']:.4f}",
+        f"{r['bare_step_s']:.4f}",
+        f"{r['loop_over_bare']:.3f}",
+        f"{r['first_step_cold_s']:.1f}",
+        f"{r['first_step_restart_s']:.1f}",
+        f"{r['first_step_restart_uncached_s']:.1f}",
+        f"{r['cold_over_restart']:.2f}",
+        f"`{command}`",
+    ]
     print("\n".join(f"{c}: {v}" for c, v in zip(COLUMNS, values)))
     results.append_row("loop", COLUMNS, values, args.results)
     print(json.dumps(r), flush=True)  # must stay the last line of stdout

@@ -25,16 +25,25 @@ def default_path() -> Path | None:
 
 def add_flag(parser: argparse.ArgumentParser) -> None:
     """`--results PATH`, the markdown file a bench appends its rows to."""
-    parser.add_argument("--results", type=Path, default=default_path(), metavar="PATH",
-                        help=f"markdown file to append this run's rows to (default: ./{CHECKOUT_RESULTS} when "
-                        "that file exists, i.e. when run from the repository root; else none: the table and the "
-                        "JSON line are only printed)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=default_path(),
+        metavar="PATH",
+        help=f"markdown file to append this run's rows to (default: ./{CHECKOUT_RESULTS} when "
+        "that file exists, i.e. when run from the repository root; else none: the table and the "
+        "JSON line are only printed)",
+    )
 
 
 def add_config_flags(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     """`--config` (a preset name or YAML path; required unless `default`) and `--set KEY=VALUE`."""
-    parser.add_argument("--config", required=default is None, default=default,
-                        help="YAML file or preset name (wm_jax/presets)" + (f"; default {default}" if default else ""))
+    parser.add_argument(
+        "--config",
+        required=default is None,
+        default=default,
+        help="YAML file or preset name (wm_jax/presets)" + (f"; default {default}" if default else ""),
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
 

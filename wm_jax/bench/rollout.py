@@ -46,8 +46,19 @@ from wm_jax.presets import preset_path
 from wm_jax.inference.rollout import rollout
 from wm_jax.stages.dynamics import DYNAMICS, dynamics_model
 
-COLUMNS = ["machine", "config", "window", "layers", "horizon", "cached frames/s", "uncached frames/s", "speedup",
-           "diffusion frames/s by K", "diffusion ÷ cached by K", "command"]
+COLUMNS = [
+    "machine",
+    "config",
+    "window",
+    "layers",
+    "horizon",
+    "cached frames/s",
+    "uncached frames/s",
+    "speedup",
+    "diffusion frames/s by K",
+    "diffusion ÷ cached by K",
+    "command",
+]
 DIFFUSION_STEPS = (1, 2, 4)  # the diffusion sampler's K, by default (a token config only)
 
 
@@ -62,7 +73,10 @@ def _inputs(cfg: Config, batch: int, context: int, frames: int, seed: int) -> tu
         codes = jnp.asarray(rng.uniform(-1, 1, (batch, context + 1, n, latent_width(cfg.model))), jnp.float32)
     camera = np.zeros((batch, frames, 7), np.float32)
     camera[..., :2] = np.cumsum(rng.integers(-1, 2, (batch, frames, 2)), axis=1)
-    steps = {"action": rng.integers(0, cfg.model.dynamics.num_actions, (batch, frames)).astype(np.int32), "camera": camera}
+    steps = {
+        "action": rng.integers(0, cfg.model.dynamics.num_actions, (batch, frames)).astype(np.int32),
+        "camera": camera,
+    }
     return codes[:, :context], make_controls(steps), codes[:, context]
 
 
@@ -72,8 +86,9 @@ def init_params(cfg: Config) -> Any:
     return jax.jit(dynamics_model(cfg.model).init)(jax.random.key(cfg.seed), *DYNAMICS.example_inputs(cfg))["params"]
 
 
-def time_rollout(cfg: Config, params: Any, horizon: int, cached: bool, batch: int, context: int, repeats: int = 1
-                 ) -> float:
+def time_rollout(
+    cfg: Config, params: Any, horizon: int, cached: bool, batch: int, context: int, repeats: int = 1
+) -> float:
     """Seconds for one rollout of `horizon` frames: the fastest of `repeats` timed runs,
     after an untimed one that compiles."""
     model = dynamics_model(cfg.model)
@@ -93,29 +108,44 @@ def diffusion_config(cfg: Config, steps: int, max_steps: int | None = None) -> C
     cfg's and `steps`); the transformer (width, depth, heads, window, controls) unchanged."""
     dc = cfg.model.dynamics
     max_steps = max(dc.shortcut_max_steps, steps) if max_steps is None else max_steps
-    return config_lib.replace(cfg, [
-        "model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous",
-        f"model.dynamics.sampling_steps={steps}", f"model.dynamics.shortcut_max_steps={max_steps}",
-        "model.dynamics.cut_framing_shift=false", "data.latent_cache=",  # neither is for diffusion
-    ])
+    return config_lib.replace(
+        cfg,
+        [
+            "model.dynamics.objective=diffusion",
+            "model.tokenizer.bottleneck=continuous",
+            f"model.dynamics.sampling_steps={steps}",
+            f"model.dynamics.shortcut_max_steps={max_steps}",
+            "model.dynamics.cut_framing_shift=false",
+            "data.latent_cache=",  # neither is for diffusion
+        ],
+    )
 
 
-def time_token_engines(cfg: Config, horizons: list[int], batch: int, context: int, repeats: int
-                       ) -> list[dict[str, Any]]:
+def time_token_engines(
+    cfg: Config, horizons: list[int], batch: int, context: int, repeats: int
+) -> list[dict[str, Any]]:
     """The cached and uncached engines of cfg's model at each horizon: one row each."""
     params = init_params(cfg)
     rows = []
     for h in horizons:
         cached_s = time_rollout(cfg, params, h, True, batch, context, repeats)
         uncached_s = time_rollout(cfg, params, h, False, batch, context, repeats)
-        rows.append({"horizon": h, "cached_s": cached_s, "uncached_s": uncached_s,
-                     "cached_frames_per_s": batch * h / cached_s, "uncached_frames_per_s": batch * h / uncached_s,
-                     "speedup": uncached_s / cached_s})
+        rows.append(
+            {
+                "horizon": h,
+                "cached_s": cached_s,
+                "uncached_s": uncached_s,
+                "cached_frames_per_s": batch * h / cached_s,
+                "uncached_frames_per_s": batch * h / uncached_s,
+                "speedup": uncached_s / cached_s,
+            }
+        )
     return rows
 
 
-def time_diffusion(cfg: Config, token_rows: list[dict[str, Any]], steps: Sequence[int], batch: int, context: int,
-                   repeats: int) -> list[dict[str, Any]]:
+def time_diffusion(
+    cfg: Config, token_rows: list[dict[str, Any]], steps: Sequence[int], batch: int, context: int, repeats: int
+) -> list[dict[str, Any]]:
     """The cached diffusion sampler on cfg's transformer at each K in `steps` and each
     horizon of `token_rows` (`time_token_engines`): one row per (horizon, K), with its
     frames/s ÷ the cached token engine's at that horizon. One set of parameters serves
@@ -128,19 +158,33 @@ def time_diffusion(cfg: Config, token_rows: list[dict[str, Any]], steps: Sequenc
         h = token["horizon"]
         for k in steps:
             seconds = time_rollout(configs[k], params, h, True, batch, context, repeats)
-            rows.append({"horizon": h, "steps": k, "seconds": seconds, "frames_per_s": batch * h / seconds,
-                         "ratio_to_cached": token["cached_s"] / seconds})
+            rows.append(
+                {
+                    "horizon": h,
+                    "steps": k,
+                    "seconds": seconds,
+                    "frames_per_s": batch * h / seconds,
+                    "ratio_to_cached": token["cached_s"] / seconds,
+                }
+            )
     return rows
 
 
-def run(cfg: Config, horizons: list[int], batch: int = 1, context: int = 1, diffusion_steps: Sequence[int] = (),
-        repeats: int = 1) -> dict[str, Any]:
+def run(
+    cfg: Config,
+    horizons: list[int],
+    batch: int = 1,
+    context: int = 1,
+    diffusion_steps: Sequence[int] = (),
+    repeats: int = 1,
+) -> dict[str, Any]:
     """Times both engines at each horizon, and the diffusion sampler at each K in
     `diffusion_steps` (cfg must then be a token objective's); returns per-horizon rows,
     the diffusion rows and the summary ratios."""
     if not horizons or min(horizons) < 1 or batch < 1 or context < 1 or repeats < 1:
-        raise ValueError(f"horizons, batch, context and repeats must be >= 1; got {horizons}, {batch}, {context}, "
-                         f"{repeats}")
+        raise ValueError(
+            f"horizons, batch, context and repeats must be >= 1; got {horizons}, {batch}, {context}, {repeats}"
+        )
     if diffusion_steps and cfg.model.dynamics.objective == "diffusion":
         raise ValueError("the diffusion sampler is compared with a token objective's engine; this config is diffusion")
     rows = time_token_engines(cfg, sorted(horizons), batch, context, repeats)
@@ -149,13 +193,24 @@ def run(cfg: Config, horizons: list[int], batch: int = 1, context: int = 1, diff
     per_frame = lambda r: r["cached_s"] / r["horizon"]
     dc = cfg.model.dynamics
     return {
-        "bench": "rollout", "device": jax.devices()[0].device_kind, "batch": batch, "context": context,
-        "objective": dc.objective, "temporal_window": dc.temporal_window, "layers": dc.num_layers,
-        "embed_dim": dc.embed_dim, "tokens_per_frame": num_tokens(cfg.model), "rows": rows, "diffusion": diffusion,
+        "bench": "rollout",
+        "device": jax.devices()[0].device_kind,
+        "batch": batch,
+        "context": context,
+        "objective": dc.objective,
+        "temporal_window": dc.temporal_window,
+        "layers": dc.num_layers,
+        "embed_dim": dc.embed_dim,
+        "tokens_per_frame": num_tokens(cfg.model),
+        "rows": rows,
+        "diffusion": diffusion,
         f"speedup_at_{last['horizon']}": last["speedup"],
         f"flatness_{first['horizon']}_to_{last['horizon']}": per_frame(last) / per_frame(first),
-        **{f"diffusion_k{r['steps']}_ratio_at_{last['horizon']}": r["ratio_to_cached"]
-           for r in diffusion if r["horizon"] == last["horizon"]},
+        **{
+            f"diffusion_k{r['steps']}_ratio_at_{last['horizon']}": r["ratio_to_cached"]
+            for r in diffusion
+            if r["horizon"] == last["horizon"]
+        },
     }
 
 
@@ -163,14 +218,21 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    title = (f"rollout, window {result['temporal_window']}, {result['layers']} layers, width {result['embed_dim']}, "
-             f"{result['tokens_per_frame']} tokens/frame, batch {result['batch']}, {result['device']}")
+    title = (
+        f"rollout, window {result['temporal_window']}, {result['layers']} layers, width {result['embed_dim']}, "
+        f"{result['tokens_per_frame']} tokens/frame, batch {result['batch']}, {result['device']}"
+    )
     table = Table(title=f"{title}, {result['objective']}")
     for col in ("horizon", "cached frames/s", "uncached frames/s", "speedup", "cached ms/frame"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
-        table.add_row(str(r["horizon"]), f"{r['cached_frames_per_s']:,.1f}", f"{r['uncached_frames_per_s']:,.1f}",
-                      f"{r['speedup']:.1f}x", f"{1000 * r['cached_s'] / r['horizon']:.2f}")
+        table.add_row(
+            str(r["horizon"]),
+            f"{r['cached_frames_per_s']:,.1f}",
+            f"{r['uncached_frames_per_s']:,.1f}",
+            f"{r['speedup']:.1f}x",
+            f"{1000 * r['cached_s'] / r['horizon']:.2f}",
+        )
     Console().print(table)
     if not result["diffusion"]:
         return
@@ -178,8 +240,13 @@ def print_table(result: dict[str, Any]) -> None:
     for col in ("horizon", "K", "frames/s", "ms/frame", f"÷ {result['objective']} cached"):
         table.add_column(col, justify="right")
     for r in result["diffusion"]:
-        table.add_row(str(r["horizon"]), str(r["steps"]), f"{r['frames_per_s']:,.1f}",
-                      f"{1000 * r['seconds'] / r['horizon']:.2f}", f"{r['ratio_to_cached']:.2f}")
+        table.add_row(
+            str(r["horizon"]),
+            str(r["steps"]),
+            f"{r['frames_per_s']:,.1f}",
+            f"{1000 * r['seconds'] / r['horizon']:.2f}",
+            f"{r['ratio_to_cached']:.2f}",
+        )
     Console().print(table)
 
 
@@ -194,11 +261,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     results.add_config_flags(parser, "rollout_bench")
     parser.add_argument("--horizons", default="16,64,256", help="comma-separated horizons (default 16,64,256)")
     parser.add_argument("--batch", type=int, default=1, help="independent shots generated together (default 1)")
-    parser.add_argument("--diffusion-steps", default=None, metavar="K,K,..|none",
-                        help="the diffusion sampler's steps per frame to time beside a token config's engines "
-                             f"(default {','.join(map(str, DIFFUSION_STEPS))}; none: skip; a diffusion config: none)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per engine and horizon, the fastest kept "
-                                                                "(default 1)")
+    parser.add_argument(
+        "--diffusion-steps",
+        default=None,
+        metavar="K,K,..|none",
+        help="the diffusion sampler's steps per frame to time beside a token config's engines "
+        f"(default {','.join(map(str, DIFFUSION_STEPS))}; none: skip; a diffusion config: none)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs per engine and horizon, the fastest kept (default 1)"
+    )
     results.add_flag(parser)
     args = parser.parse_args(argv)
     try:
@@ -206,8 +278,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         steps = args.diffusion_steps
         args.steps_list = [] if steps in ("none", "") else [int(k) for k in steps.split(",")] if steps else None
     except ValueError:
-        parser.error(f"--horizons and --diffusion-steps must be comma-separated integers; got {args.horizons!r}, "
-                     f"{args.diffusion_steps!r}")
+        parser.error(
+            f"--horizons and --diffusion-steps must be comma-separated integers; got {args.horizons!r}, "
+            f"{args.diffusion_steps!r}"
+        )
     if min(args.horizon_list) < 1 or args.batch < 1 or args.repeats < 1:
         parser.error("--horizons, --batch and --repeats must be >= 1")
     if any(k < 1 or k & (k - 1) for k in args.steps_list or []):
@@ -220,8 +294,15 @@ def command_line(args: argparse.Namespace) -> str:
     extra = [f"--batch {args.batch}"] if args.batch != 1 else []
     extra += [f"--diffusion-steps {args.diffusion_steps}"] if args.diffusion_steps is not None else []
     extra += [f"--repeats {args.repeats}"] if args.repeats != 1 else []
-    return " ".join(["wm bench rollout --config", args.config, *(f"--set {s}" for s in args.set),
-                     f"--horizons {args.horizons}", *extra])
+    return " ".join(
+        [
+            "wm bench rollout --config",
+            args.config,
+            *(f"--set {s}" for s in args.set),
+            f"--horizons {args.horizons}",
+            *extra,
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,17 +312,32 @@ def main(argv: list[str] | None = None) -> int:
     if steps is None:
         steps = [] if cfg.model.dynamics.objective == "diffusion" else list(DIFFUSION_STEPS)
     elif steps and cfg.model.dynamics.objective == "diffusion":
-        raise SystemExit("wm bench rollout: --diffusion-steps compares the diffusion sampler with a token "
-                         "objective's engine; this config is already diffusion (time it alone, without the flag)")
+        raise SystemExit(
+            "wm bench rollout: --diffusion-steps compares the diffusion sampler with a token "
+            "objective's engine; this config is already diffusion (time it alone, without the flag)"
+        )
     result = run(cfg, args.horizon_list, args.batch, diffusion_steps=steps, repeats=args.repeats)
     print_table(result)
     command, diffusion = command_line(args), result["diffusion"]
     for r in result["rows"]:
-        results.append_row("rollout", COLUMNS, [
-            results.machine(result["device"]), args.config, str(result["temporal_window"]), str(result["layers"]),
-            str(r["horizon"]), f"{r['cached_frames_per_s']:,.1f}", f"{r['uncached_frames_per_s']:,.1f}",
-            f"{r['speedup']:.1f}x", by_steps(diffusion, r["horizon"], "frames_per_s", ",.1f"),
-            by_steps(diffusion, r["horizon"], "ratio_to_cached", ".2f"), f"`{command}`"], args.results)
+        results.append_row(
+            "rollout",
+            COLUMNS,
+            [
+                results.machine(result["device"]),
+                args.config,
+                str(result["temporal_window"]),
+                str(result["layers"]),
+                str(r["horizon"]),
+                f"{r['cached_frames_per_s']:,.1f}",
+                f"{r['uncached_frames_per_s']:,.1f}",
+                f"{r['speedup']:.1f}x",
+                by_steps(diffusion, r["horizon"], "frames_per_s", ",.1f"),
+                by_steps(diffusion, r["horizon"], "ratio_to_cached", ".2f"),
+                f"`{command}`",
+            ],
+            args.results,
+        )
     print(json.dumps(result), flush=True)  # must stay the last line of stdout
     return 0
 

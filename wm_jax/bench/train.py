@@ -115,8 +115,10 @@ def run(cfg: Config, steps: int = 10, warmup: int = 2, matmul_n: int = 0) -> dic
         raise ConfigError(f"the step does not fit the device:\n{dry_run.format_report(report)}")
     mesh, rules = placement.mesh, placement.rules
     state = create_train_state(cfg, mesh, rules, placement.state)
-    frozen = {stage: create_train_state(cfg, mesh, rules, shardings, stage=stage).params
-              for stage, shardings in placement.frozen_states.items()} or None
+    frozen = {
+        stage: create_train_state(cfg, mesh, rules, shardings, stage=stage).params
+        for stage, shardings in placement.frozen_states.items()
+    } or None
     batch = synthetic_batch(cfg, mesh, rules, cfg.seed)
     telemetry.info(f"initialised the state, {time.perf_counter() - t0:.1f} s since start")
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -132,8 +134,11 @@ def run(cfg: Config, steps: int = 10, warmup: int = 2, matmul_n: int = 0) -> dic
     peak = telemetry.peak_tflops(device.device_kind, cfg.model.dtype, cfg.train.peak_tflops_per_device)
     frames = cfg.data.batch_size * cfg.data.frames_per_clip
     result = {"bench": "train", **report, "dtype": cfg.model.dtype, "steps": steps, "step_s": step_s}
-    result.update(telemetry.throughput(step_s, report["flops_per_step"], report["tokens_per_step"], frames,
-                                       jax.device_count(), peak))
+    result.update(
+        telemetry.throughput(
+            step_s, report["flops_per_step"], report["tokens_per_step"], frames, jax.device_count(), peak
+        )
+    )
     result["mfu"] = result.get("mfu")  # null in the JSON when the device's peak is unknown
     result["peak_tflops_per_device"] = peak
     result["loss"] = float(metrics["loss"])
@@ -182,8 +187,14 @@ def results_row(args: argparse.Namespace, result: dict[str, Any]) -> tuple[str, 
         words.append(f"--matmul-reference {args.matmul_reference}")
     mesh = "x".join(str(v) for v in result["mesh"].values())
     values = [
-        results.machine(result["device"]), args.config, f"{result['parameters'] / 1e6:.1f}M", mesh, result["dtype"],
-        f"{result['step_s']:.4f}", f"{result['tokens_per_s']:,.0f}", f"{result['tflops_per_device']:.2f}",
+        results.machine(result["device"]),
+        args.config,
+        f"{result['parameters'] / 1e6:.1f}M",
+        mesh,
+        result["dtype"],
+        f"{result['step_s']:.4f}",
+        f"{result['tokens_per_s']:,.0f}",
+        f"{result['tflops_per_device']:.2f}",
         "n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%",
     ]
     if not args.matmul_reference:
@@ -197,9 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     results.add_config_flags(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
-    parser.add_argument("--matmul-reference", type=int, default=0, metavar="N",
-                        help="also time XLA's N x N matmul in the config's dtype on the same device and report "
-                        "the step's share of its TFLOP/s (e.g. 2048; default 0: off)")
+    parser.add_argument(
+        "--matmul-reference",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time XLA's N x N matmul in the config's dtype on the same device and report "
+        "the step's share of its TFLOP/s (e.g. 2048; default 0: off)",
+    )
     results.add_flag(parser)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.matmul_reference < 0:

@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # JAX warns at any fork of its process. The commands' forks are subprocess's fork+exec
     # (git for provenance, ffmpeg for videos): the child runs no Python before exec, so it
     # cannot deadlock. (A fork elsewhere, e.g. multiprocessing's, still warns.)
-    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning,
-                            module="subprocess")
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning, module="subprocess")
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

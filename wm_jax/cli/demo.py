@@ -31,8 +31,12 @@ def run_demo(out: str | Path, config: str = "tiny_cpu", overrides: list[str] = (
     if not (data_dir / "manifest.json").exists():
         telemetry.info(f"[1/4] procedural dataset → {data_dir}")
         make_dataset(
-            "procedural", str(data_dir), episodes=DEMO_EPISODES, frames=DEMO_FRAMES,
-            size=tok_cfg.model.image_size, seed=tok_cfg.seed,
+            "procedural",
+            str(data_dir),
+            episodes=DEMO_EPISODES,
+            frames=DEMO_FRAMES,
+            size=tok_cfg.model.image_size,
+            seed=tok_cfg.seed,
         )
     tok_cfg = config_lib.replace(tok_cfg, [f"data.dir={data_dir}"])
     telemetry.info(f"[2/4] tokenizer → {out / 'tokenizer'}")

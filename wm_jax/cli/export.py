@@ -9,7 +9,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from wm_jax.export import export_bundle
 
     info = export_bundle(args.workdir, args.out, args.step)
-    print(f"wrote {args.out}: {info['stage']} parameters at step {info['step']}" + (" + its tokenizer" if "tokenizer" in info else ""))
+    print(
+        f"wrote {args.out}: {info['stage']} parameters at step {info['step']}"
+        + (" + its tokenizer" if "tokenizer" in info else "")
+    )
     return 0
 
 

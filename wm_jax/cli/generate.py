@@ -23,8 +23,18 @@ def watermark_key(text: str) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from wm_jax.inference.generate import generate
 
-    paths = generate(args.workdir, args.script, args.out, seed=args.seed, data_dir=args.data, batch=args.batch,
-                     step=args.step, scale=args.scale, key=args.key, max_memory_gib=args.max_memory_gib)
+    paths = generate(
+        args.workdir,
+        args.script,
+        args.out,
+        seed=args.seed,
+        data_dir=args.data,
+        batch=args.batch,
+        step=args.step,
+        scale=args.scale,
+        key=args.key,
+        max_memory_gib=args.max_memory_gib,
+    )
     for path in paths:
         print(f"wrote {path} (+ {path.name}.json); check it with: wm verify {path}")
     return 0
@@ -49,7 +59,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    gen = sub.add_parser("generate", help="roll out a shot list (YAML script) into a watermarked video + sidecar manifest")
+    gen = sub.add_parser(
+        "generate", help="roll out a shot list (YAML script) into a watermarked video + sidecar manifest"
+    )
     gen.add_argument("--workdir", required=True, help="dynamics run directory or inference bundle")
     gen.add_argument("--script", required=True, help="shot list YAML (README: Generating from a shot list)")
     gen.add_argument("--out", required=True, help="video file (.mp4); with --batch K: OUT_0.mp4 .. OUT_{K-1}.mp4")
@@ -57,15 +69,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--data", help="dataset for script sources without `data:` (default: the run's data.dir)")
     gen.add_argument("--batch", type=int, default=1, help="K independent samples of the script, rolled out together")
     gen.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    gen.add_argument("--scale", type=int, help="integer upscaling of the frames (default: to a side of at least 128 px)")
-    gen.add_argument("--key", type=watermark_key, help="watermark and signing key, decimal or 0x hex (default: the "
-                     "project's public key; use your own to make the sidecar's signature yours alone)")
-    gen.add_argument("--max-memory-gib", type=float, default=DEFAULT_MAX_MEMORY_GIB,
-                     help="refuse a script whose video would need more memory than this (estimated before any "
-                     f"allocation; default {DEFAULT_MAX_MEMORY_GIB:g})")
+    gen.add_argument(
+        "--scale", type=int, help="integer upscaling of the frames (default: to a side of at least 128 px)"
+    )
+    gen.add_argument(
+        "--key",
+        type=watermark_key,
+        help="watermark and signing key, decimal or 0x hex (default: the "
+        "project's public key; use your own to make the sidecar's signature yours alone)",
+    )
+    gen.add_argument(
+        "--max-memory-gib",
+        type=float,
+        default=DEFAULT_MAX_MEMORY_GIB,
+        help="refuse a script whose video would need more memory than this (estimated before any "
+        f"allocation; default {DEFAULT_MAX_MEMORY_GIB:g})",
+    )
     gen.set_defaults(fn=cmd_generate)
 
     ver = sub.add_parser("verify", help="check a video's watermark and sidecar manifest; exit 0 only if both pass")
     ver.add_argument("video")
-    ver.add_argument("--key", type=watermark_key, help="watermark key, decimal or 0x hex (default: the project's public key)")
+    ver.add_argument(
+        "--key", type=watermark_key, help="watermark key, decimal or 0x hex (default: the project's public key)"
+    )
     ver.set_defaults(fn=cmd_verify)

@@ -51,7 +51,10 @@ def cmd_local(p: Plan, args: argparse.Namespace) -> int:
         print(f"{name}\t{state}")
     failed = [n for n, s in status.items() if s.startswith("failed")]
     if failed:
-        print(f"sweep: {len(failed)} of {len(status)} runs failed (see <run>/error.txt): {', '.join(failed)}", file=sys.stderr)
+        print(
+            f"sweep: {len(failed)} of {len(status)} runs failed (see <run>/error.txt): {', '.join(failed)}",
+            file=sys.stderr,
+        )
     if any(s == f"failed (exit {EXIT_PREEMPTED})" for s in status.values()):
         return EXIT_PREEMPTED  # saved; run the same command again to resume
     return 1 if failed else 0
@@ -59,8 +62,14 @@ def cmd_local(p: Plan, args: argparse.Namespace) -> int:
 
 def cmd_slurm(p: Plan, args: argparse.Namespace) -> int:
     """Submits the sweep as an sbatch array job (or prints the script: `--dry-run`)."""
-    script = render_slurm_array(p, args.set, gpus_per_node=args.gpus_per_node, time_limit=args.time,
-                                partition=args.partition, account=args.account)
+    script = render_slurm_array(
+        p,
+        args.set,
+        gpus_per_node=args.gpus_per_node,
+        time_limit=args.time,
+        partition=args.partition,
+        account=args.account,
+    )
     target = p.out / "slurm.sbatch"
     if args.dry_run:
         print(script, end="")
@@ -76,11 +85,19 @@ def cmd_k8s(p: Plan, args: argparse.Namespace) -> int:
     """Applies one Kubernetes Job per run (or prints the manifests: `--dry-run`)."""
     if not args.image and not args.dry_run:
         raise SweepError("--image is required: the container image with wm_jax installed")
-    manifest = render_k8s_jobs(p, namespace=args.namespace, gpus_per_node=args.gpus_per_node,
-                               image=args.image or launch.K8S_PLACEHOLDER_IMAGE, pvc=args.pvc)
+    manifest = render_k8s_jobs(
+        p,
+        namespace=args.namespace,
+        gpus_per_node=args.gpus_per_node,
+        image=args.image or launch.K8S_PLACEHOLDER_IMAGE,
+        pvc=args.pvc,
+    )
     if args.dry_run:
         print(manifest, end="")
-        print(f"# dry run: {len(p.runs)} Jobs; would write {p.out / 'sweep.json'} and `kubectl apply` them", file=sys.stderr)
+        print(
+            f"# dry run: {len(p.runs)} Jobs; would write {p.out / 'sweep.json'} and `kubectl apply` them",
+            file=sys.stderr,
+        )
         return 0
     kubectl = launch.require_tool("kubectl", "install it and point it at the cluster")
     write_record(p)
@@ -125,13 +142,21 @@ def cmd_report(spec: str, args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Registers `wm sweep` on the `wm` parser's subcommands."""
     sw = subparsers.add_parser(
-        "sweep", help="run a grid/random sweep of config overrides; `wm sweep report SPEC` tabulates and plots it",
+        "sweep",
+        help="run a grid/random sweep of config overrides; `wm sweep report SPEC` tabulates and plots it",
         description="wm sweep SPEC.yaml [--launcher local|slurm|k8s] | wm sweep report SPEC.yaml | "
-                    "wm sweep run-one SPEC.yaml --index I",
+        "wm sweep run-one SPEC.yaml --index I",
     )
-    sw.add_argument("words", nargs="+", metavar="[report|run-one] SPEC", help="the sweep spec (YAML), after report or run-one if given")
+    sw.add_argument(
+        "words",
+        nargs="+",
+        metavar="[report|run-one] SPEC",
+        help="the sweep spec (YAML), after report or run-one if given",
+    )
     sw.add_argument("--launcher", choices=["local", "slurm", "k8s"], default="local")
-    sw.add_argument("--parallel", type=launch.positive_int, default=1, help="local: runs at a time (subprocesses when > 1)")
+    sw.add_argument(
+        "--parallel", type=launch.positive_int, default=1, help="local: runs at a time (subprocesses when > 1)"
+    )
     sw.add_argument("--dry-run", action="store_true", help="print the runs, sbatch script or manifests, and exit 0")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a fixed override for every run")
     sw.add_argument("--index", type=int, help="run-one: the run's index in sweep.json")

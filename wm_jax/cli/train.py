@@ -27,8 +27,12 @@ def ctrl_c_ends_at_once() -> Iterator[None]:
         return
 
     def abort(signum: int, frame: object) -> None:
-        print(f"interrupted: wm train stopped outside the training loop, nothing to save (exit {EXIT_INTERRUPTED}); "
-              "rerun to resume", file=sys.stderr, flush=True)
+        print(
+            f"interrupted: wm train stopped outside the training loop, nothing to save (exit {EXIT_INTERRUPTED}); "
+            "rerun to resume",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(EXIT_INTERRUPTED)
 
     previous = signal.signal(signal.SIGINT, abort)
@@ -60,7 +64,9 @@ def _train_command(args: argparse.Namespace) -> int:
     # Flags first, then WM_* variables (set by `wm launch`), then a detected cluster.
     joined = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if joined["mode"] != "single":
-        print(f"process {joined['process_index']} of {joined['process_count']} joined ({joined['mode']})", file=sys.stderr)
+        print(
+            f"process {joined['process_index']} of {joined['process_count']} joined ({joined['mode']})", file=sys.stderr
+        )
     try:
         train(cfg, args.workdir)
     except Preempted:
@@ -76,9 +82,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--config", required=True, help="YAML file or preset name (wm_jax/presets)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--workdir", required=True)
-    train.add_argument("--dry-run", action="store_true",
-                       help="compile the step for the mesh and print parameters, FLOPs and per-device memory; no training")
-    train.add_argument("--coordinator", help="host:port of process 0, to join a multi-process run (else $WM_COORDINATOR)")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compile the step for the mesh and print parameters, FLOPs and per-device memory; no training",
+    )
+    train.add_argument(
+        "--coordinator", help="host:port of process 0, to join a multi-process run (else $WM_COORDINATOR)"
+    )
     train.add_argument("--num-processes", type=int, help="processes in the run (else $WM_NUM_PROCESSES)")
     train.add_argument("--process-id", type=int, help="this process's index (else $WM_PROCESS_ID)")
     train.set_defaults(fn=cmd_train)

@@ -32,9 +32,17 @@ def forced_actions(actions: np.ndarray, at: int, action: int) -> np.ndarray:
     return forced
 
 
-def forced_next_frames(dynamics: DynamicsModel, params: Any, tokenizer: VideoTokenizer, tok_params: Any,
-                       context_codes: jax.Array, steps: dict[str, np.ndarray], num_actions: int,
-                       reference_codes: jax.Array | None, chunk: int) -> np.ndarray:
+def forced_next_frames(
+    dynamics: DynamicsModel,
+    params: Any,
+    tokenizer: VideoTokenizer,
+    tok_params: Any,
+    context_codes: jax.Array,
+    steps: dict[str, np.ndarray],
+    num_actions: int,
+    reference_codes: jax.Array | None,
+    chunk: int,
+) -> np.ndarray:
     """uint8 [A, B, H, W, 3]: frame C as the model predicts it under each action a < A.
 
     context_codes: float [B, C, N, L] (the tokenizer's codes of the context frames);
@@ -50,8 +58,9 @@ def forced_next_frames(dynamics: DynamicsModel, params: Any, tokenizer: VideoTok
         controls = make_controls({**steps, "action": forced_actions(steps["action"], c - 1, a)})
         # One rollout step (greedy; a diffusion model's noise the same for every action).
         nxt = rollout(dynamics, params, context_codes, controls, 1, reference_codes)[0][:, 0]
-        frames.append(decode_codes(tokenizer, tok_params, jnp.concatenate([context_codes, nxt[:, None]], axis=1),
-                                   chunk)[:, c])
+        frames.append(
+            decode_codes(tokenizer, tok_params, jnp.concatenate([context_codes, nxt[:, None]], axis=1), chunk)[:, c]
+        )
     return np.stack(frames)
 
 
@@ -70,8 +79,10 @@ def probe_scores(frames: np.ndarray, moves: np.ndarray, scored: np.ndarray) -> d
     """
     frames, moves, scored = np.asarray(frames), np.asarray(moves, np.float64), np.asarray(scored, bool)
     if frames.shape[:2] != (len(moves), len(scored)) or moves.shape[1:] != (2,) or moves[0].any():
-        raise ValueError(f"frames {frames.shape} must be [A, B, ...] for moves {moves.shape} [A, 2] (moves[0] the "
-                         f"no-op's, zero: {moves[0]}) and scored {scored.shape} [B]")
+        raise ValueError(
+            f"frames {frames.shape} must be [A, B, ...] for moves {moves.shape} [A, 2] (moves[0] the "
+            f"no-op's, zero: {moves[0]}) and scored {scored.shape} [B]"
+        )
     pos = agent_position(frames)  # [A, B, 2]
     found = ~np.isnan(pos).any(axis=-1)
     ok = found[1:] & found[:1] & scored  # [A-1, B]

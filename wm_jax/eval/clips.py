@@ -16,12 +16,24 @@ from wm_jax.config import Config
 # rollout is steered by, plus the ground truth of the controllability metrics (camera
 # pose, entity boxes/visibility, shot cuts), the identity bank's reference frame, and
 # where each clip comes from (to replay an Atari episode to it).
-EVAL_FIELDS = ("frame", "action", "action_valid", "camera", "camera_valid", "cut", "reference",
-               "entity_boxes", "entity_visible", "episode_id", "t")
+EVAL_FIELDS = (
+    "frame",
+    "action",
+    "action_valid",
+    "camera",
+    "camera_valid",
+    "cut",
+    "reference",
+    "entity_boxes",
+    "entity_visible",
+    "episode_id",
+    "t",
+)
 
 
-def held_out_clips(data_dir: str, cfg: Config, frames: int, split: str | None = None,
-                   num_clips: int | None = None) -> dict[str, np.ndarray]:
+def held_out_clips(
+    data_dir: str, cfg: Config, frames: int, split: str | None = None, num_clips: int | None = None
+) -> dict[str, np.ndarray]:
     """Up to `num_clips` (default `eval.num_clips`) windows of `frames` steps from `split`
     (default the eval split), deterministic.
 

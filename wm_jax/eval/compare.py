@@ -25,13 +25,18 @@ FIGURES: tuple[tuple[str, Callable[[dict], float]], ...] = (
     ("ΔtPSNR true − random actions, mean over horizons (dB)", lambda m: m["controllability"]["delta_psnr"]),
     ("ΔtPSNR at t=4 (dB)", lambda m: m["controllability"]["delta_psnr_t4"]),
     ("action following: within 1.5 px", lambda m: m["action_following"]["true_actions"]["within_1.5px"]),
-    ("action following, random actions: within 1.5 px", lambda m: m["action_following"]["random_actions"]["within_1.5px"]),
+    (
+        "action following, random actions: within 1.5 px",
+        lambda m: m["action_following"]["random_actions"]["within_1.5px"],
+    ),
     ("camera following: within 1 px", lambda m: m["camera_following"]["model"]["within_1px"]),
     ("identity persistence: similarity after a cut", lambda m: m["identity_persistence"]["after_cut"]),
     ("identity persistence: swap margin", lambda m: m["identity_persistence"]["swap_margin"]),
     ("object permanence: reappearance PSNR (dB)", lambda m: m["object_permanence"]["reappear_psnr"]),
-    ("counterfactual: PSNR vs the simulator's counterfactual (dB)",
-     lambda m: np.mean(m["counterfactual"]["psnr_vs_counterfactual_truth"])),
+    (
+        "counterfactual: PSNR vs the simulator's counterfactual (dB)",
+        lambda m: np.mean(m["counterfactual"]["psnr_vs_counterfactual_truth"]),
+    ),
     ("counterfactual margin (dB, > 0: follows actions)", lambda m: m["counterfactual"]["margin_db"]),
     ("counterfactual: agent within 1.5 px", lambda m: m["counterfactual"]["agent_within_1.5px"]),
     ("action probe: fraction of the commanded move", lambda m: m["action_probe"]["fraction"]),
@@ -63,6 +68,7 @@ def compare(runs: list[str | Path]) -> dict[str, list[float | None]]:
 
 def markdown_table(runs: list[str | Path], table: dict[str, list[float | None]]) -> str:
     """A markdown table: one row per figure, one column per run."""
+
     def cell(label: str, v: float | None) -> str:
         if v is None or not np.isfinite(v):
             return "–"

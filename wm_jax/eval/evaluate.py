@@ -43,8 +43,7 @@ from wm_jax.models.dynamics import DynamicsModel, make_controls
 from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.tokenizer import VideoTokenizer
 from wm_jax.inference.rollout import carry_unchanged, decode_codes, encode_frames, rollout
-from wm_jax.run import (check_dataset, is_bundle, load_run_config, restore_params, tokenizer_source,
-                        with_tokenizer_run)
+from wm_jax.run import check_dataset, is_bundle, load_run_config, restore_params, tokenizer_source, with_tokenizer_run
 from wm_jax.stages import Role, get_stage
 from wm_jax.stages.latent_actions import infer_latent_actions
 
@@ -88,8 +87,12 @@ def plot_drift(result: dict, out: Path) -> None:
     ax.plot(h, result["rollout_random_actions"]["psnr"], "s--", label="model, random actions")
     ax.plot(h, result["baseline_copy_last"]["psnr"], "^:", label="copy last frame")
     if "counterfactual" in result:  # same rollout as "random actions", scored against the simulator's frames
-        ax.plot(h, result["counterfactual"]["psnr_vs_counterfactual_truth"], "d-.",
-                label="model, random actions, vs simulator's counterfactual")
+        ax.plot(
+            h,
+            result["counterfactual"]["psnr_vs_counterfactual_truth"],
+            "d-.",
+            label="model, random actions, vs simulator's counterfactual",
+        )
     ax.axhline(result["tokenizer"]["psnr"], color="gray", lw=0.8, label="tokenizer reconstruction")
     ax.set_xlabel("horizon (frames after context)")
     ax.set_ylabel("PSNR (dB)")
@@ -123,43 +126,83 @@ def _finite_mean(values: Any) -> float | None:
 # the model's figure first and its controls after it.
 METRIC_PANELS: list[tuple[str, list[tuple[str, tuple[str, ...]]]]] = [
     ("tokenizer PSNR (dB)", [("reconstruction", ("tokenizer", "psnr"))]),
-    ("rollout PSNR, mean over horizon (dB)", [
-        ("model", ("rollout", "psnr")), ("random actions", ("rollout_random_actions", "psnr")),
-        ("copy last", ("baseline_copy_last", "psnr"))]),
-    ("rollout SSIM, mean over horizon", [
-        ("model", ("rollout", "ssim")), ("random actions", ("rollout_random_actions", "ssim")),
-        ("copy last", ("baseline_copy_last", "ssim"))]),
-    ("action following: agent within 1.5 px", [
-        ("true actions", ("action_following", "true_actions", "within_1.5px")),
-        ("random actions", ("action_following", "random_actions", "within_1.5px"))]),
-    ("camera following: within 1 px", [
-        ("model", ("camera_following", "model", "within_1px")),
-        ("copy last", ("camera_following", "baseline_copy_last", "within_1px")),
-        ("truth", ("camera_following", "truth", "within_1px"))]),
-    ("identity persistence", [
-        ("similarity before cut", ("identity_persistence", "before_cut")),
-        ("similarity after cut", ("identity_persistence", "after_cut")),
-        ("swap margin", ("identity_persistence", "swap_margin"))]),
-    ("object permanence: crop PSNR (dB)", [
-        ("reappearing", ("object_permanence", "reappear_psnr")),
-        ("other visible steps", ("object_permanence", "visible_psnr"))]),
-    ("counterfactual (random actions): PSNR, mean over horizon (dB)", [
-        ("model vs counterfactual truth", ("counterfactual", "psnr_vs_counterfactual_truth")),
-        ("model vs factual truth", ("counterfactual", "psnr_vs_factual_truth")),
-        ("copy last vs counterfactual truth", ("counterfactual", "copy_last_psnr_vs_counterfactual_truth"))]),
-    ("ΔtPSNR at t=4, true − random actions (dB)", [
-        ("all clips", ("controllability", "delta_psnr_t4")),
-        ("no cut by t=4", ("controllability", "delta_psnr_t4_before_cut"))]),
-    ("counterfactual: agent within 1.5 px", [
-        ("model", ("counterfactual", "agent_within_1.5px")),
-        ("copy last", ("counterfactual", "copy_last", "agent_within_1.5px")),
-        ("action blind", ("counterfactual", "action_blind", "agent_within_1.5px"))]),
-    ("counterfactual margin: PSNR vs counterfactual − vs factual (dB)", [
-        ("model", ("counterfactual", "margin_db")),
-        ("copy last", ("counterfactual", "copy_last", "margin_db"))]),
-    ("action probe: agent move in one step (px)", [
-        ("model", ("action_probe", "displacement_px")),
-        ("commanded", ("action_probe", "commanded_px"))]),
+    (
+        "rollout PSNR, mean over horizon (dB)",
+        [
+            ("model", ("rollout", "psnr")),
+            ("random actions", ("rollout_random_actions", "psnr")),
+            ("copy last", ("baseline_copy_last", "psnr")),
+        ],
+    ),
+    (
+        "rollout SSIM, mean over horizon",
+        [
+            ("model", ("rollout", "ssim")),
+            ("random actions", ("rollout_random_actions", "ssim")),
+            ("copy last", ("baseline_copy_last", "ssim")),
+        ],
+    ),
+    (
+        "action following: agent within 1.5 px",
+        [
+            ("true actions", ("action_following", "true_actions", "within_1.5px")),
+            ("random actions", ("action_following", "random_actions", "within_1.5px")),
+        ],
+    ),
+    (
+        "camera following: within 1 px",
+        [
+            ("model", ("camera_following", "model", "within_1px")),
+            ("copy last", ("camera_following", "baseline_copy_last", "within_1px")),
+            ("truth", ("camera_following", "truth", "within_1px")),
+        ],
+    ),
+    (
+        "identity persistence",
+        [
+            ("similarity before cut", ("identity_persistence", "before_cut")),
+            ("similarity after cut", ("identity_persistence", "after_cut")),
+            ("swap margin", ("identity_persistence", "swap_margin")),
+        ],
+    ),
+    (
+        "object permanence: crop PSNR (dB)",
+        [
+            ("reappearing", ("object_permanence", "reappear_psnr")),
+            ("other visible steps", ("object_permanence", "visible_psnr")),
+        ],
+    ),
+    (
+        "counterfactual (random actions): PSNR, mean over horizon (dB)",
+        [
+            ("model vs counterfactual truth", ("counterfactual", "psnr_vs_counterfactual_truth")),
+            ("model vs factual truth", ("counterfactual", "psnr_vs_factual_truth")),
+            ("copy last vs counterfactual truth", ("counterfactual", "copy_last_psnr_vs_counterfactual_truth")),
+        ],
+    ),
+    (
+        "ΔtPSNR at t=4, true − random actions (dB)",
+        [
+            ("all clips", ("controllability", "delta_psnr_t4")),
+            ("no cut by t=4", ("controllability", "delta_psnr_t4_before_cut")),
+        ],
+    ),
+    (
+        "counterfactual: agent within 1.5 px",
+        [
+            ("model", ("counterfactual", "agent_within_1.5px")),
+            ("copy last", ("counterfactual", "copy_last", "agent_within_1.5px")),
+            ("action blind", ("counterfactual", "action_blind", "agent_within_1.5px")),
+        ],
+    ),
+    (
+        "counterfactual margin: PSNR vs counterfactual − vs factual (dB)",
+        [("model", ("counterfactual", "margin_db")), ("copy last", ("counterfactual", "copy_last", "margin_db"))],
+    ),
+    (
+        "action probe: agent move in one step (px)",
+        [("model", ("action_probe", "displacement_px")), ("commanded", ("action_probe", "commanded_px"))],
+    ),
 ]
 
 
@@ -168,8 +211,10 @@ def metric_bar_groups(result: dict) -> list[tuple[str, list[tuple[str, float]]]]
     `result` (a metrics dict, before or after `json_safe`) in `METRIC_PANELS`; per-horizon
     lists are averaged over the horizon. Bars without a value (absent group, None or NaN)
     are dropped, then panels left without a bar."""
-    kept = [(title, [(label, _finite_mean(_lookup(result, *path))) for label, path in bars])
-            for title, bars in METRIC_PANELS]
+    kept = [
+        (title, [(label, _finite_mean(_lookup(result, *path))) for label, path in bars])
+        for title, bars in METRIC_PANELS
+    ]
     kept = [(title, [(label, v) for label, v in bars if v is not None]) for title, bars in kept]
     return [(title, bars) for title, bars in kept if bars]
 
@@ -188,23 +233,38 @@ def headline(result: dict) -> list[tuple[str, str]]:
     rows = [("tokenizer reconstruction PSNR (dB)", _figures([mean("tokenizer", "psnr")], ".2f"))]
     if "rollout" in result:
         rows += [
-            ("rollout PSNR, mean over horizons (dB): model / copy-last",
-             _figures([mean("rollout", "psnr"), mean("baseline_copy_last", "psnr")], ".2f")),
-            ("ΔtPSNR at t=4, true − random actions (dB): all clips / no cut by t=4",
-             _figures([mean("controllability", "delta_psnr_t4"), mean("controllability", "delta_psnr_t4_before_cut")],
-                      "+.2f")),
+            (
+                "rollout PSNR, mean over horizons (dB): model / copy-last",
+                _figures([mean("rollout", "psnr"), mean("baseline_copy_last", "psnr")], ".2f"),
+            ),
+            (
+                "ΔtPSNR at t=4, true − random actions (dB): all clips / no cut by t=4",
+                _figures(
+                    [mean("controllability", "delta_psnr_t4"), mean("controllability", "delta_psnr_t4_before_cut")],
+                    "+.2f",
+                ),
+            ),
         ]
     if "agent_within_1.5px" in result.get("counterfactual", {}):
         within = [mean("counterfactual", *k, "agent_within_1.5px") for k in ((), ("copy_last",), ("action_blind",))]
         rows.append(("counterfactual: agent within 1.5 px: model / copy-last / action-blind", _figures(within, ".3f")))
     if "margin_db" in result.get("counterfactual", {}):
-        rows.append(("counterfactual margin, PSNR vs counterfactual − vs factual (dB): model / copy-last",
-                     _figures([mean("counterfactual", "margin_db"), mean("counterfactual", "copy_last", "margin_db")],
-                              "+.2f")))
+        rows.append(
+            (
+                "counterfactual margin, PSNR vs counterfactual − vs factual (dB): model / copy-last",
+                _figures(
+                    [mean("counterfactual", "margin_db"), mean("counterfactual", "copy_last", "margin_db")], "+.2f"
+                ),
+            )
+        )
     if "action_probe" in result:
-        rows.append(("action probe, agent move in one step (px): model / commanded (fraction)",
-                     _figures([mean("action_probe", "displacement_px"), mean("action_probe", "commanded_px")], ".2f")
-                     + f" ({_figures([mean('action_probe', 'fraction')], '.2f')})"))
+        rows.append(
+            (
+                "action probe, agent move in one step (px): model / commanded (fraction)",
+                _figures([mean("action_probe", "displacement_px"), mean("action_probe", "commanded_px")], ".2f")
+                + f" ({_figures([mean('action_probe', 'fraction')], '.2f')})",
+            )
+        )
     return rows
 
 
@@ -226,7 +286,7 @@ def plot_metric_bars(result: dict, out: Path) -> None:
         ax.set_xticks(range(len(bars)), labels, rotation=25, ha="right", fontsize=7)
         ax.set_title(title, fontsize=8, wrap=True)
         ax.margins(y=0.15)
-    for ax in axes.flat[len(groups):]:
+    for ax in axes.flat[len(groups) :]:
         ax.axis("off")
     fig.suptitle(f"headline metrics, step {result['step']}", fontsize=10)
     fig.tight_layout()
@@ -252,19 +312,27 @@ def counterfactual_markdown(cf: dict) -> list[str]:
         lines += [
             "| prediction | PSNR vs counterfactual (dB) | PSNR vs factual (dB) | margin (dB) | agent within 1.5 px |",
             "|---|---|---|---|---|",
-            *(f"| {name} | {g['psnr_vs_counterfactual']:.2f} | {g['psnr_vs_factual']:.2f} | {g['margin_db']:+.2f} "
-              f"| {_figures([_finite_mean(g.get('agent_within_1.5px'))], '.3f')} |"
-              for name, g in (("model", cf), ("copy last", cf["copy_last"]))),
+            *(
+                f"| {name} | {g['psnr_vs_counterfactual']:.2f} | {g['psnr_vs_factual']:.2f} | {g['margin_db']:+.2f} "
+                f"| {_figures([_finite_mean(g.get('agent_within_1.5px'))], '.3f')} |"
+                for name, g in (("model", cf), ("copy last", cf["copy_last"]))
+            ),
             f"| action blind | {blind['psnr_vs_counterfactual']:.2f} | (100, capped) | | "
             f"{_figures([_finite_mean(blind.get('agent_within_1.5px'))], '.3f')} |",
             "",
         ]
     if "num_agent_steps" in cf:
-        lines += [f"The agent is scored on {cf['num_agent_steps']} generated steps before any shot cut (a cut "
-                  "reframes the view around the agent).", ""]
+        lines += [
+            f"The agent is scored on {cf['num_agent_steps']} generated steps before any shot cut (a cut "
+            "reframes the view around the agent).",
+            "",
+        ]
     if cf.get("num_clips_reframed"):
-        lines += [f"{cf['num_clips_reframed']} clips left out: the random actions reframed their context (a world "
-                  "v2 cut frames its shot by looking ahead at the agent's path).", ""]
+        lines += [
+            f"{cf['num_clips_reframed']} clips left out: the random actions reframed their context (a world "
+            "v2 cut frames its shot by looking ahead at the agent's path).",
+            "",
+        ]
     lines += [
         "| horizon | PSNR vs counterfactual truth | PSNR vs factual truth | SSIM vs counterfactual truth "
         "| copy last: PSNR vs counterfactual truth |",
@@ -293,7 +361,8 @@ def probe_markdown(probe: dict) -> list[str]:
         "",
         "| action | " + " | ".join(names) + " | mean | fraction of commanded |",
         "|---" * (len(names) + 3) + "|",
-        "| move (px) | " + " | ".join(_figures([_finite_mean(d)], "+.2f") for d in per_action)
+        "| move (px) | "
+        + " | ".join(_figures([_finite_mean(d)], "+.2f") for d in per_action)
         + f" | {_figures([_finite_mean(probe['displacement_px'])], '+.2f')} "
         f"| {_figures([_finite_mean(probe['fraction'])], '.2f')} |",
         "",
@@ -315,8 +384,11 @@ def report_markdown(result: dict, files: dict[str, list[str]]) -> str:
         "",
     ]
     if "rollout" in result:
-        lines += ["ΔtPSNR \"no cut by t=4\": the clips without a shot cut among the first 4 generated frames (a "
-                  "cut reframes the view, so where the agent will be is then unknowable, whatever the actions).", ""]
+        lines += [
+            'ΔtPSNR "no cut by t=4": the clips without a shot cut among the first 4 generated frames (a '
+            "cut reframes the view, so where the agent will be is then unknowable, whatever the actions).",
+            "",
+        ]
     lines += [
         "## Details",
         "",
@@ -389,8 +461,9 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def atari_counterfactual_truth(data_dir: str, clips: dict[str, np.ndarray], ctx: int,
-                               actions: np.ndarray) -> np.ndarray:
+def atari_counterfactual_truth(
+    data_dir: str, clips: dict[str, np.ndarray], ctx: int, actions: np.ndarray
+) -> np.ndarray:
     """uint8 [B, H, S, S, 3]: the frames the emulator shows when, from each clip's last
     context frame, it plays `actions` int [B, C+H] (indices ctx-1.. drive the H generated
     steps, as in the rollout) instead of the recorded ones.
@@ -401,16 +474,24 @@ def atari_counterfactual_truth(data_dir: str, clips: dict[str, np.ndarray], ctx:
     proof that the counterfactual starts from the true state."""
     frames = clips["frame"]
     steps = slice(ctx - 1, frames.shape[1] - 1)  # the actions taking frame ctx-1 to ctx, ..., to the last
-    branches = [atari.branch_frames(data_dir, int(clips["episode_id"][b, 0]), int(clips["t"][b, ctx - 1]),
-                                    [clips["action"][b, steps], actions[b, steps]]) for b in range(len(frames))]
+    branches = [
+        atari.branch_frames(
+            data_dir,
+            int(clips["episode_id"][b, 0]),
+            int(clips["t"][b, ctx - 1]),
+            [clips["action"][b, steps], actions[b, steps]],
+        )
+        for b in range(len(frames))
+    ]
     factual, counterfactual = np.stack(branches, axis=1)  # [2, B, H, S, S, 3] -> two [B, H, ...]
     if not np.array_equal(factual, frames[:, ctx:]):
         raise DatasetError(f"replaying the recorded actions of {data_dir} does not reproduce its held-out frames")
     return counterfactual
 
 
-def procedural_counterfactual_truth(source_params: dict, clips: dict[str, np.ndarray], ctx: int,
-                                    actions: np.ndarray) -> dict[str, np.ndarray]:
+def procedural_counterfactual_truth(
+    source_params: dict, clips: dict[str, np.ndarray], ctx: int, actions: np.ndarray
+) -> dict[str, np.ndarray]:
     """What the procedural world shows when, from each clip's last context frame, it plays
     `actions` int [B, C+H] (indices ctx-1.. drive the H generated steps, as in the rollout)
     instead of the recorded ones: "frame" uint8 [B, H, S, S, 3], "entity_boxes" float32
@@ -426,8 +507,10 @@ def procedural_counterfactual_truth(source_params: dict, clips: dict[str, np.nda
         episode, t0 = int(clips["episode_id"][b, 0]), int(clips["t"][b, 0])
         span = slice(t0, t0 + frames.shape[1])
         if not np.array_equal(procedural.replay(source_params, episode)["frame"][span], frames[b]):
-            raise DatasetError(f"regenerating episode {episode} from the manifest's source_params does not reproduce "
-                               "its held-out frames")
+            raise DatasetError(
+                f"regenerating episode {episode} from the manifest's source_params does not reproduce "
+                "its held-out frames"
+            )
         branch = procedural.replay(source_params, episode, t0 + ctx - 1, actions[b, ctx - 1 : -1])
         branches.append({k: branch[k][span] for k in ("frame", "entity_boxes", "entity_visible")})
     out = {k: np.stack([br[k] for br in branches]) for k in branches[0]}
@@ -435,8 +518,15 @@ def procedural_counterfactual_truth(source_params: dict, clips: dict[str, np.nda
     return {"same_context": same, **{k: v[:, ctx:] for k, v in out.items()}}
 
 
-def counterfactual_metrics(manifest: dict, data_dir: str, clips: dict[str, np.ndarray], ctx: int,
-                           actions: np.ndarray, generated: np.ndarray, copy_last: np.ndarray) -> dict | None:
+def counterfactual_metrics(
+    manifest: dict,
+    data_dir: str,
+    clips: dict[str, np.ndarray],
+    ctx: int,
+    actions: np.ndarray,
+    generated: np.ndarray,
+    copy_last: np.ndarray,
+) -> dict | None:
     """The counterfactual group: `M.counterfactual_following` of the rollout generated uint8
     [B, H, ...] under `actions` int [B, C+H] (copy_last [B, H, ...] the frozen control)
     against the simulator's frames under those actions (Atari's emulator or the procedural
@@ -453,22 +543,32 @@ def counterfactual_metrics(manifest: dict, data_dir: str, clips: dict[str, np.nd
         telemetry.info("counterfactual metrics skipped: the random actions reframe every clip's context")
         return None
     agent_steps = M.before_first_cut(clips["cut"][keep, ctx:])
-    scores = M.counterfactual_following(generated[keep], branch["frame"][keep], factual[keep], copy_last[keep],
-                                        agent_steps)
+    scores = M.counterfactual_following(
+        generated[keep], branch["frame"][keep], factual[keep], copy_last[keep], agent_steps
+    )
     return {**scores, "num_clips": int(keep.sum()), "num_clips_reframed": int((~keep).sum())}
 
 
-def rollout_metrics(clips: dict[str, np.ndarray], ctx: int, gen_true: np.ndarray, gen_random: np.ndarray,
-                    copy_last: np.ndarray) -> dict[str, dict]:
+def rollout_metrics(
+    clips: dict[str, np.ndarray], ctx: int, gen_true: np.ndarray, gen_random: np.ndarray, copy_last: np.ndarray
+) -> dict[str, dict]:
     """The rollout, rollout_random_actions, baseline_copy_last (PSNR/SSIM per horizon step)
     and controllability (Genie's ΔtPSNR) groups. gen_true / gen_random / copy_last: uint8
     [B, H, h, w, 3], the generated steps only; clips: records [B, C+H, ...]."""
     truth = clips["frame"][:, ctx:]
     hs = list(range(1, truth.shape[1] + 1))
-    out = {name: {"horizon": hs, "psnr": [float(v) for v in M.psnr_per_horizon(truth, video)],
-                  "ssim": [float(v) for v in M.ssim_per_horizon(truth, video)]}
-           for name, video in (("rollout", gen_true), ("rollout_random_actions", gen_random),
-                               ("baseline_copy_last", copy_last))}
+    out = {
+        name: {
+            "horizon": hs,
+            "psnr": [float(v) for v in M.psnr_per_horizon(truth, video)],
+            "ssim": [float(v) for v in M.ssim_per_horizon(truth, video)],
+        }
+        for name, video in (
+            ("rollout", gen_true),
+            ("rollout_random_actions", gen_random),
+            ("baseline_copy_last", copy_last),
+        )
+    }
     true_psnr, random_psnr = out["rollout"]["psnr"], out["rollout_random_actions"]["psnr"]
     cut = clips["cut"][:, ctx:] if "cut" in clips else None
     out["controllability"] = {
@@ -480,8 +580,9 @@ def rollout_metrics(clips: dict[str, np.ndarray], ctx: int, gen_true: np.ndarray
     return out
 
 
-def ground_truth_metrics(clips: dict[str, np.ndarray], ctx: int, gen_true: np.ndarray, gen_random: np.ndarray,
-                         copy_last: np.ndarray) -> dict[str, dict]:
+def ground_truth_metrics(
+    clips: dict[str, np.ndarray], ctx: int, gen_true: np.ndarray, gen_random: np.ndarray, copy_last: np.ndarray
+) -> dict[str, dict]:
     """The controllability groups of metrics.json on the generated steps (after `ctx`).
 
     clips: held-out records [B, C+H, ...]; gen_true / gen_random: uint8 [B, C+H, h, w, 3]
@@ -511,7 +612,9 @@ def ground_truth_metrics(clips: dict[str, np.ndarray], ctx: int, gen_true: np.nd
             "baseline_copy_last": follow(with_last(copy_last)),
             "truth": follow(frames[:, ctx - 1 :]),
         },
-        "identity_persistence": M.identity_persistence(gen, reference, boxes[:, ctx:], visible[:, ctx:], clips["cut"][:, ctx:]),
+        "identity_persistence": M.identity_persistence(
+            gen, reference, boxes[:, ctx:], visible[:, ctx:], clips["cut"][:, ctx:]
+        ),
         "object_permanence": M.object_permanence(gen_true, frames, boxes, visible, start=ctx),
     }
 
@@ -524,8 +627,12 @@ def with_inferred_actions(clips: dict[str, np.ndarray], cfg: Config, mesh: Any, 
     telemetry.info(f"actions: inferred by the latent action model {cfg.train.latent_actions_workdir} step {step}")
     infer = jax.jit(infer_latent_actions, static_argnums=0)
     lam, n = LatentActionModel(cfg.model), clips["frame"].shape[0]
-    actions = np.concatenate([np.asarray(infer(lam, lam_params, clips["frame"][i : i + cfg.eval.batch_size]))
-                              for i in range(0, n, cfg.eval.batch_size)])
+    actions = np.concatenate(
+        [
+            np.asarray(infer(lam, lam_params, clips["frame"][i : i + cfg.eval.batch_size]))
+            for i in range(0, n, cfg.eval.batch_size)
+        ]
+    )
     return {**clips, "action": actions, "action_valid": np.ones(actions.shape, bool)}
 
 
@@ -536,8 +643,10 @@ def draw_random_actions(cfg: Config, manifest: dict, actions: np.ndarray, ctx: i
     simulator replays only its own actions: they are drawn from those where it can, from
     the latent actions for a run on inferred ones, else from the model's action vocabulary."""
     vocab = cfg.model.dynamics.num_actions
-    world_actions = {atari.SOURCE_NAME: manifest["source_params"].get("num_actions"),
-                     procedural.SOURCE_NAME: procedural.NUM_ACTIONS}.get(manifest["source"])
+    world_actions = {
+        atari.SOURCE_NAME: manifest["source_params"].get("num_actions"),
+        procedural.SOURCE_NAME: procedural.NUM_ACTIONS,
+    }.get(manifest["source"])
     replayable = world_actions is not None and not cfg.train.latent_actions_workdir
     if replayable:
         vocab = min(vocab, world_actions)
@@ -595,8 +704,9 @@ def _restore_models(workdir: Path, cfg: Config, step: int | None, mesh: Any, rul
     else:
         tok_params, _, _ = restore_params(tokenizer_source(workdir, cfg), mesh, rules)
         dyn_params = params
-    return _Models(step, VideoTokenizer(cfg.model), tok_params, DynamicsModel(cfg.model), dyn_params,
-                   cfg.data.frames_per_clip)
+    return _Models(
+        step, VideoTokenizer(cfg.model), tok_params, DynamicsModel(cfg.model), dyn_params, cfg.data.frames_per_clip
+    )
 
 
 def _eval_clips(cfg: Config, data_dir: str, models: _Models, mesh: Any, rules: Any) -> dict[str, np.ndarray]:
@@ -610,15 +720,23 @@ def _eval_clips(cfg: Config, data_dir: str, models: _Models, mesh: Any, rules: A
 def _probe_moves(manifest: dict, replayable: bool, has_dynamics: bool) -> np.ndarray | None:
     """The action probe's action -> agent move map (`procedural.agent_moves`); None: no probe."""
     # The probe needs the world's action -> motion map: the procedural world's, with its actions.
-    moves = (procedural.agent_moves(manifest["source_params"]["size"])
-             if replayable and manifest["source"] == procedural.SOURCE_NAME else None)
+    moves = (
+        procedural.agent_moves(manifest["source_params"]["size"])
+        if replayable and manifest["source"] == procedural.SOURCE_NAME
+        else None
+    )
     if moves is None and has_dynamics:
         telemetry.info("action probe skipped: it needs the procedural world's actions (a known action -> motion map)")
     return moves
 
 
-def _generate(cfg: Config, models: _Models, clips: dict[str, np.ndarray], random_actions: np.ndarray,
-              probe_moves: np.ndarray | None) -> _Generated:
+def _generate(
+    cfg: Config,
+    models: _Models,
+    clips: dict[str, np.ndarray],
+    random_actions: np.ndarray,
+    probe_moves: np.ndarray | None,
+) -> _Generated:
     """Batch by batch: the clips' reconstruction and, with a dynamics model, its rollouts
     with the true and the random actions and the action probe's frames (with `probe_moves`)."""
     ctx, horizon, chunk = cfg.eval.context_frames, cfg.eval.horizon, models.chunk
@@ -639,8 +757,18 @@ def _generate(cfg: Config, models: _Models, clips: dict[str, np.ndarray], random
         uint8 frames [B,C+H,...] (context reconstructed)."""
         controls = make_controls({"action": acts, **{k: clips[k][s] for k in steering}})
         key = jax.random.fold_in(jax.random.key(cfg.seed), s.start)  # the same draws for true and random actions
-        new, _ = rollout(dynamics, dyn_params, context, controls, horizon, ref, key=key, temperature=cfg.eval.temperature,
-                         top_k=cfg.eval.top_k, guidance=cfg.eval.guidance)
+        new, _ = rollout(
+            dynamics,
+            dyn_params,
+            context,
+            controls,
+            horizon,
+            ref,
+            key=key,
+            temperature=cfg.eval.temperature,
+            top_k=cfg.eval.top_k,
+            guidance=cfg.eval.guidance,
+        )
         video = decode_codes(tokenizer, tok_params, jnp.concatenate([context, new], axis=1), chunk)
         if cfg.eval.render == "carry":  # static patches keep the last real frame's pixels
             codes = jnp.concatenate([context[:, -1:], new], axis=1)
@@ -658,14 +786,18 @@ def _generate(cfg: Config, models: _Models, clips: dict[str, np.ndarray], random
             gen_random.append(generate(codes[:, :ctx], random_actions[s], s, ref))
         if dyn_params is not None and probe_moves is not None:
             steps = {k: clips[k][s, : ctx + 1] for k in ["action", *steering]}
-            probed.append(action_probe.forced_next_frames(dynamics, dyn_params, tokenizer, tok_params, codes[:, :ctx],
-                                                          steps, len(probe_moves), ref, chunk))
+            probed.append(
+                action_probe.forced_next_frames(
+                    dynamics, dyn_params, tokenizer, tok_params, codes[:, :ctx], steps, len(probe_moves), ref, chunk
+                )
+            )
     joined = lambda videos, axis=0: np.concatenate(videos, axis=axis) if videos else None
     return _Generated(joined(recon), joined(gen_true), joined(gen_random), joined(probed, axis=1))
 
 
-def _result_header(workdir: Path, step: int, cfg: Config, manifest: dict, data_dir: str,
-                   num_clips: int) -> dict[str, Any]:
+def _result_header(
+    workdir: Path, step: int, cfg: Config, manifest: dict, data_dir: str, num_clips: int
+) -> dict[str, Any]:
     """The metrics dict's opening keys: what was evaluated (checkpoint, data, sampling)."""
     return {
         "step": step,
@@ -675,13 +807,25 @@ def _result_header(workdir: Path, step: int, cfg: Config, manifest: dict, data_d
         "data_dir": str(data_dir),
         "split": cfg.eval.split,
         "num_clips": int(num_clips),
-        "sampling": {"temperature": cfg.eval.temperature, "top_k": cfg.eval.top_k, "guidance": cfg.eval.guidance,
-                     "render": cfg.eval.render},
+        "sampling": {
+            "temperature": cfg.eval.temperature,
+            "top_k": cfg.eval.top_k,
+            "guidance": cfg.eval.guidance,
+            "render": cfg.eval.render,
+        },
     }
 
 
-def _dynamics_metrics(cfg: Config, manifest: dict, data_dir: str, clips: dict[str, np.ndarray], gen: _Generated,
-                      random_actions: np.ndarray, counterfactual: bool, probe_moves: np.ndarray | None) -> dict:
+def _dynamics_metrics(
+    cfg: Config,
+    manifest: dict,
+    data_dir: str,
+    clips: dict[str, np.ndarray],
+    gen: _Generated,
+    random_actions: np.ndarray,
+    counterfactual: bool,
+    probe_moves: np.ndarray | None,
+) -> dict:
     """The rollout groups, and the controllability, counterfactual and action-probe groups
     where the dataset allows them (each skip logged)."""
     ctx, horizon = cfg.eval.context_frames, cfg.eval.horizon
@@ -691,9 +835,13 @@ def _dynamics_metrics(cfg: Config, manifest: dict, data_dir: str, clips: dict[st
     if all(k in clips for k in GROUND_TRUTH):
         result.update(ground_truth_metrics(clips, ctx, gen.true_actions, gen.random_actions, copy_last))
     else:
-        telemetry.info(f"controllability metrics skipped: the dataset lacks {[k for k in GROUND_TRUTH if k not in clips]}")
+        telemetry.info(
+            f"controllability metrics skipped: the dataset lacks {[k for k in GROUND_TRUTH if k not in clips]}"
+        )
     if counterfactual:
-        cf = counterfactual_metrics(manifest, data_dir, clips, ctx, random_actions, gen.random_actions[:, ctx:], copy_last)
+        cf = counterfactual_metrics(
+            manifest, data_dir, clips, ctx, random_actions, gen.random_actions[:, ctx:], copy_last
+        )
         if cf is not None:
             result["counterfactual"] = cf
     if gen.probed is not None:
@@ -720,8 +868,15 @@ def _write_outputs(result: dict, out: Path, frames: np.ndarray, gen: _Generated,
     return result
 
 
-def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | None = None, out_dir: str | Path | None = None,
-             overrides: list[str] = (), tokenizer_workdir: str | None = None) -> dict:
+def evaluate(
+    workdir: str | Path,
+    *,
+    step: int | None = None,
+    data_dir: str | None = None,
+    out_dir: str | Path | None = None,
+    overrides: list[str] = (),
+    tokenizer_workdir: str | None = None,
+) -> dict:
     """Restores `workdir`'s checkpoint and writes the eval report; returns the metrics dict.
     overrides: `eval.*` config keys (KEY=VALUE) for this evaluation, e.g. eval.guidance=2;
     tokenizer_workdir: the tokenizer run of a dynamics run moved without it, in place of
@@ -739,10 +894,14 @@ def evaluate(workdir: str | Path, *, step: int | None = None, data_dir: str | No
     random_actions, counterfactual = draw_random_actions(cfg, manifest, clips["action"], cfg.eval.context_frames)
     probe_moves = _probe_moves(manifest, counterfactual, models.dyn_params is not None)
     gen = _generate(cfg, models, clips, random_actions, probe_moves)
-    result = {**_result_header(workdir, models.step, cfg, manifest, data_dir, len(clips["frame"])),
-              "tokenizer": {"psnr": float(M.psnr(clips["frame"], gen.recon).mean())}}
+    result = {
+        **_result_header(workdir, models.step, cfg, manifest, data_dir, len(clips["frame"])),
+        "tokenizer": {"psnr": float(M.psnr(clips["frame"], gen.recon).mean())},
+    }
     if models.dyn_params is not None:
-        result.update(_dynamics_metrics(cfg, manifest, data_dir, clips, gen, random_actions, counterfactual,
-                                        probe_moves))
-    return _write_outputs(result, Path(out_dir) if out_dir else workdir / "eval", clips["frame"], gen,
-                          cfg.eval.video_clips)
+        result.update(
+            _dynamics_metrics(cfg, manifest, data_dir, clips, gen, random_actions, counterfactual, probe_moves)
+        )
+    return _write_outputs(
+        result, Path(out_dir) if out_dir else workdir / "eval", clips["frame"], gen, cfg.eval.video_clips
+    )

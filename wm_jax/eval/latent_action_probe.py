@@ -53,8 +53,15 @@ def chance_rate(actions: np.ndarray, num_actions: int) -> float:
     return float(np.bincount(actions, minlength=num_actions).max() / max(len(actions), 1))
 
 
-def fit_linear_probe(features: np.ndarray, actions: np.ndarray, num_actions: int, *, steps: int = 300,
-                     learning_rate: float = 0.05, weight_decay: float = 1e-3) -> dict[str, jax.Array]:
+def fit_linear_probe(
+    features: np.ndarray,
+    actions: np.ndarray,
+    num_actions: int,
+    *,
+    steps: int = 300,
+    learning_rate: float = 0.05,
+    weight_decay: float = 1e-3,
+) -> dict[str, jax.Array]:
     """Softmax regression features float [M, D] -> actions int [M]: {"w": [D, A], "b": [A]}.
 
     Full-batch AdamW from zero weights: deterministic, and convex so it needs no tuning.
@@ -142,8 +149,14 @@ def report_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_probe(workdir: str | Path, *, step: int | None = None, data_dir: str | None = None,
-                   out_dir: str | Path | None = None, train_clips: int = 256) -> dict[str, Any]:
+def evaluate_probe(
+    workdir: str | Path,
+    *,
+    step: int | None = None,
+    data_dir: str | None = None,
+    out_dir: str | Path | None = None,
+    train_clips: int = 256,
+) -> dict[str, Any]:
     """Restores a `latent_actions` run, fits the probes on up to `train_clips` clips of its
     training split, scores them on `eval.num_clips` clips of `eval.split`; writes
     `metrics.json` and `report.md` under `out_dir` (default RUN/eval) and returns the metrics."""
@@ -156,12 +169,18 @@ def evaluate_probe(workdir: str | Path, *, step: int | None = None, data_dir: st
     model = LatentActionModel(cfg.model)
     t = cfg.data.frames_per_clip
     split_transitions = {
-        split: transitions(model, params, held_out_clips(data_dir, cfg, t, split=split, num_clips=n), cfg.eval.batch_size)
+        split: transitions(
+            model, params, held_out_clips(data_dir, cfg, t, split=split, num_clips=n), cfg.eval.batch_size
+        )
         for split, n in ((cfg.data.split, train_clips), (cfg.eval.split, cfg.eval.num_clips))
     }
     lc = cfg.model.latent_actions
-    scores = probe_scores(split_transitions[cfg.data.split], split_transitions[cfg.eval.split],
-                          lc.num_latent_actions, cfg.model.dynamics.num_actions)
+    scores = probe_scores(
+        split_transitions[cfg.data.split],
+        split_transitions[cfg.eval.split],
+        lc.num_latent_actions,
+        cfg.model.dynamics.num_actions,
+    )
     result = {
         "step": step,
         "checkpoint": str(workdir) if is_bundle(workdir) else str(ckpt.checkpoint_dir(workdir) / str(step)),

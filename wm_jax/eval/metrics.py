@@ -134,8 +134,9 @@ def before_first_cut(cut: np.ndarray) -> np.ndarray:
     return ~np.logical_or.accumulate(np.asarray(cut, bool), axis=1)
 
 
-def delta_psnr_summary(psnr_true_actions: np.ndarray, psnr_random_actions: np.ndarray,
-                       cut: np.ndarray | None = None) -> dict[str, float | list[float] | int]:
+def delta_psnr_summary(
+    psnr_true_actions: np.ndarray, psnr_random_actions: np.ndarray, cut: np.ndarray | None = None
+) -> dict[str, float | list[float] | int]:
     """Genie's ΔtPSNR from per-clip PSNRs float [B, H] (dB, each rollout against the
     factual truth at horizon steps 1..H) of the true- and random-action rollouts.
 
@@ -302,7 +303,9 @@ def crop_boxes(frames: np.ndarray, boxes: np.ndarray, size: int = 8) -> np.ndarr
     """
     f, bx = np.asarray(frames, np.float64) / 255.0, np.asarray(boxes, np.float64)
     if f.ndim < 3 or bx.ndim != f.ndim - 1 or bx.shape[:-2] != f.shape[:-3] or bx.shape[-1] != 4:
-        raise ValueError(f"shape mismatch: frames {f.shape} vs boxes {bx.shape} (expected boxes {f.shape[:-3]} + (E, 4))")
+        raise ValueError(
+            f"shape mismatch: frames {f.shape} vs boxes {bx.shape} (expected boxes {f.shape[:-3]} + (E, 4))"
+        )
     lead, (h, w, c), e = f.shape[:-3], f.shape[-3:], bx.shape[-2]
     f, bx = f.reshape(-1, h, w, c), bx.reshape(-1, e, 4)
     frac = (np.arange(size) + 0.5) / size
@@ -374,7 +377,9 @@ def identity_persistence(
     _check_lead(vis, "visible", (b, t, e), g)
     _check_lead(cut, "cut", (b, t), g)
     if ref.ndim != 5 or ref.shape[:2] != (b, e) or ref.shape[2] != ref.shape[3] or ref.shape[4] != g.shape[4]:
-        raise ValueError(f"shape mismatch: reference_crops {ref.shape} vs boxes {bx.shape} (expected ({b}, {e}, s, s, {g.shape[4]}))")
+        raise ValueError(
+            f"shape mismatch: reference_crops {ref.shape} vs boxes {bx.shape} (expected ({b}, {e}, s, s, {g.shape[4]}))"
+        )
     crops = crop_boxes(g, bx, size=ref.shape[2])  # [B, T, E, s, s, C]
     sim = appearance_similarity(crops[:, :, :, None], ref[:, None, None, :])  # [B, T, E, E_ref]
     has_ref = ~np.isnan(ref).any(axis=(2, 3, 4))  # [B, E]
@@ -532,8 +537,13 @@ def psnr_margin(prediction: np.ndarray, counterfactual: np.ndarray, factual: np.
     return {"psnr_vs_counterfactual": vs_cf, "psnr_vs_factual": vs_fa, "margin_db": vs_cf - vs_fa}
 
 
-def counterfactual_following(generated: np.ndarray, counterfactual: np.ndarray, factual: np.ndarray,
-                             copy_last: np.ndarray, agent_steps: np.ndarray | None = None) -> dict[str, Any]:
+def counterfactual_following(
+    generated: np.ndarray,
+    counterfactual: np.ndarray,
+    factual: np.ndarray,
+    copy_last: np.ndarray,
+    agent_steps: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Does the model show what the actions it was given would have done? All uint8 [B, H, h, w, C].
 
     generated: the model's rollout under counterfactual actions; counterfactual: the

@@ -42,8 +42,16 @@ from typing import Any
 import numpy as np
 
 from wm_jax.config import ConfigError
-from wm_jax.inference.shot_script import (DEFAULT_POSE, POSE_DIM, Plan, Script, load_script, read_source,
-                                         resolve_shots, shot_duration)
+from wm_jax.inference.shot_script import (
+    DEFAULT_POSE,
+    POSE_DIM,
+    Plan,
+    Script,
+    load_script,
+    read_source,
+    resolve_shots,
+    shot_duration,
+)
 
 DEFAULT_FPS = 10.0
 MIN_SIDE = 128  # default output upscaling: the smallest whole factor reaching this side
@@ -70,8 +78,13 @@ def checkpoint_info(workdir: Path, step: int) -> dict[str, Any]:
     from wm_jax.run import is_bundle
 
     directory = workdir / "params" if is_bundle(workdir) else ckpt.checkpoint_dir(workdir) / str(step) / "state"
-    return {"workdir": str(workdir.resolve()), "bundle": is_bundle(workdir), "step": int(step),
-            "checkpoint": str(directory.resolve()), "sha256": params_sha256(directory)}
+    return {
+        "workdir": str(workdir.resolve()),
+        "bundle": is_bundle(workdir),
+        "step": int(step),
+        "checkpoint": str(directory.resolve()),
+        "sha256": params_sha256(directory),
+    }
 
 
 def frame_bytes(cfg: Any, scale: int) -> int:
@@ -99,10 +112,13 @@ def check_budget(script: Script, *, fps: float, context: int, samples: int, per_
         need = frames * samples * per_frame
         if need > max_gib * 2**30:
             where = shot.path + (("duration",) if shot.duration is not None else ("timecodes",))
-            raise script.checker.error(where, f"the video would reach {frames} frames x {samples} sample(s) here, "
-                                       f"about {need / 2**30:,.1f} GiB ({per_frame / 2**10:,.0f} KiB per frame), past "
-                                       f"the limit of {max_gib:g} GiB (--max-memory-gib); shorten the shots, lower "
-                                       "--scale or --batch, or raise the limit")
+            raise script.checker.error(
+                where,
+                f"the video would reach {frames} frames x {samples} sample(s) here, "
+                f"about {need / 2**30:,.1f} GiB ({per_frame / 2**10:,.0f} KiB per frame), past "
+                f"the limit of {max_gib:g} GiB (--max-memory-gib); shorten the shots, lower "
+                "--scale or --batch, or raise the limit",
+            )
     return frames
 
 
@@ -131,7 +147,9 @@ def _check_arguments(out: Path, *, batch: int, seed: int, scale: int | None, max
     if scale is not None and scale < 1:
         raise ConfigError(f"--scale must be >= 1, got {scale}")
     if out.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ConfigError(f"--out {out}: write a video file ({', '.join(VIDEO_SUFFIXES)}); GIF palettes erase the watermark")
+        raise ConfigError(
+            f"--out {out}: write a video file ({', '.join(VIDEO_SUFFIXES)}); GIF palettes erase the watermark"
+        )
     if not max_memory_gib > 0:
         raise ConfigError(f"--max-memory-gib must be > 0, got {max_memory_gib}")
 
@@ -145,8 +163,10 @@ def _world_model_config(workdir: Path) -> Any:
     cfg = load_run_config(workdir)
     if get_stage(cfg.train.stage).role is not Role.WORLD_MODEL:
         world_models = names_with(Role.WORLD_MODEL)
-        raise ConfigError(f"{workdir} is a '{cfg.train.stage}' run; wm generate needs a {world_models} run "
-                          f"(train.stage: {world_models})")
+        raise ConfigError(
+            f"{workdir} is a '{cfg.train.stage}' run; wm generate needs a {world_models} run "
+            f"(train.stage: {world_models})"
+        )
     return cfg
 
 
@@ -161,16 +181,24 @@ def _free_output_paths(out: Path, samples: int) -> list[Path]:
     return paths
 
 
-def _read_reference(script: Script, cfg: Any, start: dict[str, Any],
-                    data_dir: str | None) -> tuple[np.ndarray | None, dict | None]:
+def _read_reference(
+    script: Script, cfg: Any, start: dict[str, Any], data_dir: str | None
+) -> tuple[np.ndarray | None, dict | None]:
     """(uint8 [S, S, 3] reference frame for the identity bank, what was read) from the
     script's `reference`, else the start episode's; (None, None) without one or a bank."""
     from wm_jax import telemetry
 
     reference, info = None, None
     if script.reference is not None:
-        ref = read_source(script, script.reference, default_data=data_dir or cfg.data.dir, default_split=cfg.eval.split,
-                          default_frames=1, size=cfg.model.image_size, frames_needed=False)
+        ref = read_source(
+            script,
+            script.reference,
+            default_data=data_dir or cfg.data.dir,
+            default_split=cfg.eval.split,
+            default_frames=1,
+            size=cfg.model.image_size,
+            frames_needed=False,
+        )
         if script.reference.images:
             reference = ref["frame"][0]
         elif "reference" in ref:
@@ -214,8 +242,13 @@ def _control_steps(start: dict[str, Any], plan: Plan, samples: int) -> dict[str,
         cut[:ctx] = start["cut"]
     cut[ctx:] = plan.cut
     tile = lambda a: np.broadcast_to(a, (samples,) + a.shape)
-    return {"action": action, "action_valid": action_valid, "camera": tile(camera), "camera_valid": tile(camera_valid),
-            "cut": tile(cut)}
+    return {
+        "action": action,
+        "action_valid": action_valid,
+        "camera": tile(camera),
+        "camera_valid": tile(camera_valid),
+        "cut": tile(cut),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,8 +277,9 @@ def _restore_models(workdir: Path, cfg: Any, step: int | None) -> _Models:
     tok_dir = tokenizer_source(workdir, cfg)
     tok_params, tok_cfg, tok_step = restore_params(tok_dir, mesh, rules)
     if tok_cfg.model.tokenizer != cfg.model.tokenizer or tok_cfg.model.image_size != cfg.model.image_size:
-        raise ConfigError(f"the tokenizer run {tok_dir} does not match the dynamics run's "
-                          "model.tokenizer/model.image_size")
+        raise ConfigError(
+            f"the tokenizer run {tok_dir} does not match the dynamics run's model.tokenizer/model.image_size"
+        )
     return _Models(cfg, dyn_params, step, tok_dir, tok_params, tok_step, tok_cfg.data.frames_per_clip)
 
 
@@ -270,8 +304,16 @@ def _encode_inputs(models: _Models, context: np.ndarray, reference: np.ndarray |
     return context_codes, reference_codes
 
 
-def _roll_out(models: _Models, context_codes: Any, steps: dict[str, np.ndarray], reference_codes: Any, *, frames: int,
-              seed: int, temperature: float) -> np.ndarray:
+def _roll_out(
+    models: _Models,
+    context_codes: Any,
+    steps: dict[str, np.ndarray],
+    reference_codes: Any,
+    *,
+    frames: int,
+    seed: int,
+    temperature: float,
+) -> np.ndarray:
     """uint8 video [K, C+frames, S, S, 3]: the context codes [K, C, N, L] decoded, then
     `frames` sampled frames under the controls of `steps` (`_control_steps`), decoded."""
     import jax
@@ -283,14 +325,35 @@ def _roll_out(models: _Models, context_codes: Any, steps: dict[str, np.ndarray],
     cfg, tokenizer = models.cfg, VideoTokenizer(models.cfg.model)
     stream = itertools.chain(
         (context_codes[:, i] for i in range(context_codes.shape[1])),
-        rollout_frames(DynamicsModel(cfg.model), models.dyn_params, context_codes, make_controls(steps), frames,
-                       reference_codes, None, cached=True, key=jax.random.key(seed), temperature=temperature),
+        rollout_frames(
+            DynamicsModel(cfg.model),
+            models.dyn_params,
+            context_codes,
+            make_controls(steps),
+            frames,
+            reference_codes,
+            None,
+            cached=True,
+            key=jax.random.key(seed),
+            temperature=temperature,
+        ),
     )
     return np.concatenate(list(decode_stream(tokenizer, models.tok_params, stream, models.chunk)), axis=1)
 
 
-def _video_info(workdir: Path, script_path: str | Path, script: Script, models: _Models, start: dict[str, Any],
-                plan: Plan, reference_info: dict | None, *, seed: int, fps: float, scale: int) -> dict[str, Any]:
+def _video_info(
+    workdir: Path,
+    script_path: str | Path,
+    script: Script,
+    models: _Models,
+    start: dict[str, Any],
+    plan: Plan,
+    reference_info: dict | None,
+    *,
+    seed: int,
+    fps: float,
+    scale: int,
+) -> dict[str, Any]:
     """The sidecar's fields every sample shares: model, config, script, sampling, frames,
     the start and reference read and the shots' boundaries (frame indices of the video)."""
     from wm_jax import config as config_lib
@@ -298,16 +361,26 @@ def _video_info(workdir: Path, script_path: str | Path, script: Script, models: 
     ctx, size = start["frame"].shape[0], models.cfg.model.image_size
     model = checkpoint_info(workdir, models.step)
     model["tokenizer"] = checkpoint_info(models.tok_dir, models.tok_step)
-    boundaries = [{**s, "first_frame": ctx + s["first_frame"], "last_frame": ctx + s["first_frame"] + s["frames"] - 1,
-                   "start_s": (ctx + s["first_frame"]) / fps, "end_s": (ctx + s["first_frame"] + s["frames"]) / fps}
-                  for s in plan.shots]
+    boundaries = [
+        {
+            **s,
+            "first_frame": ctx + s["first_frame"],
+            "last_frame": ctx + s["first_frame"] + s["frames"] - 1,
+            "start_s": (ctx + s["first_frame"]) / fps,
+            "end_s": (ctx + s["first_frame"] + s["frames"]) / fps,
+        }
+        for s in plan.shots
+    ]
     return {
         "generator": "wm generate",
         "model": model,
         "checkpoint_sha256": model["sha256"],
         "config": config_lib.to_dict(models.cfg),
-        "script": {"path": str(Path(script_path).resolve()), "sha256": hashlib.sha256(script.text.encode()).hexdigest(),
-                   "text": script.text},
+        "script": {
+            "path": str(Path(script_path).resolve()),
+            "sha256": hashlib.sha256(script.text.encode()).hexdigest(),
+            "text": script.text,
+        },
         "seed": seed,
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "frames": ctx + int(plan.action.shape[1]),
@@ -323,8 +396,9 @@ def _video_info(workdir: Path, script_path: str | Path, script: Script, models: 
     }
 
 
-def _write_videos(video: np.ndarray, paths: list[Path], common: dict[str, Any], plan: Plan, *, fps: float,
-                  key: int) -> None:
+def _write_videos(
+    video: np.ndarray, paths: list[Path], common: dict[str, Any], plan: Plan, *, fps: float, key: int
+) -> None:
     """Writes sample k of the uint8 video [K, F, H, W, 3] to paths[k], watermarked with
     `key`, and its sidecar: `common` plus the sample's index and its shots' actions."""
     from wm_jax import telemetry
@@ -339,10 +413,19 @@ def _write_videos(video: np.ndarray, paths: list[Path], common: dict[str, Any], 
         telemetry.info(f"wrote {path} ({video.shape[1]} frames, {fps:g} fps) + {watermark.sidecar_path(path).name}")
 
 
-def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, seed: int = 0,
-             data_dir: str | None = None, batch: int = 1, step: int | None = None,
-             scale: int | None = None, key: int | None = None,
-             max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB) -> list[Path]:
+def generate(
+    workdir: str | Path,
+    script_path: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    data_dir: str | None = None,
+    batch: int = 1,
+    step: int | None = None,
+    scale: int | None = None,
+    key: int | None = None,
+    max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB,
+) -> list[Path]:
     """Rolls out the script with RUN's dynamics model; writes the watermarked video(s) and
     their sidecars, marked and signed with `key` (default: the public DEFAULT_KEY), and
     returns the video paths (see the module docstring). Refuses an existing output and a
@@ -358,29 +441,39 @@ def generate(workdir: str | Path, script_path: str | Path, out: str | Path, *, s
     cfg = _world_model_config(workdir)
 
     # What the script asks of the data, checked before any model is loaded.
-    start = read_source(script, script.start, default_data=data_dir or cfg.data.dir, default_split=cfg.eval.split,
-                        default_frames=cfg.eval.context_frames, size=cfg.model.image_size)
+    start = read_source(
+        script,
+        script.start,
+        default_data=data_dir or cfg.data.dir,
+        default_split=cfg.eval.split,
+        default_frames=cfg.eval.context_frames,
+        size=cfg.model.image_size,
+    )
     fps = script.fps or start["fps"] or DEFAULT_FPS
     ctx = start["frame"].shape[0]
     scale = scale or default_scale(cfg.model.image_size)
     check_budget(script, fps=fps, context=ctx, samples=batch, per_frame=frame_bytes(cfg, scale), max_gib=max_memory_gib)
     paths = _free_output_paths(out, batch)  # (after the budget: `batch` is bounded now)
     last_pose = start["camera"][-1] if "camera" in start else DEFAULT_POSE
-    plan = resolve_shots(script, fps=fps, num_actions=cfg.model.dynamics.num_actions, last_pose=last_pose, seed=seed,
-                         samples=batch)
+    plan = resolve_shots(
+        script, fps=fps, num_actions=cfg.model.dynamics.num_actions, last_pose=last_pose, seed=seed, samples=batch
+    )
     reference, reference_info = _read_reference(script, cfg, start, data_dir)
 
     models = _restore_models(workdir, cfg, step)
     context_codes, reference_codes = _encode_inputs(models, start["frame"], reference, batch)
     total = int(plan.action.shape[1])
-    telemetry.info(f"generating {batch} x {ctx + total} frames ({ctx} context + {total} in {len(plan.shots)} shots) "
-                   f"at {fps:g} fps")
+    telemetry.info(
+        f"generating {batch} x {ctx + total} frames ({ctx} context + {total} in {len(plan.shots)} shots) at {fps:g} fps"
+    )
     steps = _control_steps(start, plan, batch)
-    video = _roll_out(models, context_codes, steps, reference_codes, frames=total, seed=seed,
-                      temperature=script.temperature)  # [K, F, S, S, 3]
+    video = _roll_out(
+        models, context_codes, steps, reference_codes, frames=total, seed=seed, temperature=script.temperature
+    )  # [K, F, S, S, 3]
     if scale > 1:
         video = video.repeat(scale, axis=2).repeat(scale, axis=3)
-    common = _video_info(workdir, script_path, script, models, start, plan, reference_info, seed=seed, fps=fps,
-                        scale=scale)
+    common = _video_info(
+        workdir, script_path, script, models, start, plan, reference_info, seed=seed, fps=fps, scale=scale
+    )
     _write_videos(video, paths, common, plan, fps=fps, key=mark_key)
     return paths

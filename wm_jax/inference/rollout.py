@@ -36,8 +36,15 @@ import numpy as np
 
 from wm_jax.models import layers
 from wm_jax.models.diffusion import DiffusionDynamics, frame_controls, guide_estimates, jump, noised
-from wm_jax.models.dynamics import (Controls, DynamicsModel, guide_logits, maskgit_schedule, maskgit_update,
-                                    sample_codes, sequence_tokens)
+from wm_jax.models.dynamics import (
+    Controls,
+    DynamicsModel,
+    guide_logits,
+    maskgit_schedule,
+    maskgit_update,
+    sample_codes,
+    sequence_tokens,
+)
 from wm_jax.models.tokenizer import VideoTokenizer, codes_to_indices, has_codebook
 from wm_jax.stages.base import float_to_frames, frames_to_float
 
@@ -56,8 +63,9 @@ def _decode(tokenizer: VideoTokenizer, params: Any, codes: jax.Array) -> jax.Arr
     return float_to_frames(tokenizer.apply({"params": params}, codes, method=tokenizer.decode))
 
 
-def encode_frames(tokenizer: VideoTokenizer, params: Any, frames: np.ndarray, chunk: int
-                  ) -> tuple[jax.Array, jax.Array | None]:
+def encode_frames(
+    tokenizer: VideoTokenizer, params: Any, frames: np.ndarray, chunk: int
+) -> tuple[jax.Array, jax.Array | None]:
     """uint8 frames [B,T,H,W,3] -> (codes [B,T,N,L], indices int32 [B,T,N] or None for a
     continuous bottleneck), encoded in time chunks of at most `chunk` frames (the clip length
     the tokenizer was trained on)."""
@@ -68,7 +76,9 @@ def encode_frames(tokenizer: VideoTokenizer, params: Any, frames: np.ndarray, ch
 
 def decode_codes(tokenizer: VideoTokenizer, params: Any, codes: jax.Array, chunk: int) -> np.ndarray:
     """codes [B,T,N,L] -> uint8 frames [B,T,H,W,3], decoded in time chunks of at most `chunk`."""
-    return np.concatenate([np.asarray(_decode(tokenizer, params, codes[:, s])) for s in _chunks(codes.shape[1], chunk)], axis=1)
+    return np.concatenate(
+        [np.asarray(_decode(tokenizer, params, codes[:, s])) for s in _chunks(codes.shape[1], chunk)], axis=1
+    )
 
 
 def carry_unchanged(decoded: np.ndarray, codes: np.ndarray, last: np.ndarray, patch: int) -> np.ndarray:
@@ -88,7 +98,9 @@ def carry_unchanged(decoded: np.ndarray, codes: np.ndarray, last: np.ndarray, pa
     return out
 
 
-def decode_stream(tokenizer: VideoTokenizer, params: Any, codes: Iterable[jax.Array], chunk: int) -> Iterator[np.ndarray]:
+def decode_stream(
+    tokenizer: VideoTokenizer, params: Any, codes: Iterable[jax.Array], chunk: int
+) -> Iterator[np.ndarray]:
     """Streaming `decode_codes`: codes [B, N, L] of one frame at a time (e.g. `rollout_frames`)
     -> yields uint8 frames [B, t, H, W, 3] per time chunk of `chunk` frames (the last may be
     shorter). A chunk's decode is dispatched as soon as its frames are, and read back only
@@ -110,9 +122,15 @@ def decode_stream(tokenizer: VideoTokenizer, params: Any, codes: Iterable[jax.Ar
         yield np.asarray(pending)
 
 
-def identity_memory(dynamics: DynamicsModel, params: Any, reference_codes: jax.Array | None,
-                    reference_mask: jax.Array | None, batch: int, tokens: int, levels: int
-                    ) -> tuple[jax.Array | None, jax.Array | None]:
+def identity_memory(
+    dynamics: DynamicsModel,
+    params: Any,
+    reference_codes: jax.Array | None,
+    reference_mask: jax.Array | None,
+    batch: int,
+    tokens: int,
+    levels: int,
+) -> tuple[jax.Array | None, jax.Array | None]:
     """The identity bank's memory tokens [B, M, D] and mask [B] (Nones without a bank)."""
     if not dynamics.cfg.dynamics.use_identity_bank:
         return None, None
@@ -134,8 +152,14 @@ def cache_slots(cfg: Any, frames: int) -> int:
 def init_caches(cfg: Any, batch: int, slots: int) -> list[dict[str, jax.Array]]:
     """Empty per-layer temporal key/value caches: {"key", "value": [B*N, slots, heads, K]}."""
     dc = cfg.dynamics
-    return layers.kv_caches(batch * sequence_tokens(cfg), slots, dc.num_heads, dc.embed_dim // dc.num_heads,
-                            dc.num_layers, layers.dtype_of(cfg.dtype))
+    return layers.kv_caches(
+        batch * sequence_tokens(cfg),
+        slots,
+        dc.num_heads,
+        dc.embed_dim // dc.num_heads,
+        dc.num_layers,
+        layers.dtype_of(cfg.dtype),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,16 +203,31 @@ def claim_slot(state: CacheState, position: jax.Array, controls: Controls) -> Ca
 
 @functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(5,))
 def cached_step(
-    dynamics: DynamicsModel, params: Any, code: jax.Array, controls: Controls, position: jax.Array,
-    state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array], memory: Any, memory_mask: Any,
-    key: Any, sampling: Sampling,
+    dynamics: DynamicsModel,
+    params: Any,
+    code: jax.Array,
+    controls: Controls,
+    position: jax.Array,
+    state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array],
+    memory: Any,
+    memory_mask: Any,
+    key: Any,
+    sampling: Sampling,
 ) -> tuple[jax.Array, tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]]:
     """Frame `position` (codes [B,1,N,L]) through the model against the cache state
     (caches, slot positions int32 [W], slot segments int32 [B,W]) -> codes [B,N,L] of the
     next frame (`sampling`), and the state with this frame written into slot position % W."""
     caches, slot_pos, slot_seg = claim_slot(state, position, controls)
     logits, caches = dynamics.apply(
-        {"params": params}, code, controls, position, caches, slot_pos, slot_seg, memory, memory_mask,
+        {"params": params},
+        code,
+        controls,
+        position,
+        caches,
+        slot_pos,
+        slot_seg,
+        memory,
+        memory_mask,
         method=dynamics.decode_step,
     )
     return _next_codes(dynamics.cfg, logits[:, 0], sampling, key, position), (caches, slot_pos, slot_seg)
@@ -196,19 +235,33 @@ def cached_step(
 
 @functools.partial(jax.jit, static_argnums=(0, 9))
 def _uncached_step(
-    dynamics: DynamicsModel, params: Any, codes: jax.Array, controls: Controls, positions: jax.Array,
-    last: jax.Array, reference_codes: Any, reference_mask: Any, key: Any, sampling: Sampling,
+    dynamics: DynamicsModel,
+    params: Any,
+    codes: jax.Array,
+    controls: Controls,
+    positions: jax.Array,
+    last: jax.Array,
+    reference_codes: Any,
+    reference_mask: Any,
+    key: Any,
+    sampling: Sampling,
 ) -> jax.Array:
     """The whole visible buffer codes [B,S,N,L] at `positions` [B,S] through the model ->
     codes [B,N,L] of the frame after buffer index `last` (`sampling`)."""
     logits = dynamics.apply({"params": params}, codes, controls, reference_codes, reference_mask, positions)
     position = jax.lax.dynamic_index_in_dim(positions[0], last, keepdims=False)
-    return _next_codes(dynamics.cfg, jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False), sampling,
-                       key, position)
+    return _next_codes(
+        dynamics.cfg, jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False), sampling, key, position
+    )
 
 
 def _maskgit_frame(
-    cfg: Any, first_logits: jax.Array, refine: Any, shape: tuple[int, ...], key: Any, position: jax.Array,
+    cfg: Any,
+    first_logits: jax.Array,
+    refine: Any,
+    shape: tuple[int, ...],
+    key: Any,
+    position: jax.Array,
     temperature: float,
 ) -> jax.Array:
     """MaskGIT decoding of one frame: first_logits [B,N,*] of the all-masked pass, then
@@ -237,9 +290,16 @@ def _maskgit_frame(
 
 @functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(5,))
 def _cached_maskgit_step(
-    dynamics: DynamicsModel, params: Any, code: jax.Array, controls: Controls, position: jax.Array,
-    state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array], memory: Any, memory_mask: Any,
-    key: Any, temperature: float,
+    dynamics: DynamicsModel,
+    params: Any,
+    code: jax.Array,
+    controls: Controls,
+    position: jax.Array,
+    state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array],
+    memory: Any,
+    memory_mask: Any,
+    key: Any,
+    temperature: float,
 ) -> tuple[jax.Array, tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]]:
     """`cached_step` for the MaskGIT objective: the all-masked pass writes frame `position`
     into the cache (once); the K - 1 refinement passes run against it without committing."""
@@ -247,20 +307,40 @@ def _cached_maskgit_step(
 
     def apply(caches: Any, next_codes: Any = None, next_mask: Any = None) -> tuple[jax.Array, Any]:
         return dynamics.apply(
-            {"params": params}, code, controls, position, caches, slot_pos, slot_seg, memory, memory_mask,
-            next_codes, next_mask, method=dynamics.decode_step,
+            {"params": params},
+            code,
+            controls,
+            position,
+            caches,
+            slot_pos,
+            slot_seg,
+            memory,
+            memory_mask,
+            next_codes,
+            next_mask,
+            method=dynamics.decode_step,
         )
 
     logits, caches = apply(caches)  # the context stream: committed
     refine = lambda guess, masked: apply(caches, guess[:, None], masked[:, None])[0][:, 0]
-    nxt = _maskgit_frame(dynamics.cfg, logits[:, 0], refine, code.shape[:1] + code.shape[2:], key, position, temperature)
+    nxt = _maskgit_frame(
+        dynamics.cfg, logits[:, 0], refine, code.shape[:1] + code.shape[2:], key, position, temperature
+    )
     return nxt, (caches, slot_pos, slot_seg)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 9))
 def _uncached_maskgit_step(
-    dynamics: DynamicsModel, params: Any, codes: jax.Array, controls: Controls, positions: jax.Array,
-    last: jax.Array, reference_codes: Any, reference_mask: Any, key: Any, temperature: float,
+    dynamics: DynamicsModel,
+    params: Any,
+    codes: jax.Array,
+    controls: Controls,
+    positions: jax.Array,
+    last: jax.Array,
+    reference_codes: Any,
+    reference_mask: Any,
+    key: Any,
+    temperature: float,
 ) -> jax.Array:
     """`_uncached_step` for the MaskGIT objective: each of the K passes reruns the buffer,
     with the partial next frame at buffer index `last` (all masked elsewhere)."""
@@ -285,8 +365,10 @@ def _check_lengths(context_codes: jax.Array, controls: Controls, horizon: int) -
     if horizon < 1 or c < 1:
         raise ValueError(f"a rollout needs >= 1 context frame and horizon >= 1; got {c} and {horizon}")
     if controls.action.shape[1] < c + horizon - 1:
-        raise ValueError(f"need controls for {c + horizon - 1} steps ({c} context frames, horizon {horizon}); "
-                         f"got {controls.action.shape[1]}")
+        raise ValueError(
+            f"need controls for {c + horizon - 1} steps ({c} context frames, horizon {horizon}); "
+            f"got {controls.action.shape[1]}"
+        )
     return c
 
 
@@ -328,8 +410,25 @@ def rollout(
       (codes [B, horizon, N, L], indices int32 [B, horizon, N] or None without a codebook)
       of the generated frames.
     """
-    new = jnp.stack(list(rollout_frames(dynamics, params, context_codes, controls, horizon, reference_codes,
-                                        reference_mask, cached, key, temperature, top_k, guidance)), axis=1)
+    new = jnp.stack(
+        list(
+            rollout_frames(
+                dynamics,
+                params,
+                context_codes,
+                controls,
+                horizon,
+                reference_codes,
+                reference_mask,
+                cached,
+                key,
+                temperature,
+                top_k,
+                guidance,
+            )
+        ),
+        axis=1,
+    )
     return new, codes_to_indices(new, dynamics.cfg.tokenizer.fsq_levels) if has_codebook(dynamics.cfg) else None
 
 
@@ -353,14 +452,35 @@ def rollout_frames(
     run. Same arguments as `rollout`; errors are raised at the first `next`. The engine is
     the model's objective's (`FRAME_ENGINES`; the token engine for the others)."""
     engine = FRAME_ENGINES.get(dynamics.cfg.dynamics.objective, token_frames)
-    return engine(dynamics, params, context_codes, controls, horizon, reference_codes, reference_mask, cached, key,
-                  temperature, top_k, guidance)
+    return engine(
+        dynamics,
+        params,
+        context_codes,
+        controls,
+        horizon,
+        reference_codes,
+        reference_mask,
+        cached,
+        key,
+        temperature,
+        top_k,
+        guidance,
+    )
 
 
 def token_frames(
-    dynamics: DynamicsModel, params: Any, context_codes: jax.Array, controls: Controls, horizon: int,
-    reference_codes: jax.Array | None, reference_mask: jax.Array | None, cached: bool, key: jax.Array | None,
-    temperature: float, top_k: int, guidance: float,
+    dynamics: DynamicsModel,
+    params: Any,
+    context_codes: jax.Array,
+    controls: Controls,
+    horizon: int,
+    reference_codes: jax.Array | None,
+    reference_mask: jax.Array | None,
+    cached: bool,
+    key: jax.Array | None,
+    temperature: float,
+    top_k: int,
+    guidance: float,
 ) -> Iterator[jax.Array]:
     """`rollout_frames` of the token objectives ("causal", "maskgit"): codes [B, N, L] of each frame."""
     c = _check_lengths(context_codes, controls, horizon)
@@ -376,12 +496,17 @@ def token_frames(
     rows = context_codes.shape[0]
     if sampling.guided:  # every row twice: as given, and with its actions masked
         context_codes, controls, reference_codes, reference_mask = _with_unconditional(
-            context_codes, controls, reference_codes, reference_mask)
+            context_codes, controls, reference_codes, reference_mask
+        )
     b, _, n, levels = context_codes.shape
     if cached:
         memory = identity_memory(dynamics, params, reference_codes, reference_mask, b, n, levels)
         slots = cache_slots(dynamics.cfg, frames)
-        state = (init_caches(dynamics.cfg, b, slots), jnp.full((slots,), -1, jnp.int32), jnp.zeros((b, slots), jnp.int32))
+        state = (
+            init_caches(dynamics.cfg, b, slots),
+            jnp.full((slots,), -1, jnp.int32),
+            jnp.zeros((b, slots), jnp.int32),
+        )
     else:
         # A frame depends on `window` frames per layer: the receptive field of the stack
         # is what an exact recompute must rerun.
@@ -392,18 +517,23 @@ def token_frames(
     codes = [context_codes[:, i] for i in range(c)]
     for p in range(frames - 1):  # input frame p predicts frame p + 1
         if cached and maskgit and p >= c - 1:
-            nxt, state = _cached_maskgit_step(dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state,
-                                              *memory, key, temperature)
+            nxt, state = _cached_maskgit_step(
+                dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state, *memory, key, temperature
+            )
         elif cached:  # (a MaskGIT context frame: its all-masked pass, committed, is all it needs)
-            nxt, state = cached_step(dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state, *memory,
-                                      key, sampling)
+            nxt, state = cached_step(
+                dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state, *memory, key, sampling
+            )
         elif p >= c - 1:
             first = max(0, p + 1 - span)
             buf = jnp.stack(codes[first : p + 1], axis=1)
             idx = slice(first, first + span)
             pad = span - buf.shape[1]  # future padding: causality hides it
             buf = jnp.pad(buf, ((0, 0), (0, pad), (0, 0), (0, 0)))
-            ctrl = jax.tree.map(lambda a: jnp.pad(a[:, idx], [(0, 0), (0, span - a[:, idx].shape[1])] + [(0, 0)] * (a.ndim - 2)), controls)
+            ctrl = jax.tree.map(
+                lambda a: jnp.pad(a[:, idx], [(0, 0), (0, span - a[:, idx].shape[1])] + [(0, 0)] * (a.ndim - 2)),
+                controls,
+            )
             pos = jnp.pad(all_pos[:, idx], ((0, 0), (0, span - all_pos[:, idx].shape[1])), constant_values=frames)
             args = (dynamics, params, buf, ctrl, pos, jnp.int32(p - first), reference_codes, reference_mask)
             nxt = _uncached_maskgit_step(*args, key, temperature) if maskgit else _uncached_step(*args, key, sampling)
@@ -412,8 +542,9 @@ def token_frames(
             yield nxt[:rows]
 
 
-def _with_unconditional(context_codes: jax.Array, controls: Controls, reference_codes: Any, reference_mask: Any
-                        ) -> tuple[jax.Array, Controls, Any, Any]:
+def _with_unconditional(
+    context_codes: jax.Array, controls: Controls, reference_codes: Any, reference_mask: Any
+) -> tuple[jax.Array, Controls, Any, Any]:
     """A batch of B rows -> 2B: the rows as given, then the same rows with every action
     masked (the unconditional half of classifier-free guidance)."""
     twice = lambda a: None if a is None else jnp.concatenate([a, a])
@@ -429,8 +560,9 @@ def frame_noise(key: jax.Array, position: int, stream: int, shape: tuple[int, ..
     """Gaussian noise float32 `shape` [B, N, W] of frame `position`: stream 0 starts its
     sampling, stream 1 re-noises it for the cache. The B / copies rows drawn are repeated
     `copies` times (a guided batch's two halves see the same noise)."""
-    noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, position), stream),
-                              (shape[0] // copies,) + shape[1:])
+    noise = jax.random.normal(
+        jax.random.fold_in(jax.random.fold_in(key, position), stream), (shape[0] // copies,) + shape[1:]
+    )
     return jnp.concatenate([noise] * copies)
 
 
@@ -461,8 +593,15 @@ def denoise_frame(estimate: Any, noise: jax.Array, steps: int, guidance: float) 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(5,))
 def diffusion_write(
-    model: DiffusionDynamics, params: Any, latents: jax.Array, controls: Controls, position: jax.Array,
-    state: CacheState, memory: Any, memory_mask: Any, noise: jax.Array,
+    model: DiffusionDynamics,
+    params: Any,
+    latents: jax.Array,
+    controls: Controls,
+    position: jax.Array,
+    state: CacheState,
+    memory: Any,
+    memory_mask: Any,
+    noise: jax.Array,
 ) -> CacheState:
     """Writes frame `position` (latents [B, N, W], clean; its controls, T = 1) into the cache
     once, re-noised to `sample_context_noise` with noise [B, N, W], at the finest step."""
@@ -471,8 +610,17 @@ def diffusion_write(
     b = latents.shape[0]
     z = context_latents(latents, noise, dc.sample_context_noise)
     _, caches = model.apply(
-        {"params": params}, z[:, None], controls, jnp.full((b, 1), 1.0 - dc.sample_context_noise),
-        jnp.full((b, 1), 1.0 / dc.shortcut_max_steps), position, caches, slot_pos, slot_seg, memory, memory_mask,
+        {"params": params},
+        z[:, None],
+        controls,
+        jnp.full((b, 1), 1.0 - dc.sample_context_noise),
+        jnp.full((b, 1), 1.0 / dc.shortcut_max_steps),
+        position,
+        caches,
+        slot_pos,
+        slot_seg,
+        memory,
+        memory_mask,
         method=model.decode_step,
     )
     return caches, slot_pos, slot_seg
@@ -480,8 +628,15 @@ def diffusion_write(
 
 @functools.partial(jax.jit, static_argnums=(0, 8))
 def diffusion_sample(
-    model: DiffusionDynamics, params: Any, controls: Controls, position: jax.Array, state: CacheState,
-    memory: Any, memory_mask: Any, noise: jax.Array, guidance: float,
+    model: DiffusionDynamics,
+    params: Any,
+    controls: Controls,
+    position: jax.Array,
+    state: CacheState,
+    memory: Any,
+    memory_mask: Any,
+    noise: jax.Array,
+    guidance: float,
 ) -> jax.Array:
     """Frame `position`'s latents [B, N, W] from noise [B, N, W] (`denoise_frame`), each pass
     against the cache of the frames before it; the caches it writes are dropped."""
@@ -490,8 +645,18 @@ def diffusion_sample(
     def estimate(z: jax.Array, signal: jax.Array, step: float) -> jax.Array:
         b = z.shape[0]
         x_hat, _ = model.apply(
-            {"params": params}, z[:, None], controls, jnp.full((b, 1), signal), jnp.full((b, 1), step), position,
-            caches, slot_pos, slot_seg, memory, memory_mask, method=model.decode_step,
+            {"params": params},
+            z[:, None],
+            controls,
+            jnp.full((b, 1), signal),
+            jnp.full((b, 1), step),
+            position,
+            caches,
+            slot_pos,
+            slot_seg,
+            memory,
+            memory_mask,
+            method=model.decode_step,
         )
         return x_hat[:, 0]
 
@@ -500,8 +665,15 @@ def diffusion_sample(
 
 @functools.partial(jax.jit, static_argnums=(0, 8))
 def uncached_diffusion_sample(
-    model: DiffusionDynamics, params: Any, buffer: jax.Array, controls: Controls, position: jax.Array,
-    reference_codes: Any, reference_mask: Any, noise: jax.Array, guidance: float,
+    model: DiffusionDynamics,
+    params: Any,
+    buffer: jax.Array,
+    controls: Controls,
+    position: jax.Array,
+    reference_codes: Any,
+    reference_mask: Any,
+    noise: jax.Array,
+    guidance: float,
 ) -> jax.Array:
     """`diffusion_sample` by recompute: buffer [B, F, N, W] holds the frames before
     `position` as the cache would (`context_latents`; what follows is hidden by causality),
@@ -521,9 +693,18 @@ def uncached_diffusion_sample(
 
 
 def diffusion_frames(
-    dynamics: DynamicsModel, params: Any, context_codes: jax.Array, controls: Controls, horizon: int,
-    reference_codes: jax.Array | None, reference_mask: jax.Array | None, cached: bool, key: jax.Array | None,
-    temperature: float, top_k: int, guidance: float,
+    dynamics: DynamicsModel,
+    params: Any,
+    context_codes: jax.Array,
+    controls: Controls,
+    horizon: int,
+    reference_codes: jax.Array | None,
+    reference_mask: jax.Array | None,
+    cached: bool,
+    key: jax.Array | None,
+    temperature: float,
+    top_k: int,
+    guidance: float,
 ) -> Iterator[jax.Array]:
     """`rollout_frames` of the diffusion objective: latents [B, N, W] of each frame, sampled
     from noise drawn from `key` (None: key(0)); temperature and top_k do not apply. A frame's
@@ -539,7 +720,8 @@ def diffusion_frames(
     rows, copies = context_codes.shape[0], 2 if guidance != 1.0 else 1
     if copies == 2:  # every row twice: as given, and with its actions masked
         context_codes, controls, reference_codes, reference_mask = _with_unconditional(
-            context_codes, controls, reference_codes, reference_mask)
+            context_codes, controls, reference_codes, reference_mask
+        )
     b, _, n, width = context_codes.shape
     level = dynamics.cfg.dynamics.sample_context_noise
     noise = lambda p, stream: frame_noise(key, p, stream, (b, n, width), copies)
@@ -547,17 +729,24 @@ def diffusion_frames(
         memory = identity_memory(model, params, reference_codes, reference_mask, b, n, width)
         window = dynamics.cfg.dynamics.temporal_window
         slots = min(window, frames) if window else frames  # a frame being sampled holds its own slot
-        state = (init_caches(dynamics.cfg, b, slots), jnp.full((slots,), -1, jnp.int32), jnp.zeros((b, slots), jnp.int32))
+        state = (
+            init_caches(dynamics.cfg, b, slots),
+            jnp.full((slots,), -1, jnp.int32),
+            jnp.zeros((b, slots), jnp.int32),
+        )
     else:
         buffer = jnp.zeros((b, frames, n, width), jnp.float32)
     for p in range(frames):
         if p < c:
             latents = context_codes[:, p]
         elif cached:
-            latents = diffusion_sample(model, params, controls.at(p), jnp.int32(p), state, *memory, noise(p, 0), guidance)
+            latents = diffusion_sample(
+                model, params, controls.at(p), jnp.int32(p), state, *memory, noise(p, 0), guidance
+            )
         else:
-            latents = uncached_diffusion_sample(model, params, buffer, controls, jnp.int32(p), reference_codes,
-                                                reference_mask, noise(p, 0), guidance)
+            latents = uncached_diffusion_sample(
+                model, params, buffer, controls, jnp.int32(p), reference_codes, reference_mask, noise(p, 0), guidance
+            )
         if p >= c:
             yield latents[:rows] / scale
         if cached and p < frames - 1:

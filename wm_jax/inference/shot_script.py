@@ -47,8 +47,10 @@ def _line_map(node: yaml.Node, path: Where, out: dict[Where, int]) -> None:
         for key, value in node.value:
             sub = path + (key.value,)
             if sub in out:  # safe_load would keep the last one silently
-                raise ScriptError(f"line {key.start_mark.line + 1}: {_dotted(sub)}: duplicate key '{key.value}' "
-                                  f"(first given on line {out[sub]})")
+                raise ScriptError(
+                    f"line {key.start_mark.line + 1}: {_dotted(sub)}: duplicate key '{key.value}' "
+                    f"(first given on line {out[sub]})"
+                )
             out[sub] = key.start_mark.line + 1
             _line_map(value, sub, out)
     elif isinstance(node, yaml.SequenceNode):
@@ -166,7 +168,9 @@ def _source(c: Checker, value: Any, path: Where, allowed: tuple[str, ...], image
         if image_key == "image":
             images = [images]
         if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
-            raise c.error(path + (image_key,), f"must be {'a file name' if image_key == 'image' else 'a list of file names'}")
+            raise c.error(
+                path + (image_key,), f"must be {'a file name' if image_key == 'image' else 'a list of file names'}"
+            )
         frames = value.get("frames")
         if frames is not None and c.integer(frames, path + ("frames",), 1) != len(images):
             raise c.error(path + ("frames",), f"is {frames} but {len(images)} images are listed")
@@ -178,10 +182,14 @@ def _source(c: Checker, value: Any, path: Where, allowed: tuple[str, ...], image
     if split is not None and not isinstance(split, str):
         raise c.error(path + ("split",), f"must be a split name, got {split!r}")
     return Source(
-        path, data=data, split=split,
+        path,
+        data=data,
+        split=split,
         episode=c.integer(value.get("episode", 0), path + ("episode",), 0, "an episode index"),
         t=c.integer(value.get("t", 0), path + ("t",), 0, "a step index"),
-        frames=None if value.get("frames") is None else c.integer(value["frames"], path + ("frames",), 1, "a frame count"),
+        frames=None
+        if value.get("frames") is None
+        else c.integer(value["frames"], path + ("frames",), 1, "a frame count"),
     )
 
 
@@ -227,18 +235,25 @@ def _camera_poses(c: Checker, camera: dict, cp: Where, duration: int | None) -> 
     return poses
 
 
-def _camera_start(c: Checker, camera: dict, cp: Where, i: int,
-                  cut: bool) -> tuple[tuple[float, ...] | None, int | None, tuple[float, ...]]:
+def _camera_start(
+    c: Checker, camera: dict, cp: Where, i: int, cut: bool
+) -> tuple[tuple[float, ...] | None, int | None, tuple[float, ...]]:
     """(absolute start pose, earlier shot whose first pose it starts from, offset) of a cut
     shot i's first frame, from `start`: (None, None, ()) when not given."""
     if "start" not in camera:
         return None, None, ()
     sp = cp + ("start",)
     if not cut:
-        raise c.error(sp, "a camera start needs `cut: true` (without a cut the camera continues from the previous frame)")
+        raise c.error(
+            sp, "a camera start needs `cut: true` (without a cut the camera continues from the previous frame)"
+        )
     s = camera["start"]
     if not isinstance(s, dict):
-        return c.vector(s, sp, (2, 3, POSE_DIM), "start [x, y], [x, y, z] or a pose [x, y, z, qw, qx, qy, qz]"), None, ()
+        return (
+            c.vector(s, sp, (2, 3, POSE_DIM), "start [x, y], [x, y, z] or a pose [x, y, z, qw, qx, qy, qz]"),
+            None,
+            (),
+        )
     s = c.mapping(s, sp, CAMERA_START_KEYS)
     if not s:
         raise c.error(sp, f"give 'shot' and/or 'offset' (keys {list(CAMERA_START_KEYS)})")
@@ -252,8 +267,9 @@ def _camera_start(c: Checker, camera: dict, cp: Where, i: int,
     return None, start_shot, start_offset
 
 
-def _shot_actions(c: Checker, value: dict, path: Where,
-                  duration: int | None) -> tuple[tuple[int, ...] | None, int | None, int | None]:
+def _shot_actions(
+    c: Checker, value: dict, path: Where, duration: int | None
+) -> tuple[tuple[int, ...] | None, int | None, int | None]:
     """(explicit action ids, one id held, the random policy's seed) of a shot; the random
     policy (all None) when `actions` is not given."""
     ap = path + ("actions",)
@@ -293,9 +309,22 @@ def _shot(c: Checker, value: Any, i: int) -> Shot:
     poses = _camera_poses(c, camera, cp, duration)
     start, start_shot, start_offset = _camera_start(c, camera, cp, i, cut)
     ids, repeat, seed = _shot_actions(c, value, path, duration)
-    return Shot(number=i + 1, path=path, name=name, duration=duration, timecodes=timecodes, cut=cut, move=move,
-                start=start, start_shot=start_shot, start_offset=start_offset, poses=poses, actions=ids, repeat=repeat,
-                seed=seed)
+    return Shot(
+        number=i + 1,
+        path=path,
+        name=name,
+        duration=duration,
+        timecodes=timecodes,
+        cut=cut,
+        move=move,
+        start=start,
+        start_shot=start_shot,
+        start_offset=start_offset,
+        poses=poses,
+        actions=ids,
+        repeat=repeat,
+        seed=seed,
+    )
 
 
 def parse_script(text: str, name: str = "script", directory: str | Path = ".") -> Script:
@@ -332,9 +361,18 @@ def parse_script(text: str, name: str = "script", directory: str | Path = ".") -
     reference = None
     if value.get("reference") is not None:
         reference = _source(c, value["reference"], ("reference",), REFERENCE_KEYS, "image")
-    return Script(text=text, name=name, directory=Path(directory), checker=c, fps=fps, temperature=temperature,
-                  start=start, reference=reference, default_reference=default_reference,
-                  shots=tuple(_shot(c, s, i) for i, s in enumerate(shots)))
+    return Script(
+        text=text,
+        name=name,
+        directory=Path(directory),
+        checker=c,
+        fps=fps,
+        temperature=temperature,
+        start=start,
+        reference=reference,
+        default_reference=default_reference,
+        shots=tuple(_shot(c, s, i) for i, s in enumerate(shots)),
+    )
 
 
 def load_script(path: str | Path) -> Script:
@@ -381,8 +419,9 @@ def shot_poses(script: Script, shot: Shot, d: int, prev: np.ndarray, first_pose:
     another shot's first pose in `first_pose`, absolute values, an offset)."""
     if shot.poses is not None:
         if len(shot.poses) != d:
-            raise script.checker.error(shot.path + ("camera", "poses"),
-                                       f"has {len(shot.poses)} poses for a shot of {d} frames (one per frame)")
+            raise script.checker.error(
+                shot.path + ("camera", "poses"), f"has {len(shot.poses)} poses for a shot of {d} frames (one per frame)"
+            )
         return np.asarray(shot.poses, np.float64)
     move = np.zeros(POSE_DIM)
     move[:3] = shot.move
@@ -401,7 +440,9 @@ def shot_actions(script: Script, shot: Shot, d: int, num_actions: int, seed: int
     `num_actions`), or a random policy's draws from (seed, sample), its seed defaulting to
     (`seed`, shot number)."""
     c, ap = script.checker, shot.path + ("actions",)
-    invalid = lambda a: f"action id {a} is not valid: the model has num_actions={num_actions} (ids 0..{num_actions - 1})"
+    invalid = lambda a: (
+        f"action id {a} is not valid: the model has num_actions={num_actions} (ids 0..{num_actions - 1})"
+    )
     if shot.actions is not None:
         if len(shot.actions) != d:
             raise c.error(ap, f"has {len(shot.actions)} actions for a shot of {d} frames (one per frame)")
@@ -417,8 +458,9 @@ def shot_actions(script: Script, shot: Shot, d: int, num_actions: int, seed: int
     return np.stack([np.random.default_rng(base_seed + [k]).integers(0, num_actions, d) for k in range(samples)])
 
 
-def resolve_shots(script: Script, *, fps: float, num_actions: int, last_pose: Any = DEFAULT_POSE, seed: int = 0,
-                  samples: int = 1) -> Plan:
+def resolve_shots(
+    script: Script, *, fps: float, num_actions: int, last_pose: Any = DEFAULT_POSE, seed: int = 0, samples: int = 1
+) -> Plan:
     """Durations (timecodes at `fps`), camera poses integrated from the moves starting after
     `last_pose` (the last context frame's), action ids checked against `num_actions` and
     drawn for each of `samples` samples (`shot_actions`), cut flags."""
@@ -434,12 +476,25 @@ def resolve_shots(script: Script, *, fps: float, num_actions: int, last_pose: An
         cut = np.zeros(d, bool)
         cut[0] = shot.cut
         cuts.append(cut)
-        shots.append({"shot": shot.number, "name": shot.name, "first_frame": frame, "frames": d, "cut": shot.cut,
-                      "line": script.checker.line(shot.path), "camera_start": [float(v) for v in poses[-1][0]],
-                      "camera_end": [float(v) for v in poses[-1][-1]]})
+        shots.append(
+            {
+                "shot": shot.number,
+                "name": shot.name,
+                "first_frame": frame,
+                "frames": d,
+                "cut": shot.cut,
+                "line": script.checker.line(shot.path),
+                "camera_start": [float(v) for v in poses[-1][0]],
+                "camera_end": [float(v) for v in poses[-1][-1]],
+            }
+        )
         frame += d
-    return Plan(action=np.concatenate(actions, axis=1), poses=np.concatenate(poses).astype(np.float32),
-                cut=np.concatenate(cuts), shots=shots)
+    return Plan(
+        action=np.concatenate(actions, axis=1),
+        poses=np.concatenate(poses).astype(np.float32),
+        cut=np.concatenate(cuts),
+        shots=shots,
+    )
 
 
 # ---------------------------------------------------------------------------- frames
@@ -462,8 +517,16 @@ def _read_image(c: Checker, path: Where, file: Path, size: int) -> np.ndarray:
     return image
 
 
-def read_source(script: Script, source: Source, *, default_data: str | None, default_split: str,
-                default_frames: int, size: int, frames_needed: bool = True) -> dict[str, Any]:
+def read_source(
+    script: Script,
+    source: Source,
+    *,
+    default_data: str | None,
+    default_split: str,
+    default_frames: int,
+    size: int,
+    frames_needed: bool = True,
+) -> dict[str, Any]:
     """A `start`/`reference` source's records: {"frame": uint8 [F, S, S, 3], and from a
     dataset every field of those steps ("action", "camera", "cut", "reference", ...),
     "info": what was read (for the manifest), "fps": the dataset's (or None)}."""
@@ -487,29 +550,46 @@ def read_source(script: Script, source: Source, *, default_data: str | None, def
     except DatasetError as e:
         raise c.error(where, str(e)) from None
     if manifest["frame_size"] != size:
-        raise c.error(where, f"dataset {data} has {manifest['frame_size']}x{manifest['frame_size']} frames; "
-                      f"the model needs {size}x{size}")
+        raise c.error(
+            where,
+            f"dataset {data} has {manifest['frame_size']}x{manifest['frame_size']} frames; "
+            f"the model needs {size}x{size}",
+        )
     split = source.split or default_split
     if split not in manifest["splits"]:
-        raise c.error(source.path + ("split",) if source.split else source.path,
-                      f"dataset {data} has no split '{split}'; it has {sorted(manifest['splits'])}")
+        raise c.error(
+            source.path + ("split",) if source.split else source.path,
+            f"dataset {data} has no split '{split}'; it has {sorted(manifest['splits'])}",
+        )
     episodes = manifest["splits"][split]["episodes"]
     if source.episode >= len(episodes):
-        raise c.error(source.path + ("episode",), f"split '{split}' of {data} has {len(episodes)} episodes "
-                      f"(indices 0..{len(episodes) - 1}); episode {source.episode} does not exist")
+        raise c.error(
+            source.path + ("episode",),
+            f"split '{split}' of {data} has {len(episodes)} episodes "
+            f"(indices 0..{len(episodes) - 1}); episode {source.episode} does not exist",
+        )
     entry = episodes[source.episode]
     frames = (source.frames or default_frames) if frames_needed else 1
     if source.t + frames > entry["length"]:
         at = next((source.path + (k,) for k in ("t", "frames") if source.path + (k,) in c.lines), source.path)
-        raise c.error(at, f"episode {source.episode} of split '{split}' has {entry['length']} steps; "
-                      f"steps {source.t}..{source.t + frames - 1} do not fit")
+        raise c.error(
+            at,
+            f"episode {source.episode} of split '{split}' has {entry['length']} steps; "
+            f"steps {source.t}..{source.t + frames - 1} do not fit",
+        )
     try:
         records = writer.read_episode(data, manifest, entry["episode_id"])
     except DatasetError as e:
         raise c.error(where, str(e)) from None
     window = {k: v[source.t : source.t + frames] for k, v in records.items()}
-    window["info"] = {"data": str(data), "dataset_hash": manifest.get("content_hash"), "split": split,
-                      "episode": source.episode, "episode_id": int(entry["episode_id"]), "t": source.t,
-                      "frames": frames}
+    window["info"] = {
+        "data": str(data),
+        "dataset_hash": manifest.get("content_hash"),
+        "split": split,
+        "episode": source.episode,
+        "episode_id": int(entry["episode_id"]),
+        "t": source.t,
+        "frames": frames,
+    }
     window["fps"] = manifest.get("fps")
     return window

@@ -256,10 +256,9 @@ def sidecar_path(video_path: str | Path) -> Path:
     return video_path.with_name(video_path.name + ".json")
 
 
-
-
-def write_manifest(video_path: str | Path, info: dict[str, Any], key: int = DEFAULT_KEY,
-                   strength: int = STRENGTH) -> Path:
+def write_manifest(
+    video_path: str | Path, info: dict[str, Any], key: int = DEFAULT_KEY, strength: int = STRENGTH
+) -> Path:
     """Writes the sidecar of a finished video file and returns its path.
 
     The sidecar holds the video's sha256 and size, the watermark's scheme and key id (never
@@ -280,8 +279,12 @@ def write_manifest(video_path: str | Path, info: dict[str, Any], key: int = DEFA
         "sha256": file_sha256(video_path),
         "bytes": video_path.stat().st_size,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "watermark": {"scheme": SCHEME, "key_id": key_id(key), "strength": _check_strength(strength),
-                      "threshold": THRESHOLD},
+        "watermark": {
+            "scheme": SCHEME,
+            "key_id": key_id(key),
+            "strength": _check_strength(strength),
+            "threshold": THRESHOLD,
+        },
         "provenance": info,
     }
     try:
@@ -302,8 +305,15 @@ def write_manifest(video_path: str | Path, info: dict[str, Any], key: int = DEFA
     return out
 
 
-def write_marked_video(frames: Any, video_path: str | Path, info: dict[str, Any], *, key: int = DEFAULT_KEY,
-                       strength: int = STRENGTH, fps: float = 10) -> Path:
+def write_marked_video(
+    frames: Any,
+    video_path: str | Path,
+    info: dict[str, Any],
+    *,
+    key: int = DEFAULT_KEY,
+    strength: int = STRENGTH,
+    fps: float = 10,
+) -> Path:
     """Marks uint8 [T, H, W, 3] frames, writes them with imageio (format from the suffix;
     .mp4/.mov/.mkv/.avi need imageio-ffmpeg) and writes the sidecar; returns its path."""
     import imageio.v2 as imageio
@@ -379,8 +389,10 @@ def _check_sidecar(video_path: Path, key: int, problems: list[str]) -> dict | No
     before = len(problems)
     actual = file_sha256(video_path)
     if manifest.get("sha256") != actual:
-        problems.append(f"video sha256 {actual[:16]}… differs from the sidecar's "
-                        f"{str(manifest.get('sha256'))[:16]}…: the file was changed or replaced")
+        problems.append(
+            f"video sha256 {actual[:16]}… differs from the sidecar's "
+            f"{str(manifest.get('sha256'))[:16]}…: the file was changed or replaced"
+        )
     mark = manifest.get("watermark")
     recorded = mark.get("key_id") if isinstance(mark, dict) else None
     if recorded != key_id(key):
@@ -391,8 +403,10 @@ def _check_sidecar(video_path: Path, key: int, problems: list[str]) -> dict | No
     if isinstance(script, dict) and "text" in script:
         digest = hashlib.sha256(str(script["text"]).encode()).hexdigest()
         if script.get("sha256") != digest:
-            problems.append(f"sidecar {side.name}: field 'provenance.script.sha256' is not the sha256 of "
-                            f"provenance.script.text ({digest[:16]}…)")
+            problems.append(
+                f"sidecar {side.name}: field 'provenance.script.sha256' is not the sha256 of "
+                f"provenance.script.text ({digest[:16]}…)"
+            )
     return manifest if len(problems) == before else None
 
 
@@ -402,8 +416,11 @@ def provenance_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     as the sha256 of its canonical JSON, but the model's step and the script's path and
     hash as themselves."""
     provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
-    summary: dict[str, Any] = {"video_sha256": manifest["sha256"], "created": manifest.get("created"),
-                               "signed_with_key_id": manifest["watermark"]["key_id"]}
+    summary: dict[str, Any] = {
+        "video_sha256": manifest["sha256"],
+        "created": manifest.get("created"),
+        "signed_with_key_id": manifest["watermark"]["key_id"],
+    }
     for name, value in provenance.items():
         nested = isinstance(value, (dict, list))
         summary[name] = "sha256:" + hashlib.sha256(signature.canonical(value)).hexdigest() if nested else value
@@ -430,8 +447,14 @@ def verify(video_path: str | Path, key: int = DEFAULT_KEY) -> dict[str, Any]:
     key = check_key(key)
     video_path = Path(video_path)
     result: dict[str, Any] = {
-        "video": str(video_path), "key_id": key_id(key), "frames": 0, "watermark_score": 0.0,
-        "watermark_detected": False, "threshold": THRESHOLD, "manifest_ok": False, "problems": [],
+        "video": str(video_path),
+        "key_id": key_id(key),
+        "frames": 0,
+        "watermark_score": 0.0,
+        "watermark_detected": False,
+        "threshold": THRESHOLD,
+        "manifest_ok": False,
+        "problems": [],
     }
     problems: list[str] = result["problems"]
     if not video_path.is_file():
@@ -452,4 +475,3 @@ def verify(video_path: str | Path, key: int = DEFAULT_KEY) -> dict[str, Any]:
     if not result["watermark_detected"]:
         problems.append(f"watermark not detected: score {score:.2f} < threshold {THRESHOLD}")
     return result
-

@@ -39,14 +39,20 @@ def frame_controls(controls: Controls) -> Controls:
     (no action, no camera, no cut); segment int32 [B, F] is each frame's own shot."""
     b = controls.action.shape[0]
     first = Controls(
-        action=jnp.zeros((b, 1), jnp.int32), action_mask=jnp.zeros((b, 1), bool),
+        action=jnp.zeros((b, 1), jnp.int32),
+        action_mask=jnp.zeros((b, 1), bool),
         camera=jnp.zeros((b, 1) + controls.camera.shape[2:], controls.camera.dtype),
-        camera_mask=jnp.zeros((b, 1), bool), next_cut=jnp.zeros((b, 1), bool), segment=controls.segment[:, :1],
+        camera_mask=jnp.zeros((b, 1), bool),
+        next_cut=jnp.zeros((b, 1), bool),
+        segment=controls.segment[:, :1],
     )
     shifted = jax.tree.map(lambda f, a: jnp.concatenate([f, a], axis=1), first, controls)
     # A frame's shot: the shot of the frame before it, plus one across a cut.
-    return shifted.replace(segment=jnp.concatenate(
-        [controls.segment[:, :1], controls.segment + controls.next_cut.astype(jnp.int32)], axis=1))
+    return shifted.replace(
+        segment=jnp.concatenate(
+            [controls.segment[:, :1], controls.segment + controls.next_cut.astype(jnp.int32)], axis=1
+        )
+    )
 
 
 def noised(x: jax.Array, noise: jax.Array, signal: jax.Array) -> jax.Array:
@@ -62,8 +68,9 @@ def jump(x_hat: jax.Array, z: jax.Array, signal: jax.Array, step: jax.Array) -> 
     return z + step[..., None, None] * velocity
 
 
-def sample_levels(key: jax.Array, shape: tuple[int, int], max_steps: int, context_noise: float
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sample_levels(
+    key: jax.Array, shape: tuple[int, int], max_steps: int, context_noise: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training levels of a batch of clips, shape (B, T) -> (signal float32 [B, T], step
     float32 [B, T], scored bool [B, T]).
 
@@ -83,8 +90,14 @@ def sample_levels(key: jax.Array, shape: tuple[int, int], max_steps: int, contex
     return (jnp.where(context, context_signal, signal), jnp.where(context, 1.0 / max_steps, step), ~context)
 
 
-def shortcut_target(half_step: Callable[[jax.Array, jax.Array], jax.Array], z: jax.Array, clean: jax.Array,
-                    signal: jax.Array, step: jax.Array, min_step: float) -> jax.Array:
+def shortcut_target(
+    half_step: Callable[[jax.Array, jax.Array], jax.Array],
+    z: jax.Array,
+    clean: jax.Array,
+    signal: jax.Array,
+    step: jax.Array,
+    min_step: float,
+) -> jax.Array:
     """The x-prediction target float32 [B, T, N, W] of noisy frames z at (signal, step)
     [B, T]: the clean frames `clean` where step is the finest (the flow target), else the
     endpoint, seen from z, of two jumps of step/2 by the model (`half_step(z', signal')` ->
@@ -97,8 +110,10 @@ def shortcut_target(half_step: Callable[[jax.Array, jax.Array], jax.Array], z: j
     z_mid = jnp.where(flow, z, jump(x_a, z, signal, half))
     x_b = half_step(z_mid, signal + half)
     # The two half-jumps' mean velocity, as a clean estimate seen from z.
-    velocity = ((x_a - z) / jnp.maximum(1.0 - signal, 1e-6)[..., None, None]
-                + (x_b - z_mid) / jnp.maximum(1.0 - signal - half, 1e-6)[..., None, None]) / 2
+    velocity = (
+        (x_a - z) / jnp.maximum(1.0 - signal, 1e-6)[..., None, None]
+        + (x_b - z_mid) / jnp.maximum(1.0 - signal - half, 1e-6)[..., None, None]
+    ) / 2
     target = z + (1.0 - signal)[..., None, None] * velocity
     return jax.lax.stop_gradient(jnp.where(flow, clean, target))
 
@@ -128,8 +143,11 @@ class NoiseEmbedding(nn.Module):
         shape = signal.shape
         features = layers.sinusoidal_embedding(signal.reshape(-1) * NOISE_SCALE, self.embed_dim)
         h = layers.Dense(self.embed_dim, (None, "embed"), self.dtype, name="signal")(features.reshape(shape + (-1,)))
-        table = self.param("step", layers.partitioned(nn.initializers.normal(1.0), (None, "embed")),
-                           (int(math.log2(self.max_steps)) + 1, self.embed_dim))
+        table = self.param(
+            "step",
+            layers.partitioned(nn.initializers.normal(1.0), (None, "embed")),
+            (int(math.log2(self.max_steps)) + 1, self.embed_dim),
+        )
         index = jnp.clip(jnp.round(-jnp.log2(step)).astype(jnp.int32), 0, table.shape[0] - 1)
         h = h + jnp.take(table, index, axis=0).astype(self.dtype)
         return layers.Dense(self.embed_dim, ("embed", "mlp"), self.dtype, name="out")(nn.silu(h))
@@ -183,8 +201,14 @@ class DiffusionDynamics(DynamicsModel):
         q_latents, q_signal, q_step = query
         xq, cond_q = self._inputs(q_latents, controls, None, self.noise_embed(q_signal, q_step))
         both = None if cond is None else jnp.concatenate([cond, cond_q], axis=1)
-        x = self.transformer(jnp.concatenate([x, xq], axis=1), memory, memory_mask, two_stream_mask(mask, positions),
-                             jnp.concatenate([positions, positions], axis=1), cond=both)
+        x = self.transformer(
+            jnp.concatenate([x, xq], axis=1),
+            memory,
+            memory_mask,
+            two_stream_mask(mask, positions),
+            jnp.concatenate([positions, positions], axis=1),
+            cond=both,
+        )
         return self._predict(x[:, t:], cond_q)
 
     def decode_step(  # type: ignore[override]

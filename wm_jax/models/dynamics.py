@@ -28,8 +28,14 @@ from flax import struct
 
 from wm_jax.config import ModelConfig
 from wm_jax.models import layers
-from wm_jax.models.tokenizer import (codes_to_digits, codes_to_indices, digits_to_codes, indices_to_codes, num_tokens,
-                                     vocab_size)
+from wm_jax.models.tokenizer import (
+    codes_to_digits,
+    codes_to_indices,
+    digits_to_codes,
+    indices_to_codes,
+    num_tokens,
+    vocab_size,
+)
 
 
 # Control embeddings start at unit scale, the scale of the code embeddings they join: at
@@ -188,7 +194,11 @@ def corrupt_codes(codes: jax.Array, key: jax.Array, max_rate: float, levels: tup
 
 
 def maskgit_update(
-    logits: jax.Array, guess: jax.Array, masked: jax.Array, remaining: jax.Array, cfg: ModelConfig,
+    logits: jax.Array,
+    guess: jax.Array,
+    masked: jax.Array,
+    remaining: jax.Array,
+    cfg: ModelConfig,
     noise: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One MaskGIT decoding step of a frame.
@@ -281,10 +291,13 @@ def two_stream_mask(mask: jax.Array, positions: jax.Array) -> jax.Array:
     t = positions.shape[1]
     before = mask & (positions[:, None, :] < positions[:, :, None])
     itself = jnp.broadcast_to(jnp.eye(t, dtype=bool), mask.shape)
-    return jnp.concatenate([
-        jnp.concatenate([mask, jnp.zeros_like(mask)], axis=2),
-        jnp.concatenate([before, itself], axis=2),
-    ], axis=1)
+    return jnp.concatenate(
+        [
+            jnp.concatenate([mask, jnp.zeros_like(mask)], axis=2),
+            jnp.concatenate([before, itself], axis=2),
+        ],
+        axis=1,
+    )
 
 
 def temporal_mask(
@@ -371,7 +384,9 @@ class DynamicsModel(nn.Module):
         if dc.cut_framing and framed_cuts(self.cfg):
             self.framing_embed = FramingEmbedding(dc.embed_dim, float(self.cfg.image_size), dtype)
         if dc.cut_framing_shift and framed_cuts(self.cfg):
-            self.unseen_embed = self.param("unseen_embed", layers.partitioned(CONTROL_INIT, ("embed",)), (dc.embed_dim,))
+            self.unseen_embed = self.param(
+                "unseen_embed", layers.partitioned(CONTROL_INIT, ("embed",)), (dc.embed_dim,)
+            )
         if dc.use_identity_bank:
             self.memory_embed = layers.Dense(dc.embed_dim, ("codebook", "embed"), dtype)
             self.memory_pos = layers.PositionEmbedding(dtype, temporal=False)
@@ -379,11 +394,19 @@ class DynamicsModel(nn.Module):
         if dc.objective == "maskgit":
             # Frame t+1's partially known tokens at position t, and the "masked" vector.
             self.next_embed = layers.Dense(dc.embed_dim, ("codebook", "embed"), dtype)
-            self.mask_embed = self.param("mask_embed", layers.partitioned(nn.initializers.normal(0.02), ("embed",)), (dc.embed_dim,))
+            self.mask_embed = self.param(
+                "mask_embed", layers.partitioned(nn.initializers.normal(0.02), ("embed",)), (dc.embed_dim,)
+            )
         self.pos_embed = layers.PositionEmbedding(dtype, temporal=False)
         self.transformer = layers.Transformer(
-            dc.num_layers, dc.num_heads, dc.mlp_dim, causal=True, dtype=dtype,
-            attention=self.cfg.attention, remat=self.cfg.remat, remat_policy=self.cfg.remat_policy,
+            dc.num_layers,
+            dc.num_heads,
+            dc.mlp_dim,
+            causal=True,
+            dtype=dtype,
+            attention=self.cfg.attention,
+            remat=self.cfg.remat,
+            remat_policy=self.cfg.remat_policy,
             scan_layers=self.cfg.scan_layers,
         )
         self.final_norm = layers.RMSNorm(dtype)
@@ -396,8 +419,9 @@ class DynamicsModel(nn.Module):
         reference frame) -> memory tokens [B, M, D]; computed once per rollout."""
         return self.memory_norm(self.memory_pos(self.memory_embed(reference_codes)[:, None])[:, 0])
 
-    def bank(self, reference_codes: jax.Array | None, reference_mask: jax.Array | None, batch: int, tokens: int,
-             width: int) -> tuple[jax.Array | None, jax.Array | None]:
+    def bank(
+        self, reference_codes: jax.Array | None, reference_mask: jax.Array | None, batch: int, tokens: int, width: int
+    ) -> tuple[jax.Array | None, jax.Array | None]:
         """The identity bank's (memory tokens [B, M, D], mask bool [B] or None: all) from
         reference codes float [B, M, L] (None: an empty bank, masked); (None, None) without one."""
         if not self.cfg.dynamics.use_identity_bank:
@@ -430,8 +454,9 @@ class DynamicsModel(nn.Module):
         framed = controls.next_cut & controls.camera_mask
         return jnp.where(framed[..., None, None], shifted, x)
 
-    def _inputs(self, codes: jax.Array, controls: Controls, next_frame: jax.Array | None = None,
-                extra: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    def _inputs(
+        self, codes: jax.Array, controls: Controls, next_frame: jax.Array | None = None, extra: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
         """codes [B, T, N, L] + controls (+ MaskGIT's next-frame embedding [B, T, N, D]; +
         `extra` [B, T, D] added to the control vector: the diffusion noise level) -> (input
         tokens [B, T, N', D], the adaLN conditioning [B, T, D] or None).
@@ -574,8 +599,9 @@ class DynamicsModel(nn.Module):
         x, caches = self.transformer(x, memory, memory_mask, mask, pos, caches, slot, cond)
         return self._logits(x, cond), caches
 
-    def cache_mask(self, controls: Controls, position: jax.Array, key_positions: jax.Array, key_segments: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
+    def cache_mask(
+        self, controls: Controls, position: jax.Array, key_positions: jax.Array, key_segments: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """One new frame at `position` (int32 scalar; controls of T = 1, B rows) against cache
         slots holding key_positions int32 [W] / key_segments int32 [B, W] -> (its position
         int32 [B, 1], the temporal mask bool [B, 1, W])."""

@@ -98,7 +98,11 @@ def latent_action_encode_flops(cfg: ModelConfig, frames: int) -> int:
     lc, n = cfg.latent_actions, num_patches(cfg)
     patch_dim = lc.patch_size**2 * 3
     # Per pair: patch embedding of n double patches, the pooled latent, its similarity to K codes.
-    encoder = n * 2 * 2 * patch_dim * lc.embed_dim + 2 * lc.embed_dim * lc.latent_dim + 2 * lc.latent_dim * lc.num_latent_actions
+    encoder = (
+        n * 2 * 2 * patch_dim * lc.embed_dim
+        + 2 * lc.embed_dim * lc.latent_dim
+        + 2 * lc.latent_dim * lc.num_latent_actions
+    )
     encoder += transformer_forward_flops(1, n, lc.embed_dim, lc.mlp_dim, lc.num_layers)
     return (frames - 1) * encoder
 

@@ -91,8 +91,13 @@ class LatentActionModel(nn.Module):
         lc = self.cfg.latent_actions
         dtype = layers.dtype_of(self.cfg.dtype)
         stack = dict(
-            num_layers=lc.num_layers, num_heads=lc.num_heads, mlp_dim=lc.mlp_dim, dtype=dtype,
-            attention=self.cfg.attention, remat=self.cfg.remat, remat_policy=self.cfg.remat_policy,
+            num_layers=lc.num_layers,
+            num_heads=lc.num_heads,
+            mlp_dim=lc.mlp_dim,
+            dtype=dtype,
+            attention=self.cfg.attention,
+            remat=self.cfg.remat,
+            remat_policy=self.cfg.remat_policy,
             scan_layers=self.cfg.scan_layers,
         )
         self.enc_patch_embed = layers.Dense(lc.embed_dim, ("patch", "embed"), dtype)
@@ -104,7 +109,8 @@ class LatentActionModel(nn.Module):
         # A tiny table: replicated along its code axis. Rows of about unit length, like the
         # latents, so optimizer steps turn them as fast as the encoder turns its outputs.
         self.codebook = self.param(
-            "codebook", layers.partitioned(nn.initializers.normal(lc.latent_dim**-0.5), (None, "codebook")),
+            "codebook",
+            layers.partitioned(nn.initializers.normal(lc.latent_dim**-0.5), (None, "codebook")),
             (lc.num_latent_actions, lc.latent_dim),
         )
         self.dec_patch_embed = layers.Dense(lc.embed_dim, ("patch", "embed"), dtype)

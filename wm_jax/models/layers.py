@@ -209,8 +209,13 @@ class AdaLNModulation(nn.Module):
     @nn.compact
     def __call__(self, cond: jax.Array) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
         d = cond.shape[-1]
-        out = Dense(3 * self.num_sublayers * d, ("embed", None), self.dtype, kernel_init=nn.initializers.zeros_init(),
-                    name="proj")(nn.silu(cond))
+        out = Dense(
+            3 * self.num_sublayers * d,
+            ("embed", None),
+            self.dtype,
+            kernel_init=nn.initializers.zeros_init(),
+            name="proj",
+        )(nn.silu(cond))
         parts = jnp.split(out, 3 * self.num_sublayers, axis=-1)
         return [tuple(parts[3 * i : 3 * i + 3]) for i in range(self.num_sublayers)]
 
@@ -266,7 +271,9 @@ class SpatioTemporalBlock(nn.Module):
         if memory is not None:
             memory = spatial_norm(memory)
             if memory_mask is not None:
-                keys = jnp.concatenate([jnp.ones((b, n), bool), jnp.broadcast_to(memory_mask[:, None], (b, memory.shape[1]))], 1)
+                keys = jnp.concatenate(
+                    [jnp.ones((b, n), bool), jnp.broadcast_to(memory_mask[:, None], (b, memory.shape[1]))], 1
+                )
                 mask = jnp.repeat(keys, t, axis=0)[:, None, None, :]
         h = Attention(self.num_heads, self.dtype, self.attention, name="spatial_attn")(h, mask=mask, memory=memory)
         x = constrain_video(x + gated(h.reshape(b, t, n, d), mods[0]))
@@ -289,8 +296,9 @@ class SpatioTemporalBlock(nn.Module):
         return x if cache is None else (x, cache)
 
 
-def kv_caches(rows: int, slots: int, num_heads: int, head_dim: int, num_layers: int, dtype: Dtype
-              ) -> list[dict[str, jax.Array]]:
+def kv_caches(
+    rows: int, slots: int, num_heads: int, head_dim: int, num_layers: int, dtype: Dtype
+) -> list[dict[str, jax.Array]]:
     """Empty per-layer key/value caches {"key", "value": [rows, slots, heads, K]} (zeros)."""
     shape = (rows, slots, num_heads, head_dim)
     # Separate buffers per layer: a decode step donates (updates in place) each of them.
@@ -308,9 +316,7 @@ class PositionEmbedding(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, N, D] -> [B, T, N, D] in `dtype`."""
         _, t, n, d = x.shape
-        spatial = self.param(
-            "spatial", partitioned(nn.initializers.normal(0.02), ("pos", "embed")), (n, d)
-        )
+        spatial = self.param("spatial", partitioned(nn.initializers.normal(0.02), ("pos", "embed")), (n, d))
         pos = spatial[None, :, :]
         if self.temporal:
             pos = pos + sinusoidal_embedding(jnp.arange(t), d)[:, None, :]

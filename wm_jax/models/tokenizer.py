@@ -102,8 +102,11 @@ class Bottleneck:
 
 
 BOTTLENECKS = {
-    "fsq": Bottleneck(lambda tc: len(tc.fsq_levels), lambda z, tc: fsq_quantize(z, tc.fsq_levels),
-                      lambda codes, tc: codes_to_indices(codes, tc.fsq_levels)),
+    "fsq": Bottleneck(
+        lambda tc: len(tc.fsq_levels),
+        lambda z, tc: fsq_quantize(z, tc.fsq_levels),
+        lambda codes, tc: codes_to_indices(codes, tc.fsq_levels),
+    ),
     "continuous": Bottleneck(lambda tc: tc.latent_dim, lambda z, tc: jnp.tanh(z.astype(jnp.float32)), None),
 }
 
@@ -131,8 +134,14 @@ class VideoTokenizer(nn.Module):
         tc = self.cfg.tokenizer
         dtype = layers.dtype_of(self.cfg.dtype)
         stack = dict(
-            num_layers=tc.num_layers, num_heads=tc.num_heads, mlp_dim=tc.mlp_dim, causal=True, dtype=dtype,
-            attention=self.cfg.attention, remat=self.cfg.remat, remat_policy=self.cfg.remat_policy,
+            num_layers=tc.num_layers,
+            num_heads=tc.num_heads,
+            mlp_dim=tc.mlp_dim,
+            causal=True,
+            dtype=dtype,
+            attention=self.cfg.attention,
+            remat=self.cfg.remat,
+            remat_policy=self.cfg.remat_policy,
             scan_layers=self.cfg.scan_layers,
         )
         self.patch_embed = layers.Dense(tc.embed_dim, ("patch", "embed"), dtype)
@@ -169,8 +178,9 @@ class VideoTokenizer(nn.Module):
         size = self.cfg.image_size
         return layers.unpatchify(patches, self.cfg.tokenizer.patch_size, size, size)
 
-    def decode_step(self, codes: jax.Array, index: jax.Array, caches: list[dict[str, jax.Array]]
-                    ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+    def decode_step(
+        self, codes: jax.Array, index: jax.Array, caches: list[dict[str, jax.Array]]
+    ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
         """The decoder on one new frame against a key/value cache of the earlier frames of its
         time chunk: codes float [B, N, L] of the frame at chunk index `index` (int32 scalar),
         caches per decoder layer {"key", "value": [B*N, T, heads, K]} (`init_decoder_caches`;
@@ -199,5 +209,11 @@ def init_decoder_caches(cfg: ModelConfig, batch: int, slots: int) -> list[dict[s
     """Empty per-layer caches of the decoder for `VideoTokenizer.decode_step`:
     {"key", "value": [B*N, slots, heads, K]}."""
     tc = cfg.tokenizer
-    return layers.kv_caches(batch * num_tokens(cfg), slots, tc.num_heads, tc.embed_dim // tc.num_heads,
-                            tc.num_layers, layers.dtype_of(cfg.dtype))
+    return layers.kv_caches(
+        batch * num_tokens(cfg),
+        slots,
+        tc.num_heads,
+        tc.embed_dim // tc.num_heads,
+        tc.num_layers,
+        layers.dtype_of(cfg.dtype),
+    )

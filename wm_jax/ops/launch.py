@@ -106,7 +106,12 @@ def check_flag(pattern: re.Pattern, value: str, flag: str, allowed: str) -> str:
 
 
 def _check_dns_label(value: str, flag: str, max_len: int = 63) -> str:
-    check_flag(_DNS_LABEL, value, flag, "must be lower-case letters, digits and '-', starting and ending with a letter or digit")
+    check_flag(
+        _DNS_LABEL,
+        value,
+        flag,
+        "must be lower-case letters, digits and '-', starting and ending with a letter or digit",
+    )
     if len(value) > max_len:
         raise LaunchError(f"{flag} {value!r}: at most {max_len} characters")
     return value
@@ -242,8 +247,13 @@ def run_local(commands: list[tuple[dict[str, str], list[str]]], out: IO[str] | N
         for i, (env, argv) in enumerate(commands):
             # Own sessions: a Ctrl-C reaches the launcher only, which asks for a clean save.
             proc = subprocess.Popen(
-                argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, bufsize=1, start_new_session=True,
+                argv,
+                env={**os.environ, **env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
             )
             procs.append(proc)
             pumps.append(threading.Thread(target=_prefix_lines, args=(proc.stdout, f"[p{i}]", out, lock), daemon=True))
@@ -262,15 +272,23 @@ def cmd_local(args: argparse.Namespace) -> int:
     path, _ = load_config(args.config, args.set)
     port = args.port or free_port()
     commands = local_commands(
-        str(path), args.workdir, args.set, args.processes, args.devices_per_process, port,
+        str(path),
+        args.workdir,
+        args.set,
+        args.processes,
+        args.devices_per_process,
+        port,
         os.environ.get("XLA_FLAGS", ""),
     )
     if args.dry_run:
         for env, argv in commands:
             print(format_command(env, argv))
         return 0
-    print(f"wm launch local: {args.processes} processes × {args.devices_per_process} CPU devices, "
-          f"coordinator localhost:{port}", file=sys.stderr)
+    print(
+        f"wm launch local: {args.processes} processes × {args.devices_per_process} CPU devices, "
+        f"coordinator localhost:{port}",
+        file=sys.stderr,
+    )
     return run_local(commands)
 
 
@@ -278,15 +296,26 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def render_slurm(
-    config: str, workdir: str, overrides: list[str], *, nodes: int, gpus_per_node: int, time_limit: str,
-    job_name: str, partition: str | None = None, account: str | None = None, chdir: str | None = None,
+    config: str,
+    workdir: str,
+    overrides: list[str],
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    time_limit: str,
+    job_name: str,
+    partition: str | None = None,
+    account: str | None = None,
+    chdir: str | None = None,
     python: str | None = None,
 ) -> str:
     """The sbatch script: one task per node, USR1 forwarded to the step, requeue on 42."""
     chdir = chdir or os.getcwd()
     allowed = "only letters, digits and _.,+@=- can go in an #SBATCH line"
     check_flag(SBATCH_WORD, job_name, "--job-name", allowed)
-    check_flag(SLURM_TIME, time_limit, "--time", "expected [days-]hours[:minutes[:seconds]], e.g. 24:00:00 or 2-00:00:00")
+    check_flag(
+        SLURM_TIME, time_limit, "--time", "expected [days-]hours[:minutes[:seconds]], e.g. 24:00:00 or 2-00:00:00"
+    )
     paths = "must be a path of letters, digits and _./+,@=- (it goes in an #SBATCH line)"
     check_flag(SBATCH_PATH, workdir, "--workdir", paths)
     check_flag(SBATCH_PATH, chdir, "the current directory", paths)
@@ -296,17 +325,30 @@ def render_slurm(
             extra.append(f"#SBATCH --{flag}={check_flag(SBATCH_WORD, value, f'--{flag}', allowed)}")
     command = [python or sys.executable, "-m", "wm_jax.cli", *train_argv(config, workdir, overrides)]
     return render(
-        "slurm.sbatch", job_name=job_name, nodes=nodes, gpus_per_node=gpus_per_node, time=time_limit,
-        chdir=chdir, workdir=workdir, extra_directives="\n".join(extra), train_command=shlex.join(command),
+        "slurm.sbatch",
+        job_name=job_name,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        time=time_limit,
+        chdir=chdir,
+        workdir=workdir,
+        extra_directives="\n".join(extra),
+        train_command=shlex.join(command),
     )
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
     path, _ = load_config(args.config, args.set)
     script = render_slurm(
-        str(path), args.workdir, args.set, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        time_limit=args.time, job_name=args.job_name or default_job_name(args.workdir),
-        partition=args.partition, account=args.account,
+        str(path),
+        args.workdir,
+        args.set,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        time_limit=args.time,
+        job_name=args.job_name or default_job_name(args.workdir),
+        partition=args.partition,
+        account=args.account,
     )
     target = Path(args.workdir) / "launch" / "slurm.sbatch"
     if args.dry_run:
@@ -330,8 +372,17 @@ def _parse_pvc(text: str) -> tuple[str, str]:
 
 
 def render_k8s(
-    cfg: Config, workdir: str, *, name: str, namespace: str, nodes: int, gpus_per_node: int, image: str,
-    port: int = K8S_PORT, pvc: str | None = None, api: str = "job",
+    cfg: Config,
+    workdir: str,
+    *,
+    name: str,
+    namespace: str,
+    nodes: int,
+    gpus_per_node: int,
+    image: str,
+    port: int = K8S_PORT,
+    pvc: str | None = None,
+    api: str = "job",
 ) -> str:
     """The manifest as one YAML stream: api "jobset", a ConfigMap (the resolved config) + a
     JobSet whose failure policy restarts the whole group of processes; "job", a ConfigMap +
@@ -342,10 +393,14 @@ def render_k8s(
     _check_dns_label(name, "--job-name", max_len=40 if api == "jobset" else 50)
     _check_dns_label(namespace, "--namespace")
     config_text = yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False)
-    mounts = [{"name": "config", "mountPath": K8S_CONFIG_DIR, "readOnly": True},
-              {"name": "dshm", "mountPath": "/dev/shm"}]  # NCCL needs more than the default 64 MB
-    volumes = [{"name": "config", "configMap": {"name": f"{name}-config"}},
-               {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    mounts = [
+        {"name": "config", "mountPath": K8S_CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]  # NCCL needs more than the default 64 MB
+    volumes = [
+        {"name": "config", "configMap": {"name": f"{name}-config"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
     if pvc:
         claim, mount = _parse_pvc(pvc)
         mounts.append({"name": "runs", "mountPath": mount})
@@ -354,10 +409,19 @@ def render_k8s(
     command = ["wm", *train_argv(f"{K8S_CONFIG_DIR}/config.yaml", workdir, [])]
     # JSON scalars and lists are valid YAML flow values: quoting is JSON's.
     return render(
-        K8S_APIS[api], name=name, namespace=namespace, nodes=nodes, gpus_per_node=gpus_per_node,
-        image=json.dumps(image), port=port, grace_s=K8S_GRACE_S, backoff_limit=K8S_BACKOFF_LIMIT,
+        K8S_APIS[api],
+        name=name,
+        namespace=namespace,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        image=json.dumps(image),
+        port=port,
+        grace_s=K8S_GRACE_S,
+        backoff_limit=K8S_BACKOFF_LIMIT,
         max_restarts=K8S_MAX_RESTARTS,
-        command=json.dumps(command), volume_mounts=json.dumps(mounts), volumes=json.dumps(volumes),
+        command=json.dumps(command),
+        volume_mounts=json.dumps(mounts),
+        volumes=json.dumps(volumes),
         config_yaml="\n".join("    " + line for line in config_text.splitlines()),
     )
 
@@ -367,13 +431,23 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     if not args.image and not args.dry_run:
         raise LaunchError("--image is required: the container image with wm_jax installed")
     manifest = render_k8s(
-        cfg, args.workdir, name=args.job_name or default_job_name(args.workdir), namespace=args.namespace,
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image or K8S_PLACEHOLDER_IMAGE,
-        port=args.port, pvc=args.pvc, api=args.api,
+        cfg,
+        args.workdir,
+        name=args.job_name or default_job_name(args.workdir),
+        namespace=args.namespace,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        image=args.image or K8S_PLACEHOLDER_IMAGE,
+        port=args.port,
+        pvc=args.pvc,
+        api=args.api,
     )
     if args.dry_run:
         if not args.image:
-            print(f"# dry run without --image: the manifest names the placeholder {K8S_PLACEHOLDER_IMAGE}", file=sys.stderr)
+            print(
+                f"# dry run without --image: the manifest names the placeholder {K8S_PLACEHOLDER_IMAGE}",
+                file=sys.stderr,
+            )
         print(manifest, end="")
         return 0
     kubectl = require_tool("kubectl", "install it and point it at the cluster")
@@ -403,7 +477,9 @@ def tpu_vm_argv(
     for flag, value in (("--tpu-name", tpu_name), ("--zone", zone)):
         if not value:
             raise LaunchError(f"{flag} is required")
-    remote = render("tpu_vm.sh", repo=shlex.quote(repo), train_command=shlex.join(["wm", *train_argv(config, workdir, overrides)]))
+    remote = render(
+        "tpu_vm.sh", repo=shlex.quote(repo), train_command=shlex.join(["wm", *train_argv(config, workdir, overrides)])
+    )
     argv = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu_name, "--zone", zone]
     if project:
         argv += ["--project", project]
@@ -413,8 +489,13 @@ def tpu_vm_argv(
 def cmd_tpu_vm(args: argparse.Namespace) -> int:
     path, _ = load_config(args.config, args.set)
     argv = tpu_vm_argv(
-        remote_config(path), args.workdir, args.set, tpu_name=args.tpu_name, zone=args.zone,
-        project=args.project, repo=args.repo_dir,
+        remote_config(path),
+        args.workdir,
+        args.set,
+        tpu_name=args.tpu_name,
+        zone=args.zone,
+        project=args.project,
+        repo=args.repo_dir,
     )
     if args.dry_run:
         print(shlex.join(argv))
@@ -433,8 +514,10 @@ def _common(parser: argparse.ArgumentParser, workdir_help: str) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print what would be run or submitted, and exit 0")
 
 
-SHARED_WORKDIR = ("run directory, passed to every process as is: it must be on a filesystem all "
-                  "nodes share (checkpoints written there are what a restarted job resumes from)")
+SHARED_WORKDIR = (
+    "run directory, passed to every process as is: it must be on a filesystem all "
+    "nodes share (checkpoints written there are what a restarted job resumes from)"
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -468,9 +551,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     k8s.add_argument("--job-name", help="default: wm-<workdir name>")
     k8s.add_argument("--port", type=_port, default=K8S_PORT, help="coordinator port")
     k8s.add_argument("--pvc", metavar="CLAIM:/PATH", help="mount this PersistentVolumeClaim (for workdir and data)")
-    k8s.add_argument("--api", choices=sorted(K8S_APIS), default="jobset",
-                     help="jobset (default; needs the JobSet controller): a failed or preempted process restarts "
-                          "the whole group; job: a headless Service + Indexed Job, which recreates one pod alone")
+    k8s.add_argument(
+        "--api",
+        choices=sorted(K8S_APIS),
+        default="jobset",
+        help="jobset (default; needs the JobSet controller): a failed or preempted process restarts "
+        "the whole group; job: a headless Service + Indexed Job, which recreates one pod alone",
+    )
     k8s.set_defaults(fn=cmd_k8s)
 
     tpu = kinds.add_parser("tpu-vm", help="run `wm train` on every worker of a TPU VM pod over gcloud ssh")

@@ -25,4 +25,3 @@ def preset_name(path: Path) -> str | None:
     """The preset name of `path` when it is a shipped preset, else None."""
     path = Path(path).resolve()
     return path.stem if path.parent == PRESETS_DIR and path.suffix == ".yaml" else None
-

@@ -152,8 +152,10 @@ def refuse_paths(text: str) -> Any:
         for key in keys:
             if getattr(source, key if key != "image" else "images"):
                 error = script.checker.error(
-                    source.path + (key,), "a script sent over HTTP may not name a file or directory on the server: "
-                    "it uses the run's dataset (`split`, `episode`, `t`)")
+                    source.path + (key,),
+                    "a script sent over HTTP may not name a file or directory on the server: "
+                    "it uses the run's dataset (`split`, `episode`, `t`)",
+                )
                 raise HTTPError(400, str(error))
     return script
 
@@ -206,8 +208,9 @@ class Batcher:
                     (future.set_exception if isinstance(result, Exception) else future.set_result)(result)
 
 
-def _guarded(token: str | None, handler: Callable[[Request], Awaitable[Any]]
-             ) -> Callable[[Request], Awaitable[Response]]:
+def _guarded(
+    token: str | None, handler: Callable[[Request], Awaitable[Any]]
+) -> Callable[[Request], Awaitable[Response]]:
     """handler (returning a JSON-able value) behind the bearer token, with errors as JSON."""
 
     async def endpoint(request: Request) -> Response:
@@ -215,8 +218,9 @@ def _guarded(token: str | None, handler: Callable[[Request], Awaitable[Any]]
             if token is not None:
                 given = request.headers.get("authorization", "")
                 if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
-                    raise HTTPError(401, "this server needs `Authorization: Bearer TOKEN` (the --token it was "
-                                         "started with)")
+                    raise HTTPError(
+                        401, "this server needs `Authorization: Bearer TOKEN` (the --token it was started with)"
+                    )
             return JSONResponse(await handler(request))
         except (HTTPError, EngineError) as e:
             headers = {"WWW-Authenticate": "Bearer"} if getattr(e, "status", 0) == 401 else None
@@ -229,9 +233,17 @@ def _guarded(token: str | None, handler: Callable[[Request], Awaitable[Any]]
     return endpoint
 
 
-def create_app(engine: Engine, *, token: str | None = None, max_queue: int = 64, gather_s: float = 0.004,
-               max_body_bytes: int = 1 << 20, record_dir: str | Path | None = None,
-               generate_max_gib: float = 2.0, expire_every_s: float = 1.0) -> Starlette:
+def create_app(
+    engine: Engine,
+    *,
+    token: str | None = None,
+    max_queue: int = 64,
+    gather_s: float = 0.004,
+    max_body_bytes: int = 1 << 20,
+    record_dir: str | Path | None = None,
+    generate_max_gib: float = 2.0,
+    expire_every_s: float = 1.0,
+) -> Starlette:
     """The app (see the module doc). Recordings go under RECORD_DIR/recordings/ (default:
     the run's directory); `/v1/generate` refuses videos past `generate_max_gib` GiB."""
     from wm_jax.inference import generate as generate_lib
@@ -250,8 +262,12 @@ def create_app(engine: Engine, *, token: str | None = None, max_queue: int = 64,
     async def create(request: Request) -> dict:
         body = _keys(await read_json(request, max_body_bytes), SESSION_KEYS, "a session")
         session, frames = await on("engine")(engine.create, body.get("clip", 0), body.get("seed", 0))
-        return {"session": session, "index": len(frames) - 1, "context_frames": len(frames),
-                "frame": encode_frame(frames[-1])}
+        return {
+            "session": session,
+            "index": len(frames) - 1,
+            "context_frames": len(frames),
+            "frame": encode_frame(frames[-1]),
+        }
 
     async def step(request: Request) -> dict:
         sid = request.path_params["sid"]
@@ -280,8 +296,10 @@ def create_app(engine: Engine, *, token: str | None = None, max_queue: int = 64,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         state["batcher"] = batcher = Batcher(engine, on("engine"), max_queue, gather_s)
-        tasks = [asyncio.create_task(batcher.run()),
-                 asyncio.create_task(_expire_loop(engine, on("engine"), expire_every_s))]
+        tasks = [
+            asyncio.create_task(batcher.run()),
+            asyncio.create_task(_expire_loop(engine, on("engine"), expire_every_s)),
+        ]
         try:
             yield
         finally:
@@ -334,8 +352,11 @@ def _generate(generate_lib: Any, workdir: Path, text: str, seed: int, max_gib: f
         script, out = Path(tmp) / "script.yaml", Path(tmp) / "generated.mp4"
         script.write_text(text)
         generate_lib.generate(workdir, script, out, seed=seed, max_memory_gib=max_gib)
-        return {"name": out.name, "video_mp4_base64": base64.b64encode(out.read_bytes()).decode(),
-                "sidecar": json.loads(Path(f"{out}.json").read_text())}
+        return {
+            "name": out.name,
+            "video_mp4_base64": base64.b64encode(out.read_bytes()).decode(),
+            "sidecar": json.loads(Path(f"{out}.json").read_text()),
+        }
 
 
 class BackgroundServer:

@@ -35,8 +35,13 @@ def _steps(engine: Engine, ids: list[str], count: int, rng: np.random.Generator)
     return latencies
 
 
-def bench_serve(workdir: str | Path | Model, sessions: tuple[int, ...] = (1, 4, 16), steps: int = 50,
-                warmup: int = 3, rounds: int = 5) -> list[dict[str, Any]]:
+def bench_serve(
+    workdir: str | Path | Model,
+    sessions: tuple[int, ...] = (1, 4, 16),
+    steps: int = 50,
+    warmup: int = 3,
+    rounds: int = 5,
+) -> list[dict[str, Any]]:
     """Rows {"sessions", "frames_per_s", "frames_per_s_at_p50", "p50_ms", "p99_ms", "speedup"}
     (see the module doc; frames_per_s_at_p50 = sessions / p50 step time, which a shared
     machine's load spikes move less than the mean)."""
@@ -55,16 +60,23 @@ def bench_serve(workdir: str | Path | Model, sessions: tuple[int, ...] = (1, 4, 
     for n, (_, _, latencies) in engines.items():
         timed = np.asarray(latencies)
         p50 = float(np.percentile(timed, 50))
-        rows.append({"sessions": n, "frames_per_s": round(n * len(timed) / float(timed.sum()), 1),
-                     "frames_per_s_at_p50": round(n / p50, 1), "p50_ms": round(p50 * 1e3, 2),
-                     "p99_ms": round(float(np.percentile(timed, 99)) * 1e3, 2)})
+        rows.append(
+            {
+                "sessions": n,
+                "frames_per_s": round(n * len(timed) / float(timed.sum()), 1),
+                "frames_per_s_at_p50": round(n / p50, 1),
+                "p50_ms": round(p50 * 1e3, 2),
+                "p99_ms": round(float(np.percentile(timed, 99)) * 1e3, 2),
+            }
+        )
     for row in rows:
         row["speedup"] = round(row["frames_per_s"] / rows[0]["frames_per_s"], 2)
     return rows
 
 
-def bench_http(workdir: str | Path | Model, sessions: tuple[int, ...] = (1, 4, 16), steps: int = 50,
-               warmup: int = 3) -> list[dict[str, Any]]:
+def bench_http(
+    workdir: str | Path | Model, sessions: tuple[int, ...] = (1, 4, 16), steps: int = 50, warmup: int = 3
+) -> list[dict[str, Any]]:
     """`bench_serve`'s rows measured through the HTTP API on 127.0.0.1: for each count n a
     server (`create_app`, an engine of n rows) and n clients in one event loop, each
     stepping its own session `steps` times in a row (PNG frames, as the page asks); the
@@ -105,9 +117,15 @@ def bench_http(workdir: str | Path | Model, sessions: tuple[int, ...] = (1, 4, 1
             wall = asyncio.run(clients(server.url, n, clips, latencies))
         timed = np.asarray(latencies)
         p50 = float(np.percentile(timed, 50))
-        rows.append({"sessions": n, "frames_per_s": round(n * steps / wall, 1),
-                     "frames_per_s_at_p50": round(n / p50, 1), "p50_ms": round(p50 * 1e3, 2),
-                     "p99_ms": round(float(np.percentile(timed, 99)) * 1e3, 2)})
+        rows.append(
+            {
+                "sessions": n,
+                "frames_per_s": round(n * steps / wall, 1),
+                "frames_per_s_at_p50": round(n / p50, 1),
+                "p50_ms": round(p50 * 1e3, 2),
+                "p99_ms": round(float(np.percentile(timed, 99)) * 1e3, 2),
+            }
+        )
     for row in rows:
         row["speedup"] = round(row["frames_per_s"] / rows[0]["frames_per_s"], 2)
     return rows
@@ -115,15 +133,30 @@ def bench_http(workdir: str | Path | Model, sessions: tuple[int, ...] = (1, 4, 1
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table."""
-    lines = ["| sessions | frames/s (all sessions) | frames/s at p50 | p50 step ms | p99 step ms | speedup |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['sessions']} | {r['frames_per_s']} | {r['frames_per_s_at_p50']} | {r['p50_ms']} | {r['p99_ms']} "
-              f"| {r['speedup']}x |" for r in rows]
+    lines = [
+        "| sessions | frames/s (all sessions) | frames/s at p50 | p50 step ms | p99 step ms | speedup |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['sessions']} | {r['frames_per_s']} | {r['frames_per_s_at_p50']} | {r['p50_ms']} | {r['p99_ms']} "
+        f"| {r['speedup']}x |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
-COLUMNS = ["machine", "run", "via", "sessions", "frames/s (all sessions)", "frames/s at p50", "p50 step ms",
-           "p99 step ms", "speedup", "command"]
+COLUMNS = [
+    "machine",
+    "run",
+    "via",
+    "sessions",
+    "frames/s (all sessions)",
+    "frames/s at p50",
+    "p50 step ms",
+    "p99 step ms",
+    "speedup",
+    "command",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,14 +185,30 @@ def main(argv: list[str] | None = None) -> int:
     rows = (bench_http if args.http else bench_serve)(args.workdir, sessions, args.steps)
     print(format_rows(rows))
     device = jax.devices()[0].device_kind
-    command = (f"`wm bench serve --workdir {args.workdir} --sessions {args.sessions} --steps {args.steps}"
-               f"{' --http' if args.http else ''}`")
+    command = (
+        f"`wm bench serve --workdir {args.workdir} --sessions {args.sessions} --steps {args.steps}"
+        f"{' --http' if args.http else ''}`"
+    )
     for r in rows:
-        results.append_row("serve", COLUMNS, [
-            results.machine(device), str(args.workdir), "http" if args.http else "engine", str(r["sessions"]),
-            f"{r['frames_per_s']:,.1f}",
-            f"{r['frames_per_s_at_p50']:,.1f}",
-            f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['speedup']:.2f}x", command], args.results)
-    print(json.dumps({"bench": "serve", "device": device, "via": "http" if args.http else "engine", "rows": rows}),
-          flush=True)  # must stay the last line
+        results.append_row(
+            "serve",
+            COLUMNS,
+            [
+                results.machine(device),
+                str(args.workdir),
+                "http" if args.http else "engine",
+                str(r["sessions"]),
+                f"{r['frames_per_s']:,.1f}",
+                f"{r['frames_per_s_at_p50']:,.1f}",
+                f"{r['p50_ms']:.2f}",
+                f"{r['p99_ms']:.2f}",
+                f"{r['speedup']:.2f}x",
+                command,
+            ],
+            args.results,
+        )
+    print(
+        json.dumps({"bench": "serve", "device": device, "via": "http" if args.http else "engine", "rows": rows}),
+        flush=True,
+    )  # must stay the last line
     return 0

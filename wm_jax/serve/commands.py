@@ -20,22 +20,34 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "serve") -> No
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORTS[command])
     parser.add_argument("--token", default=None, help="require `Authorization: Bearer TOKEN` on every /v1 request")
-    parser.add_argument("--max-sessions", type=int, default=16 if command == "serve" else 4,
-                        help="sessions held at once: the engine's batch (429 past it)")
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=16 if command == "serve" else 4,
+        help="sessions held at once: the engine's batch (429 past it)",
+    )
     parser.add_argument("--max-queue", type=int, default=64, help="step requests waiting at most (429 past it)")
     parser.add_argument("--gather-ms", type=float, default=4.0, help="how long a step waits for other sessions' steps")
     parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session expires")
-    parser.add_argument("--window", type=int, default=None,
-                        help="cache slots per session (default: model.dynamics.temporal_window, else the training "
-                             "clip length - 1); longer sessions slide")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="cache slots per session (default: model.dynamics.temporal_window, else the training "
+        "clip length - 1); longer sessions slide",
+    )
     parser.add_argument("--context-frames", type=int, default=None, help="default: the run's eval.context_frames")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (deterministic)")
     parser.add_argument("--data", default=None, help="dataset directory (default: the run's data.dir)")
     parser.add_argument("--record-dir", default=None, help="where recordings/ goes (default: the run's directory)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    parser.add_argument("--max-memory-gib", type=float, default=2.0,
-                        help="POST /v1/generate refuses a script whose video would need more memory than this "
-                             "(estimated before any allocation, as `wm generate --max-memory-gib`)")
+    parser.add_argument(
+        "--max-memory-gib",
+        type=float,
+        default=2.0,
+        help="POST /v1/generate refuses a script whose video would need more memory than this "
+        "(estimated before any allocation, as `wm generate --max-memory-gib`)",
+    )
     if command == "play":
         parser.add_argument("--no-browser", action="store_true", help="print the page's address, do not open it")
 
@@ -59,20 +71,35 @@ def _serve(args: argparse.Namespace, open_page: bool) -> int:
         print(f"error: --max-memory-gib must be > 0, got {args.max_memory_gib}", file=sys.stderr)
         return 2
     try:
-        engine = Engine(args.workdir, max_sessions=args.max_sessions, window=args.window,
-                        context_frames=args.context_frames, temperature=args.temperature,
-                        idle_timeout_s=args.idle_timeout, data_dir=args.data)
+        engine = Engine(
+            args.workdir,
+            max_sessions=args.max_sessions,
+            window=args.window,
+            context_frames=args.context_frames,
+            temperature=args.temperature,
+            idle_timeout_s=args.idle_timeout,
+            data_dir=args.data,
+        )
     except (ConfigError, ckpt.CheckpointError, EngineError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    app = create_app(engine, token=args.token, max_queue=args.max_queue, gather_s=args.gather_ms / 1000,
-                     max_body_bytes=args.max_body_bytes, record_dir=args.record_dir,
-                     generate_max_gib=args.max_memory_gib)
+    app = create_app(
+        engine,
+        token=args.token,
+        max_queue=args.max_queue,
+        gather_s=args.gather_ms / 1000,
+        max_body_bytes=args.max_body_bytes,
+        record_dir=args.record_dir,
+        generate_max_gib=args.max_memory_gib,
+    )
     url = f"http://{args.host}:{args.port}/" + (f"#token={args.token}" if args.token else "")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         print(f"warning: serving on {args.host} without --token: anyone who can reach it can use it", file=sys.stderr)
-    print(f"wm {'play' if open_page else 'serve'}: {engine.info()['sessions']}/{args.max_sessions} sessions, "
-          f"window {engine.window} frames; open {url}", flush=True)
+    print(
+        f"wm {'play' if open_page else 'serve'}: {engine.info()['sessions']}/{args.max_sessions} sessions, "
+        f"window {engine.window} frames; open {url}",
+        flush=True,
+    )
     if open_page:
         import webbrowser
 

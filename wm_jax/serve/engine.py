@@ -102,9 +102,18 @@ class Session:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
-def _advance(dynamics: DynamicsModel, sampling: Sampling, params: Any, inputs: jax.Array, state: Any,
-             controls: Controls, positions: jax.Array, memory: Any, keys: Any, active: jax.Array
-             ) -> tuple[jax.Array, Any]:
+def _advance(
+    dynamics: DynamicsModel,
+    sampling: Sampling,
+    params: Any,
+    inputs: jax.Array,
+    state: Any,
+    controls: Controls,
+    positions: jax.Array,
+    memory: Any,
+    keys: Any,
+    active: jax.Array,
+) -> tuple[jax.Array, Any]:
     """One frame for every row: inputs float [S, N, L] (each row's input frame), state
     (per layer {"key", "value": [S, N', W, heads, K]}, slot positions int32 [S, W], slot
     segments int32 [S, 1, W]), controls of [S, 1, 1, ...], positions int32 [S], memory
@@ -123,8 +132,9 @@ def _advance(dynamics: DynamicsModel, sampling: Sampling, params: Any, inputs: j
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
-def _show(tokenizer: VideoTokenizer, params: Any, caches: Any, codes: jax.Array, index: jax.Array,
-          write: jax.Array) -> tuple[Any, jax.Array]:
+def _show(
+    tokenizer: VideoTokenizer, params: Any, caches: Any, codes: jax.Array, index: jax.Array, write: jax.Array
+) -> tuple[Any, jax.Array]:
     """Each row's new frame decoded (`VideoTokenizer.decode_step` vmapped over rows): caches per layer
     {"key", "value": [S, N, T, heads, K]}, codes [S, N, L] of frames at chunk index int32
     [S], written where write bool [S] -> (caches, uint8 frames [S, H, W, 3])."""
@@ -150,9 +160,14 @@ def _batched_controls(batch: int, rows: dict[int, dict[str, Any]]) -> Controls:
     """Controls of one position for `batch` rows ([S, 1, 1, ...], vmapped to [1, 1, ...]):
     rows maps a row to its {"action", "action_mask", "camera" [7], "camera_mask",
     "next_cut", "segment"}; other rows get zeros (they are not written)."""
-    arrays = {"action": np.zeros((batch, 1, 1), np.int32), "action_mask": np.zeros((batch, 1, 1), bool),
-              "camera": np.zeros((batch, 1, 1, CAMERA_DIM), np.float32), "camera_mask": np.zeros((batch, 1, 1), bool),
-              "next_cut": np.zeros((batch, 1, 1), bool), "segment": np.zeros((batch, 1, 1), np.int32)}
+    arrays = {
+        "action": np.zeros((batch, 1, 1), np.int32),
+        "action_mask": np.zeros((batch, 1, 1), bool),
+        "camera": np.zeros((batch, 1, 1, CAMERA_DIM), np.float32),
+        "camera_mask": np.zeros((batch, 1, 1), bool),
+        "next_cut": np.zeros((batch, 1, 1), bool),
+        "segment": np.zeros((batch, 1, 1), np.int32),
+    }
     for r, values in rows.items():
         for name, value in values.items():
             arrays[name][r, 0, 0] = value
@@ -187,17 +202,30 @@ def load_model(workdir: str | Path) -> Model:
     if get_stage(cfg.train.stage).role is not Role.WORLD_MODEL:
         raise ConfigError(f"{workdir} is a '{cfg.train.stage}' run; serving needs a {names_with(Role.WORLD_MODEL)} run")
     if cfg.model.dynamics.objective != "causal":
-        raise ConfigError(f"{workdir}: model.dynamics.objective is '{cfg.model.dynamics.objective}'; the serving "
-                          "engine runs the 'causal' objective only")
+        raise ConfigError(
+            f"{workdir}: model.dynamics.objective is '{cfg.model.dynamics.objective}'; the serving "
+            "engine runs the 'causal' objective only"
+        )
     mesh, rules = sharding.make_mesh(MeshConfig()), sharding.logical_rules(cfg.mesh)
     params, _, step = restore_params(workdir, mesh, rules)
     tok_dir = tokenizer_source(workdir, cfg)
     tok_params, tok_cfg, tok_step = restore_params(tok_dir, mesh, rules)
     if tok_cfg.model.tokenizer != cfg.model.tokenizer or tok_cfg.model.image_size != cfg.model.image_size:
-        raise ConfigError(f"the tokenizer run {tok_dir} does not match the dynamics run's "
-                          "model.tokenizer/model.image_size")
-    return Model(workdir, cfg, step, DynamicsModel(cfg.model), params, VideoTokenizer(cfg.model), tok_params,
-                 tok_dir, tok_step, tok_cfg.data.frames_per_clip)
+        raise ConfigError(
+            f"the tokenizer run {tok_dir} does not match the dynamics run's model.tokenizer/model.image_size"
+        )
+    return Model(
+        workdir,
+        cfg,
+        step,
+        DynamicsModel(cfg.model),
+        params,
+        VideoTokenizer(cfg.model),
+        tok_params,
+        tok_dir,
+        tok_step,
+        tok_cfg.data.frames_per_clip,
+    )
 
 
 def default_window(cfg: Any) -> int:
@@ -219,10 +247,21 @@ class Engine:
     Thread-safe: every method holds one lock, so a server may call it from a worker
     thread while its event loop reads `info`. `clock` (seconds) times idle expiry."""
 
-    def __init__(self, model: Model | str | Path, *, max_sessions: int = 16, window: int | None = None,
-                 context_frames: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                 idle_timeout_s: float = 300.0, record_frames: int = 3000, data_dir: str | None = None,
-                 split: str | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        model: Model | str | Path,
+        *,
+        max_sessions: int = 16,
+        window: int | None = None,
+        context_frames: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        idle_timeout_s: float = 300.0,
+        record_frames: int = 3000,
+        data_dir: str | None = None,
+        split: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.model = model if isinstance(model, Model) else load_model(model)
         cfg = self.model.cfg
         self.max_sessions = _integer(max_sessions, "max_sessions", 1)
@@ -237,12 +276,16 @@ class Engine:
         self._manifest = self._read_manifest()
         self._episodes = self._manifest["splits"][self.split]["episodes"]
         s, n, levels = self.max_sessions, num_tokens(cfg.model), len(cfg.model.tokenizer.fsq_levels)
-        caches = [{k: v.reshape((s, -1) + v.shape[1:]) for k, v in layer.items()}
-                  for layer in init_caches(cfg.model, s, self.window)]
+        caches = [
+            {k: v.reshape((s, -1) + v.shape[1:]) for k, v in layer.items()}
+            for layer in init_caches(cfg.model, s, self.window)
+        ]
         self._state = (caches, jnp.full((s, self.window), -1, jnp.int32), jnp.zeros((s, 1, self.window), jnp.int32))
         self._inputs = jnp.zeros((s, n, levels), jnp.float32)
-        self._decoder = [{k: v.reshape((s, -1) + v.shape[1:]) for k, v in layer.items()}
-                         for layer in init_decoder_caches(cfg.model, s, self.model.chunk)]
+        self._decoder = [
+            {k: v.reshape((s, -1) + v.shape[1:]) for k, v in layer.items()}
+            for layer in init_decoder_caches(cfg.model, s, self.model.chunk)
+        ]
         self._memory: tuple[Any, Any] = (None, None)
         if cfg.model.dynamics.use_identity_bank:
             m = identity_memory(self.model.dynamics, self.model.params, None, None, 1, n, levels)
@@ -261,22 +304,33 @@ class Engine:
 
         manifest = writer.read_manifest(self.data_dir)
         if self.split not in manifest["splits"]:
-            raise ConfigError(f"dataset {self.data_dir} has no split '{self.split}'; "
-                              f"it has {sorted(manifest['splits'])}")
+            raise ConfigError(
+                f"dataset {self.data_dir} has no split '{self.split}'; it has {sorted(manifest['splits'])}"
+            )
         if manifest["frame_size"] != self.image_size:
-            raise ConfigError(f"dataset {self.data_dir} has {manifest['frame_size']}px frames; the model needs "
-                              f"{self.image_size}px")
+            raise ConfigError(
+                f"dataset {self.data_dir} has {manifest['frame_size']}px frames; the model needs {self.image_size}px"
+            )
         return manifest
 
     def info(self) -> dict[str, Any]:
         """What a client needs to know: capacity, the model's controls and frame size."""
         with self._lock:
             active, counts = len(self._sessions), dict(self._counts)
-        return {**counts, "sessions": active, "max_sessions": self.max_sessions, "window": self.window,
-                "context_frames": self.context_frames, "num_actions": self.num_actions,
-                "image_size": self.image_size, "clips": len(self._episodes), "split": self.split,
-                "step": self.model.step, "temperature": self.sampling.temperature,
-                "idle_timeout_s": self.idle_timeout_s}
+        return {
+            **counts,
+            "sessions": active,
+            "max_sessions": self.max_sessions,
+            "window": self.window,
+            "context_frames": self.context_frames,
+            "num_actions": self.num_actions,
+            "image_size": self.image_size,
+            "clips": len(self._episodes),
+            "split": self.split,
+            "step": self.model.step,
+            "temperature": self.sampling.temperature,
+            "idle_timeout_s": self.idle_timeout_s,
+        }
 
     @property
     def active_sessions(self) -> int:
@@ -295,8 +349,10 @@ class Engine:
         with self._lock:
             self._expire()
             if not self._free:
-                raise CapacityError(f"all {self.max_sessions} sessions are in use: delete one, or wait for an idle "
-                                    f"one to expire ({self.idle_timeout_s:g} s)")
+                raise CapacityError(
+                    f"all {self.max_sessions} sessions are in use: delete one, or wait for an idle "
+                    f"one to expire ({self.idle_timeout_s:g} s)"
+                )
             fields, context = self._context(clip)
             row = self._free.pop()
             try:
@@ -307,12 +363,18 @@ class Engine:
             c = self.context_frames
             camera = "camera" in fields
             session = Session(
-                id=secrets.token_hex(8), row=row, clip=clip, seed=seed, frame=c - 1,
+                id=secrets.token_hex(8),
+                row=row,
+                clip=clip,
+                seed=seed,
+                frame=c - 1,
                 segment=int(np.sum(fields["cut"][1:c])) if "cut" in fields else 0,
                 pose=np.asarray(fields["camera"][c - 1] if camera else DEFAULT_POSE, np.float64),
                 pose_valid=bool(fields["camera_valid"][c - 1]) if "camera_valid" in fields else camera,
-                last_used=self.clock(), history=collections.deque(frames, maxlen=self.record_frames),
-                steps=collections.deque(maxlen=self.record_frames), context=context,
+                last_used=self.clock(),
+                history=collections.deque(frames, maxlen=self.record_frames),
+                steps=collections.deque(maxlen=self.record_frames),
+                context=context,
             )
             self._sessions[session.id] = session
             return session.id, frames
@@ -326,8 +388,15 @@ class Engine:
             raise RequestError(f"clip {clip} has {entry['length']} frames; a session needs {self.context_frames}")
         records = writer.read_episode(self.data_dir, self._manifest, entry["episode_id"])
         fields = {k: v[: self.context_frames] for k, v in records.items()}
-        info = {"data": str(self.data_dir), "dataset_hash": self._manifest.get("content_hash"), "split": self.split,
-                "episode": clip, "episode_id": int(entry["episode_id"]), "t": 0, "frames": self.context_frames}
+        info = {
+            "data": str(self.data_dir),
+            "dataset_hash": self._manifest.get("content_hash"),
+            "split": self.split,
+            "episode": clip,
+            "episode_id": int(entry["episode_id"]),
+            "t": 0,
+            "frames": self.context_frames,
+        }
         return fields, info
 
     def _prefill(self, row: int, fields: dict[str, np.ndarray], seed: int) -> np.ndarray:
@@ -351,15 +420,30 @@ class Engine:
             positions[row] = p
             values = {f.name: getattr(controls, f.name)[0, p] for f in dataclasses.fields(Controls)}
             self._inputs = self._inputs.at[row].set(codes[0, p])
-            self._inputs, self._state = _advance(m.dynamics, self.sampling, m.params, self._inputs, self._state,
-                                                 _batched_controls(s, {row: values}), jnp.asarray(positions),
-                                                 self._memory, self._keys, jnp.asarray(active))
+            self._inputs, self._state = _advance(
+                m.dynamics,
+                self.sampling,
+                m.params,
+                self._inputs,
+                self._state,
+                _batched_controls(s, {row: values}),
+                jnp.asarray(positions),
+                self._memory,
+                self._keys,
+                jnp.asarray(active),
+            )
         self._inputs = self._inputs.at[row].set(codes[0, c - 1])
         index = np.zeros(s, np.int32)
         for t in range((c - 1) // m.chunk * m.chunk, c):  # the last context frame's time chunk, decoded
             index[row] = t % m.chunk
-            self._decoder, _ = _show(m.tokenizer, m.tok_params, self._decoder, self._inputs.at[row].set(codes[0, t]),
-                                     jnp.asarray(index), jnp.asarray(active))
+            self._decoder, _ = _show(
+                m.tokenizer,
+                m.tok_params,
+                self._decoder,
+                self._inputs.at[row].set(codes[0, t]),
+                jnp.asarray(index),
+                jnp.asarray(active),
+            )
         return decode_codes(m.tokenizer, m.tok_params, codes, m.chunk)[0]
 
     def _set_memory(self, row: int, fields: dict[str, np.ndarray]) -> None:
@@ -392,8 +476,9 @@ class Engine:
 
     def _get(self, session: str) -> Session:
         if session not in self._sessions:
-            raise SessionNotFound(f"no session {session!r} (never created, deleted, or expired after "
-                                  f"{self.idle_timeout_s:g} s idle)")
+            raise SessionNotFound(
+                f"no session {session!r} (never created, deleted, or expired after {self.idle_timeout_s:g} s idle)"
+            )
         return self._sessions[session]
 
     # ------------------------------------------------------------------ stepping
@@ -402,8 +487,11 @@ class Engine:
         """RequestError naming what is wrong with a request's controls."""
         _integer(request.action, "action", 0, self.num_actions - 1)
         move = request.move
-        if not (isinstance(move, tuple) and len(move) == 3 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in move)):
+        if not (
+            isinstance(move, tuple)
+            and len(move) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in move)
+        ):
             raise RequestError(f"the camera move must be 3 finite numbers (x, y, z), got {move!r}")
         if not isinstance(request.cut, bool):
             raise RequestError(f"'cut' must be true or false, got {request.cut!r}")
@@ -435,15 +523,31 @@ class Engine:
         for row, (_, session, r) in chosen.items():
             pose = session.pose.copy()
             pose[:3] += r.move
-            rows[row] = {"action": r.action, "action_mask": True, "camera": np.concatenate([r.move, pose[3:]]),
-                         "camera_mask": session.pose_valid, "next_cut": r.cut, "segment": session.segment}
+            rows[row] = {
+                "action": r.action,
+                "action_mask": True,
+                "camera": np.concatenate([r.move, pose[3:]]),
+                "camera_mask": session.pose_valid,
+                "next_cut": r.cut,
+                "segment": session.segment,
+            }
             active[row], positions[row], poses[row] = True, session.frame, pose
             index[row] = (session.frame + 1) % m.chunk  # the new frame's place in its tokenizer time chunk
-        self._inputs, self._state = _advance(m.dynamics, self.sampling, m.params, self._inputs, self._state,
-                                             _batched_controls(s, rows), jnp.asarray(positions), self._memory,
-                                             self._keys, jnp.asarray(active))
-        self._decoder, images = _show(m.tokenizer, m.tok_params, self._decoder, self._inputs, jnp.asarray(index),
-                                      jnp.asarray(active))
+        self._inputs, self._state = _advance(
+            m.dynamics,
+            self.sampling,
+            m.params,
+            self._inputs,
+            self._state,
+            _batched_controls(s, rows),
+            jnp.asarray(positions),
+            self._memory,
+            self._keys,
+            jnp.asarray(active),
+        )
+        self._decoder, images = _show(
+            m.tokenizer, m.tok_params, self._decoder, self._inputs, jnp.asarray(index), jnp.asarray(active)
+        )
         images, now = np.asarray(images), self.clock()
         self._counts["engine_steps"] += 1
         self._counts["frames_generated"] += len(chosen)
@@ -466,14 +570,30 @@ class Engine:
         with self._lock:
             s = self._get(session)
             frames, steps = np.stack(list(s.history)), list(s.steps)
-            meta = {"session": s.id, "seed": s.seed, "start": s.context, "first_frame": s.frame + 1 - len(frames),
-                    "last_frame": s.frame}
+            meta = {
+                "session": s.id,
+                "seed": s.seed,
+                "start": s.context,
+                "first_frame": s.frame + 1 - len(frames),
+                "last_frame": s.frame,
+            }
         fps = float(self._manifest.get("fps") or DEFAULT_FPS)
         scale = default_scale(self.image_size)
-        info = {"generator": "wm play", **self._model_provenance(), "config": to_dict(self.model.cfg), **meta,
-                "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "frames": len(frames),
-                "fps": fps, "context_frames": self.context_frames, "frame_size": [self.image_size * scale] * 2,
-                "scale": scale, "temperature": self.sampling.temperature, "window": self.window, "steps": steps}
+        info = {
+            "generator": "wm play",
+            **self._model_provenance(),
+            "config": to_dict(self.model.cfg),
+            **meta,
+            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "frames": len(frames),
+            "fps": fps,
+            "context_frames": self.context_frames,
+            "frame_size": [self.image_size * scale] * 2,
+            "scale": scale,
+            "temperature": self.sampling.temperature,
+            "window": self.window,
+            "steps": steps,
+        }
         out = Path(directory) / "recordings"
         out.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -28,8 +28,12 @@ def scored_frames(model: nn.Module, controls: Controls, scored: jax.Array) -> ja
 
 
 def diffusion_loss(
-    params: Any, model: nn.Module, batch: Batch, latents: jax.Array,
-    reference: tuple[jax.Array | None, jax.Array | None] = (None, None), rng: jax.Array | None = None,
+    params: Any,
+    model: nn.Module,
+    batch: Batch,
+    latents: jax.Array,
+    reference: tuple[jax.Array | None, jax.Array | None] = (None, None),
+    rng: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Shortcut forcing on a clip: each frame noised to its own level (`sample_levels`),
     the model's clean estimates against `shortcut_target` (flow at the finest step,
@@ -51,8 +55,9 @@ def diffusion_loss(
         controls = drop_actions(controls, dc.action_dropout, jax.random.fold_in(rng, 1))
     controls = frame_controls(controls)
     latents = latents * dc.latent_scale
-    signal, step, scored = sample_levels(jax.random.fold_in(rng, 3), latents.shape[:2], dc.shortcut_max_steps,
-                                         dc.context_noise)
+    signal, step, scored = sample_levels(
+        jax.random.fold_in(rng, 3), latents.shape[:2], dc.shortcut_max_steps, dc.context_noise
+    )
     z = noised(latents, jax.random.normal(jax.random.fold_in(rng, 4), latents.shape), signal)
     apply = lambda query=None: model.apply({"params": params}, z, controls, signal, step, *reference, None, query)
     min_step = 1.0 / dc.shortcut_max_steps
@@ -64,8 +69,11 @@ def diffusion_loss(
     loss = jnp.sum(jnp.where(scored, loss_weight(signal) * err, 0.0)) / count
     clean_err = jnp.mean(jnp.square(pred - latents), axis=(2, 3))
     flow = scored & (step <= min_step)
-    return loss, {"loss": loss, "x_mse": jnp.sum(jnp.where(scored, clean_err, 0.0)) / count,
-                  "flow_x_mse": jnp.sum(jnp.where(flow, clean_err, 0.0)) / jnp.maximum(jnp.sum(flow), 1)}
+    return loss, {
+        "loss": loss,
+        "x_mse": jnp.sum(jnp.where(scored, clean_err, 0.0)) / count,
+        "flow_x_mse": jnp.sum(jnp.where(flow, clean_err, 0.0)) / jnp.maximum(jnp.sum(flow), 1),
+    }
 
 
 def example_inputs(cfg: Config) -> tuple[Any, ...]:
@@ -73,5 +81,9 @@ def example_inputs(cfg: Config) -> tuple[Any, ...]:
     frames, signal levels and step sizes float32 [1,T]."""
     t = cfg.data.frames_per_clip
     controls = frame_controls(make_controls({"action": jnp.zeros((1, t), jnp.int32)}))
-    return (jnp.zeros((1, t, num_tokens(cfg.model), latent_width(cfg.model)), jnp.float32), controls,
-            jnp.ones((1, t), jnp.float32), jnp.ones((1, t), jnp.float32))
+    return (
+        jnp.zeros((1, t, num_tokens(cfg.model), latent_width(cfg.model)), jnp.float32),
+        controls,
+        jnp.ones((1, t), jnp.float32),
+        jnp.ones((1, t), jnp.float32),
+    )

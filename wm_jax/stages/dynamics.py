@@ -21,8 +21,15 @@ from flax import linen as nn
 from wm_jax import stage_checks
 from wm_jax.config import Config, ModelConfig
 from wm_jax.models import flops
-from wm_jax.models.dynamics import (DynamicsModel, corrupt_codes, drop_actions, framed_cuts, make_controls,
-                                    sample_maskgit_mask, token_loss)
+from wm_jax.models.dynamics import (
+    DynamicsModel,
+    corrupt_codes,
+    drop_actions,
+    framed_cuts,
+    make_controls,
+    sample_maskgit_mask,
+    token_loss,
+)
 from wm_jax.models.latent_actions import LatentActionModel
 from wm_jax.models.diffusion import DiffusionDynamics
 from wm_jax.models.tokenizer import VideoTokenizer, indices_to_codes, num_tokens
@@ -52,8 +59,12 @@ def reference_codes(tokenizer: VideoTokenizer, tokenizer_params: Any, batch: Bat
 
 
 def dynamics_loss(
-    params: Any, model: nn.Module, batch: Batch, codes: jax.Array,
-    reference: Reference = (None, None), rng: jax.Array | None = None,
+    params: Any,
+    model: nn.Module,
+    batch: Batch,
+    codes: jax.Array,
+    reference: Reference = (None, None),
+    rng: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Next-frame token cross-entropy: position t (frames <= t, controls t) predicts frame t+1.
 
@@ -77,7 +88,9 @@ def dynamics_loss(
     if dc.context_corruption > 0:
         if rng is None:
             raise ValueError("context_corruption needs an rng")
-        context = corrupt_codes(context, jax.random.fold_in(rng, 2), dc.context_corruption, model.cfg.tokenizer.fsq_levels)
+        context = corrupt_codes(
+            context, jax.random.fold_in(rng, 2), dc.context_corruption, model.cfg.tokenizer.fsq_levels
+        )
     scored = jnp.ones((b, t - 1, n), bool)
     if dc.mask_cut_loss:
         # A cut whose framing the model is told (`framed_cuts`) is predictable: it is scored.
@@ -96,15 +109,22 @@ def dynamics_loss(
 
 
 def action_sensitivity(
-    params: Any, model: nn.Module, batch: Batch, codes: jax.Array,
-    reference: Reference = (None, None), rng: jax.Array | None = None,
+    params: Any,
+    model: nn.Module,
+    batch: Batch,
+    codes: jax.Array,
+    reference: Reference = (None, None),
+    rng: jax.Array | None = None,
 ) -> jax.Array:
     """Loss with shuffled actions − loss with the true ones (float32 scalar) on one batch:
     > 0 when the model uses its actions. Shuffled: each clip gets the next clip's actions
     (a roll over the batch, so their distribution is unchanged); action dropout and context
     corruption are off, so the figure compares across training settings."""
-    model = model.clone(cfg=dataclasses.replace(
-        model.cfg, dynamics=dataclasses.replace(model.cfg.dynamics, action_dropout=0.0, context_corruption=0.0)))
+    model = model.clone(
+        cfg=dataclasses.replace(
+            model.cfg, dynamics=dataclasses.replace(model.cfg.dynamics, action_dropout=0.0, context_corruption=0.0)
+        )
+    )
     shuffled = {**batch, "action": jnp.roll(batch["action"], 1, axis=0)}
     if "action_valid" in batch:
         shuffled["action_valid"] = jnp.roll(batch["action_valid"], 1, axis=0)
@@ -135,8 +155,9 @@ def dynamics_inputs(cfg: Config, batch: Batch, frozen: Any) -> tuple[Batch, jax.
     return batch, codes, reference_codes(tokenizer, frozen[TOKENIZER.name], batch)
 
 
-def step_loss(cfg: Config, model: nn.Module, params: Any, batch: Batch, frozen: Any,
-              rng: jax.Array) -> tuple[jax.Array, Metrics]:
+def step_loss(
+    cfg: Config, model: nn.Module, params: Any, batch: Batch, frozen: Any, rng: jax.Array
+) -> tuple[jax.Array, Metrics]:
     """`dynamics_loss` on the inputs the frozen models make of the batch (`dynamics_inputs`)."""
     batch, codes, reference = dynamics_inputs(cfg, batch, frozen)
     return objective(cfg.model).loss(params, model, batch, codes, reference, rng)
@@ -179,8 +200,10 @@ def batch_fields(cfg: Config, available: Collection[str] | None = None) -> list[
     names += ["cut"] if dc.use_cuts else []
     names += ["reference"] if dc.use_identity_bank else []
     if available is not None and "action" not in available and not inferred:
-        raise ValueError("the dynamics stage needs the dataset field 'action' (per-step actions), "
-                         "or 'train.latent_actions_workdir' to infer them")
+        raise ValueError(
+            "the dynamics stage needs the dataset field 'action' (per-step actions), "
+            "or 'train.latent_actions_workdir' to infer them"
+        )
     return names
 
 
@@ -213,11 +236,20 @@ class Objective:
     rules: stage_checks.ObjectiveRules
 
 
-TOKENS = Objective(DynamicsModel, dynamics_loss, token_example_inputs,
-                   lambda m, t: flops.TRAIN_FACTOR * flops.dynamics_forward_flops(m, t - 1),
-                   stage_checks.TOKEN_OBJECTIVE)
-DIFFUSION = Objective(DiffusionDynamics, diffusion.diffusion_loss, diffusion.example_inputs,
-                      flops.diffusion_train_flops, stage_checks.DIFFUSION_OBJECTIVE)
+TOKENS = Objective(
+    DynamicsModel,
+    dynamics_loss,
+    token_example_inputs,
+    lambda m, t: flops.TRAIN_FACTOR * flops.dynamics_forward_flops(m, t - 1),
+    stage_checks.TOKEN_OBJECTIVE,
+)
+DIFFUSION = Objective(
+    DiffusionDynamics,
+    diffusion.diffusion_loss,
+    diffusion.example_inputs,
+    flops.diffusion_train_flops,
+    stage_checks.DIFFUSION_OBJECTIVE,
+)
 OBJECTIVES = {"causal": TOKENS, "maskgit": TOKENS, "diffusion": DIFFUSION}
 
 

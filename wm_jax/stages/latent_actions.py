@@ -39,8 +39,9 @@ def latent_action_loss(params: Any, model: LatentActionModel, batch: Batch) -> t
     }
 
 
-def step_loss(cfg: Config, model: LatentActionModel, params: Any, batch: Batch, frozen: Any,
-              rng: jax.Array) -> tuple[jax.Array, Metrics]:
+def step_loss(
+    cfg: Config, model: LatentActionModel, params: Any, batch: Batch, frozen: Any, rng: jax.Array
+) -> tuple[jax.Array, Metrics]:
     """`latent_action_loss` as a train step calls it (no frozen models, no randomness)."""
     del cfg, frozen, rng
     return latent_action_loss(params, model, batch)

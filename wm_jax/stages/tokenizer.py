@@ -28,8 +28,9 @@ def tokenizer_loss(params: Any, model: nn.Module, batch: Batch) -> tuple[jax.Arr
     return mse, metrics
 
 
-def step_loss(cfg: Config, model: nn.Module, params: Any, batch: Batch, frozen: Any,
-              rng: jax.Array) -> tuple[jax.Array, Metrics]:
+def step_loss(
+    cfg: Config, model: nn.Module, params: Any, batch: Batch, frozen: Any, rng: jax.Array
+) -> tuple[jax.Array, Metrics]:
     """`tokenizer_loss` as a train step calls it (no frozen models, no randomness)."""
     del cfg, frozen, rng
     return tokenizer_loss(params, model, batch)

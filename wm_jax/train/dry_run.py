@@ -84,8 +84,10 @@ def compile_step(cfg: Config) -> tuple[Any, dict[str, Any], Placement]:
             alias_bytes=memory.alias_size_in_bytes,
             temp_bytes=memory.temp_size_in_bytes,
             code_bytes=memory.generated_code_size_in_bytes,
-            peak_bytes=memory.argument_size_in_bytes + memory.output_size_in_bytes
-            - memory.alias_size_in_bytes + memory.temp_size_in_bytes,
+            peak_bytes=memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes,
         )
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
@@ -106,14 +108,15 @@ def format_report(report: dict[str, Any]) -> str:
     if "peak_bytes" in report:
         lines.append(
             "per-device memory: "
-            + ", ".join(f"{k.removesuffix('_bytes')} {report[k] / GIB:.3f} GiB"
-                        for k in ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes"))
+            + ", ".join(
+                f"{k.removesuffix('_bytes')} {report[k] / GIB:.3f} GiB"
+                for k in ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes")
+            )
         )
     if "device_bytes_limit" in report:
         fits = report["peak_bytes"] <= report["device_bytes_limit"]
         lines.append(
-            f"device memory {report['device_bytes_limit'] / GIB:.1f} GiB: "
-            + ("fits" if fits else "DOES NOT FIT")
+            f"device memory {report['device_bytes_limit'] / GIB:.1f} GiB: " + ("fits" if fits else "DOES NOT FIT")
         )
     return "\n".join(lines)
 

@@ -34,8 +34,11 @@ class StopFlag:
         self.signal = signum
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            print("interrupt: saving at the end of this step, then exiting 42; Ctrl-C again aborts without saving",
-                  file=sys.stderr, flush=True)
+            print(
+                "interrupt: saving at the end of this step, then exiting 42; Ctrl-C again aborts without saving",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

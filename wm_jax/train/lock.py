@@ -30,8 +30,11 @@ class RunLocked(RuntimeError):
 
 
 def holder_record() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def read_record(fd: int) -> dict[str, Any] | None:
@@ -80,17 +83,28 @@ class RunLock:
         except BlockingIOError:
             holder = describe(read_record(fd))
             os.close(fd)
-            return (f"run directory {self.path.parent} is being trained by {holder} (lock file {self.path}); "
-                    "wait for it or stop it, or train in another --workdir")
+            return (
+                f"run directory {self.path.parent} is being trained by {holder} (lock file {self.path}); "
+                "wait for it or stop it, or train in another --workdir"
+            )
         except OSError as e:  # a file system without flock (some network mounts): run, but say so
             os.close(fd)
-            self.events.append(("no_lock", f"no run lock: {self.path} cannot be locked on this file system "
-                                           f"({e.strerror}); a second writer in this run directory would not be stopped"))
+            self.events.append(
+                (
+                    "no_lock",
+                    f"no run lock: {self.path} cannot be locked on this file system "
+                    f"({e.strerror}); a second writer in this run directory would not be stopped",
+                )
+            )
             return None
         previous = read_record(fd)
         if previous is not None:
-            self.events.append(("stale_lock", f"took over the stale run lock of {describe(previous)}, "
-                                              "which ended without releasing it"))
+            self.events.append(
+                (
+                    "stale_lock",
+                    f"took over the stale run lock of {describe(previous)}, which ended without releasing it",
+                )
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder_record()).encode(), 0)
         self._fd = fd

@@ -58,8 +58,11 @@ def open_latent_cache(cfg: Config, manifest: dict) -> Any:
     from each episode's start must contain every training window from its first frame."""
     if not cfg.data.latent_cache:
         return None
-    cache = latent_cache.open_cache(cfg.data.latent_cache, expect_content_hash=manifest["content_hash"],
-                                    expect_tokenizer=tokenizer_identity(cfg.train.tokenizer_workdir)[1])
+    cache = latent_cache.open_cache(
+        cfg.data.latent_cache,
+        expect_content_hash=manifest["content_hash"],
+        expect_tokenizer=tokenizer_identity(cfg.train.tokenizer_workdir)[1],
+    )
     c = cache.manifest["tokenizer"]["window_frames"]
     if cfg.data.window_stride % c or cfg.data.frames_per_clip > c:
         raise ConfigError(
@@ -181,8 +184,9 @@ class _Counters:
         self.window_start, self.window_step, self.wait_s = time.perf_counter(), self.step, 0.0
 
 
-def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tuple[str, str]],
-           started: float) -> TrainState:
+def _train(
+    cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tuple[str, str]], started: float
+) -> TrainState:
     """`train` once the run lock is held (`started`: perf_counter at its call): returns the
     final train state."""
     enable_compile_cache(cfg, workdir)
@@ -205,8 +209,9 @@ def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tu
     abstract, shardings = state_shardings(cfg, mesh, rules)
     batches = _make_batches(cfg, manifest)
     damaged: list[str] = []
-    state, start_step = _restore_or_create(cfg, workdir, manager, batches, abstract, shardings, mesh, rules,
-                                           warn=damaged.append)
+    state, start_step = _restore_or_create(
+        cfg, workdir, manager, batches, abstract, shardings, mesh, rules, warn=damaged.append
+    )
     _describe_model(cfg, state, mesh)
 
     # The restored frozen parameters already sit on their shardings.
@@ -217,17 +222,30 @@ def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tu
     distributed.barrier("state_ready", cfg.train.barrier_timeout_s)
     throughput = _throughput_fn(cfg)
     logger = telemetry.RunLogger(workdir, cfg.train.steps, start_step, cfg.train.stage)
-    for kind, message in [*(("bad_data", m) for m in bad_data), *(("damaged_checkpoint", m) for m in damaged),
-                          *lock_events]:
+    for kind, message in [
+        *(("bad_data", m) for m in bad_data),
+        *(("damaged_checkpoint", m) for m in damaged),
+        *lock_events,
+    ]:
         logger.event(start_step, kind, message)
-    loop = _Loop(cfg, manifest, mesh, rules, manager, logger, batches, step_fn, frozen, fields, log_metrics_fn, throughput)
-    counters = _Counters(step=start_step, last=min(cfg.train.steps, stop_at or cfg.train.steps),
-                         recent_losses=collections.deque(maxlen=cfg.train.spike_window), started=started)
+    loop = _Loop(
+        cfg, manifest, mesh, rules, manager, logger, batches, step_fn, frozen, fields, log_metrics_fn, throughput
+    )
+    counters = _Counters(
+        step=start_step,
+        last=min(cfg.train.steps, stop_at or cfg.train.steps),
+        recent_losses=collections.deque(maxlen=cfg.train.spike_window),
+        started=started,
+    )
     state = _run_and_close(loop, counters, state)
     if jax.process_index() == 0:
-        summary = {"stage": cfg.train.stage, "step": counters.step, "parameters": param_count(state.params),
-                   "time_to_first_step_s": counters.first_step_s,
-                   "compile_cache_dir": jax.config.jax_compilation_cache_dir}
+        summary = {
+            "stage": cfg.train.stage,
+            "step": counters.step,
+            "parameters": param_count(state.params),
+            "time_to_first_step_s": counters.first_step_s,
+            "compile_cache_dir": jax.config.jax_compilation_cache_dir,
+        }
         (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return state
 
@@ -235,8 +253,10 @@ def _train(cfg: Config, workdir: Path, stop_at: int | None, lock_events: list[tu
 def _run_manifest(cfg: Config, manifest: dict, mesh: jax.sharding.Mesh, step: int | None = None) -> dict:
     """The run's provenance (at `step`, if given) with its mixture, if any: for its config and checkpoints."""
     mixture_info = {"mixture": manifest["mixture"]} if cfg.data.mixture else {}
-    return {**provenance.run_manifest(dataset_hash=manifest["content_hash"], mesh_shape=dict(mesh.shape), step=step),
-            **mixture_info}
+    return {
+        **provenance.run_manifest(dataset_hash=manifest["content_hash"], mesh_shape=dict(mesh.shape), step=step),
+        **mixture_info,
+    }
 
 
 def _make_batches(cfg: Config, manifest: dict) -> Any:
@@ -260,9 +280,17 @@ def _make_batches(cfg: Config, manifest: dict) -> Any:
     return iter(loader)
 
 
-def _restore_or_create(cfg: Config, workdir: Path, manager: Any, batches: Any, abstract: Any, shardings: Any,
-                       mesh: jax.sharding.Mesh, rules: tuple[tuple[str, Any], ...],
-                       warn: Callable[[str], None]) -> tuple[TrainState, int]:
+def _restore_or_create(
+    cfg: Config,
+    workdir: Path,
+    manager: Any,
+    batches: Any,
+    abstract: Any,
+    shardings: Any,
+    mesh: jax.sharding.Mesh,
+    rules: tuple[tuple[str, Any], ...],
+    warn: Callable[[str], None],
+) -> tuple[TrainState, int]:
     """The train state and step of the newest good checkpoint, with `batches` set to its data
     position; else a new train state and step 0. `warn` gets each damaged checkpoint passed over."""
     found = ckpt.restore_newest_good(manager, abstract, cfg, workdir, warn=warn)
@@ -275,7 +303,8 @@ def _restore_or_create(cfg: Config, workdir: Path, manager: Any, batches: Any, a
         raise ckpt.CheckpointError(
             f"{workdir}: the data position saved at step {start_step} does not fit this loader (another "
             f"dataset, batch size, data.worker_count, latent cache or loader version); resume with the "
-            f"settings it was saved with, or train in a new workdir: {e}") from e
+            f"settings it was saved with, or train in a new workdir: {e}"
+        ) from e
     telemetry.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start_step}")
     return state, start_step
 
@@ -299,7 +328,9 @@ def _throughput_fn(cfg: Config) -> Callable[[float], dict[str, float]]:
     step_flops, step_tokens = stage.train_step_flops(cfg), stage.tokens_per_step(cfg)
     device = jax.devices()[0]
     peak = telemetry.peak_tflops(device.device_kind, cfg.model.dtype, cfg.train.peak_tflops_per_device)
-    return lambda step_s: telemetry.throughput(step_s, step_flops, step_tokens, frames_per_step, jax.device_count(), peak)
+    return lambda step_s: telemetry.throughput(
+        step_s, step_flops, step_tokens, frames_per_step, jax.device_count(), peak
+    )
 
 
 def _run_and_close(loop: _Loop, counters: _Counters, state: TrainState) -> TrainState:
@@ -322,8 +353,9 @@ def _run_and_close(loop: _Loop, counters: _Counters, state: TrainState) -> Train
     return state
 
 
-def _run_steps(loop: _Loop, c: _Counters, state: TrainState, stop: StopFlag,
-               sealer: concurrent.futures.Executor) -> TrainState:
+def _run_steps(
+    loop: _Loop, c: _Counters, state: TrainState, stop: StopFlag, sealer: concurrent.futures.Executor
+) -> TrainState:
     """Trains from step `c.step` to `c.last`, logging and saving on the way; returns the train
     state. Raises FloatingPointError (too many non-finite steps) or Preempted (after its save)."""
     c.new_window()
@@ -366,8 +398,9 @@ def _count_nonfinite(loop: _Loop, c: _Counters, step: int, skipped: jax.Array) -
         c.skipped_in_a_row = 0
         return
     c.skipped_in_a_row += 1
-    loop.logger.event(step, "nonfinite", f"non-finite loss, gradient or updated state: update skipped "
-                      f"({c.skipped_in_a_row} in a row)")
+    loop.logger.event(
+        step, "nonfinite", f"non-finite loss, gradient or updated state: update skipped ({c.skipped_in_a_row} in a row)"
+    )
     if c.skipped_in_a_row >= loop.cfg.train.max_nonfinite_steps:
         loop.manager.wait_until_finished()  # the newest step named below is on disk
         raise FloatingPointError(
@@ -376,8 +409,14 @@ def _count_nonfinite(loop: _Loop, c: _Counters, step: int, skipped: jax.Array) -
         )
 
 
-def _log_step(loop: _Loop, c: _Counters, state: TrainState, metrics: dict[str, jax.Array],
-              batch: dict[str, jax.Array], local: dict[str, np.ndarray]) -> None:
+def _log_step(
+    loop: _Loop,
+    c: _Counters,
+    state: TrainState,
+    metrics: dict[str, jax.Array],
+    batch: dict[str, jax.Array],
+    local: dict[str, np.ndarray],
+) -> None:
     """Logs this step's metrics, the log window's averages and any bad-data or loss-spike
     event, then starts the next window; returns nothing."""
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -395,22 +434,28 @@ def _log_step(loop: _Loop, c: _Counters, state: TrainState, metrics: dict[str, j
     if loop.cfg.data.skip_bad_records:  # this process's count since this invocation started
         values["bad_windows_skipped"] = c.skipped_windows
         if c.skipped_windows > c.skipped_logged:
-            loop.logger.event(c.step, "bad_data", f"{c.skipped_windows - c.skipped_logged} window(s) with a bad "
-                              f"record skipped since the last log (the loader's warnings name them)",
-                              total=c.skipped_windows)
+            loop.logger.event(
+                c.step,
+                "bad_data",
+                f"{c.skipped_windows - c.skipped_logged} window(s) with a bad "
+                f"record skipped since the last log (the loader's warnings name them)",
+                total=c.skipped_windows,
+            )
             c.skipped_logged = c.skipped_windows
     spike = loss_zscore(values["loss"], c.recent_losses)
     if spike > loop.cfg.train.spike_zscore:
-        loop.logger.event(c.step, "loss_spike", f"loss {values['loss']:.4g} is {spike:.1f} std above the recent mean",
-                          zscore=spike)
+        loop.logger.event(
+            c.step, "loss_spike", f"loss {values['loss']:.4g} is {spike:.1f} std above the recent mean", zscore=spike
+        )
     if np.isfinite(values["loss"]):
         c.recent_losses.append(values["loss"])
     loop.logger.log(c.step, values)
     c.new_window()
 
 
-def _save_or_stop(loop: _Loop, c: _Counters, state: TrainState, stop: StopFlag,
-                  sealer: concurrent.futures.Executor) -> None:
+def _save_or_stop(
+    loop: _Loop, c: _Counters, state: TrainState, stop: StopFlag, sealer: concurrent.futures.Executor
+) -> None:
     """Saves step `c.step` when a checkpoint is due, it is the last step or any process got a
     stop signal; returns nothing, or, after a stop signal, waits for the save and raises Preempted."""
     cfg, manager = loop.cfg, loop.manager
@@ -423,13 +468,23 @@ def _save_or_stop(loop: _Loop, c: _Counters, state: TrainState, stop: StopFlag,
         minutes = cfg.checkpoint.every_minutes
         due = due or (minutes > 0 and distributed.any_process(time.monotonic() - c.last_save >= 60 * minutes))
     if due or preempted:
-        ckpt.save(manager, c.step, state, _encode_iterator_state(loop.batches.get_state()), cfg,
-                  _run_manifest(cfg, loop.manifest, loop.mesh, step=c.step))
+        ckpt.save(
+            manager,
+            c.step,
+            state,
+            _encode_iterator_state(loop.batches.get_state()),
+            cfg,
+            _run_manifest(cfg, loop.manifest, loop.mesh, step=c.step),
+        )
         c.last_save = time.monotonic()
         sealer.submit(ckpt.seal_finished, manager)  # earlier steps that have committed since
     if preempted:
         manager.wait_until_finished()
         ckpt.seal_finished(manager)
-        loop.logger.event(c.step, "preempted", f"{signal.Signals(stop.signal).name if stop.signal else 'stop signal'} "
-                          f"(here or on another process): saved step {c.step}, exiting {EXIT_PREEMPTED}")
+        loop.logger.event(
+            c.step,
+            "preempted",
+            f"{signal.Signals(stop.signal).name if stop.signal else 'stop signal'} "
+            f"(here or on another process): saved step {c.step}, exiting {EXIT_PREEMPTED}",
+        )
         raise Preempted(c.step)

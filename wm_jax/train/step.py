@@ -41,8 +41,9 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((updated.params, updated.opt_state))
         # One branch for the whole state: a per-leaf `where` keyed on a reduction of the
         # updated leaves tripled the step's compile time on CPU (24 s vs 8 s, tiny model).
-        params, opt_state = jax.lax.cond(finite, lambda: (updated.params, updated.opt_state),
-                                         lambda: (state.params, state.opt_state))
+        params, opt_state = jax.lax.cond(
+            finite, lambda: (updated.params, updated.opt_state), lambda: (state.params, state.opt_state)
+        )
         state = updated.replace(params=params, opt_state=opt_state)
         metrics.update(grad_norm=grad_norm, skipped=~finite)
         return state, metrics
@@ -53,8 +54,16 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
 # Batch fields a train step may read, with their rank: frame uint8 [B,T,S,S,3], action
 # int32 [B,T], camera float32 [B,T,7], cut bool [B,T], reference uint8 [B,T,S,S,3], ...;
 # codes int32 [B,T,N] are token ids from a latent cache (data.latent_cache), not a record field.
-FIELD_RANKS = {"frame": 5, "action": 2, "action_valid": 2, "camera": 3, "camera_valid": 2, "cut": 2, "reference": 5,
-               "codes": 3}
+FIELD_RANKS = {
+    "frame": 5,
+    "action": 2,
+    "action_valid": 2,
+    "camera": 3,
+    "camera_valid": 2,
+    "cut": 2,
+    "reference": 5,
+    "codes": 3,
+}
 
 
 def batch_fields(cfg: Config, available: Iterable[str] | None = None) -> dict[str, int]:
@@ -70,9 +79,13 @@ def batch_specs(cfg: Config, mesh: Mesh, rules: Any) -> dict[str, jax.ShapeDtype
     ahead-of-time compilation."""
     b, t, s = cfg.data.batch_size, cfg.data.frames_per_clip, cfg.model.image_size
     shapes = {
-        "frame": ((b, t, s, s, 3), jnp.uint8), "reference": ((b, t, s, s, 3), jnp.uint8),
-        "action": ((b, t), jnp.int32), "camera": ((b, t, 7), jnp.float32),
-        "action_valid": ((b, t), jnp.bool_), "camera_valid": ((b, t), jnp.bool_), "cut": ((b, t), jnp.bool_),
+        "frame": ((b, t, s, s, 3), jnp.uint8),
+        "reference": ((b, t, s, s, 3), jnp.uint8),
+        "action": ((b, t), jnp.int32),
+        "camera": ((b, t, 7), jnp.float32),
+        "action_valid": ((b, t), jnp.bool_),
+        "camera_valid": ((b, t), jnp.bool_),
+        "cut": ((b, t), jnp.bool_),
         "codes": ((b, t, num_tokens(cfg.model)), jnp.int32),
     }
     return {
@@ -82,7 +95,12 @@ def batch_specs(cfg: Config, mesh: Mesh, rules: Any) -> dict[str, jax.ShapeDtype
 
 
 def jit_train_step(
-    cfg: Config, mesh: Mesh, rules: Any, shardings: Any, frozen_shardings: Any = None, fields: dict[str, int] | None = None
+    cfg: Config,
+    mesh: Mesh,
+    rules: Any,
+    shardings: Any,
+    frozen_shardings: Any = None,
+    fields: dict[str, int] | None = None,
 ) -> Callable[..., Any]:
     """The train step under `jax.jit` with explicit shardings and the state donated.
 

@@ -20,9 +20,11 @@ def decompose(metrics: dict) -> dict[str, list[float]]:
     delta = metrics["controllability"]["delta_psnr_per_horizon"]
     mse = [10 ** (-p / 10) for p in psnr]
     effect = [m * (10 ** (d / 10) - 1) for m, d in zip(mse, delta)]
-    return {"observed": delta,
-            "if_constant": [10 * math.log10(1 + effect[0] / m) for m in mse],
-            "kept": [e / effect[0] for e in effect]}
+    return {
+        "observed": delta,
+        "if_constant": [10 * math.log10(1 + effect[0] / m) for m in mse],
+        "kept": [e / effect[0] for e in effect],
+    }
 
 
 if __name__ == "__main__":

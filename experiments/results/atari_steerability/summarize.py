@@ -23,7 +23,7 @@ def load_runs(root: Path) -> dict[str, list[dict]]:
     for run in sorted(root.iterdir()):
         metrics = run / "eval" / "metrics.json"
         if run.name.startswith("arm-") and metrics.exists():
-            games[run.name[len("arm-"):].split("_seed-")[0]].append(json.loads(metrics.read_text()))
+            games[run.name[len("arm-") :].split("_seed-")[0]].append(json.loads(metrics.read_text()))
     return games
 
 
@@ -37,21 +37,26 @@ def game_table(name: str, runs: list[dict]) -> str:
     """Markdown: the headline figures, then model vs copy-last PSNR per horizon."""
     cf = [r["counterfactual"] for r in runs]
     lines = [
-        f"### {name} ({len(runs)} seeds)", "",
-        "| figure | mean ± std (min … max) over seeds |", "|---|---|",
+        f"### {name} ({len(runs)} seeds)",
+        "",
+        "| figure | mean ± std (min … max) over seeds |",
+        "|---|---|",
         f"| counterfactual margin, model (dB) | {spread([c['margin_db'] for c in cf])} |",
         f"| counterfactual margin, copy-last (dB) | {spread([c['copy_last']['margin_db'] for c in cf])} |",
         f"| clips whose counterfactual truth differs | {spread([c['counterfactual_truth_differs_fraction'] for c in cf])} |",
         f"| ΔtPSNR t=4 (dB) | {spread([r['controllability']['delta_psnr_t4'] for r in runs])} |",
         f"| tokenizer PSNR (dB) | {spread([r['tokenizer']['psnr'] for r in runs])} |",
-        "", "| horizon | model PSNR (dB) | copy-last PSNR (dB) | model − copy-last (dB) | seeds where model wins |",
+        "",
+        "| horizon | model PSNR (dB) | copy-last PSNR (dB) | model − copy-last (dB) | seeds where model wins |",
         "|---|---|---|---|---|",
     ]
     model = np.array([r["rollout"]["psnr"] for r in runs])
     copy = np.array([r["baseline_copy_last"]["psnr"] for r in runs])
     for h, (m, c) in enumerate(zip(model.T, copy.T), start=1):
-        lines.append(f"| {h} | {m.mean():.2f} ± {m.std(ddof=1):.2f} | {c.mean():.2f} ± {c.std(ddof=1):.2f} "
-                     f"| {(m - c).mean():+.2f} ± {(m - c).std(ddof=1):.2f} | {(m > c).sum()}/{len(runs)} |")
+        lines.append(
+            f"| {h} | {m.mean():.2f} ± {m.std(ddof=1):.2f} | {c.mean():.2f} ± {c.std(ddof=1):.2f} "
+            f"| {(m - c).mean():+.2f} ± {(m - c).std(ddof=1):.2f} | {(m > c).sum()}/{len(runs)} |"
+        )
     return "\n".join(lines)
 
 

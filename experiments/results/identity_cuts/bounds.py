@@ -3,6 +3,7 @@ frames (what a perfect model scores) and copy-last (the last context frame, froz
 
     .venv/bin/python experiments/results/identity_cuts/bounds.py runs/id_base_s0
 """
+
 import json
 import sys
 
@@ -24,9 +25,11 @@ def main(workdir: str) -> None:
     last_seen = np.where(seen.any(axis=1), ctx - 1 - np.argmax(seen[:, ::-1], axis=1), -1)
     reference = np.take_along_axis(crops, np.maximum(last_seen, 0)[:, None, :, None, None, None], axis=1)[:, 0]
     reference[last_seen < 0] = np.nan
-    videos = {"truth": frames[:, ctx:], "copy_last": np.repeat(frames[:, ctx - 1:ctx], horizon, axis=1)}
-    out = {name: M.identity_persistence(v, reference, boxes[:, ctx:], visible[:, ctx:], clips["cut"][:, ctx:])
-           for name, v in videos.items()}
+    videos = {"truth": frames[:, ctx:], "copy_last": np.repeat(frames[:, ctx - 1 : ctx], horizon, axis=1)}
+    out = {
+        name: M.identity_persistence(v, reference, boxes[:, ctx:], visible[:, ctx:], clips["cut"][:, ctx:])
+        for name, v in videos.items()
+    }
     print(json.dumps(out, indent=1))
 
 

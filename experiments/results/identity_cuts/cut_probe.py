@@ -4,6 +4,7 @@ the framing of another clip (the batch rolled by one), all else equal.
 
     .venv/bin/python experiments/results/identity_cuts/cut_probe.py runs/id_framebank_s0
 """
+
 import json
 import sys
 
@@ -36,7 +37,7 @@ def main(workdir: str) -> None:
     jump_other = other[:, 1:, :2] - other[:, :-1, :2]
     swapped = steps["camera"].copy()
     for b, t in zip(*np.nonzero(steps["cut"][:, 1:])):
-        swapped[b, t + 1:, :2] += jump_other[b, t] - (steps["camera"][b, t + 1, :2] - steps["camera"][b, t, :2])
+        swapped[b, t + 1 :, :2] += jump_other[b, t] - (steps["camera"][b, t + 1, :2] - steps["camera"][b, t, :2])
     apply = jax.jit(model.apply)
     out = {}
     for name, cam in (("true_framing", steps["camera"]), ("other_clip_framing", swapped)):
@@ -44,8 +45,11 @@ def main(workdir: str) -> None:
         logits = apply({"params": params}, codes[:, :-1], controls, ref)
         hit = np.asarray(predict_codes(logits, cfg.model) == codes[:, 1:]).all(axis=-1)  # [B, T-1, N]
         cut = np.asarray(controls.next_cut)
-        out[name] = {"cut_frame_token_accuracy": float(hit[cut].mean()),
-                     "other_frames_token_accuracy": float(hit[~cut].mean()), "num_cuts": int(cut.sum())}
+        out[name] = {
+            "cut_frame_token_accuracy": float(hit[cut].mean()),
+            "other_frames_token_accuracy": float(hit[~cut].mean()),
+            "num_cuts": int(cut.sum()),
+        }
     print(json.dumps(out, indent=1))
 
 

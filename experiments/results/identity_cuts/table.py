@@ -1,7 +1,8 @@
 """Per-run figures and mean ± std per arm from runs/id_<arm>_s<seed>/eval/metrics.json.
 
-    .venv/bin/python experiments/results/identity_cuts/table.py runs > experiments/results/identity_cuts/results.md
+.venv/bin/python experiments/results/identity_cuts/table.py runs > experiments/results/identity_cuts/results.md
 """
+
 import json
 import re
 import sys
@@ -10,9 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-FIGURES = [("identity_persistence", "before_cut"), ("identity_persistence", "after_cut"),
-           ("identity_persistence", "swap_margin"), ("identity_persistence", "swap_margin_after_cut"),
-           ("controllability", "delta_psnr_t4"), ("counterfactual", "agent_within_1.5px")]
+FIGURES = [
+    ("identity_persistence", "before_cut"),
+    ("identity_persistence", "after_cut"),
+    ("identity_persistence", "swap_margin"),
+    ("identity_persistence", "swap_margin_after_cut"),
+    ("controllability", "delta_psnr_t4"),
+    ("counterfactual", "agent_within_1.5px"),
+]
 
 
 def main(root: str) -> None:

@@ -13,10 +13,36 @@ The CLI (`wm_jax.cli.sweep`) parses the command line. The names below come from 
 from __future__ import annotations
 
 from wm_jax.ops.sweep.clusters import render_k8s_jobs, render_slurm_array
-from wm_jax.ops.sweep.spec import (NAME_MAX, SAFE_NAME, Plan, Run, SweepError, check_spec, combinations, finished, plan,
-                               read_spec, run_names, sweep_record, write_record)
+from wm_jax.ops.sweep.spec import (
+    NAME_MAX,
+    SAFE_NAME,
+    Plan,
+    Run,
+    SweepError,
+    check_spec,
+    combinations,
+    finished,
+    plan,
+    read_spec,
+    run_names,
+    sweep_record,
+    write_record,
+)
 
 __all__ = [
-    "NAME_MAX", "SAFE_NAME", "Plan", "Run", "SweepError", "check_spec", "combinations", "finished", "plan", "read_spec",
-    "render_k8s_jobs", "render_slurm_array", "run_names", "sweep_record", "write_record",
+    "NAME_MAX",
+    "SAFE_NAME",
+    "Plan",
+    "Run",
+    "SweepError",
+    "check_spec",
+    "combinations",
+    "finished",
+    "plan",
+    "read_spec",
+    "render_k8s_jobs",
+    "render_slurm_array",
+    "run_names",
+    "sweep_record",
+    "write_record",
 ]

@@ -12,8 +12,15 @@ from wm_jax.ops.sweep.spec import Plan, run_one_argv
 
 
 def render_slurm_array(
-    p: Plan, extra_set: list[str], *, gpus_per_node: int, time_limit: str, partition: str | None = None,
-    account: str | None = None, chdir: str | None = None, python: str | None = None,
+    p: Plan,
+    extra_set: list[str],
+    *,
+    gpus_per_node: int,
+    time_limit: str,
+    partition: str | None = None,
+    account: str | None = None,
+    chdir: str | None = None,
+    python: str | None = None,
 ) -> str:
     """An sbatch array job from the `wm launch slurm` template: task i runs `wm sweep
     run-one SPEC --index i` (requeued on exit 42 like a single run)."""
@@ -21,7 +28,9 @@ def render_slurm_array(
     allowed = "only letters, digits and _.,+@=- can go in an #SBATCH line"
     paths = "must be a path of letters, digits and _./+,@=- (it goes in an #SBATCH line)"
     job_name = launch.default_job_name(p.spec["name"])
-    launch.check_flag(launch.SLURM_TIME, time_limit, "--time", "expected [days-]hours[:minutes[:seconds]], e.g. 24:00:00")
+    launch.check_flag(
+        launch.SLURM_TIME, time_limit, "--time", "expected [days-]hours[:minutes[:seconds]], e.g. 24:00:00"
+    )
     launch.check_flag(launch.SBATCH_PATH, str(p.out), "sweep out", paths)
     launch.check_flag(launch.SBATCH_PATH, chdir, "the current directory", paths)
     extra = [f"#SBATCH --array=0-{len(p.runs) - 1}"]
@@ -34,8 +43,15 @@ def render_slurm_array(
     # The index is bash's to expand in each array task, so it stays outside the quoting.
     command = shlex.join(argv).replace(" INDEX", ' "$SLURM_ARRAY_TASK_ID"')
     return launch.render(
-        "slurm.sbatch", job_name=job_name, nodes=1, gpus_per_node=gpus_per_node, time=time_limit, chdir=chdir,
-        workdir=str(p.out), extra_directives="\n".join(extra), train_command=command,
+        "slurm.sbatch",
+        job_name=job_name,
+        nodes=1,
+        gpus_per_node=gpus_per_node,
+        time=time_limit,
+        chdir=chdir,
+        workdir=str(p.out),
+        extra_directives="\n".join(extra),
+        train_command=command,
     )
 
 
@@ -44,8 +60,16 @@ def render_k8s_jobs(p: Plan, *, namespace: str, gpus_per_node: int, image: str, 
     The Jobs train only: run `wm sweep SPEC` afterwards for the evaluations (training is skipped)."""
     prefix = launch.default_job_name(p.spec["name"])[:40].rstrip("-")
     docs = [
-        launch.render_k8s(run.config, run.workdir, name=f"{prefix}-{run.index}", namespace=namespace, nodes=1,
-                          gpus_per_node=gpus_per_node, image=image, pvc=pvc)
+        launch.render_k8s(
+            run.config,
+            run.workdir,
+            name=f"{prefix}-{run.index}",
+            namespace=namespace,
+            nodes=1,
+            gpus_per_node=gpus_per_node,
+            image=image,
+            pvc=pvc,
+        )
         for run in p.runs
     ]
     return "---\n".join(docs)

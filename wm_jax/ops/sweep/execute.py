@@ -80,7 +80,9 @@ def run_parallel(p: Plan, todo: list[Run], parallel: int, extra_set: list[str]) 
                 Path(run.workdir).mkdir(parents=True, exist_ok=True)
                 log = open(Path(run.workdir) / "sweep.log", "w")
                 argv = run_one_argv(str(Path(p.spec_path).resolve()), run.index, extra_set)
-                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                proc = subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+                )
                 running.append((run, proc, log))
                 print(f"sweep: started {run.name} (pid {proc.pid})", file=sys.stderr)
             for item in [x for x in running if x[1].poll() is not None]:
@@ -119,5 +121,3 @@ def run_local(p: Plan, parallel: int = 1, extra_set: list[str] = ()) -> dict[str
     for name, code in codes.items():
         status[name] = "ran" if code == 0 else f"failed (exit {code})"
     return {r.name: status.get(r.name, "not started") for r in p.runs}
-
-

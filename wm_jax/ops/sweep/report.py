@@ -104,14 +104,27 @@ def _groups(p: Plan) -> dict[str, list[Run]]:
 def results_markdown(p: Plan, rows: list[dict[str, Any]], metrics: list[str]) -> str:
     keys = p.varied_keys
     header = ["run", "status", *keys, *metrics]
-    lines = [f"# Sweep `{p.spec['name']}`", "", f"Base config `{p.base_config}`, {len(p.runs)} runs in `{p.out / 'runs'}`.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"# Sweep `{p.spec['name']}`",
+        "",
+        f"Base config `{p.base_config}`, {len(p.runs)} runs in `{p.out / 'runs'}`.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row[h]) if h in keys or h in metrics else str(row[h]) for h in header) + " |")
+        lines.append(
+            "| " + " | ".join(_cell(row[h]) if h in keys or h in metrics else str(row[h]) for h in header) + " |"
+        )
     groups = _groups(p)
     by_name = {row["run"]: row for row in rows}
-    lines += ["", "## Summary: mean ± std across seeds (present/runs)", "",
-              "| setting | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    lines += [
+        "",
+        "## Summary: mean ± std across seeds (present/runs)",
+        "",
+        "| setting | " + " | ".join(metrics) + " |",
+        "|" + "---|" * (len(metrics) + 1),
+    ]
     for label, runs in groups.items():
         cells = [summarize([by_name[r.name][m] for r in runs]) for m in metrics]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -141,7 +154,9 @@ def plot_loss_curves(p: Plan, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     missing = []
     for run in p.runs:
-        rows = [r for r in telemetry.read_metrics(Path(run.workdir) / "metrics.jsonl") if _number(r.get("loss")) is not None]
+        rows = [
+            r for r in telemetry.read_metrics(Path(run.workdir) / "metrics.jsonl") if _number(r.get("loss")) is not None
+        ]
         if rows:
             ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=run.name)
         else:
@@ -183,8 +198,15 @@ def plot_metric(p: Plan, rows: list[dict[str, Any]], metric: str, key: str, out:
                 missing_x.append(x)
         ax.errorbar(xs, means, yerr=stds, fmt="o-", capsize=4, label=label or None)
         if missing_x:
-            ax.plot(missing_x, [0] * len(missing_x), "x", color="red", transform=ax.get_xaxis_transform(),
-                    clip_on=False, label="missing")
+            ax.plot(
+                missing_x,
+                [0] * len(missing_x),
+                "x",
+                color="red",
+                transform=ax.get_xaxis_transform(),
+                clip_on=False,
+                label="missing",
+            )
     ax.set_xticks(xs, [_cell(v) for v in decoded])  # ticks at the swept values only
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
@@ -205,15 +227,27 @@ def write_report(p: Plan) -> dict[str, Any]:
     keys = p.varied_keys
     rows = []
     for run in p.runs:
-        rows.append({"run": run.name, "status": _run_status(run, with_eval), **{k: run.varied.get(k) for k in keys},
-                     **collect(run, metrics)})
+        rows.append(
+            {
+                "run": run.name,
+                "status": _run_status(run, with_eval),
+                **{k: run.varied.get(k) for k in keys},
+                **collect(run, metrics),
+            }
+        )
     p.out.mkdir(parents=True, exist_ok=True)
     with open(p.out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "status", *keys, *metrics])
         for row in rows:  # an empty cell is a missing value
-            writer.writerow([row["run"], row["status"], *[_cell(row[k]) for k in keys],
-                             *["" if row[m] is None else repr(row[m]) for m in metrics]])
+            writer.writerow(
+                [
+                    row["run"],
+                    row["status"],
+                    *[_cell(row[k]) for k in keys],
+                    *["" if row[m] is None else repr(row[m]) for m in metrics],
+                ]
+            )
     (p.out / "results.md").write_text(results_markdown(p, rows, metrics))
     files = ["results.csv", "results.md", "loss_curves.png"]
     plot_loss_curves(p, p.out / "loss_curves.png")

@@ -48,14 +48,23 @@ DISTRIBUTIONS = ("choice", "uniform", "loguniform")
 # Top-level groups of eval/metrics.json (wm_jax/eval/evaluate.py) a metric path may start
 # with; `train.<column>` is the last logged value of a metrics.jsonl column.
 EVAL_GROUPS = (
-    "step", "num_clips", "tokenizer", "rollout", "rollout_random_actions", "baseline_copy_last",
-    "controllability", "action_following", "camera_following", "identity_persistence", "object_permanence",
-    "counterfactual", "action_probe", "sampling",
+    "step",
+    "num_clips",
+    "tokenizer",
+    "rollout",
+    "rollout_random_actions",
+    "baseline_copy_last",
+    "controllability",
+    "action_following",
+    "camera_following",
+    "identity_persistence",
+    "object_permanence",
+    "counterfactual",
+    "action_probe",
+    "sampling",
 )
 NAME_MAX = 80  # run names longer than this are cut and made unique with a hash
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
 
 
 class SweepError(ConfigError):
@@ -115,15 +124,24 @@ def check_spec(spec: dict[str, Any]) -> None:
     for field in ("name", "base"):
         _need(field in spec, f"sweep spec field '{field}' is required")
     name = spec["name"]
-    _need(isinstance(name, str) and bool(SAFE_NAME.match(name)),
-          f"sweep spec field 'name' must be letters, digits and _.- ; got {name!r}")
-    _need(isinstance(spec["base"], str) and bool(spec["base"]),
-          f"sweep spec field 'base' must be a preset name or config path; got {spec['base']!r}")
+    _need(
+        isinstance(name, str) and bool(SAFE_NAME.match(name)),
+        f"sweep spec field 'name' must be letters, digits and _.- ; got {name!r}",
+    )
+    _need(
+        isinstance(spec["base"], str) and bool(spec["base"]),
+        f"sweep spec field 'base' must be a preset name or config path; got {spec['base']!r}",
+    )
     fixed = spec.get("set", [])
-    _need(isinstance(fixed, (list, dict)), f"sweep spec field 'set' must be a list of key=value or a mapping; got {fixed!r}")
+    _need(
+        isinstance(fixed, (list, dict)),
+        f"sweep spec field 'set' must be a list of key=value or a mapping; got {fixed!r}",
+    )
     if isinstance(fixed, list):
         for item in fixed:
-            _need(isinstance(item, str) and "=" in item, f"sweep spec field 'set': item {item!r} must look like key=value")
+            _need(
+                isinstance(item, str) and "=" in item, f"sweep spec field 'set': item {item!r} must look like key=value"
+            )
     grid = spec.get("grid", {})
     _need(isinstance(grid, dict), f"sweep spec field 'grid' must map config keys to lists of values; got {grid!r}")
     for key, values in grid.items():
@@ -135,11 +153,17 @@ def check_spec(spec: dict[str, Any]) -> None:
         check_random(spec["random"])
     seeds = spec.get("seeds")
     if seeds is not None:
-        _need(isinstance(seeds, list) and len(seeds) > 0, f"sweep spec field 'seeds' must be a non-empty list of ints; got {seeds!r}")
+        _need(
+            isinstance(seeds, list) and len(seeds) > 0,
+            f"sweep spec field 'seeds' must be a non-empty list of ints; got {seeds!r}",
+        )
         for s in seeds:
             _need(isinstance(s, int) and not isinstance(s, bool), f"sweep spec field 'seeds': {s!r} is not an int")
         _need(len(set(seeds)) == len(seeds), f"sweep spec field 'seeds' repeats a seed: {seeds}")
-    _need(isinstance(spec.get("eval", False), bool), f"sweep spec field 'eval' must be true or false; got {spec.get('eval')!r}")
+    _need(
+        isinstance(spec.get("eval", False), bool),
+        f"sweep spec field 'eval' must be true or false; got {spec.get('eval')!r}",
+    )
     _need(isinstance(spec.get("out", ""), str), f"sweep spec field 'out' must be a path; got {spec.get('out')!r}")
     metrics = spec.get("metrics", [])
     _need(isinstance(metrics, list), f"sweep spec field 'metrics' must be a list of dotted paths; got {metrics!r}")
@@ -149,11 +173,19 @@ def check_spec(spec: dict[str, Any]) -> None:
 
 def check_arms(arms: Any) -> None:
     """`arms: {name: {key: value, ...}, ...}`: named override sets (an arm may be empty: the base)."""
-    _need(isinstance(arms, dict) and len(arms) > 0, f"sweep spec field 'arms' must map arm names to overrides; got {arms!r}")
+    _need(
+        isinstance(arms, dict) and len(arms) > 0,
+        f"sweep spec field 'arms' must map arm names to overrides; got {arms!r}",
+    )
     for name, overrides in arms.items():
-        _need(isinstance(name, str) and bool(SAFE_NAME.match(name)),
-              f"sweep spec field 'arms': arm name {name!r} must be letters, digits and _.-")
-        _need(isinstance(overrides, dict), f"sweep spec field 'arms.{name}' must map config keys to values; got {overrides!r}")
+        _need(
+            isinstance(name, str) and bool(SAFE_NAME.match(name)),
+            f"sweep spec field 'arms': arm name {name!r} must be letters, digits and _.-",
+        )
+        _need(
+            isinstance(overrides, dict),
+            f"sweep spec field 'arms.{name}' must map config keys to values; got {overrides!r}",
+        )
 
 
 def arm_overrides(spec: dict[str, Any], arm: str | None) -> list[str]:
@@ -167,35 +199,66 @@ def check_random(random: Any) -> None:
     for field in random:
         _need(field in RANDOM_FIELDS, f"unknown field 'random.{field}'" + closest(str(field), list(RANDOM_FIELDS)))
     samples = random.get("samples")
-    _need(isinstance(samples, int) and not isinstance(samples, bool) and samples > 0,
-          f"sweep spec field 'random.samples' must be an int > 0; got {samples!r}")
+    _need(
+        isinstance(samples, int) and not isinstance(samples, bool) and samples > 0,
+        f"sweep spec field 'random.samples' must be an int > 0; got {samples!r}",
+    )
     seed = random.get("seed", 0)
-    _need(isinstance(seed, int) and not isinstance(seed, bool), f"sweep spec field 'random.seed' must be an int; got {seed!r}")
+    _need(
+        isinstance(seed, int) and not isinstance(seed, bool),
+        f"sweep spec field 'random.seed' must be an int; got {seed!r}",
+    )
     keys = random.get("keys")
-    _need(isinstance(keys, dict) and len(keys) > 0, f"sweep spec field 'random.keys' must map config keys to distributions; got {keys!r}")
+    _need(
+        isinstance(keys, dict) and len(keys) > 0,
+        f"sweep spec field 'random.keys' must map config keys to distributions; got {keys!r}",
+    )
     for key, dist in keys.items():
         where = f"random.keys.{key}"
-        _need(isinstance(dist, dict) and len(dist) == 1,
-              f"sweep spec field '{where}' must be one of {{choice: [...]}}, {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}; got {dist!r}")
-        (kind, args), = dist.items()
-        _need(kind in DISTRIBUTIONS, f"sweep spec field '{where}': unknown distribution '{kind}'" + closest(str(kind), list(DISTRIBUTIONS)))
+        _need(
+            isinstance(dist, dict) and len(dist) == 1,
+            f"sweep spec field '{where}' must be one of {{choice: [...]}}, {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}; got {dist!r}",
+        )
+        ((kind, args),) = dist.items()
+        _need(
+            kind in DISTRIBUTIONS,
+            f"sweep spec field '{where}': unknown distribution '{kind}'" + closest(str(kind), list(DISTRIBUTIONS)),
+        )
         if kind == "choice":
-            _need(isinstance(args, list) and len(args) > 0, f"sweep spec field '{where}.choice' must be a non-empty list; got {args!r}")
+            _need(
+                isinstance(args, list) and len(args) > 0,
+                f"sweep spec field '{where}.choice' must be a non-empty list; got {args!r}",
+            )
             continue
-        numbers = isinstance(args, list) and len(args) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in args)
-        _need(numbers and args[0] < args[1], f"sweep spec field '{where}.{kind}' must be [lo, hi] with lo < hi; got {args!r}")
+        numbers = (
+            isinstance(args, list)
+            and len(args) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args)
+        )
+        _need(
+            numbers and args[0] < args[1],
+            f"sweep spec field '{where}.{kind}' must be [lo, hi] with lo < hi; got {args!r}",
+        )
         _need(kind != "loguniform" or args[0] > 0, f"sweep spec field '{where}.loguniform' needs lo > 0; got {args!r}")
 
 
 def check_metric(path: Any, with_eval: bool) -> None:
     """A metric is `train.<column>` or a path into eval/metrics.json (which needs eval: true)."""
-    _need(isinstance(path, str) and bool(path), f"sweep metric {path!r} must be a dotted path, e.g. controllability.delta_psnr")
+    _need(
+        isinstance(path, str) and bool(path),
+        f"sweep metric {path!r} must be a dotted path, e.g. controllability.delta_psnr",
+    )
     group = path.split(".", 1)[0]
     if group == "train":
-        _need("." in path and bool(path.split(".", 1)[1]), f"sweep metric '{path}': name the metrics.jsonl column, e.g. train.loss")
+        _need(
+            "." in path and bool(path.split(".", 1)[1]),
+            f"sweep metric '{path}': name the metrics.jsonl column, e.g. train.loss",
+        )
         return
-    _need(group in EVAL_GROUPS, f"sweep metric '{path}': unknown group '{group}'" + closest(group, ["train", *EVAL_GROUPS]))
+    _need(
+        group in EVAL_GROUPS,
+        f"sweep metric '{path}': unknown group '{group}'" + closest(group, ["train", *EVAL_GROUPS]),
+    )
     _need(with_eval, f"sweep metric '{path}' is read from eval/metrics.json: set 'eval: true' in the spec")
 
 
@@ -218,7 +281,7 @@ def sample_random(random: dict[str, Any]) -> list[dict[str, Any]]:
     for _ in range(random["samples"]):
         draw = {}
         for key in sorted(random["keys"]):  # sorted: the order in the file does not change the draws
-            (kind, args), = random["keys"][key].items()
+            ((kind, args),) = random["keys"][key].items()
             if kind == "choice":
                 draw[key] = args[int(rng.integers(len(args)))]
             elif kind == "uniform":
@@ -305,12 +368,16 @@ def check_runnable(run: Run) -> None:
     from wm_jax.stages import frozen_workdirs, get_stage  # JAX: not for the parser (`plan` has imported it)
 
     if not run.config.data.dir and not run.config.data.mixture:
-        raise SweepError(f"run {run.name}: config key 'data.dir' is empty: set it in the spec or with --set data.dir=DIR")
+        raise SweepError(
+            f"run {run.name}: config key 'data.dir' is empty: set it in the spec or with --set data.dir=DIR"
+        )
     for stage, path in frozen_workdirs(run.config).items():
         key = get_stage(stage).workdir_key
         if not path:
-            raise SweepError(f"run {run.name}: config key '{key}' is empty: a {run.config.train.stage} sweep needs a "
-                             f"trained {stage} run (--set {key}=RUN)")
+            raise SweepError(
+                f"run {run.name}: config key '{key}' is empty: a {run.config.train.stage} sweep needs a "
+                f"trained {stage} run (--set {key}=RUN)"
+            )
 
 
 def plan(spec_path: str | Path, extra_set: list[str] = (), *, runnable: bool = True) -> Plan:
@@ -327,7 +394,9 @@ def plan(spec_path: str | Path, extra_set: list[str] = (), *, runnable: bool = T
             _need(key not in swept, f"config key '{key}' is set by arm '{arm}' and swept: keep one")
     for key in [*swept, *{k for o in spec.get("arms", {}).values() for k in o}]:
         _need(key not in fixed_keys, f"config key '{key}' is both swept and fixed (set/--set): keep one")
-        _need(key != "seed" or spec.get("seeds") is None, "config key 'seed' is swept: use the spec field 'seeds' alone")
+        _need(
+            key != "seed" or spec.get("seeds") is None, "config key 'seed' is swept: use the spec field 'seeds' alone"
+        )
     try:
         base_cfg = config_lib.load(base, fixed)
     except ConfigError as e:
