@@ -3,6 +3,7 @@
     GET    /                          the play page (static/play.html; no token needed: it holds no data)
     GET    /v1/health                 {"ok": true, "queue": pending steps, **Engine.info()}
     POST   /v1/sessions               {"clip": 0, "seed": 0} -> {"session", "index", "context_frames", "frame"}
+                                      or {"image": base64 PNG/JPEG, "seed": 0}: that picture held still as the context
     POST   /v1/sessions/{id}/step     {"action": 0, "camera": {"pan": [dx, dy], "tilt": dy, "dolly": dz},
                                        "cut": false, "format": "png" | "rgb"} -> {"session", "index", "frame"}
     DELETE /v1/sessions/{id}          -> {"deleted": id}
@@ -13,9 +14,10 @@
 A frame is {"format": "png", "data": base64 PNG} or {"format": "rgb", "shape": [H, W, 3],
 "data": base64 of the raw uint8 bytes, row-major}. Every field of a body is optional.
 An error is {"error": reason} with its status: 400 bad input (malformed JSON, an unknown
-key, action or type, a script error naming its line), 401 a missing or wrong bearer
-token, 404 an unknown session, 413 a body past the limit, 429 sessions or queue full, 500
-a bug (the server keeps serving either way). No request names a file on the server: a
+key, action or type, an image upload that is not base64 of a PNG or JPEG of 1..4096 px a
+side, a script error naming its line), 401 a missing or wrong bearer token, 404 an
+unknown session, 413 a body past the limit, 429 sessions or queue full, 500 a bug (the
+server keeps serving either way). No request names a file on the server: a
 script that gives `data`, `images` or `image` is refused; recordings get names chosen here.
 
 Concurrent steps are gathered (`Batcher`): a step waits up to `gather_s` for the other
@@ -27,8 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import collections
 import contextlib
+import functools
 import hmac
 import io
 import json
@@ -52,7 +56,7 @@ from wm_jax.serve.engine import CapacityError, Engine, EngineError, Frame, StepR
 
 STEP_KEYS = ("action", "camera", "cut", "format")
 CAMERA_KEYS = ("pan", "tilt", "dolly")
-SESSION_KEYS = ("clip", "seed")
+SESSION_KEYS = ("clip", "image", "seed")
 GENERATE_KEYS = ("script", "seed")
 FORMATS = ("png", "rgb")
 
@@ -86,14 +90,15 @@ def decode_frame(frame: dict[str, Any]) -> np.ndarray:
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object ({} when empty); 413 past `limit` bytes, 400 otherwise bad."""
+    too_big = f"the body may hold at most {limit} bytes (an uploaded image counts base64: 4/3 of its file)"
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise HTTPError(413 if declared.isdigit() else 400, f"the body may hold at most {limit} bytes")
+        raise HTTPError(413 if declared.isdigit() else 400, too_big)
     body = b""
     async for part in request.stream():
         body += part
         if len(body) > limit:
-            raise HTTPError(413, f"the body may hold at most {limit} bytes")
+            raise HTTPError(413, too_big)
     if not body.strip():
         return {}
     try:
@@ -110,6 +115,27 @@ def _keys(body: dict[str, Any], allowed: tuple[str, ...], what: str) -> dict[str
     if unknown:
         raise HTTPError(400, f"unknown key '{unknown[0]}' in {what}; valid keys: {list(allowed)}")
     return body
+
+
+def parse_session(body: dict[str, Any]) -> dict[str, Any]:
+    """A session body -> `Engine.create`'s keyword arguments, the image's base64 decoded to
+    the file's bytes (a string, never a path: nothing is read from the server's disk)."""
+    _keys(body, SESSION_KEYS, "a session")
+    if "clip" in body and "image" in body:
+        raise HTTPError(400, "give 'clip' (a test episode) or 'image' (an uploaded picture), not both")
+    args = {"seed": body.get("seed", 0)}
+    if "image" not in body:
+        return {**args, "clip": body.get("clip", 0)}
+    text = body["image"]
+    if not isinstance(text, str):
+        raise HTTPError(400, f"'image' must be a base64 string of a PNG or JPEG file, got {type(text).__name__}")
+    try:  # whitespace allowed: `base64 FILE` wraps its lines
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise HTTPError(400, f"'image' is not valid base64 ({e})") from None
+    if not data:
+        raise HTTPError(400, "'image' is empty")
+    return {**args, "image": data}
 
 
 def _number(value: Any, name: str) -> float:
@@ -260,8 +286,8 @@ def create_app(
         return {"ok": True, "queue": len(state["batcher"].pending), **engine.info()}
 
     async def create(request: Request) -> dict:
-        body = _keys(await read_json(request, max_body_bytes), SESSION_KEYS, "a session")
-        session, frames = await on("engine")(engine.create, body.get("clip", 0), body.get("seed", 0))
+        args = parse_session(await read_json(request, max_body_bytes))
+        session, frames = await on("engine")(functools.partial(engine.create, **args))
         return {
             "session": session,
             "index": len(frames) - 1,

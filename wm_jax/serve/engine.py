@@ -26,6 +26,8 @@ import collections
 import dataclasses
 import datetime as dt
 import functools
+import hashlib
+import io
 import math
 import secrets
 import threading
@@ -65,6 +67,39 @@ class CapacityError(EngineError):
     status = 429
 
 
+MAX_IMAGE_SIDE = 4096  # px; checked from the header, before anything is decoded
+IMAGE_FORMATS = ("PNG", "JPEG")  # the only decoders an upload reaches
+
+
+def read_image(data: bytes, size: int) -> np.ndarray:
+    """A PNG or JPEG file's bytes -> uint8 [size, size, 3] RGB: alpha dropped, grey made
+    RGB, the centre square cropped and resized (Lanczos). RequestError saying what is wrong."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, (bytes, bytearray)):
+        raise RequestError(f"the image must be a PNG or JPEG file's bytes, got {type(data).__name__}")
+    if not data:
+        raise RequestError("the image is empty (0 bytes)")
+    try:  # opening reads the header only: the size is checked before the pixels are decoded
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise RequestError("the image is not a PNG or JPEG file") from None
+    except Exception as e:  # noqa: BLE001 — PIL raises many types for a file it cannot read
+        raise RequestError(f"the image's header cannot be read ({type(e).__name__}: {e})") from None
+    w, h = image.size
+    if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE):
+        raise RequestError(f"the image is {w}x{h} px; each side must be 1..{MAX_IMAGE_SIDE} px")
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    try:
+        if image.mode.startswith("I"):  # 16-bit grey: PIL's RGB conversion would clip it, not scale it
+            image = Image.fromarray((np.asarray(image, np.int64) >> 8).clip(0, 255).astype(np.uint8))
+        square = image.convert("RGB").crop(box)
+        return np.asarray(square.resize((size, size), Image.LANCZOS), np.uint8)
+    except Exception as e:  # noqa: BLE001 — a truncated or corrupt file fails here, while decoding
+        raise RequestError(f"the {image.format} image cannot be decoded ({type(e).__name__}: {e})") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class StepRequest:
     """One frame for one session: the action id, the camera move (x, y, z per step; at a
@@ -89,7 +124,7 @@ class Frame:
 class Session:
     id: str
     row: int
-    clip: int
+    clip: int | None  # None: the context is an uploaded image
     seed: int
     frame: int  # index (and rotary position) of its newest frame: the next step's input
     segment: int  # shot of the newest frame
@@ -339,13 +374,18 @@ class Engine:
 
     # ------------------------------------------------------------------ sessions
 
-    def create(self, clip: int = 0, seed: int = 0) -> tuple[str, np.ndarray]:
+    def create(self, clip: int | None = None, seed: int = 0, image: bytes | None = None) -> tuple[str, np.ndarray]:
         """A new session whose context is the first `context_frames` frames of episode `clip`
-        of the dataset's test split, sampling (temperature > 0) from `seed` -> (its id, its
-        context frames decoded, uint8 [C, H, W, 3]: the last is the next step's input).
-        CapacityError when every row is taken (after expiring idle sessions)."""
-        clip = _integer(clip, "clip", 0, len(self._episodes) - 1)
+        (default 0) of the dataset's test split, or, given `image` (a PNG or JPEG file's
+        bytes), that image held still (`_still`), sampling (temperature > 0) from `seed` ->
+        (its id, its context frames decoded, uint8 [C, H, W, 3]: the last is the next step's
+        input). CapacityError when every row is taken (after expiring idle sessions)."""
+        if clip is not None and image is not None:
+            raise RequestError("give 'clip' (a test episode) or 'image' (an uploaded picture), not both")
+        if image is None:
+            clip = _integer(0 if clip is None else clip, "clip", 0, len(self._episodes) - 1)
         seed = _integer(seed, "seed", 0, 2**31 - 1)
+        still = None if image is None else self._still(image)  # decoded before the lock is taken
         with self._lock:
             self._expire()
             if not self._free:
@@ -353,7 +393,7 @@ class Engine:
                     f"all {self.max_sessions} sessions are in use: delete one, or wait for an idle "
                     f"one to expire ({self.idle_timeout_s:g} s)"
                 )
-            fields, context = self._context(clip)
+            fields, context = still or self._context(clip)
             row = self._free.pop()
             try:
                 frames = self._prefill(row, fields, seed)
@@ -395,6 +435,20 @@ class Engine:
             "episode": clip,
             "episode_id": int(entry["episode_id"]),
             "t": 0,
+            "frames": self.context_frames,
+        }
+        return fields, info
+
+    def _still(self, data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """An uploaded image as a context: {"frame": uint8 [C, S, S, 3], the image C times}
+        and its provenance (its sha256). No other field, so as for `wm generate`'s image
+        files the context's actions (id 0) and camera (DEFAULT_POSE) are masked as
+        unknown, without cuts; the session's first step sets its camera."""
+        frame = read_image(data, self.image_size)
+        fields = {"frame": np.repeat(frame[None], self.context_frames, axis=0)}
+        info = {
+            "image_sha256": hashlib.sha256(data).hexdigest(),
+            "image_bytes": len(data),
             "frames": self.context_frames,
         }
         return fields, info
