@@ -19,10 +19,11 @@ def free_port() -> int:
 
 def cpu_env(devices: int | None = None, base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
     """`base` (default: this environment) for a JAX child on the CPU with `devices` virtual
-    devices (None: XLA's one), plus `extra`."""
+    devices (None: XLA's one; its other XLA_FLAGS kept), plus `extra`."""
     env = dict(os.environ if base is None else base, JAX_PLATFORMS="cpu", **extra)
     if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        inherited = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+        env["XLA_FLAGS"] = " ".join([*inherited, f"--xla_force_host_platform_device_count={devices}"])
     return env
 
 
