@@ -1,10 +1,12 @@
 """Summarises the Atari steerability sweep per game: counterfactual margin (mean ± std over
 seeds) and rollout PSNR vs copy-last at every horizon.
 
-    python experiments/results/atari_steerability/summarize.py runs/sweeps/atari_steerability/runs
+    python experiments/results/atari_steerability/summarize.py runs/sweeps/atari_steerability/runs [EVAL]
 
-Each run directory is `arm-GAME_seed-S` with `eval/metrics.json` (`wm eval`'s output).
-Prints a markdown table per game; nothing is written.
+Each run directory is `arm-GAME_seed-S` with `EVAL/metrics.json` (`wm eval`'s output;
+EVAL defaults to `eval`, the sweep's own; e.g. `eval_carry` for a `wm eval --out
+RUN/eval_carry --set eval.render=carry`). Prints a markdown table per game; nothing is
+written.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 
-def load_runs(root: Path) -> dict[str, list[dict]]:
-    """Game name -> the eval metrics of each of its seeds (runs without metrics skipped)."""
+def load_runs(root: Path, eval_dir: str = "eval") -> dict[str, list[dict]]:
+    """Game name -> the eval metrics (`eval_dir`/metrics.json) of each of its seeds (runs
+    without metrics skipped)."""
     games: dict[str, list[dict]] = defaultdict(list)
     for run in sorted(root.iterdir()):
-        metrics = run / "eval" / "metrics.json"
+        metrics = run / eval_dir / "metrics.json"
         if run.name.startswith("arm-") and metrics.exists():
             games[run.name[len("arm-") :].split("_seed-")[0]].append(json.loads(metrics.read_text()))
     return games
@@ -60,10 +63,10 @@ def game_table(name: str, runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(root: str) -> None:
-    for name, runs in load_runs(Path(root)).items():
+def main(root: str, eval_dir: str = "eval") -> None:
+    for name, runs in load_runs(Path(root), eval_dir).items():
         print(game_table(name, runs), end="\n\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
