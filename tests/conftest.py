@@ -47,6 +47,13 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 
+def optimized_xla_env() -> dict[str, str]:
+    """This environment with XLA's default optimisation (for a child process that trains
+    long enough for run time, not compile time, to dominate)."""
+    flags = os.environ.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "").strip()
+    return {**os.environ, "XLA_FLAGS": flags}
+
+
 def without_session_compile_cache() -> dict[str, str]:
     """This environment without the session's compilation cache (for a child process)."""
     return {k: v for k, v in os.environ.items() if k not in COMPILE_CACHE_ENV}
