@@ -84,12 +84,16 @@ def test_keys_steer_and_match_the_engine(page, server, tmp_path):
     assert right[5]["camera"] == {"pan": [2, 0]} and right[6]["cut"] is True
     left = play(page, [("key", "ArrowLeft"), ("key", "a"), ("key", "ArrowLeft"), ("key", "a")])
     assert [h["action"] for h in left[1:]] == [3, 3, 3, 3]
-    a, b = shown(right), shown(left)
-    np.testing.assert_array_equal(a[0], b[0])  # the same context
-    assert any(not np.array_equal(x, y) for x, y in zip(a[1:5], b[1:5])), "different keys gave the same frames"
+    a, b = np.asarray(shown(right), int), np.asarray(shown(left), int)
+    # Frames are compared up to XLA CPU's call-to-call float noise (jax-ml/jax#39741: 1-2
+    # levels on the tiny model's near-uniform grey, seen in CI): far below what different keys do.
+    keys = np.abs(a[1:5] - b[1:5]).mean()
+    assert keys > 0, "different keys gave the same frames"
+    close = lambda x, y: np.abs(x - y).max() <= 2 and np.abs(x - y).mean() <= keys / 4
+    assert close(a[0], b[0])  # the same context
     for history, frames in ((right, a), (left, b)):
         for k, (mine, theirs) in enumerate(zip(frames, replay(server.url, history))):
-            np.testing.assert_array_equal(mine, theirs, err_msg=f"frame {k} differs from the engine's")
+            assert close(mine, np.asarray(theirs, int)), f"frame {k} differs from the engine's"
     assert page.inner_text("#fps") != "–" and float(page.inner_text("#latency")) >= 0
     page.screenshot(path=str(os.environ.get("WM_PLAY_SCREENSHOT") or tmp_path / "play.png"))
 
