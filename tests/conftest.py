@@ -156,3 +156,20 @@ def server(serve_model, tmp_path_factory):
     with BackgroundServer(create_app(engine, record_dir=record_dir, max_queue=4 * SERVE_SESSIONS)) as running:
         running.engine, running.record_dir = engine, record_dir
         yield running
+
+
+def assert_error(reply, status, *words):
+    """An HTTP reply (httpx) of `status` whose JSON error message holds every one of `words`."""
+    assert reply.status_code == status, reply.text
+    message = reply.json()["error"]
+    assert all(w in message for w in words), message
+
+
+@pytest.fixture
+def client(server):
+    """An HTTP client of the shared server; after the test, the server still answers."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+        assert c.get("/v1/health").status_code == 200  # whatever the test sent

@@ -10,6 +10,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import assert_error
 
 from wm_jax.inference import watermark
 from wm_jax.serve.app import BackgroundServer, create_app, decode_frame
@@ -27,19 +28,6 @@ def new_session(client, **body):
     reply = client.post("/v1/sessions", json=body)
     assert reply.status_code == 200, reply.text
     return reply.json()
-
-
-def assert_error(reply, status, *words):
-    assert reply.status_code == status, reply.text
-    message = reply.json()["error"]
-    assert all(w in message for w in words), message
-
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-        assert c.get("/v1/health").status_code == 200  # whatever the test sent, the server still answers
 
 
 def test_health_page_and_a_session_lifecycle(client, server):

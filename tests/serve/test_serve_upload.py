@@ -10,10 +10,10 @@ import struct
 import textwrap
 import zlib
 
-import httpx
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from conftest import assert_error
 
 from wm_jax.inference import watermark
 from wm_jax.serve.app import decode_frame
@@ -30,19 +30,6 @@ def png_header(width: int, height: int) -> bytes:
     chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
-
-
-def assert_error(reply, status, *words):
-    assert reply.status_code == status, reply.text
-    message = reply.json()["error"]
-    assert all(w in message for w in words), message
-
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-        assert c.get("/v1/health").status_code == 200  # whatever the test sent, the server still answers
 
 
 def start(client, image: str, **body) -> dict:
