@@ -211,11 +211,11 @@ def metric_bar_groups(result: dict) -> list[tuple[str, list[tuple[str, float]]]]
     `result` (a metrics dict, before or after `json_safe`) in `METRIC_PANELS`; per-horizon
     lists are averaged over the horizon. Bars without a value (absent group, None or NaN)
     are dropped, then panels left without a bar."""
-    kept = [
+    values = [
         (title, [(label, _finite_mean(_lookup(result, *path))) for label, path in bars])
         for title, bars in METRIC_PANELS
     ]
-    kept = [(title, [(label, v) for label, v in bars if v is not None]) for title, bars in kept]
+    kept = [(title, [(label, v) for label, v in bars if v is not None]) for title, bars in values]
     return [(title, bars) for title, bars in kept if bars]
 
 
