@@ -266,3 +266,30 @@ def test_report_shows_missing_runs(tmp_path, capsys):
     md = (tmp_path / "sweep" / "results.md").read_text()
     assert "missing (0/2)" in md
     assert (tmp_path / "sweep" / "train.loss_vs_learning_rate.png").is_file()
+
+
+def test_report_tabulates_and_plots_per_step_metrics(tmp_path, capsys):
+    # Hand-written eval outputs (the report reads them; what wrote them does not matter):
+    # PSNR per horizon step of different lengths, one run without an evaluation.
+    path = _spec(tmp_path, seeds=[0, 1], eval=True, metrics=["rollout.psnr", "tokenizer.psnr"])
+    assert _wm(capsys, "sweep", "report", path)[0] == 0
+    names = [r["run"] for r in csv.DictReader(open(tmp_path / "sweep" / "results.csv"))]
+    series = {
+        "learning_rate-0.001_seed-0": [20.0, 18.0, 16.0, 15.0],
+        "learning_rate-0.001_seed-1": [22.0, 20.0, 18.0, 17.0],
+        "learning_rate-0.002_seed-0": [19.0, 17.0],
+    }
+    assert set(series) < set(names)
+    for name, psnr in series.items():
+        (tmp_path / "sweep" / "runs" / name / "eval").mkdir(parents=True)
+        metrics = {"rollout": {"psnr": psnr}, "tokenizer": {"psnr": 25.0}}
+        (tmp_path / "sweep" / "runs" / name / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    assert _wm(capsys, "sweep", "report", path)[0] == 0
+    md = (tmp_path / "sweep" / "results.md").read_text()
+    table = md[md.index("## `rollout.psnr` per step") :]
+    assert "| setting | step 1 | step 2 | step 4 |" in table  # steps 1, 2, 4 and none past the last
+    assert "| train.learning_rate=0.001 | 21 ± 1.4 (2/2) | 19 ± 1.4 (2/2) | 16 ± 1.4 (2/2) |" in table
+    assert "| train.learning_rate=0.002 | 19 (1/2) | 17 (1/2) | missing (0/2) |" in table
+    assert "tokenizer.psnr` per step" not in md  # a scalar has no per-step table
+    assert (tmp_path / "sweep" / "rollout.psnr_per_step.png").stat().st_size > 1000
+    assert "![rollout.psnr_per_step.png](rollout.psnr_per_step.png)" in md

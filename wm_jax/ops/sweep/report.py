@@ -1,6 +1,7 @@
 """A sweep's results: each run's metrics (`train.<column>` from metrics.jsonl, others from
 eval/metrics.json) as results.csv, a markdown table with mean ± std across seeds, the loss
-curves and each metric against each swept key (`write_report`)."""
+curves, each metric against each swept key, and each per-step metric (a list, e.g. PSNR per
+horizon step) against its step (`write_report`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import numpy as np
 
 from wm_jax import telemetry
 from wm_jax.ops.sweep.spec import Plan, Run, finished, short_keys
+
+SERIES_TABLE_STEPS = (1, 2, 4, 8, 16, 32)  # the steps a per-step metric's table shows
 
 
 def lookup(tree: Any, path: str) -> Any:
@@ -44,15 +47,19 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def _evaluation(run: Run) -> dict | None:
+    """The run's eval/metrics.json, or None where it is missing or unreadable."""
+    try:
+        return json.loads((Path(run.workdir) / "eval" / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def collect(run: Run, metrics: list[str]) -> dict[str, float | None]:
     """Each metric of a run: `train.<col>` from metrics.jsonl (last logged value), others from
     eval/metrics.json. None: missing."""
-    workdir = Path(run.workdir)
-    rows = telemetry.read_metrics(workdir / "metrics.jsonl")
-    try:
-        evaluation = json.loads((workdir / "eval" / "metrics.json").read_text())
-    except (OSError, ValueError):
-        evaluation = None
+    rows = telemetry.read_metrics(Path(run.workdir) / "metrics.jsonl")
+    evaluation = _evaluation(run)
     values = {}
     for m in metrics:
         if m.startswith("train."):
@@ -62,6 +69,17 @@ def collect(run: Run, metrics: list[str]) -> dict[str, float | None]:
         else:
             values[m] = _number(lookup(evaluation, m)) if evaluation is not None else None
     return values
+
+
+def collect_series(run: Run, metric: str) -> list[float] | None:
+    """A per-step eval metric of a run (a list of numbers in eval/metrics.json, e.g. PSNR per
+    horizon step), or None where it is missing or not a list."""
+    evaluation = _evaluation(run)
+    value = lookup(evaluation, metric) if evaluation is not None else None
+    if not isinstance(value, list) or not value:
+        return None
+    numbers = [_number(v) for v in value]
+    return None if None in numbers else numbers
 
 
 def _run_status(run: Run, with_eval: bool) -> str:
@@ -101,7 +119,11 @@ def _groups(p: Plan) -> dict[str, list[Run]]:
     return groups
 
 
-def results_markdown(p: Plan, rows: list[dict[str, Any]], metrics: list[str]) -> str:
+def results_markdown(
+    p: Plan, rows: list[dict[str, Any]], metrics: list[str], per_step: dict[str, dict[str, list[list[float] | None]]]
+) -> str:
+    """The per-run table, the mean ± std summary per setting, the per-step tables of the
+    metrics in `per_step` (`series_groups`) and links to the plots."""
     keys = p.varied_keys
     header = ["run", "status", *keys, *metrics]
     lines = [
@@ -128,13 +150,53 @@ def results_markdown(p: Plan, rows: list[dict[str, Any]], metrics: list[str]) ->
     for label, runs in groups.items():
         cells = [summarize([by_name[r.name][m] for r in runs]) for m in metrics]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for metric, groups in per_step.items():
+        lines += ["", *series_markdown(metric, groups)]
     plots = ["loss_curves.png", *[f for m in metrics for f in _metric_plot_names(p, m).values()]]
+    plots += [_series_plot_name(m) for m in per_step]
     lines += [""] + [f"![{f}]({f})" for f in plots]
     return "\n".join(lines) + "\n"
 
 
+def series_groups(p: Plan, metric: str) -> dict[str, list[list[float] | None]]:
+    """Per setting (`_groups`), the per-step values of `metric` of each of its runs
+    (`collect_series`, None where missing); settings where no run has it are left out."""
+    grouped = {label: [collect_series(r, metric) for r in runs] for label, runs in _groups(p).items()}
+    return {label: found for label, found in grouped.items() if any(found)}
+
+
+def _at_step(runs: list[list[float] | None], k: int) -> list[float | None]:
+    """Each run's value at step k (1-based), None where it has none."""
+    return [s[k - 1] if s is not None and len(s) >= k else None for s in runs]
+
+
+def series_markdown(metric: str, groups: dict[str, list[list[float] | None]]) -> list[str]:
+    """Lines of a table of `metric` at steps SERIES_TABLE_STEPS (and the last step): mean ±
+    std over each setting's runs that reached the step (present/runs)."""
+    last = max(len(s) for runs in groups.values() for s in runs if s is not None)
+    steps = sorted({k for k in SERIES_TABLE_STEPS if k <= last} | {last})
+    lines = [
+        f"## `{metric}` per step: mean ± std across seeds",
+        "",
+        "| setting | " + " | ".join(f"step {k}" for k in steps) + " |",
+        "|" + "---|" * (len(steps) + 1),
+    ]
+    for label, runs in groups.items():
+        cells = [summarize(_at_step(runs, k)) for k in steps]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _safe_name(metric: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric)
+
+
+def _series_plot_name(metric: str) -> str:
+    return f"{_safe_name(metric)}_per_step.png"
+
+
 def _metric_plot_names(p: Plan, metric: str) -> dict[str, str]:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric)
+    safe = _safe_name(metric)
     short = short_keys([k for k in p.varied_keys if k != "seed"])
     return {k: f"{safe}_vs_{s}.png" for k, s in short.items()}
 
@@ -219,6 +281,29 @@ def plot_metric(p: Plan, rows: list[dict[str, Any]], metric: str, key: str, out:
     plt.close(fig)
 
 
+def plot_series(metric: str, groups: dict[str, list[list[float] | None]], out: Path) -> None:
+    """`metric` against its step (1-based), one line per setting: the mean over its runs,
+    shaded ± their std where two or more runs reached the step."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, runs in groups.items():
+        steps = np.arange(1, max(len(s) for s in runs if s is not None) + 1)
+        at = [[v for v in _at_step(runs, k) if v is not None] for k in steps]
+        mean = np.array([np.mean(v) for v in at])
+        std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in at])
+        n = sum(s is not None for s in runs)
+        (line,) = ax.plot(steps, mean, "o-", markersize=3, label=f"{label} (n={n})")
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per step\n(mean ± std over seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def write_report(p: Plan) -> dict[str, Any]:
     """Writes results.csv, results.md, loss_curves.png and `<metric>_vs_<key>.png` under the
     sweep directory; returns {'rows': [...], 'files': [...]}."""
@@ -248,8 +333,12 @@ def write_report(p: Plan) -> dict[str, Any]:
                     *["" if row[m] is None else repr(row[m]) for m in metrics],
                 ]
             )
-    (p.out / "results.md").write_text(results_markdown(p, rows, metrics))
+    per_step = {m: g for m in metrics if not m.startswith("train.") and (g := series_groups(p, m))}
+    (p.out / "results.md").write_text(results_markdown(p, rows, metrics, per_step))
     files = ["results.csv", "results.md", "loss_curves.png"]
+    for m, groups in per_step.items():
+        plot_series(m, groups, p.out / _series_plot_name(m))
+        files.append(_series_plot_name(m))
     plot_loss_curves(p, p.out / "loss_curves.png")
     for m in metrics:
         for key, name in _metric_plot_names(p, m).items():
