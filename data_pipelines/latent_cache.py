@@ -1,14 +1,20 @@
-"""Latent cache: a dataset's frames encoded once by a trained tokenizer, as FSQ token ids.
+"""Latent cache: a dataset's frames encoded once by a trained tokenizer, as FSQ token ids
+(kind "ids") or, for a continuous bottleneck, as its float latents (kind "latents").
 
 Layout::
 
     OUT/manifest.json      written last: a directory without it is an incomplete cache
     OUT/progress.json      only while a build is unfinished: what is written so far
-    OUT/<split>.zarr/      tensorstore zarr3 array of token ids, shape [R, N] for the R
-                           records of the split (record order of the dataset's shards),
-                           N tokens per frame; chunks of `chunk_records` whole records,
-                           zstd-compressed with a checksum; dtype the smallest unsigned
-                           integer holding the vocabulary prod(fsq_levels)
+    OUT/<split>.zarr/      tensorstore zarr3 array, one row per record of the split
+                           (record order of the dataset's shards): token ids [R, N] (N
+                           tokens per frame) in the smallest unsigned integer holding the
+                           vocabulary prod(fsq_levels), or latents [R, N, D] (D =
+                           latent_dim) in float16; chunks of `chunk_records` whole
+                           records, zstd-compressed with a checksum
+
+Latents are stored as float16: the continuous bottleneck bounds them with tanh to
+[-1, 1], where float16 rounds by at most 2^-12 (~2.4e-4), in half the bytes of float32;
+the diffusion losses move by ~1e-5 relative (measured: docs/data.md).
 
 Which frames are encoded together. The tokenizer's encoder attends causally across
 time and adds a per-frame temporal position (`VideoTokenizer.encode`), so a frame's codes
@@ -28,7 +34,7 @@ run again with the same arguments and writes the same bytes as one that never st
 the dataset's content hash, the tokenizer run's step, a hash of its `model.tokenizer`
 and `model.image_size` config and a fingerprint of that step's checkpoint files (so a
 tokenizer retrained to the same step in the same workdir is another tokenizer), and per
-split a sha256 over the stored token ids.
+split a sha256 over the stored values, and the kind (a manifest without one is of ids).
 `open_cache` refuses an incomplete cache, another dataset or another tokenizer;
 `verify_cache` re-hashes every split.
 
@@ -61,6 +67,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 ZSTD_LEVEL = 3
+KINDS = ("ids", "latents")
+# The dtype `LatentCache.read` returns per kind: int32 ids, float32 latents.
+READ_DTYPES = {"ids": np.dtype(np.int32), "latents": np.dtype(np.float32)}
+# The stored dtype of latents (tanh-bounded to [-1, 1]: float16 rounds them by <= 2^-12).
+LATENT_DTYPE = np.dtype(np.float16)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -87,16 +98,33 @@ class TokenizerIdentity:
 class CacheEncoder:
     """A tokenizer as the cache builder sees it. `load()` is called once the build's plan
     is checked (restoring parameters is the slow part) and returns `encode`: uint8 frames
-    [B, C, S, S, 3] -> token ids [B, C, N] (a JAX array is fine: it is read back while the
-    next batch encodes)."""
+    [B, C, S, S, 3] -> token ids [B, C, N] of an FSQ tokenizer, or float latents
+    [B, C, N, latent_dim] of a continuous one (latent_dim > 0) (a JAX array is fine: it is
+    read back while the next batch encodes)."""
 
     identity: TokenizerIdentity
     load: Callable[[], Callable[[np.ndarray], Any]]
     image_size: int
     window_frames: int  # C: the tokenizer run's data.frames_per_clip
     tokens_per_frame: int
-    fsq_levels: tuple[int, ...]
+    fsq_levels: tuple[int, ...]  # () for a continuous tokenizer
     dtype: str  # the model's activation dtype, recorded in the manifest
+    latent_dim: int = 0  # > 0: a continuous tokenizer, whose latents are cached
+
+    @property
+    def kind(self) -> str:
+        """What the cache stores: "ids" (FSQ token ids) or "latents"."""
+        return "latents" if self.latent_dim else "ids"
+
+    @property
+    def record_shape(self) -> tuple[int, ...]:
+        """A record's stored row: (N,) ids or (N, latent_dim) latents."""
+        return (self.tokens_per_frame,) + ((self.latent_dim,) if self.latent_dim else ())
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """`token_dtype` of the vocabulary for ids, `LATENT_DTYPE` for latents."""
+        return LATENT_DTYPE if self.latent_dim else token_dtype(math.prod(self.fsq_levels))
 
 
 def encode_windows(episodes: list[dict], window_frames: int) -> np.ndarray:
@@ -131,14 +159,15 @@ def _read_json(path: Path) -> dict:
         raise DatasetError(f"{path} is not valid JSON: {e}") from e
 
 
-def _array_spec(path: Path, records: int, tokens: int, dtype: np.dtype, chunk_records: int) -> dict:
-    """The tensorstore spec creating (or opening, if it matches) a split's zarr3 array."""
+def _array_spec(path: Path, records: int, record_shape: tuple[int, ...], dtype: np.dtype, chunk_records: int) -> dict:
+    """The tensorstore spec creating (or opening, if it matches) a split's zarr3 array
+    [records, *record_shape], chunks of whole records."""
     return {
         "driver": "zarr3",
         "kvstore": {"driver": "file", "path": str(path)},
         "metadata": {
-            "shape": [records, tokens],
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_records, tokens]}},
+            "shape": [records, *record_shape],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_records, *record_shape]}},
             "data_type": dtype.name,
             "fill_value": 0,
             "codecs": [
@@ -153,7 +182,7 @@ def _array_spec(path: Path, records: int, tokens: int, dtype: np.dtype, chunk_re
 
 
 def _read_array(store: ts.TensorStore, first: int, count: int, what: str) -> np.ndarray:
-    """Rows first..first+count-1 of a split's array in its stored dtype, [count, N]; a
+    """Rows first..first+count-1 of a split's array in its stored dtype, [count, ...]; a
     tensorstore error (a corrupt chunk) becomes a DatasetError naming `what`. (A deleted
     chunk reads as zeros, the fill value: `verify_cache`'s hashes catch it.)"""
     try:
@@ -163,8 +192,8 @@ def _read_array(store: ts.TensorStore, first: int, count: int, what: str) -> np.
 
 
 def _content_hash(store: ts.TensorStore, rows_per_read: int, what: str) -> str:
-    """sha256 over a split's token ids in record order: the little-endian bytes of the
-    stored dtype, row-major [R, N]."""
+    """sha256 over a split's stored values in record order: the little-endian bytes of
+    the stored dtype, row-major ([R, N] ids or [R, N, D] latents)."""
     digest = hashlib.sha256()
     records = store.shape[0]
     for first in range(0, records, rows_per_read):
@@ -211,9 +240,9 @@ def _span(windows: np.ndarray) -> tuple[int, int]:
     return int(windows[0, 0]), int(windows[-1].sum())
 
 
-def _unbatch(indices: np.ndarray, windows: np.ndarray) -> np.ndarray:
-    """indices [B, C, N] of a batch -> [R', N] of the records its windows cover, in order."""
-    return np.concatenate([indices[i, :length] for i, (_, length) in enumerate(windows)])
+def _unbatch(values: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """values [B, C, ...] of a batch -> [R', ...] of the records its windows cover, in order."""
+    return np.concatenate([values[i, :length] for i, (_, length) in enumerate(windows)])
 
 
 def _encode_batches(
@@ -226,18 +255,19 @@ def _encode_batches(
     write: Callable[[int, np.ndarray], None],
 ) -> None:
     """Encodes each batch of windows (int64 [<=batch_size, 2]) in order and calls
-    write(first_index + k, token ids [R', N] of the records batch k covers).
+    write(first_index + k, values [R', ...] of the records batch k covers).
 
-    encode: uint8 frames [batch_size, C, S, S, 3] -> token ids [batch_size, C, N], a JAX
-    array computed asynchronously: batch k encodes while batch k-1 is written.
+    encode: uint8 frames [batch_size, C, S, S, 3] -> ids [batch_size, C, N] or latents
+    [batch_size, C, N, D], a JAX array computed asynchronously: batch k encodes while
+    batch k-1 is written.
     read_frames(first, count): uint8 [count, S, S, 3] of consecutive records."""
     pending = None
     for k, windows in enumerate(batches, first_index):
         first, end = _span(windows)
-        ids = encode(_batch_frames(read_frames(first, end - first), windows, batch_size, window_frames))
+        values = encode(_batch_frames(read_frames(first, end - first), windows, batch_size, window_frames))
         if pending is not None:
             write(pending[0], _unbatch(np.asarray(pending[1]), pending[2]))
-        pending = (k, ids, windows)
+        pending = (k, values, windows)
     if pending is not None:
         write(pending[0], _unbatch(np.asarray(pending[1]), pending[2]))
 
@@ -288,11 +318,20 @@ def _checked_inputs(
     return data, splits
 
 
+def _kind_fields(encoder: CacheEncoder) -> dict:
+    """The manifest's description of what is stored: the kind, and the FSQ levels and
+    vocabulary of ids or the width of latents."""
+    if encoder.kind == "latents":
+        return {"kind": "latents", "latent_dim": encoder.latent_dim}
+    return {"kind": "ids", "fsq_levels": list(encoder.fsq_levels), "vocab_size": math.prod(encoder.fsq_levels)}
+
+
 def _finished_manifest(plan: dict, data: dict, encoder: CacheEncoder, entries: dict) -> dict:
     """The manifest of a cache whose splits (`entries`) are all written."""
     who = encoder.identity
     return {
         "format_version": FORMAT_VERSION,
+        **_kind_fields(encoder),
         "dataset": {"dir": plan["data_dir"], "content_hash": data["content_hash"], "frame_size": data["frame_size"]},
         "tokenizer": {
             "workdir": plan["tokenizer_workdir"],
@@ -303,9 +342,7 @@ def _finished_manifest(plan: dict, data: dict, encoder: CacheEncoder, entries: d
             "batch_size": plan["batch_size"],
             "dtype": encoder.dtype,
         },
-        "fsq_levels": list(encoder.fsq_levels),
         "tokens_per_frame": encoder.tokens_per_frame,
-        "vocab_size": math.prod(encoder.fsq_levels),
         "splits": entries,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
@@ -331,6 +368,8 @@ def _build_plan(
         "tokenizer_hash": who.config_hash,
         "tokenizer_fingerprint": who.fingerprint,
         "window_frames": encoder.window_frames,
+        "kind": encoder.kind,
+        "dtype": encoder.stored_dtype.name,
         "batch_size": batch_size,
         "chunk_records": chunk_records,
         "splits": splits,
@@ -351,9 +390,10 @@ def write_cache(
     """Encodes `splits` (default: all) of the dataset at data_dir with `encoder` into a
     latent cache at out_dir; returns its manifest.
 
-    Per split, `<out>/<split>.zarr` holds token ids [R, N] (dtype `token_dtype`), chunks
-    of [chunk_records, N]. `batch_size` windows of C frames are encoded per call (memory:
-    batch_size*C frames). After each batch is written, `progress(split, records written,
+    Per split, `<out>/<split>.zarr` holds token ids [R, N] (dtype `token_dtype`) or, for
+    a continuous tokenizer, latents [R, N, D] (`LATENT_DTYPE`), chunks of `chunk_records`
+    records (`CacheEncoder.record_shape`, `stored_dtype`). `batch_size` windows of C
+    frames are encoded per call (memory: batch_size*C frames). After each batch is written, `progress(split, records written,
     R)` is called (an exception from it stops the build like a kill would). Running again
     with the same arguments resumes an unfinished build. The dataset's shard hashes are
     verified first; DatasetError for a bad dataset, frames of another size than the
@@ -361,8 +401,7 @@ def write_cache(
     """
     root = Path(out_dir)
     data, splits = _checked_inputs(data_dir, encoder, splits, batch_size, chunk_records)
-    window_frames, tokens = encoder.window_frames, encoder.tokens_per_frame
-    dtype = token_dtype(math.prod(encoder.fsq_levels))
+    window_frames, record_shape, dtype = encoder.window_frames, encoder.record_shape, encoder.stored_dtype
     plan = _build_plan(data_dir, data["content_hash"], encoder, batch_size, chunk_records, splits)
     done = _start_progress(root, plan)
 
@@ -372,7 +411,7 @@ def write_cache(
         records = data["splits"][split]["num_records"]
         windows = encode_windows(data["splits"][split]["episodes"], window_frames)
         batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-        store = ts.open(_array_spec(root / f"{split}.zarr", records, tokens, dtype, chunk_records)).result()
+        store = ts.open(_array_spec(root / f"{split}.zarr", records, record_shape, dtype, chunk_records)).result()
         start = done.get(split, 0)
         log(
             f"{split}: {records} records in {len(windows)} windows of <= {window_frames} frames, "
@@ -380,10 +419,10 @@ def write_cache(
         )
         frames, t0 = _FrameReader(data_dir, data, split), time.perf_counter()
 
-        def write(k: int, ids: np.ndarray) -> None:
-            """Stores batch k's token ids [R', N], then records it as done."""
+        def write(k: int, values: np.ndarray) -> None:
+            """Stores batch k's ids [R', N] or latents [R', N, D], then records it as done."""
             first, end = _span(batches[k])
-            store[first:end].write(ids.astype(dtype)).result()
+            store[first:end].write(values.astype(dtype)).result()
             done[split] = k + 1
             _write_json(root / PROGRESS, {"plan": plan, "done": done})
             if progress is not None:
@@ -399,9 +438,9 @@ def write_cache(
         entries[split] = {
             "path": f"{split}.zarr",
             "records": records,
-            "shape": [records, tokens],
+            "shape": [records, *record_shape],
             "dtype": dtype.name,
-            "chunk_shape": [chunk_records, tokens],
+            "chunk_shape": [chunk_records, *record_shape],
             "content_hash": _content_hash(store, chunk_records * 16, f"split {split!r} of {root}"),
         }
     manifest = _finished_manifest(plan, data, encoder, entries)
@@ -426,6 +465,12 @@ class LatentCache:
 
     def num_records(self, split: str) -> int:
         return self._entry(split)["records"]
+
+    @property
+    def kind(self) -> str:
+        """ "ids" (FSQ token ids) or "latents" (a continuous tokenizer's); a manifest
+        written before latents were cached has no kind and holds ids."""
+        return self.manifest.get("kind", "ids")
 
     def _entry(self, split: str) -> dict:
         if split not in self.manifest["splits"]:
@@ -454,16 +499,16 @@ class LatentCache:
         return self._stores[split]
 
     def read(self, split: str, first: int, count: int) -> np.ndarray:
-        """int32 [count, N] token ids of records first..first+count-1 of `split` (one
-        tensorstore read)."""
+        """The cached values of records first..first+count-1 of `split` (one tensorstore
+        read): int32 token ids [count, N], or float32 latents [count, N, D]."""
         records = self.num_records(split)
         if not (0 <= first and 0 <= count and first + count <= records):
             raise DatasetError(
                 f"records {first}..{first + count - 1} are outside split {split!r} "
                 f"of latent cache {self.root} ({records} records)"
             )
-        ids = _read_array(self._store(split), first, count, f"split {split!r} of latent cache {self.root}")
-        return ids.astype(np.int32)
+        values = _read_array(self._store(split), first, count, f"split {split!r} of latent cache {self.root}")
+        return values.astype(READ_DTYPES[self.kind])
 
 
 def open_cache(
@@ -502,28 +547,36 @@ def open_cache(
                 f"latent cache {root} is of dataset content hash {cached} "
                 f"({manifest['dataset']['dir']}); {whose} {content_hash}"
             )
-    if expect_tokenizer is not None:
-        ours, theirs = manifest["tokenizer"], expect_tokenizer
-        if (theirs.step, theirs.config_hash, theirs.fingerprint) != (
-            ours["step"],
-            ours["config_hash"],
-            ours.get("fingerprint"),
-        ):
-            recorded = (ours.get("fingerprint") or "none recorded")[:16]
-            raise DatasetError(
-                f"latent cache {root} was encoded by tokenizer {ours['workdir']} at step {ours['step']} "
-                f"(config hash {ours['config_hash'][:16]}, parameter files {recorded}); "
-                f"{theirs.workdir} is at step {theirs.step} (config hash {theirs.config_hash[:16]}, "
-                f"parameter files {theirs.fingerprint[:16]}): build the cache again"
-            )
+    if manifest.get("kind", "ids") not in KINDS:
+        raise DatasetError(f"{root / MANIFEST}: unknown kind {manifest['kind']!r} (this code reads {KINDS})")
     cache = LatentCache(root, manifest)
+    if expect_tokenizer is not None:
+        check_tokenizer(cache, expect_tokenizer)
     for split in manifest["splits"]:
         cache._store(split)
     return cache
 
 
+def check_tokenizer(cache: LatentCache, expected: TokenizerIdentity) -> None:
+    """DatasetError naming both unless the cache was encoded by the `expected` tokenizer
+    (step, config hash and parameter files)."""
+    ours = cache.manifest["tokenizer"]
+    if (expected.step, expected.config_hash, expected.fingerprint) != (
+        ours["step"],
+        ours["config_hash"],
+        ours.get("fingerprint"),
+    ):
+        recorded = (ours.get("fingerprint") or "none recorded")[:16]
+        raise DatasetError(
+            f"latent cache {cache.root} was encoded by tokenizer {ours['workdir']} at step {ours['step']} "
+            f"(config hash {ours['config_hash'][:16]}, parameter files {recorded}); "
+            f"{expected.workdir} is at step {expected.step} (config hash {expected.config_hash[:16]}, "
+            f"parameter files {expected.fingerprint[:16]}): build the cache again"
+        )
+
+
 def verify_cache(cache_dir: str | os.PathLike) -> dict:
-    """Re-hashes every split's stored token ids and compares them with the manifest;
+    """Re-hashes every split's stored values and compares them with the manifest;
     returns the manifest, or raises DatasetError naming the split (and a corrupt chunk's
     file)."""
     cache = open_cache(cache_dir)

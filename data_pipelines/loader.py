@@ -29,13 +29,11 @@ from absl import flags, logging
 from array_record.python.array_record_module import ArrayRecordReader
 
 from data_pipelines import layout, schema, writer
-from data_pipelines.schema import DatasetError
+from data_pipelines.schema import CACHE_FIELDS, DatasetError
 
 # Batch field of a loader with skip_bad_records: int32 [B], 1 where the element stands in
 # for a sampled window that held a bad record.
 SKIPPED = "bad_windows_skipped"
-# Batch field of a loader with a latent cache: its token ids int32 [B, T, N].
-CODES = "codes"
 # What the C++ ArrayRecord reader raises for an unreadable file or chunk.
 READ_ERRORS = (RuntimeError, ValueError)
 # An element of an endless loader (what grain hands from a worker process to the
@@ -122,7 +120,8 @@ def open_shards(paths: list[str]) -> grain.sources.ArrayRecordDataSource:
 class WindowSource(grain.sources.RandomAccessDataSource):
     """Random-access source: window k ↦ T records of one episode, every field (or those
     in `fields`) stacked to [T, ...] (with skip_bad_records, plus SKIPPED: int32 []; with
-    a `latent_cache`, plus CODES: its token ids int32 [T, N] of the same records).
+    a `latent_cache`, plus its values of the same records: CODES, token ids int32 [T, N],
+    or LATENTS, latents float32 [T, N, D], as `CACHE_FIELDS` names them by its kind).
 
     A window is read with one `read_range` per shard it spans and, once a record has been
     decoded and checked in full, decoded with that record's byte layout
@@ -141,6 +140,7 @@ class WindowSource(grain.sources.RandomAccessDataSource):
     ):
         manifest, self._starts = _split_windows(data_dir, split, frames_per_clip, window_stride)
         self._split, self._cache = split, latent_cache
+        self._cache_field = None if latent_cache is None else CACHE_FIELDS[latent_cache.kind]
         self._paths = writer.shard_paths(data_dir, manifest, split)
         self._records = open_shards(self._paths)  # single-record reads, to name a bad record
         self._shard_ends = np.cumsum([s["records"] for s in manifest["splits"][split]["shards"]])
@@ -168,14 +168,15 @@ class WindowSource(grain.sources.RandomAccessDataSource):
         return self._repr
 
     def window_bytes(self) -> int:
-        """Bytes of one window as batches carry it: its loaded fields (and cached ids)."""
+        """Bytes of one window as batches carry it: its loaded fields (and cached values)."""
         record = sum(
             np.dtype(dtype).itemsize * math.prod(shape)
             for name, (dtype, shape) in self._spec.items()
             if self._fields is None or name in self._fields
         )
         if self._cache is not None:
-            record += 4 * self._cache.manifest["splits"][self._split]["shape"][1]
+            # int32 ids or float32 latents: 4 bytes a value
+            record += 4 * math.prod(self._cache.manifest["splits"][self._split]["shape"][1:])
         return record * self._T
 
     def _record(self, index: int, data: bytes | None) -> dict[str, np.ndarray]:
@@ -215,7 +216,7 @@ class WindowSource(grain.sources.RandomAccessDataSource):
     def _window(self, k: int) -> dict[str, np.ndarray]:
         window = self._records_window(k)
         if self._cache is not None:
-            window[CODES] = self._cache.read(self._split, int(self._starts[k]), self._T)
+            window[self._cache_field] = self._cache.read(self._split, int(self._starts[k]), self._T)
         return window
 
     def _records_window(self, k: int) -> dict[str, np.ndarray]:
@@ -252,7 +253,9 @@ class WindowSource(grain.sources.RandomAccessDataSource):
             if stacked is not None:
                 batch = {name: a.reshape((len(ks), self._T, *a.shape[1:])) for name, a in stacked.items()}
                 if self._cache is not None:
-                    batch[CODES] = np.stack([self._cache.read(self._split, int(self._starts[k]), self._T) for k in ks])
+                    batch[self._cache_field] = np.stack(
+                        [self._cache.read(self._split, int(self._starts[k]), self._T) for k in ks]
+                    )
                 if self._skip_bad_records:
                     batch[SKIPPED] = np.zeros(len(ks), np.int32)
                 return batch
@@ -514,8 +517,9 @@ def make_loader(
     batches carry SKIPPED int32 [B] (1 per replaced window) for the caller to count. The
     order of batches is a function of `seed` and the shard, not of `worker_count` or
     `batches_per_element`; `iter(loader).get_state()` resumes it exactly. With a `latent_cache`
-    (`data_pipelines.latent_cache.open_cache` of this dataset) batches also carry CODES,
-    the cached token ids int32 [B, T, N] of their records.
+    (`data_pipelines.latent_cache.open_cache` of this dataset) batches also carry the
+    cached values of their records: CODES, token ids int32 [B, T, N], or LATENTS, latents
+    float32 [B, T, N, D] (`CACHE_FIELDS`).
 
     `batches_per_element`: batches per grain element (`BatchSource`; the batches do not
     depend on it); None chooses `auto_batches_per_element` of the batch's bytes.

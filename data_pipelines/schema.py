@@ -14,6 +14,12 @@ SCHEMA_VERSION = 1
 CODEC = "raw"  # frames are stored as raw uint8 pixels
 
 Spec = dict[str, tuple[str, tuple[int, ...]]]
+# Batch field a loader with a latent cache adds, by the cache's kind
+# (`data_pipelines.latent_cache.LatentCache.kind`): token ids int32 [B, T, N], or a
+# continuous tokenizer's latents float32 [B, T, N, D].
+CODES = "codes"
+LATENTS = "latents"
+CACHE_FIELDS = {"ids": CODES, "latents": LATENTS}
 
 
 class RecordError(ValueError):

@@ -243,3 +243,174 @@ def test_dynamics_trains_on_cached_codes_as_on_frames(tiny_dataset, tokenizer_ru
     for bad in ("data.window_stride=1", "data.frames_per_clip=6"):
         with pytest.raises(ConfigError, match="data.window_stride"):
             train(config_lib.load(PRESET, common + [f"data.latent_cache={cache_dir}", bad]), tmp_path / "bad")
+
+
+# --- Latents: the cache of a continuous tokenizer (float16 [R, N, D] arrays) ---------------
+
+# The continuous tokenizer (and the diffusion dynamics on it): TINY_OVERRIDES' model with a
+# 4-wide tanh bottleneck instead of FSQ.
+CONTINUOUS = ["model.tokenizer.bottleneck=continuous", "model.tokenizer.latent_dim=4"]
+DIFFUSION = CONTINUOUS + ["model.dynamics.objective=diffusion", "model.dynamics.action_conditioning=adaln"]
+# float16 rounds a latent in [-1, 1] by at most half its ulp at [0.5, 1): 2^-12; the rest
+# (1e-6) is float32 noise of encoding a window in a batch of 4 rather than alone.
+FLOAT16_ATOL = 2**-12 + 1e-6
+# The diffusion losses on cached latents vs encoded frames: float16 moves each latent by
+# <= 2^-12 (x latent_scale 3 in the model), with random signs, which moved the tiny run's
+# first 3 losses by <= 2.4e-5 relative; 1e-3 leaves room for other platforms and is far
+# below what another batch or step changes (15% from step 1 to 2 here).
+LOSS_RTOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def continuous_run(tiny_dataset, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("latent_cache") / "continuous_tok"
+    overrides = TINY_OVERRIDES + CONTINUOUS + [f"data.dir={tiny_dataset}", "train.steps=2", "data.frames_per_clip=5"]
+    train(config_lib.load(PRESET, overrides), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def latents_dir(tiny_dataset, continuous_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("latent_cache") / "latents"
+    build_cache(tiny_dataset, continuous_run, out, log=lambda _: None, **BUILD)
+    return out
+
+
+def test_latents_equal_the_continuous_tokenizers_encoding_to_float16(tiny_dataset, continuous_run, latents_dir):
+    cfg = load_run_config(continuous_run)
+    params, _, _ = restore_params(continuous_run, sharding.make_mesh(MeshConfig()), sharding.logical_rules(cfg.mesh))
+    cache = latent_cache.open_cache(
+        latents_dir, data_dir=tiny_dataset, expect_tokenizer=tokenizer_identity(continuous_run)[1]
+    )
+    assert cache.kind == cache.manifest["kind"] == "latents" and cache.manifest["latent_dim"] == 4
+    assert "fsq_levels" not in cache.manifest
+    entry = cache.manifest["splits"]["train"]
+    assert (entry["shape"], entry["dtype"], entry["chunk_shape"]) == ([168, 16, 4], "float16", [32, 16, 4])
+    manifest = writer.read_manifest(tiny_dataset)
+    for split in ("train", "test"):
+        for episode in manifest["splits"][split]["episodes"][:2]:
+            frames = writer.read_episode(tiny_dataset, manifest, episode["episode_id"])["frame"]
+            codes, indices = encode_frames(VideoTokenizer(cfg.model), params, frames[None], cfg.data.frames_per_clip)
+            assert indices is None
+            latents = cache.read(split, episode["start"], episode["length"])
+            assert latents.dtype == np.float32 and latents.shape == (episode["length"], 16, 4)
+            np.testing.assert_allclose(latents, np.asarray(codes[0]), rtol=0, atol=FLOAT16_ATOL)
+            np.testing.assert_array_equal(read_codes(cache, split, episode["start"], episode["length"]), latents)
+            assert np.all(latents == latents.astype(np.float16))  # float16 values, as stored
+
+
+def test_latents_build_resumes_to_the_same_bytes_and_verify_names_a_flipped_byte(
+    tiny_dataset, tokenizer_run, continuous_run, latents_dir, tmp_path
+):
+    out = tmp_path / "latents"
+
+    def stop(split, done, total):
+        raise Stop
+
+    with pytest.raises(Stop):
+        build_cache(tiny_dataset, continuous_run, out, log=lambda _: None, progress=stop, **BUILD)
+    assert json.loads((out / "progress.json").read_text())["done"] == {"train": 1}
+    with pytest.raises(DatasetError, match="incomplete latent cache"):
+        latent_cache.open_cache(out)
+    resumed = build_cache(tiny_dataset, continuous_run, out, log=lambda _: None, **BUILD)
+    assert resumed["splits"] == json.loads((latents_dir / "manifest.json").read_text())["splits"]
+    assert _chunk_bytes(out) == _chunk_bytes(latents_dir)
+
+    assert latent_cache.verify_cache(out)["kind"] == "latents"
+    chunk = out / "train.zarr" / "c" / "2" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(
+        DatasetError, match=re.escape(f"split 'train' of latent cache {out}: ") + ".*" + re.escape(str(chunk))
+    ):
+        latent_cache.verify_cache(out)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["val"]["dtype"] = "float32"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        DatasetError, match=re.escape(f"latent cache array {out / 'val.zarr'} has shape [24, 16, 4] and dtype float16")
+    ):
+        latent_cache.open_cache(out)
+    with pytest.raises(DatasetError, match=re.escape(f"latent cache {latents_dir} was encoded by tokenizer")):
+        latent_cache.open_cache(latents_dir, expect_tokenizer=tokenizer_identity(tokenizer_run)[1])
+    with pytest.raises(DatasetError, match=re.escape(f"latent cache {latents_dir} is of dataset content hash")):
+        latent_cache.open_cache(latents_dir, expect_content_hash="0" * 64)
+
+
+def test_a_manifest_without_a_kind_is_of_ids(cache_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(cache_dir, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert manifest.pop("kind") == "ids"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    cache = latent_cache.open_cache(old)
+    assert cache.kind == "ids" and cache.read("val", 0, 2).dtype == np.int32
+
+
+def test_diffusion_trains_on_cached_latents_as_on_frames(tiny_dataset, continuous_run, latents_dir, tmp_path):
+    """The same batches give the same losses, up to the latents' float16 rounding, whether
+    the step encodes frames or reads the cache; the encode leaves the step's FLOPs."""
+    common = (
+        TINY_OVERRIDES
+        + DIFFUSION
+        + [
+            f"data.dir={tiny_dataset}",
+            "train.stage=dynamics",
+            "train.steps=3",
+            f"train.tokenizer_workdir={continuous_run}",
+            "data.frames_per_clip=5",
+            "data.window_stride=5",
+            "model.dynamics.use_actions=false",  # no action-sensitivity program to compile: ~7 s
+        ]
+    )
+    cfgs = {
+        "frames": config_lib.load(PRESET, common),
+        "cache": config_lib.load(PRESET, common + [f"data.latent_cache={latents_dir}"]),
+    }
+    for run, cfg in cfgs.items():
+        train(cfg, tmp_path / run)
+    rows = {run: read_metrics(tmp_path / run / "metrics.jsonl") for run in cfgs}
+    losses = {run: [r["loss"] for r in rows[run]] for run in cfgs}
+    assert len(losses["cache"]) == 3
+    np.testing.assert_allclose(losses["cache"], losses["frames"], rtol=LOSS_RTOL)
+    encode = 8 * flops.tokenizer_encode_flops(cfgs["frames"].model, 5)
+    assert DYNAMICS.train_step_flops(cfgs["frames"]) - DYNAMICS.train_step_flops(cfgs["cache"]) == encode
+
+
+def test_a_cache_of_the_other_kind_exits_2_naming_the_key(
+    tiny_dataset, tokenizer_run, cache_dir, continuous_run, latents_dir, tmp_path, capsys
+):
+    common = TINY_OVERRIDES + [
+        f"data.dir={tiny_dataset}",
+        "train.stage=dynamics",
+        "train.steps=1",
+        "data.frames_per_clip=5",
+        "data.window_stride=5",
+    ]
+    runs = {
+        "tokens": [f"train.tokenizer_workdir={tokenizer_run}", f"data.latent_cache={latents_dir}"],
+        "diffusion": DIFFUSION + [f"train.tokenizer_workdir={continuous_run}", f"data.latent_cache={cache_dir}"],
+    }
+    messages = {
+        "tokens": f"{latents_dir} holds continuous latents; the 'causal' objective trains on FSQ token ids",
+        "diffusion": f"{cache_dir} holds FSQ token ids; the 'diffusion' objective trains on continuous latents",
+    }
+    for run, overrides in runs.items():
+        args = [a for o in common + overrides for a in ("--set", o)]
+        assert main(["train", "--config", str(PRESET), *args, "--workdir", str(tmp_path / run)]) == 2
+        err = capsys.readouterr().err
+        assert f"config key 'data.latent_cache': {messages[run]}" in err, err
+
+
+def test_cli_caches_latents(tiny_dataset, continuous_run, latents_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["--data", str(tiny_dataset), "--tokenizer", str(continuous_run), "--out", str(out), "--batch-size", "4"]
+    assert main(["data", "cache", *args]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"wrote {out}: 240 frames as 16 tokens of 4 floats each")
+    # Other chunks (256 records), the same latents.
+    ours = latent_cache.verify_cache(out)["splits"]
+    theirs = json.loads((latents_dir / "manifest.json").read_text())["splits"]
+    assert {s: e["content_hash"] for s, e in ours.items()} == {s: e["content_hash"] for s, e in theirs.items()}

@@ -16,28 +16,27 @@ import numpy as np
 from data_pipelines import latent_cache as cache_format
 from data_pipelines.latent_cache import CacheEncoder, LatentCache
 from wm_jax import sharding
-from wm_jax.config import ConfigError, MeshConfig
-from wm_jax.models.tokenizer import VideoTokenizer, has_codebook, indices_to_codes, num_tokens
+from wm_jax.config import MeshConfig
+from wm_jax.models.tokenizer import VideoTokenizer, has_codebook, indices_to_codes, latent_width, num_tokens
 from wm_jax.inference.rollout import encode_frames
 from wm_jax.run import restore_params, tokenizer_identity
 
 
 def cache_encoder(workdir: str | os.PathLike) -> CacheEncoder:
     """The tokenizer run (or bundle) at `workdir` as a cache encoder: its parameters are
-    restored onto whatever devices are here when the build calls `load()`."""
+    restored onto whatever devices are here when the build calls `load()`. An FSQ
+    tokenizer's encode gives token ids int32 [B, C, N]; a continuous one's, which has no
+    ids, its latents float32 [B, C, N, latent_dim]."""
     run_cfg, identity = tokenizer_identity(workdir)
     model, window_frames = run_cfg.model, run_cfg.data.frames_per_clip
-    if not has_codebook(model):
-        raise ConfigError(
-            f"{workdir}: a latent cache holds FSQ token ids; this tokenizer's bottleneck is "
-            f"'{model.tokenizer.bottleneck}'"
-        )
+    codebook = has_codebook(model)
 
     def load() -> Callable[[np.ndarray], Any]:
         mesh = sharding.make_mesh(MeshConfig())
         params, _, _ = restore_params(workdir, mesh, sharding.logical_rules(run_cfg.mesh), identity.step)
         tokenizer = VideoTokenizer(model)
-        return lambda clip: encode_frames(tokenizer, params, clip, window_frames)[1]
+        part = 1 if codebook else 0  # encode_frames gives (codes, ids or None)
+        return lambda clip: encode_frames(tokenizer, params, clip, window_frames)[part]
 
     return CacheEncoder(
         identity,
@@ -45,8 +44,9 @@ def cache_encoder(workdir: str | os.PathLike) -> CacheEncoder:
         image_size=model.image_size,
         window_frames=window_frames,
         tokens_per_frame=num_tokens(model),
-        fsq_levels=tuple(model.tokenizer.fsq_levels),
+        fsq_levels=tuple(model.tokenizer.fsq_levels) if codebook else (),
         dtype=model.dtype,
+        latent_dim=0 if codebook else latent_width(model),
     )
 
 
@@ -78,7 +78,9 @@ def build_cache(
 
 
 def read_codes(cache: LatentCache, split: str, first: int, count: int) -> np.ndarray:
-    """float32 [count, N, L] FSQ codes in [-1, 1] of the records `cache.read` returns."""
-    return np.asarray(
-        indices_to_codes(cache.read(split, first, count), tuple(cache.manifest["fsq_levels"])), np.float32
-    )
+    """float32 [count, N, L] codes in [-1, 1] of the records `cache.read` returns: the FSQ
+    codes of an "ids" cache's token ids, a "latents" cache's latents as stored."""
+    values = cache.read(split, first, count)
+    if cache.kind == "latents":
+        return values
+    return np.asarray(indices_to_codes(values, tuple(cache.manifest["fsq_levels"])), np.float32)

@@ -25,14 +25,17 @@ class ObjectiveRules:
     """What a dynamics objective (`model.dynamics.objective`) needs of a config."""
 
     bottleneck: str  # the `model.tokenizer.bottleneck` whose codes it models
-    reads_latent_cache: bool = False  # may train on a latent cache (FSQ token ids)
+    # The kind of `data.latent_cache` it may train on (`data_pipelines.latent_cache`):
+    # "ids" (FSQ token ids) or "latents" (a continuous tokenizer's); checked when the
+    # cache is opened, since the config does not say which a directory holds.
+    latent_cache: str
     refused: tuple[str, ...] = ()  # `model.dynamics` switches it does not support
 
 
-TOKEN_OBJECTIVE = ObjectiveRules("fsq", reads_latent_cache=True)
+TOKEN_OBJECTIVE = ObjectiveRules("fsq", latent_cache="ids")
 # cut_framing_shift moves the tokens of the frame before a cut; a diffusion frame's tokens are
 # the noisy frame being generated.
-DIFFUSION_OBJECTIVE = ObjectiveRules("continuous", refused=("cut_framing_shift",))
+DIFFUSION_OBJECTIVE = ObjectiveRules("continuous", latent_cache="latents", refused=("cut_framing_shift",))
 OBJECTIVES = {"causal": TOKEN_OBJECTIVE, "maskgit": TOKEN_OBJECTIVE, "diffusion": DIFFUSION_OBJECTIVE}
 
 
@@ -44,8 +47,9 @@ def refuse_latent_actions(cfg: Any) -> str | None:
 
 
 def objective_problem(cfg: Any) -> str | None:
-    """The tokenizer's bottleneck must be the objective's (token objectives read FSQ codes or
-    a latent cache of their ids; diffusion, continuous latents), and no switch it refuses on."""
+    """The tokenizer's bottleneck must be the objective's (token objectives read FSQ codes,
+    diffusion continuous latents, either encoded or from a latent cache), and no switch it
+    refuses on."""
     name = cfg.model.dynamics.objective
     rules = OBJECTIVES[name]
     if cfg.model.tokenizer.bottleneck != rules.bottleneck:
@@ -53,12 +57,15 @@ def objective_problem(cfg: Any) -> str | None:
             f"config key 'model.dynamics.objective' '{name}' needs 'model.tokenizer.bottleneck: "
             f"{rules.bottleneck}' (the tokenizer run's); got '{cfg.model.tokenizer.bottleneck}'"
         )
-    if cfg.data.latent_cache and not rules.reads_latent_cache:
-        return f"config key 'data.latent_cache' holds FSQ token ids: not for the '{name}' objective"
     for key in rules.refused:
         if getattr(cfg.model.dynamics, key):
             return f"config key 'model.dynamics.{key}' is not supported by the '{name}' objective"
     return None
+
+
+def latent_cache_kind(cfg: Any) -> str:
+    """The kind of latent cache cfg's dynamics objective reads (`ObjectiveRules.latent_cache`)."""
+    return OBJECTIVES[cfg.model.dynamics.objective].latent_cache
 
 
 def inferred_actions_problem(cfg: Any) -> str | None:

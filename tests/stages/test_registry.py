@@ -159,10 +159,6 @@ def test_each_objective_has_its_model_inputs_flops_and_bottleneck():
             "'model.dynamics.objective' 'causal' needs 'model.tokenizer.bottleneck: fsq'",
         ),
         (
-            ["model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous", "data.latent_cache=/c"],
-            "config key 'data.latent_cache' holds FSQ token ids: not for the 'diffusion' objective",
-        ),
-        (
             [
                 "model.dynamics.objective=diffusion",
                 "model.tokenizer.bottleneck=continuous",

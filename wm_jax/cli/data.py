@@ -81,8 +81,10 @@ def cmd_data_cache(args: argparse.Namespace) -> int:
         "frames_per_s": round(frames / seconds, 1),
     }
     ratio = summary["frame_bytes"] / max(summary["cache_bytes"], 1)
+    # Old manifests (no kind) hold ids.
+    values = f" of {manifest['latent_dim']} floats" if manifest.get("kind") == "latents" else ""
     print(
-        f"wrote {args.out}: {frames} frames as {manifest['tokens_per_frame']} tokens each, "
+        f"wrote {args.out}: {frames} frames as {manifest['tokens_per_frame']} tokens{values} each, "
         f"{summary['cache_bytes']} bytes ({ratio:.0f}x smaller than the frames) in {seconds:.1f} s"
     )
     print(json.dumps(summary))
@@ -151,7 +153,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     inspect = data.add_parser("inspect", help="verify hashes and print statistics")
     inspect.add_argument("dir")
     inspect.set_defaults(fn=cmd_data_inspect)
-    cache = data.add_parser("cache", help="encode a dataset once with a trained tokenizer into token ids (resumable)")
+    cache = data.add_parser(
+        "cache",
+        help="encode a dataset once with a trained tokenizer into its token ids, or latents of a "
+        "continuous bottleneck (resumable)",
+    )
     cache.add_argument("--data", required=True, help="dataset directory (wm data make)")
     cache.add_argument("--tokenizer", required=True, help="tokenizer run directory or bundle")
     cache.add_argument("--out", required=True, help="cache directory; an unfinished one is resumed")

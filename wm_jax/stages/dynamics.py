@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from data_pipelines.schema import CACHE_FIELDS
 from wm_jax import stage_checks
 from wm_jax.config import Config, ModelConfig
 from wm_jax.models import flops
@@ -141,15 +142,31 @@ def with_latent_actions(batch: Batch, lam: LatentActionModel, lam_params: Any) -
     return {**batch, "action": actions, "action_valid": jnp.ones(actions.shape, bool)}
 
 
+def cached_codes(cfg: Config, batch: Batch) -> jax.Array:
+    """codes float32 [B,T,N,L] of the batch's latent cache field (`cache_field`): the FSQ
+    codes of token ids, or continuous latents as read."""
+    field = cache_field(cfg)
+    if field == "latents":
+        return batch[field]
+    return indices_to_codes(batch[field], cfg.model.tokenizer.fsq_levels)
+
+
+def cache_field(cfg: Config) -> str:
+    """The batch field of `data.latent_cache`'s values for the kind cfg's objective reads
+    (`data_pipelines.schema.CACHE_FIELDS`)."""
+    return CACHE_FIELDS[stage_checks.latent_cache_kind(cfg)]
+
+
 def dynamics_inputs(cfg: Config, batch: Batch, frozen: Any) -> tuple[Batch, jax.Array, Reference]:
     """What the dynamics loss reads from a batch: (the batch, with LAM-inferred actions
-    under `train.latent_actions_workdir`; codes float32 [B,T,N,L], from the latent cache or
-    encoded by the frozen tokenizer; the identity bank's (reference codes, mask))."""
+    under `train.latent_actions_workdir`; codes float32 [B,T,N,L], from the latent cache (FSQ
+    codes of its token ids, or its continuous latents) or encoded by the frozen tokenizer;
+    the identity bank's (reference codes, mask))."""
     tokenizer = VideoTokenizer(cfg.model)
     if cfg.train.latent_actions_workdir:
         batch = with_latent_actions(batch, LatentActionModel(cfg.model), frozen[LATENT_ACTIONS.name])
-    if cfg.data.latent_cache:  # token ids read from the cache: no encode
-        codes = indices_to_codes(batch["codes"], cfg.model.tokenizer.fsq_levels)
+    if cfg.data.latent_cache:  # read from the cache: no encode
+        codes = cached_codes(cfg, batch)
     else:
         codes = encode_codes(tokenizer, frozen[TOKENIZER.name], batch["frame"])
     return batch, codes, reference_codes(tokenizer, frozen[TOKENIZER.name], batch)
@@ -188,13 +205,14 @@ def token_example_inputs(cfg: Config) -> tuple[jax.Array, ...]:
 
 
 def batch_fields(cfg: Config, available: Collection[str] | None = None) -> list[str]:
-    """`action`, unless a latent action model infers them; `codes` instead of `frame` from a
-    latent cache (frames still, when a latent action model reads them); the conditioning
-    fields it uses, which are optional (absent means unknown: masked)."""
+    """`action`, unless a latent action model infers them; the latent cache's field
+    (`cache_field`: `codes`, or `latents` for diffusion) instead of `frame` from a latent
+    cache (frames still, when a latent action model reads them); the conditioning fields it
+    uses, which are optional (absent means unknown: masked)."""
     dc, names = cfg.model.dynamics, ["frame"]
     inferred = bool(cfg.train.latent_actions_workdir)
     if cfg.data.latent_cache:
-        names = ["codes"] + (["frame"] if inferred else [])
+        names = [cache_field(cfg)] + (["frame"] if inferred else [])
     names += [] if inferred else ["action", "action_valid"]
     names += ["camera", "camera_valid"] if dc.use_camera else []
     names += ["cut"] if dc.use_cuts else []

@@ -23,8 +23,10 @@ from flax import linen as nn
 
 from data_pipelines import latent_cache
 from data_pipelines import mixture as mixture_lib
-from data_pipelines.loader import CODES, SKIPPED, make_loader
+from data_pipelines.loader import SKIPPED, make_loader
+from data_pipelines.schema import CACHE_FIELDS, CODES, LATENTS
 from wm_jax import checkpoint as ckpt
+from wm_jax import stage_checks
 from wm_jax import distributed, provenance, sharding, telemetry
 from wm_jax.config import Config, ConfigError
 from wm_jax.run import check_dataset, check_mixture, load_frozen, tokenizer_identity, write_run_config
@@ -35,6 +37,8 @@ from wm_jax.train.state import TrainState, create_train_state, param_count, para
 from wm_jax.train.step import batch_fields, jit_train_step
 
 EXIT_PREEMPTED = 42
+# What a latent cache of each kind holds, for messages.
+LATENT_KINDS = {"ids": "FSQ token ids", "latents": "continuous latents"}
 
 
 class Preempted(Exception):
@@ -47,22 +51,32 @@ def loaded_fields(cfg: Config, available: Iterable[str]) -> list[str]:
     others in the records saves their decoding and, with worker processes, a
     shared-memory transfer each per batch (with a latent cache: the frames)."""
     available = list(available)
-    wanted = set(batch_fields(cfg, available + ([CODES] if cfg.data.latent_cache else []))) | {"action"}
+    wanted = set(batch_fields(cfg, available + cache_fields(cfg))) | {"action"}
     return [k for k in available if k in wanted]
 
 
+def cache_fields(cfg: Config) -> list[str]:
+    """The batch field the loader adds from `data.latent_cache` (`CACHE_FIELDS` of the kind
+    cfg's objective reads: CODES or LATENTS), or none."""
+    return [CACHE_FIELDS[stage_checks.latent_cache_kind(cfg)]] if cfg.data.latent_cache else []
+
+
 def open_latent_cache(cfg: Config, manifest: dict) -> Any:
-    """The latent cache of `data.latent_cache` (None if unset), checked to be of this
-    dataset and tokenizer run, and to hold exactly the codes the tokenizer gives each
-    training window: the encoder is causal in time, so the cache's windows of C frames
-    from each episode's start must contain every training window from its first frame."""
+    """The latent cache of `data.latent_cache` (None if unset), checked to be of the kind
+    cfg's objective reads (ids or latents), of this dataset and tokenizer run, and to hold
+    exactly the codes the tokenizer gives each training window: the encoder is causal in
+    time, so the cache's windows of C frames from each episode's start must contain every
+    training window from its first frame."""
     if not cfg.data.latent_cache:
         return None
-    cache = latent_cache.open_cache(
-        cfg.data.latent_cache,
-        expect_content_hash=manifest["content_hash"],
-        expect_tokenizer=tokenizer_identity(cfg.train.tokenizer_workdir)[1],
-    )
+    cache = latent_cache.open_cache(cfg.data.latent_cache, expect_content_hash=manifest["content_hash"])
+    kind = stage_checks.latent_cache_kind(cfg)
+    if cache.kind != kind:  # before the tokenizer: another kind is another tokenizer too
+        raise ConfigError(
+            f"config key 'data.latent_cache': {cfg.data.latent_cache} holds {LATENT_KINDS[cache.kind]}; the "
+            f"'{cfg.model.dynamics.objective}' objective trains on {LATENT_KINDS[kind]}"
+        )
+    latent_cache.check_tokenizer(cache, tokenizer_identity(cfg.train.tokenizer_workdir)[1])
     c = cache.manifest["tokenizer"]["window_frames"]
     if cfg.data.window_stride % c or cfg.data.frames_per_clip > c:
         raise ConfigError(
@@ -78,7 +92,7 @@ def batch_fingerprint(batch: dict[str, np.ndarray]) -> int:
     """CRC32 of this process's frames (or cached codes) and actions, those the batch has:
     identical batches, identical numbers."""
     crc = 0
-    for name in ("frame", CODES, "action"):
+    for name in ("frame", CODES, LATENTS, "action"):
         if name in batch:
             crc = zlib.crc32(np.ascontiguousarray(batch[name]).tobytes(), crc)
     return crc
@@ -215,7 +229,7 @@ def _train(
     _describe_model(cfg, state, mesh)
 
     # The restored frozen parameters already sit on their shardings.
-    fields = batch_fields(cfg, list(manifest["fields"]) + ([CODES] if cfg.data.latent_cache else []))
+    fields = batch_fields(cfg, list(manifest["fields"]) + cache_fields(cfg))
     step_fn = jit_train_step(cfg, mesh, rules, shardings, jax.tree.map(lambda x: x.sharding, frozen), fields)
     log_metrics_fn = get_stage(cfg.train.stage).make_log_metrics(cfg)
     # Every process restored the same step (or none) and is about to run collectives.

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from wm_jax.config import Config
-from wm_jax.models.tokenizer import num_tokens
+from wm_jax.models.tokenizer import latent_width, num_tokens
 from wm_jax.sharding import batch_sharding
 from wm_jax.stages import get_stage
 from wm_jax.stages.base import Batch, Metrics, step_rng
@@ -53,7 +53,8 @@ def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, Metrics]]:
 
 # Batch fields a train step may read, with their rank: frame uint8 [B,T,S,S,3], action
 # int32 [B,T], camera float32 [B,T,7], cut bool [B,T], reference uint8 [B,T,S,S,3], ...;
-# codes int32 [B,T,N] are token ids from a latent cache (data.latent_cache), not a record field.
+# codes int32 [B,T,N] (token ids) or latents float32 [B,T,N,W] (continuous latents) come
+# from a latent cache (data.latent_cache), not a record field.
 FIELD_RANKS = {
     "frame": 5,
     "action": 2,
@@ -63,6 +64,7 @@ FIELD_RANKS = {
     "cut": 2,
     "reference": 5,
     "codes": 3,
+    "latents": 4,
 }
 
 
@@ -87,6 +89,7 @@ def batch_specs(cfg: Config, mesh: Mesh, rules: Any) -> dict[str, jax.ShapeDtype
         "camera_valid": ((b, t), jnp.bool_),
         "cut": ((b, t), jnp.bool_),
         "codes": ((b, t, num_tokens(cfg.model)), jnp.int32),
+        "latents": ((b, t, num_tokens(cfg.model), latent_width(cfg.model)), jnp.float32),
     }
     return {
         k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1], sharding=batch_sharding(mesh, rules, rank))
