@@ -108,6 +108,7 @@ def test_nonfinite_numbers_exit_2_naming_the_key(tmp_path, capsys, override, key
     [
         "model.dynamics.action_dropout",
         "model.dynamics.context_corruption",
+        "model.dynamics.scheduled_sampling",
         "model.dynamics.context_noise",
         "model.dynamics.sample_context_noise",
     ],

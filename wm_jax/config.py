@@ -133,6 +133,13 @@ class DynamicsConfig:
     # A rollout feeds the model its own imperfect frames; this teaches it to read through
     # them (GameNGen's context-noise augmentation, for tokens). 0: off.
     context_corruption: float = 0.0
+    # Training, anti-drift (causal objective): parallel scheduled sampling (Bengio et al.
+    # 2015; Duckworth et al. 2019). A no-gradient pass predicts every frame from the clean
+    # frames before it; each input frame after the first is, at this rate per (clip,
+    # frame), replaced by that greedy prediction; the targets stay clean. The model learns
+    # from the errors its own rollouts feed it, not random ones. Costs one more forward
+    # pass per step (counted in the FLOPs). 0: off.
+    scheduled_sampling: float = 0.0
     # Leave the first frame of a new shot out of the loss: after a cut the new framing is
     # not predictable from the past, and its tokens would dominate the loss. A cut whose
     # framing the model is told (cut_framing / cut_framing_shift) stays in the loss.
@@ -628,11 +635,12 @@ def _check_model(cfg: Config) -> None:
 
 
 def _check_ranges(cfg: Config) -> None:
-    """Bounded values: action dropout, context corruption and the diffusion noise levels in [0, 1), sampling
+    """Bounded values: action dropout, context corruption, scheduled sampling and the diffusion noise levels in [0, 1), sampling
     settings and the temporal window >= 0, the shortcut step counts powers of two."""
     unit = {
         "model.dynamics.action_dropout": cfg.model.dynamics.action_dropout,
         "model.dynamics.context_corruption": cfg.model.dynamics.context_corruption,
+        "model.dynamics.scheduled_sampling": cfg.model.dynamics.scheduled_sampling,
         "model.dynamics.context_noise": cfg.model.dynamics.context_noise,
         "model.dynamics.sample_context_noise": cfg.model.dynamics.sample_context_noise,
     }

@@ -33,10 +33,14 @@ class ObjectiveRules:
 
 
 TOKEN_OBJECTIVE = ObjectiveRules("fsq", latent_cache="ids")
+# Scheduled sampling replaces input frames by one-pass predictions: the causal objective's.
+MASKGIT_OBJECTIVE = ObjectiveRules("fsq", latent_cache="ids", refused=("scheduled_sampling",))
 # cut_framing_shift moves the tokens of the frame before a cut; a diffusion frame's tokens are
 # the noisy frame being generated.
-DIFFUSION_OBJECTIVE = ObjectiveRules("continuous", latent_cache="latents", refused=("cut_framing_shift",))
-OBJECTIVES = {"causal": TOKEN_OBJECTIVE, "maskgit": TOKEN_OBJECTIVE, "diffusion": DIFFUSION_OBJECTIVE}
+DIFFUSION_OBJECTIVE = ObjectiveRules(
+    "continuous", latent_cache="latents", refused=("cut_framing_shift", "scheduled_sampling")
+)
+OBJECTIVES = {"causal": TOKEN_OBJECTIVE, "maskgit": MASKGIT_OBJECTIVE, "diffusion": DIFFUSION_OBJECTIVE}
 
 
 def refuse_latent_actions(cfg: Any) -> str | None:

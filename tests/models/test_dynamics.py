@@ -583,6 +583,47 @@ def test_each_conditioning_mode_is_causal_and_reads_its_actions(conditioning, t=
     assert np.abs(np.asarray(moved[:, t] - base[:, t])).max() > 1e-4
 
 
+def test_scheduled_sampling_feeds_the_models_own_predictions_of_the_past_only(with_actions):
+    from wm_jax.stages.dynamics import dynamics_loss, with_own_predictions
+
+    _, variables = with_actions
+    codes, actions, _ = _inputs()
+    controls, params, model = _controls(actions), variables["params"], _model()
+
+    def own(c, rate, key=jax.random.key(4)):
+        ctrl = _controls(jnp.tile(actions, (c.shape[0] // B, 1)))
+        return with_own_predictions(params, model, c, ctrl, (None, None), key, rate)
+
+    np.testing.assert_array_equal(own(codes, 0.0), codes)
+    # Rate 1: every frame after the first is the greedy prediction from the clean frames before it.
+    predicted = predict_codes(model.apply(variables, codes, controls), CFG)
+    replaced = own(codes, 1.0)
+    np.testing.assert_array_equal(replaced[:, 0], codes[:, 0])
+    np.testing.assert_array_equal(replaced[:, 1:], predicted[:, :-1])
+    # Causal: a change to true frame k changes no input frame <= k (frame k's is predicted
+    # from frames < k), so no position ever sees the frame it is scored on.
+    for k in range(1, T):
+        other = codes.at[:, k].set(-codes[:, k])
+        np.testing.assert_array_equal(own(other, 1.0)[:, : k + 1], replaced[:, : k + 1])
+    # A rate between: whole frames are replaced, per (clip, frame), about that often.
+    half = own(jnp.tile(codes, (64, 1, 1, 1)), 0.5, jax.random.key(5))
+    swapped = np.asarray(jnp.any(half != jnp.tile(codes, (64, 1, 1, 1)), axis=(2, 3)))[:, 1:]
+    assert 0.35 < swapped.mean() < 0.55, swapped.mean()  # a prediction may equal the truth
+    # In the loss: the targets stay clean, the inputs are the mixed frames, and it needs an rng.
+    frames = jnp.concatenate([codes, codes[:, :1]], axis=1)  # T + 1 frames
+    steps = {"action": jnp.pad(actions, ((0, 0), (0, 1)))}
+    cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, scheduled_sampling=0.5))
+    sampled_model, rng = DynamicsModel(cfg), jax.random.key(3)
+    with pytest.raises(ValueError, match="scheduled_sampling needs an rng"):
+        dynamics_loss(params, sampled_model, steps, frames)
+    inputs = with_own_predictions(
+        params, sampled_model, frames[:, :-1], make_controls(steps), (None, None), jax.random.fold_in(rng, 3), 0.5
+    )
+    expected, _ = token_loss(sampled_model.apply(variables, inputs, make_controls(steps)), frames[:, 1:], cfg)
+    loss, _ = dynamics_loss(params, sampled_model, steps, frames, rng=rng)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+
+
 def test_corrupt_codes_replaces_a_per_frame_share_with_valid_codes():
     from wm_jax.models.dynamics import corrupt_codes
 

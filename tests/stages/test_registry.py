@@ -117,6 +117,8 @@ def test_train_step_flops_of_each_stage():
     inferred = load("train.stage=dynamics", "train.latent_actions_workdir=/lam", "model.dynamics.num_actions=8")
     lam = b * flops.latent_action_encode_flops(inferred.model, t)
     assert DYNAMICS.train_step_flops(inferred) == expected + lam
+    sampled = load("train.stage=dynamics", "model.dynamics.scheduled_sampling=0.25")  # + a forward pass
+    assert DYNAMICS.train_step_flops(sampled) == expected + b * flops.dynamics_forward_flops(dyn.model, t - 1)
 
 
 def test_each_objective_has_its_model_inputs_flops_and_bottleneck():
@@ -165,6 +167,10 @@ def test_each_objective_has_its_model_inputs_flops_and_bottleneck():
                 "model.dynamics.cut_framing_shift=true",
             ],
             "config key 'model.dynamics.cut_framing_shift' is not supported by the 'diffusion' objective",
+        ),
+        (
+            ["model.dynamics.objective=maskgit", "model.dynamics.scheduled_sampling=0.2"],
+            "config key 'model.dynamics.scheduled_sampling' is not supported by the 'maskgit' objective",
         ),
     ],
 )

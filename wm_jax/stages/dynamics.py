@@ -28,6 +28,7 @@ from wm_jax.models.dynamics import (
     drop_actions,
     framed_cuts,
     make_controls,
+    predict_codes,
     sample_maskgit_mask,
     token_loss,
 )
@@ -76,7 +77,9 @@ def dynamics_loss(
     With `model.dynamics.mask_cut_loss`, targets that open a new shot are left out unless
     the model is given their framing (`cut_framing[_shift]`, where the camera is known); with
     `action_dropout` > 0 (needs `rng`), that share of the steps loses its action; with
-    `context_corruption` > 0 (needs `rng`), the input frames are corrupted (`corrupt_codes`).
+    `context_corruption` > 0 (needs `rng`), the input frames are corrupted (`corrupt_codes`);
+    with `scheduled_sampling` > 0 (needs `rng`), some are the model's own predictions
+    (`with_own_predictions`).
     """
     dc = model.cfg.dynamics
     controls = make_controls(batch)
@@ -86,6 +89,12 @@ def dynamics_loss(
             raise ValueError("action_dropout needs an rng")
         controls = drop_actions(controls, dc.action_dropout, jax.random.fold_in(rng, 1))
     context = codes[:, :-1]
+    if dc.scheduled_sampling > 0:
+        if rng is None:
+            raise ValueError("scheduled_sampling needs an rng")
+        context = with_own_predictions(
+            params, model, context, controls, reference, jax.random.fold_in(rng, 3), dc.scheduled_sampling
+        )
     if dc.context_corruption > 0:
         if rng is None:
             raise ValueError("context_corruption needs an rng")
@@ -109,6 +118,27 @@ def dynamics_loss(
     return loss, {"loss": loss, "token_accuracy": accuracy, "mask_fraction": jnp.mean(mask)}
 
 
+def with_own_predictions(
+    params: Any,
+    model: nn.Module,
+    context: jax.Array,
+    controls: Any,
+    reference: Reference,
+    key: jax.Array,
+    rate: float,
+) -> jax.Array:
+    """Parallel scheduled sampling: context codes float32 [B,T,N,L] -> the same with each
+    frame after the first replaced, at `rate` per (clip, frame) (drawn from `key`), by the
+    model's greedy prediction of it from the clean frames before it (one pass, no
+    gradient). A replaced frame t depends on the true frames < t only, so no input ever
+    holds the frame its position is scored on."""
+    logits = jax.lax.stop_gradient(model.apply({"params": params}, context, controls, *reference))
+    predicted = predict_codes(logits[:, :-1], model.cfg)  # position t predicts frame t+1
+    b, t = context.shape[:2]
+    replaced = jax.random.uniform(key, (b, t - 1)) < rate
+    return context.at[:, 1:].set(jnp.where(replaced[..., None, None], predicted, context[:, 1:]))
+
+
 def action_sensitivity(
     params: Any,
     model: nn.Module,
@@ -119,11 +149,14 @@ def action_sensitivity(
 ) -> jax.Array:
     """Loss with shuffled actions − loss with the true ones (float32 scalar) on one batch:
     > 0 when the model uses its actions. Shuffled: each clip gets the next clip's actions
-    (a roll over the batch, so their distribution is unchanged); action dropout and context
-    corruption are off, so the figure compares across training settings."""
+    (a roll over the batch, so their distribution is unchanged); action dropout, context
+    corruption and scheduled sampling are off, so the figure compares across training settings."""
     model = model.clone(
         cfg=dataclasses.replace(
-            model.cfg, dynamics=dataclasses.replace(model.cfg.dynamics, action_dropout=0.0, context_corruption=0.0)
+            model.cfg,
+            dynamics=dataclasses.replace(
+                model.cfg.dynamics, action_dropout=0.0, context_corruption=0.0, scheduled_sampling=0.0
+            ),
         )
     )
     shuffled = {**batch, "action": jnp.roll(batch["action"], 1, axis=0)}
@@ -258,9 +291,11 @@ TOKENS = Objective(
     DynamicsModel,
     dynamics_loss,
     token_example_inputs,
-    lambda m, t: flops.TRAIN_FACTOR * flops.dynamics_forward_flops(m, t - 1),
+    # scheduled sampling adds a forward pass without gradient
+    lambda m, t: (flops.TRAIN_FACTOR + (m.dynamics.scheduled_sampling > 0)) * flops.dynamics_forward_flops(m, t - 1),
     stage_checks.TOKEN_OBJECTIVE,
 )
+MASKGIT = dataclasses.replace(TOKENS, rules=stage_checks.MASKGIT_OBJECTIVE)
 DIFFUSION = Objective(
     DiffusionDynamics,
     diffusion.diffusion_loss,
@@ -268,7 +303,7 @@ DIFFUSION = Objective(
     flops.diffusion_train_flops,
     stage_checks.DIFFUSION_OBJECTIVE,
 )
-OBJECTIVES = {"causal": TOKENS, "maskgit": TOKENS, "diffusion": DIFFUSION}
+OBJECTIVES = {"causal": TOKENS, "maskgit": MASKGIT, "diffusion": DIFFUSION}
 
 
 def objective(cfg: ModelConfig) -> Objective:
