@@ -413,3 +413,91 @@ def test_an_existing_out_is_refused(tmp_path, tiny_overrides, capsys):
     assert main(["generate", "--workdir", str(run), "--script", str(script), "--out", str(out)]) == 2
     assert f"{out} (or its sidecar) already exists" in capsys.readouterr().err
     assert out.read_bytes() == b"a user's video"
+
+
+# ------------------------------------------------------------------ the carry render
+
+CARRY_SCRIPT = "start: {split: test, episode: 0, t: 0, frames: 2}\nshots:\n  - duration: 10\n    actions: [1, 1, 0, 0, 3, 3, 0, 0, 0, 0]\n"
+
+
+def _spied_generate(run, script, out, monkeypatch, render):
+    """`generate(run, script, out, render=render)` (greedy) with its rollout, its decoder
+    and its video writer spied on, not replaced -> uint8 [F, S, S, 3] frames: the video
+    written (before upscaling) and the frames decoded; the codes streamed [1, F, N, L]
+    (the context's, then each generated frame's); the sidecar's fields."""
+    from wm_jax.inference import rollout, watermark
+    from wm_jax.inference.generate import generate
+
+    real_rollout, real_decode, real_write = rollout.rollout_frames, rollout.decode_stream, watermark.write_marked_video
+    codes, chunks, written = [], [], []
+
+    def rollout_frames(dynamics, params, context, *args, **kwargs):
+        codes.extend(np.asarray(context)[:, t] for t in range(context.shape[1]))
+        for frame in real_rollout(dynamics, params, context, *args, **kwargs):
+            codes.append(np.asarray(frame))
+            yield frame
+
+    def decode_stream(*args, **kwargs):
+        for chunk in real_decode(*args, **kwargs):
+            chunks.append(chunk)
+            yield chunk
+
+    def write_marked_video(video, path, info, **kwargs):
+        written.append((np.asarray(video)[:, :: info["scale"], :: info["scale"]], info))
+        return real_write(video, path, info, **kwargs)
+
+    monkeypatch.setattr(rollout, "rollout_frames", rollout_frames)
+    monkeypatch.setattr(rollout, "decode_stream", decode_stream)
+    monkeypatch.setattr(watermark, "write_marked_video", write_marked_video)
+    generate(run, script, out, render=render)
+    ((video, info),) = written
+    return video, np.concatenate(chunks, axis=1)[0], np.stack(codes, axis=1), info
+
+
+def test_generate_with_the_carry_render_carries_unchanged_patches(dynamics_run, tiny_dataset, tmp_path, monkeypatch):
+    from wm_jax.inference.rollout import carry_unchanged
+
+    script = tmp_path / "shots.yaml"
+    script.write_text(CARRY_SCRIPT)
+    video, _, codes, info = _spied_generate(dynamics_run, script, tmp_path / "decode.mp4", monkeypatch, "decode")
+    carried, decoded, again, carry_info = _spied_generate(
+        dynamics_run, script, tmp_path / "carry.mp4", monkeypatch, "carry"
+    )
+    assert (info["render"], carry_info["render"]) == ("decode", "carry")
+    np.testing.assert_array_equal(codes, again)  # the same rollout (greedy)
+    # The carry run decodes what the decode run writes, up to XLA's call-to-call float noise
+    # (see tests/serve/test_serve_engine.py) ...
+    assert np.abs(video.astype(int) - decoded).max() <= 2
+    # ... and writes its decoded context, then `carry_unchanged` of its decoded frames from
+    # the script's real last context frame.
+    ctx, patch = 2, 4  # the script's context frames; tiny_cpu's model.tokenizer.patch_size
+    script_ = load_script(script)
+    last = read_source(
+        script_, script_.start, default_data=str(tiny_dataset), default_split="test", default_frames=ctx, size=16
+    )
+    last = last["frame"][-1]
+    np.testing.assert_array_equal(carried[:ctx], decoded[:ctx])
+    np.testing.assert_array_equal(
+        carried[ctx:], carry_unchanged(decoded[None, ctx:], codes[:, ctx - 1 :], last[None], patch)[0]
+    )
+    same = np.all(codes[0, ctx:] == codes[0, ctx - 1 : -1], axis=-1).reshape(-1, 4, 4)  # [H, S/p, S/p]
+    assert same.any(), "precondition: some generated patch keeps its code"
+    same = same.repeat(patch, axis=1).repeat(patch, axis=2)
+    shown = np.concatenate([last[None], carried[ctx:]])
+    assert (shown[1:][same] == shown[:-1][same]).all()  # unchanged patches hold the pixels shown before
+    assert (carried[ctx:][same] != decoded[ctx:][same]).any()  # where they are not the decoded ones
+
+
+def test_carry_render_needs_fsq_codes(tmp_path, tiny_dataset, capsys):
+    from wm_jax import config as config_lib
+
+    run = tmp_path / "run"
+    run.mkdir()
+    overrides = TINY_OVERRIDES + [f"data.dir={tiny_dataset}", "train.stage=dynamics"]
+    config_lib.dump(config_lib.load(REPO / "wm_jax/presets/tiny_cpu_diffusion.yaml", overrides), run / "config.yaml")
+    script = tmp_path / "shots.yaml"
+    script.write_text(CARRY_SCRIPT)
+    args = ["generate", "--workdir", str(run), "--script", str(script), "--out", str(tmp_path / "o.mp4")]
+    assert main(args + ["--render", "carry"]) == 2
+    err = capsys.readouterr().err
+    assert "--render carry needs FSQ codes" in err and "'continuous' tokenizer" in err

@@ -10,7 +10,7 @@ import pytest
 from wm_jax.config import DynamicsConfig, ModelConfig, TokenizerConfig
 from wm_jax.models import tokenizer as tk
 from wm_jax.models.dynamics import DynamicsModel, make_controls
-from wm_jax.inference.rollout import rollout
+from wm_jax.inference.rollout import carry_patches, carry_unchanged, rollout
 
 CFG = ModelConfig(
     image_size=8,
@@ -231,3 +231,16 @@ def test_diffusion_sampling_follows_its_key_actions_and_context():
         > 1e-3
     )
     assert np.abs(base - run(key=jax.random.key(1), context=context.at[:, -1].multiply(-1))).max() > 1e-3
+
+
+def test_carry_patches_is_one_frame_of_carry_unchanged():
+    """The serving engine's per-step carry (`carry_patches`) and `wm eval`'s / `wm generate`'s
+    whole-rollout one (`carry_unchanged`) render the same frames."""
+    rng = np.random.default_rng(0)
+    decoded = rng.integers(0, 256, (2, 3, 8, 4, 3), dtype=np.uint8)  # [B, H, S, S', 3]: 4x2 patches of side 2
+    codes = rng.integers(0, 2, (2, 4, 8, 1)).astype(np.float32)  # [B, H + 1, N, L]: about half unchanged
+    last = rng.integers(0, 256, (2, 8, 4, 3), dtype=np.uint8)
+    shown = last
+    for t in range(3):
+        shown = carry_patches(shown, decoded[:, t], codes[:, t], codes[:, t + 1], 2)
+        np.testing.assert_array_equal(shown, carry_unchanged(decoded, codes, last, 2)[:, t])

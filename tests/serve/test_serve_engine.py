@@ -12,7 +12,8 @@ import pytest
 from data_pipelines import writer
 from wm_jax.inference import watermark
 from wm_jax.models.dynamics import DynamicsModel, make_controls
-from wm_jax.inference.rollout import decode_codes, encode_frames, rollout_frames
+from wm_jax.config import ConfigError
+from wm_jax.inference.rollout import carry_unchanged, decode_codes, encode_frames, rollout_frames
 from wm_jax.serve.engine import CapacityError, Engine, RequestError, SessionNotFound, StepRequest
 
 
@@ -25,9 +26,15 @@ def context_fields(engine, clip):
 
 
 def reference_frames(engine, clip, requests):
-    """uint8 [H, T, S, S, 3]: the frames `rollout_frames` + `decode_codes` give for the
+    """uint8 [H, S, S, 3]: the frames `rollout_frames` + `decode_codes` give for the
     session's context and controls, with the model's temporal window set to the engine's
     cache window (what the sliding ring computes)."""
+    return reference_rollout(engine, clip, requests)[1]
+
+
+def reference_rollout(engine, clip, requests):
+    """(codes [1, C + H, N, L]: the context's, then each generated frame's; their frames
+    decoded, uint8 [H, S, S, 3]): `reference_frames`'s rollout."""
     m, fields = engine.model, context_fields(engine, clip)
     c, h = engine.context_frames, len(requests)
     pose = np.asarray(fields["camera"][-1], np.float64)
@@ -49,8 +56,8 @@ def reference_frames(engine, clip, requests):
     )
     codes, _ = encode_frames(m.tokenizer, m.tok_params, fields["frame"][None], m.chunk)
     new = list(rollout_frames(DynamicsModel(windowed), m.params, codes, make_controls(steps), h))
-    video = decode_codes(m.tokenizer, m.tok_params, np.concatenate([codes, np.stack(new, axis=1)], axis=1), m.chunk)
-    return video[0, c:]
+    codes = np.concatenate([codes, np.stack(new, axis=1)], axis=1)
+    return codes, decode_codes(m.tokenizer, m.tok_params, codes, m.chunk)[0, c:]
 
 
 def random_requests(session, n, seed, num_actions):
@@ -174,3 +181,40 @@ def test_sampling_follows_the_session_seed(serve_model):
     rerun, another = np.abs(first - again).mean(), np.abs(first - other).mean()
     print(f"mean |diff|: rerun {rerun:.4f}, another seed {another:.4f}")
     assert another > 0 and rerun <= another / 4
+
+
+def test_the_carry_render_keeps_the_shown_pixels_of_unchanged_patches(serve_model, tmp_path):
+    decode, carry = (Engine(serve_model, max_sessions=4, render=r) for r in ("decode", "carry"))
+    assert (decode.info()["render"], carry.info()["render"]) == ("decode", "carry")
+    plan = random_requests("", 8, 0, carry.num_actions)
+    frames, sessions = {}, {}
+    for engine in (decode, carry):
+        sid, context = engine.create(clip=0)
+        steps = [engine.step([dataclasses.replace(r, session=sid)])[0].image for r in plan]
+        frames[engine.render], sessions[engine.render] = np.stack([*context, *steps]), sid
+    # The same greedy rollout: the carry render is `carry_unchanged` of the decoded frames
+    # from the clip's real last context frame, up to XLA's call-to-call float noise in the
+    # two engines' decodes (see above); the context stays decoded.
+    c, patch = carry.context_frames, serve_model.cfg.model.tokenizer.patch_size
+    codes, _ = reference_rollout(carry, 0, plan)
+    last = context_fields(carry, 0)["frame"][-1]
+    want = carry_unchanged(frames["decode"][None, c:], codes[:, c - 1 :], last[None], patch)[0]
+    assert np.abs(frames["carry"][c:].astype(int) - want).max() <= 2
+    assert np.abs(frames["carry"][:c].astype(int) - frames["decode"][:c]).max() <= 2
+    same = np.all(codes[0, c:] == codes[0, c - 1 : -1], axis=-1).reshape(len(plan), -1)  # [H, N]
+    assert same.any(), "precondition: some generated patch keeps its code"
+    side = carry.image_size // patch
+    same = same.reshape(-1, side, side).repeat(patch, axis=1).repeat(patch, axis=2)
+    shown = np.concatenate([last[None], frames["carry"][c:]])
+    assert (shown[1:][same] == shown[:-1][same]).all()  # exactly the pixels shown before
+    path = carry.record(sessions["carry"], tmp_path)  # the frames as shown, and the render
+    assert watermark.verify(path)["verified"]["render"] == "carry"
+
+
+def test_the_carry_render_needs_fsq_codes(serve_model):
+    with pytest.raises(ConfigError, match="--render must be one of"):
+        Engine(serve_model, render="blend")
+    tokenizer = dataclasses.replace(serve_model.cfg.model.tokenizer, bottleneck="continuous")
+    cfg = dataclasses.replace(serve_model.cfg, model=dataclasses.replace(serve_model.cfg.model, tokenizer=tokenizer))
+    with pytest.raises(ConfigError, match="--render carry needs FSQ codes"):
+        Engine(dataclasses.replace(serve_model, cfg=cfg), render="carry")

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from wm_jax.config import RENDERS
 from wm_jax.inference.generate import DEFAULT_MAX_MEMORY_GIB
 
 
@@ -34,6 +35,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         scale=args.scale,
         key=args.key,
         max_memory_gib=args.max_memory_gib,
+        render=args.render,
     )
     for path in paths:
         print(f"wrote {path} (+ {path.name}.json); check it with: wm verify {path}")
@@ -84,6 +86,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_MEMORY_GIB,
         help="refuse a script whose video would need more memory than this (estimated before any "
         f"allocation; default {DEFAULT_MAX_MEMORY_GIB:g})",
+    )
+    gen.add_argument(
+        "--render",
+        choices=RENDERS,
+        help="how generated frames become pixels: decode every frame, or carry the previous frame's "
+        "pixels in each patch whose FSQ code did not change (default: the run's eval.render)",
     )
     gen.set_defaults(fn=cmd_generate)
 

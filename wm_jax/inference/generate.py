@@ -1,6 +1,7 @@
 """`wm generate`: a watermarked video from a shot list, rolled out by a dynamics run.
 
     wm generate --workdir RUN --script SHOTS.yaml --out OUT.mp4 [--seed N] [--data DIR] [--batch K]
+                [--render decode|carry]
 
 RUN is a dynamics-stage run directory or an inference bundle (`wm export`); its tokenizer
 is the run's `train.tokenizer_workdir` (the bundle's own). The script:
@@ -20,9 +21,12 @@ One control sequence is built for the whole script (per frame: action, camera po
 integrated from the moves, a cut at each `cut: true` shot's first frame), the identity
 bank's reference frame is encoded once, and the cached rollout (`rollout_frames`) is
 decoded in chunks of the tokenizer's clip length as frames are dispatched
-(`decode_stream`). The video (context frames, reconstructed, then every shot) is written
+(`decode_stream`). With the "carry" render (`--render carry`, default the run's
+`eval.render`; FSQ tokenizers only) each generated patch whose code did not change keeps
+the previous frame's pixels, from the real last context frame on, as `wm eval` renders
+(`carry_unchanged`). The video (context frames, reconstructed, then every shot) is written
 with `watermark.write_marked_video`; its sidecar `OUT.mp4.json` carries the checkpoint
-hashes, the resolved config, the script, seed, time, frame count, fps and shot
+hashes, the resolved config, the script, seed, render, time, frame count, fps and shot
 boundaries. `wm verify OUT.mp4` checks both.
 
 Every script error names the script's line (`yaml.compose` keeps each node's position).
@@ -36,6 +40,7 @@ import hashlib
 import itertools
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,19 +92,21 @@ def checkpoint_info(workdir: Path, step: int) -> dict[str, Any]:
     }
 
 
-def frame_bytes(cfg: Any, scale: int) -> int:
+def frame_bytes(cfg: Any, scale: int, render: str = "decode") -> int:
     """Estimated bytes one generated frame of one sample holds until its video is written:
     its token codes, its slot of the temporal key/value cache (none with a temporal
-    window), the decoded frame twice (the list of chunks and their concatenation), the
-    upscaled frame four times (`repeat`'s intermediate, the result, the watermark's int16
-    copy) and its controls. An upper estimate: the sum, as if nothing were freed."""
+    window), the decoded frame twice (the list of chunks and their concatenation; three
+    times with the "carry" render, whose output is a copy), the upscaled frame four times
+    (`repeat`'s intermediate, the result, the watermark's int16 copy) and its controls. An
+    upper estimate: the sum, as if nothing were freed."""
     from wm_jax.models.tokenizer import num_tokens
 
     dc, side = cfg.model.dynamics, cfg.model.image_size
     tokens = num_tokens(cfg.model)
     kv_cache = 0 if dc.temporal_window else tokens * dc.embed_dim * 2 * dc.num_layers * 4
     codes = tokens * len(cfg.model.tokenizer.fsq_levels) * 4
-    return codes + kv_cache + 2 * side * side * 3 + 4 * (side * scale) ** 2 * 3 + 256
+    decoded = (3 if render == "carry" else 2) * side * side * 3
+    return codes + kv_cache + decoded + 4 * (side * scale) ** 2 * 3 + 256
 
 
 def check_budget(script: Script, *, fps: float, context: int, samples: int, per_frame: int, max_gib: float) -> int:
@@ -168,6 +175,23 @@ def _world_model_config(workdir: Path) -> Any:
             f"(train.stage: {world_models})"
         )
     return cfg
+
+
+def check_render(cfg: Any, render: str | None, run: str | Path) -> str:
+    """`render` (None: the run's `eval.render`), checked: ConfigError naming --render for
+    an unknown one, or for "carry" on `run` without FSQ codes (continuous latents never
+    repeat exactly). Shared with the serving engine."""
+    from wm_jax.config import RENDERS
+
+    render = cfg.eval.render if render is None else render
+    if render not in RENDERS:
+        raise ConfigError(f"--render must be one of {', '.join(RENDERS)}; got {render!r}")
+    if render == "carry" and cfg.model.tokenizer.bottleneck != "fsq":
+        raise ConfigError(
+            f"--render carry needs FSQ codes, and {run} has a '{cfg.model.tokenizer.bottleneck}' "
+            "tokenizer (continuous latents never repeat exactly); use --render decode"
+        )
+    return render
 
 
 def _free_output_paths(out: Path, samples: int) -> list[Path]:
@@ -313,14 +337,17 @@ def _roll_out(
     frames: int,
     seed: int,
     temperature: float,
+    last: np.ndarray | None = None,
 ) -> np.ndarray:
     """uint8 video [K, C+frames, S, S, 3]: the context codes [K, C, N, L] decoded, then
-    `frames` sampled frames under the controls of `steps` (`_control_steps`), decoded."""
+    `frames` sampled frames under the controls of `steps` (`_control_steps`), decoded or,
+    given `last` (uint8 [S, S, 3], the real last context frame), rendered by carrying the
+    patches whose codes did not change from it on (`carry_unchanged`, as `wm eval`)."""
     import jax
 
     from wm_jax.models.dynamics import DynamicsModel, make_controls
     from wm_jax.models.tokenizer import VideoTokenizer
-    from wm_jax.inference.rollout import decode_stream, rollout_frames
+    from wm_jax.inference.rollout import carry_unchanged, decode_stream, rollout_frames
 
     cfg, tokenizer = models.cfg, VideoTokenizer(models.cfg.model)
     stream = itertools.chain(
@@ -338,7 +365,23 @@ def _roll_out(
             temperature=temperature,
         ),
     )
-    return np.concatenate(list(decode_stream(tokenizer, models.tok_params, stream, models.chunk)), axis=1)
+    codes: list[Any] = []  # each frame's codes [K, N, L], kept as they stream to the decoder
+    if last is not None:
+        stream = _kept(stream, codes)
+    video = np.concatenate(list(decode_stream(tokenizer, models.tok_params, stream, models.chunk)), axis=1)
+    if last is not None:
+        ctx = context_codes.shape[1]
+        carried = np.stack([np.asarray(c) for c in codes[ctx - 1 :]], axis=1)  # [K, 1 + frames, N, L]
+        last = np.broadcast_to(last, video[:, ctx - 1].shape)
+        video[:, ctx:] = carry_unchanged(video[:, ctx:], carried, last, cfg.model.tokenizer.patch_size)
+    return video
+
+
+def _kept(items: Iterator[Any], into: list[Any]) -> Iterator[Any]:
+    """`items`, each appended to `into` as it passes."""
+    for item in items:
+        into.append(item)
+        yield item
 
 
 def _video_info(
@@ -353,9 +396,11 @@ def _video_info(
     seed: int,
     fps: float,
     scale: int,
+    render: str,
 ) -> dict[str, Any]:
-    """The sidecar's fields every sample shares: model, config, script, sampling, frames,
-    the start and reference read and the shots' boundaries (frame indices of the video)."""
+    """The sidecar's fields every sample shares: model, config, script, sampling (and the
+    render), frames, the start and reference read and the shots' boundaries (frame indices
+    of the video)."""
     from wm_jax import config as config_lib
 
     ctx, size = start["frame"].shape[0], models.cfg.model.image_size
@@ -389,6 +434,7 @@ def _video_info(
         "frame_size": [size * scale, size * scale],
         "scale": scale,
         "temperature": script.temperature,
+        "render": render,
         "start": start["info"],
         "reference": reference_info,
         "shots": boundaries,
@@ -425,11 +471,13 @@ def generate(
     scale: int | None = None,
     key: int | None = None,
     max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB,
+    render: str | None = None,
 ) -> list[Path]:
     """Rolls out the script with RUN's dynamics model; writes the watermarked video(s) and
     their sidecars, marked and signed with `key` (default: the public DEFAULT_KEY), and
-    returns the video paths (see the module docstring). Refuses an existing output and a
-    script whose video would need more than `max_memory_gib` (`check_budget`)."""
+    returns the video paths (see the module docstring). `render` ("decode" | "carry"; None:
+    the run's `eval.render`) picks how generated frames become pixels. Refuses an existing
+    output and a script whose video would need more than `max_memory_gib` (`check_budget`)."""
     from wm_jax import telemetry
 
     from wm_jax.inference import watermark
@@ -439,6 +487,7 @@ def generate(
     mark_key = watermark.DEFAULT_KEY if key is None else watermark.check_key(key)
     script = load_script(script_path)
     cfg = _world_model_config(workdir)
+    render = check_render(cfg, render, workdir)
 
     # What the script asks of the data, checked before any model is loaded.
     start = read_source(
@@ -452,7 +501,9 @@ def generate(
     fps = script.fps or start["fps"] or DEFAULT_FPS
     ctx = start["frame"].shape[0]
     scale = scale or default_scale(cfg.model.image_size)
-    check_budget(script, fps=fps, context=ctx, samples=batch, per_frame=frame_bytes(cfg, scale), max_gib=max_memory_gib)
+    check_budget(
+        script, fps=fps, context=ctx, samples=batch, per_frame=frame_bytes(cfg, scale, render), max_gib=max_memory_gib
+    )
     paths = _free_output_paths(out, batch)  # (after the budget: `batch` is bounded now)
     last_pose = start["camera"][-1] if "camera" in start else DEFAULT_POSE
     plan = resolve_shots(
@@ -467,13 +518,20 @@ def generate(
         f"generating {batch} x {ctx + total} frames ({ctx} context + {total} in {len(plan.shots)} shots) at {fps:g} fps"
     )
     steps = _control_steps(start, plan, batch)
+    last = start["frame"][-1] if render == "carry" else None  # the real frame the carry render starts from
     video = _roll_out(
-        models, context_codes, steps, reference_codes, frames=total, seed=seed, temperature=script.temperature
+        models,
+        context_codes,
+        steps,
+        reference_codes,
+        frames=total,
+        seed=seed,
+        temperature=script.temperature,
+        last=last,
     )  # [K, F, S, S, 3]
     if scale > 1:
         video = video.repeat(scale, axis=2).repeat(scale, axis=3)
-    common = _video_info(
-        workdir, script_path, script, models, start, plan, reference_info, seed=seed, fps=fps, scale=scale
-    )
+    sampling = {"seed": seed, "fps": fps, "scale": scale, "render": render}
+    common = _video_info(workdir, script_path, script, models, start, plan, reference_info, **sampling)
     _write_videos(video, paths, common, plan, fps=fps, key=mark_key)
     return paths

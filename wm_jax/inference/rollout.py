@@ -81,20 +81,31 @@ def decode_codes(tokenizer: VideoTokenizer, params: Any, codes: jax.Array, chunk
     )
 
 
+def carry_patches(
+    previous: np.ndarray, decoded: np.ndarray, before: np.ndarray, after: np.ndarray, patch: int
+) -> np.ndarray:
+    """One frame of the "carry" render: previous uint8 [B, S, S', 3] (the frame shown
+    before), decoded uint8 [B, S, S', 3] (the new frame decoded from its codes), the codes
+    before and after float [B, N, L] (N = (S/patch)(S'/patch) row-major patches) -> uint8
+    [B, S, S', 3]: the previous pixels in each patch whose code did not change, the decoded
+    ones elsewhere."""
+    b, height, width = decoded.shape[:3]
+    same = np.all(np.asarray(after) == np.asarray(before), axis=-1).reshape(b, height // patch, width // patch)
+    same = same.repeat(patch, axis=1).repeat(patch, axis=2)[..., None]  # [B, S, S', 1]
+    return np.where(same, previous, decoded)
+
+
 def carry_unchanged(decoded: np.ndarray, codes: np.ndarray, last: np.ndarray, patch: int) -> np.ndarray:
-    """The "carry" render of generated frames: decoded uint8 [B, H, S, S', 3] (frames decoded
-    from codes), codes [B, H + 1, N, L] (the last context frame's, then each generated
-    frame's; N = (S/patch)(S'/patch) row-major patches), last uint8 [B, S, S', 3] (the last
-    real frame) -> uint8 [B, H, S, S', 3]: each patch whose code equals the previous frame's
+    """The "carry" render of generated frames (`carry_patches` frame after frame): decoded
+    uint8 [B, H, S, S', 3] (frames decoded from codes), codes [B, H + 1, N, L] (the last
+    context frame's, then each generated frame's), last uint8 [B, S, S', 3] (the last real
+    frame) -> uint8 [B, H, S, S', 3]: each patch whose code equals the previous frame's
     keeps the previous rendered frame's pixels (a patch that never changes stays the real
     frame's), every other patch is the decoded one."""
-    b, h, height, width = decoded.shape[:4]
     codes = np.asarray(codes)
-    same = np.all(codes[:, 1:] == codes[:, :-1], axis=-1).reshape(b, h, height // patch, width // patch)
-    same = same.repeat(patch, axis=2).repeat(patch, axis=3)[..., None]  # [B, H, S, S', 1]
     out, previous = np.empty_like(decoded), np.asarray(last)
-    for t in range(h):
-        out[:, t] = previous = np.where(same[:, t], previous, decoded[:, t])
+    for t in range(decoded.shape[1]):
+        out[:, t] = previous = carry_patches(previous, decoded[:, t], codes[:, t], codes[:, t + 1], patch)
     return out
 
 

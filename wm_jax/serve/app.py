@@ -315,7 +315,9 @@ def create_app(
         if not generating.acquire(blocking=False):
             raise CapacityError("a generation is running; retry when it is done")
         try:
-            return await on("io")(_generate, generate_lib, engine.model.workdir, text, seed, generate_max_gib)
+            return await on("io")(
+                _generate, generate_lib, engine.model.workdir, text, seed, generate_max_gib, engine.render
+            )
         finally:
             generating.release()
 
@@ -372,12 +374,13 @@ async def _expire_loop(engine: Engine, run_sync: Callable[..., Awaitable[Any]], 
         await run_sync(engine.expire)
 
 
-def _generate(generate_lib: Any, workdir: Path, text: str, seed: int, max_gib: float) -> dict[str, Any]:
-    """`wm generate` of a script's text in a private temporary directory -> the JSON reply."""
+def _generate(generate_lib: Any, workdir: Path, text: str, seed: int, max_gib: float, render: str) -> dict[str, Any]:
+    """`wm generate` of a script's text in a private temporary directory, rendered as the
+    engine renders (`render`) -> the JSON reply."""
     with tempfile.TemporaryDirectory(prefix="wm-serve-") as tmp:
         script, out = Path(tmp) / "script.yaml", Path(tmp) / "generated.mp4"
         script.write_text(text)
-        generate_lib.generate(workdir, script, out, seed=seed, max_memory_gib=max_gib)
+        generate_lib.generate(workdir, script, out, seed=seed, max_memory_gib=max_gib, render=render)
         return {
             "name": out.name,
             "video_mp4_base64": base64.b64encode(out.read_bytes()).decode(),

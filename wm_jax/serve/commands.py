@@ -1,6 +1,7 @@
 """`wm serve` and `wm play`: argparse in, exit code out (the CLI registers these).
 
-    wm serve --workdir RUN|BUNDLE [--port 8000] [--host 127.0.0.1] [--token T] [--max-sessions 16] ...
+    wm serve --workdir RUN|BUNDLE [--port 8000] [--host 127.0.0.1] [--token T] [--max-sessions 16]
+             [--render decode|carry] ...
     wm play  --workdir RUN|BUNDLE [--port 8765] [--no-browser] ...   # the same server, page first
 
 Exit codes: 0 stopped (Ctrl-C); 2 bad usage, config or run, or a port that cannot be bound.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from wm_jax.config import RENDERS
 
 DEFAULT_PORTS = {"serve": 8000, "play": 8765}
 
@@ -38,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "serve") -> No
     )
     parser.add_argument("--context-frames", type=int, default=None, help="default: the run's eval.context_frames")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (deterministic)")
+    parser.add_argument(
+        "--render",
+        choices=RENDERS,
+        default=None,
+        help="how generated frames become pixels: decode every frame, or carry the shown pixels of "
+        "each patch whose FSQ code did not change (default: the run's eval.render)",
+    )
     parser.add_argument("--data", default=None, help="dataset directory (default: the run's data.dir)")
     parser.add_argument("--record-dir", default=None, help="where recordings/ goes (default: the run's directory)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
@@ -77,6 +87,7 @@ def _serve(args: argparse.Namespace, open_page: bool) -> int:
             window=args.window,
             context_frames=args.context_frames,
             temperature=args.temperature,
+            render=args.render,
             idle_timeout_s=args.idle_timeout,
             data_dir=args.data,
         )

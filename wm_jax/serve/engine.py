@@ -8,7 +8,10 @@ program, and rows without a request keep their state (the padding of the fixed b
 Each new frame is then decoded alone against a key/value cache of the tokenizer decoder
 holding the earlier frames of its time chunk (`VideoTokenizer.decode_step`): the decoder is causal in
 time, so the frame is what `rollout.decode_codes` (and so `wm generate`) gives for the
-whole video, at the cost of one frame.
+whole video, at the cost of one frame. With the "carry" render (`render`, default the
+run's `eval.render`) a row's patches whose codes did not change keep the pixels its
+session showed last (first the real last context frame), as `wm eval` renders
+(`rollout.carry_patches`).
 
 Sliding window: W is the model's `temporal_window`, else the clip length it was trained
 on minus one (what it has seen as context). Past W frames the ring overwrites a session's
@@ -41,11 +44,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax.config import ConfigError, to_dict
-from wm_jax.inference.generate import DEFAULT_FPS, checkpoint_info, default_scale
+from wm_jax.inference.generate import DEFAULT_FPS, check_render, checkpoint_info, default_scale
 from wm_jax.inference.shot_script import DEFAULT_POSE
 from wm_jax.models.dynamics import CAMERA_DIM, Controls, DynamicsModel, make_controls
 from wm_jax.models.tokenizer import VideoTokenizer, init_decoder_caches, num_tokens
-from wm_jax.inference.rollout import Sampling, cached_step, decode_codes, encode_frames, identity_memory, init_caches
+from wm_jax.inference.rollout import (
+    Sampling,
+    cached_step,
+    carry_patches,
+    decode_codes,
+    encode_frames,
+    identity_memory,
+    init_caches,
+)
 from wm_jax.stages.base import float_to_frames
 
 
@@ -131,7 +142,8 @@ class Session:
     pose: np.ndarray  # float64 [7] camera pose of the newest frame
     pose_valid: bool
     last_used: float
-    history: collections.deque  # the newest decoded frames, for `record`
+    history: collections.deque  # the newest frames shown, for `record`
+    shown: np.ndarray  # uint8 [H, W, 3]: the frame shown last (the real last context frame at first), for carry
     steps: collections.deque  # the controls given, for the recording's provenance
     context: dict  # where the context frames came from
 
@@ -295,6 +307,7 @@ class Engine:
         record_frames: int = 3000,
         data_dir: str | None = None,
         split: str | None = None,
+        render: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.model = model if isinstance(model, Model) else load_model(model)
@@ -305,6 +318,7 @@ class Engine:
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ConfigError(f"temperature must be >= 0, got {temperature}")
         self.sampling = Sampling(float(temperature), int(top_k))
+        self.render = check_render(cfg, render, self.model.workdir)
         self.idle_timeout_s, self.record_frames, self.clock = float(idle_timeout_s), int(record_frames), clock
         self.data_dir, self.split = data_dir or cfg.data.dir, split or cfg.eval.split
         self.num_actions, self.image_size = cfg.model.dynamics.num_actions, cfg.model.image_size
@@ -364,6 +378,7 @@ class Engine:
             "split": self.split,
             "step": self.model.step,
             "temperature": self.sampling.temperature,
+            "render": self.render,
             "idle_timeout_s": self.idle_timeout_s,
         }
 
@@ -413,6 +428,7 @@ class Engine:
                 pose_valid=bool(fields["camera_valid"][c - 1]) if "camera_valid" in fields else camera,
                 last_used=self.clock(),
                 history=collections.deque(frames, maxlen=self.record_frames),
+                shown=fields["frame"][c - 1],
                 steps=collections.deque(maxlen=self.record_frames),
                 context=context,
             )
@@ -571,7 +587,7 @@ class Engine:
             return out  # type: ignore[return-value]
 
     def _tick(self, chosen: dict[int, tuple[int, Session, StepRequest]], out: list) -> None:
-        m, s = self.model, self.max_sessions
+        m, s, before = self.model, self.max_sessions, self._inputs
         active, positions, index = np.zeros(s, bool), np.zeros(s, np.int32), np.zeros(s, np.int32)
         rows, poses = {}, {}
         for row, (_, session, r) in chosen.items():
@@ -603,6 +619,8 @@ class Engine:
             m.tokenizer, m.tok_params, self._decoder, self._inputs, jnp.asarray(index), jnp.asarray(active)
         )
         images, now = np.asarray(images), self.clock()
+        if self.render == "carry":
+            images = self._carry(chosen, images, before)
         self._counts["engine_steps"] += 1
         self._counts["frames_generated"] += len(chosen)
         for row, (i, session, r) in chosen.items():
@@ -610,8 +628,24 @@ class Engine:
             session.segment += int(r.cut)
             session.pose, session.pose_valid, session.last_used = poses[row], True, now
             session.history.append(images[row])
+            session.shown = images[row]
             session.steps.append({"frame": session.frame, "action": r.action, "move": list(r.move), "cut": r.cut})
             out[i] = Frame(session.id, session.frame, images[row])
+
+    def _carry(
+        self, chosen: dict[int, tuple[int, Session, StepRequest]], images: np.ndarray, before: Any
+    ) -> np.ndarray:
+        """The "carry" render of the stepped rows: images uint8 [S, H, W, 3] decoded, before
+        float [S, N, L] the rows' input codes before the step (`self._inputs` after it) ->
+        images with each stepped row's unchanged patches holding its session's shown pixels."""
+        rows = np.asarray(sorted(chosen))
+        shown = np.stack([chosen[r][1].shown for r in rows])
+        codes = lambda c: np.asarray(c)[rows]
+        images = images.copy()
+        images[rows] = carry_patches(
+            shown, images[rows], codes(before), codes(self._inputs), self.model.cfg.model.tokenizer.patch_size
+        )
+        return images
 
     # ------------------------------------------------------------------ recording
 
@@ -645,6 +679,7 @@ class Engine:
             "frame_size": [self.image_size * scale] * 2,
             "scale": scale,
             "temperature": self.sampling.temperature,
+            "render": self.render,
             "window": self.window,
             "steps": steps,
         }
