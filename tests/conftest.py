@@ -173,3 +173,20 @@ def client(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
         assert c.get("/v1/health").status_code == 200  # whatever the test sent
+
+
+@pytest.fixture(scope="session")
+def maskgit_dynamics_run(tiny_dataset, tokenizer_run) -> Path:
+    """The tiny dynamics model with the MaskGIT objective (4 decoding passes per frame),
+    trained 2 steps on `tokenizer_run` (checkpoint 2)."""
+    run = tokenizer_run.parent / "maskgit_dynamics"
+    overrides = [
+        f"data.dir={tiny_dataset}",
+        "train.steps=2",
+        "train.stage=dynamics",
+        f"train.tokenizer_workdir={tokenizer_run}",
+        "model.dynamics.objective=maskgit",
+        "model.dynamics.maskgit_steps=4",
+    ]
+    train(config_lib.load(PRESET, TINY_OVERRIDES + overrides), run)
+    return run

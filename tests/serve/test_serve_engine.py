@@ -12,9 +12,12 @@ import pytest
 from data_pipelines import writer
 from wm_jax.inference import watermark
 from wm_jax.models.dynamics import DynamicsModel, make_controls
+from wm_jax import config as config_lib
 from wm_jax.config import ConfigError
 from wm_jax.inference.rollout import carry_unchanged, decode_codes, encode_frames, rollout_frames
-from wm_jax.serve.engine import CapacityError, Engine, RequestError, SessionNotFound, StepRequest
+from wm_jax.serve.engine import CapacityError, Engine, RequestError, SessionNotFound, StepRequest, load_model
+
+from conftest import PRESET, TINY_OVERRIDES
 
 
 def context_fields(engine, clip):
@@ -25,14 +28,15 @@ def context_fields(engine, clip):
     return {k: v[: engine.context_frames] for k, v in records.items()}
 
 
-def reference_frames(engine, clip, requests):
+def reference_frames(engine, clip, requests, seed=0):
     """uint8 [H, S, S, 3]: the frames `rollout_frames` + `decode_codes` give for the
     session's context and controls, with the model's temporal window set to the engine's
-    cache window (what the sliding ring computes)."""
-    return reference_rollout(engine, clip, requests)[1]
+    cache window (what the sliding ring computes), sampled as the engine samples a session
+    of this seed."""
+    return reference_rollout(engine, clip, requests, seed)[1]
 
 
-def reference_rollout(engine, clip, requests):
+def reference_rollout(engine, clip, requests, seed=0):
     """(codes [1, C + H, N, L]: the context's, then each generated frame's; their frames
     decoded, uint8 [H, S, S, 3]): `reference_frames`'s rollout."""
     m, fields = engine.model, context_fields(engine, clip)
@@ -55,7 +59,13 @@ def reference_rollout(engine, clip, requests):
         m.cfg.model, dynamics=dataclasses.replace(m.cfg.model.dynamics, temporal_window=engine.window)
     )
     codes, _ = encode_frames(m.tokenizer, m.tok_params, fields["frame"][None], m.chunk)
-    new = list(rollout_frames(DynamicsModel(windowed), m.params, codes, make_controls(steps), h))
+    temperature = engine.sampling.temperature
+    key = jax.random.key(seed) if temperature else None
+    new = list(
+        rollout_frames(
+            DynamicsModel(windowed), m.params, codes, make_controls(steps), h, key=key, temperature=temperature
+        )
+    )
     codes = np.concatenate([codes, np.stack(new, axis=1)], axis=1)
     return codes, decode_codes(m.tokenizer, m.tok_params, codes, m.chunk)[0, c:]
 
@@ -218,3 +228,60 @@ def test_the_carry_render_needs_fsq_codes(serve_model):
     cfg = dataclasses.replace(serve_model.cfg, model=dataclasses.replace(serve_model.cfg.model, tokenizer=tokenizer))
     with pytest.raises(ConfigError, match="--render carry needs FSQ codes"):
         Engine(dataclasses.replace(serve_model, cfg=cfg), render="carry")
+
+
+@pytest.fixture(scope="module")
+def maskgit_model(maskgit_dynamics_run):
+    """The trained tiny MaskGIT run loaded for serving, once."""
+    return load_model(maskgit_dynamics_run)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 2.0], ids=["greedy", "gumbel"])
+def test_maskgit_sessions_generate_what_the_cached_rollout_generates(maskgit_model, temperature):
+    """Two MaskGIT sessions, batched at different positions, each give the library's cached
+    rollout of its context and controls (K passes per frame); sampled, each from its seed."""
+    engine = Engine(maskgit_model, max_sessions=4, temperature=temperature)
+    c, horizon, lead, seeds = engine.context_frames, 2 * engine.window + 1, 2, (3, 4)
+    ids = [engine.create(clip=k, seed=seeds[k])[0] for k in range(2)]
+    plans = [random_requests(s, horizon + lead * (k == 0), k, engine.num_actions) for k, s in enumerate(ids)]
+    got, codes = ([], []), ([], [])
+    # The engine's codes of each session's newest frame (its row's next input), read from
+    # inside: the frames are a near-uniform grey that a token may hardly change.
+    rows = [engine._sessions[s].row for s in ids]
+    for t in range(len(plans[0])):
+        stepping = [0] if t < lead else [0, 1]  # session 0 goes ahead alone, then both together
+        frames = engine.step([plans[k][t - lead * k] for k in stepping])
+        for k, frame in zip(stepping, frames):
+            assert frame.index == c + len(got[k])
+            got[k].append(frame.image)
+            codes[k].append(np.asarray(engine._inputs[rows[k]]))
+    # Up to XLA's call-to-call float noise (see the causal test above): each session within
+    # 2 levels of its reference, far closer to it than to the other session, and (almost)
+    # all of its tokens the reference's; sampled, another seed's tokens differ by more.
+    other = np.abs(np.stack(got[0][lead:]).astype(int) - np.stack(got[1]).astype(int)).mean()
+    for k in range(2):
+        want_codes, want = reference_rollout(engine, k, plans[k], seeds[k])
+        diff = np.abs(np.stack(got[k]).astype(int) - want.astype(int))
+        tokens = np.any(np.stack(codes[k]) != want_codes[0, c:], axis=-1).mean()
+        print(f"session {k}: max |diff| {diff.max()}, mean {diff.mean():.4f}, other {other:.4f}, tokens {tokens:.4f}")
+        assert diff.max() <= 2 and diff.mean() <= other / 4 and tokens <= 0.02
+        if temperature:
+            another = np.any(np.stack(codes[k]) != reference_rollout(engine, k, plans[k], 7)[0][0, c:], axis=-1)
+            print(f"session {k}: tokens differing from seed 7's rollout {another.mean():.4f}")
+            assert another.mean() > max(tokens, 0.01)
+
+
+def test_a_diffusion_run_is_refused_naming_its_objective(serve_model, tmp_path):
+    dynamics = dataclasses.replace(serve_model.cfg.model.dynamics, objective="diffusion")
+    cfg = dataclasses.replace(serve_model.cfg, model=dataclasses.replace(serve_model.cfg.model, dynamics=dynamics))
+    with pytest.raises(ConfigError, match="objective is 'diffusion'; the serving engine runs the token objectives"):
+        Engine(dataclasses.replace(serve_model, cfg=cfg))
+    diffusion = ["model.dynamics.objective=diffusion", "model.tokenizer.bottleneck=continuous", "train.stage=dynamics"]
+    config_lib.dump(config_lib.load(PRESET, TINY_OVERRIDES + diffusion), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match="objective is 'diffusion'"):
+        load_model(tmp_path)  # refused from its config, before its checkpoint is read
+
+
+def test_maskgit_refuses_top_k(maskgit_model):
+    with pytest.raises(ConfigError, match="top_k=3 is for the 'causal' objective"):
+        Engine(maskgit_model, top_k=3)

@@ -178,8 +178,9 @@ class Sampling:
     """How the causal objective picks a frame's tokens from its logits (static under jit).
 
     temperature 0: greedy argmax; > 0: sampled (`sample_codes`, top_k values kept, 0:
-    all). guidance != 1: classifier-free guidance on actions (`guide_logits`); the engine
-    then runs every row twice, with and without its actions."""
+    all); "maskgit" reads only the temperature (`cached_token_step`). guidance != 1:
+    classifier-free guidance on actions (`guide_logits`); the engine then runs every row
+    twice, with and without its actions."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -300,7 +301,7 @@ def _maskgit_frame(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(5,))
-def _cached_maskgit_step(
+def cached_maskgit_step(
     dynamics: DynamicsModel,
     params: Any,
     code: jax.Array,
@@ -312,8 +313,10 @@ def _cached_maskgit_step(
     key: Any,
     temperature: float,
 ) -> tuple[jax.Array, tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]]:
-    """`cached_step` for the MaskGIT objective: the all-masked pass writes frame `position`
-    into the cache (once); the K - 1 refinement passes run against it without committing."""
+    """`cached_step` for the MaskGIT objective (same arguments and result; `temperature`
+    noises the unmasking order, `_maskgit_frame`): the all-masked pass writes frame
+    `position` into the cache (once); the K - 1 refinement passes run against it without
+    committing."""
     caches, slot_pos, slot_seg = claim_slot(state, position, controls)
 
     def apply(caches: Any, next_codes: Any = None, next_mask: Any = None) -> tuple[jax.Array, Any]:
@@ -338,6 +341,29 @@ def _cached_maskgit_step(
         dynamics.cfg, logits[:, 0], refine, code.shape[:1] + code.shape[2:], key, position, temperature
     )
     return nxt, (caches, slot_pos, slot_seg)
+
+
+def cached_token_step(
+    dynamics: DynamicsModel,
+    params: Any,
+    code: jax.Array,
+    controls: Controls,
+    position: jax.Array,
+    state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array],
+    memory: Any,
+    memory_mask: Any,
+    key: Any,
+    sampling: Sampling,
+) -> tuple[jax.Array, tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]]:
+    """One generated frame of a token objective, cached: `cached_step` ("causal") or
+    `cached_maskgit_step` ("maskgit", K passes at `sampling.temperature`; guidance and
+    top_k do not apply). Codes [B,1,N,L] of frame `position` -> (codes [B,N,L] of the next
+    frame, the state with this frame written). Both are jitted: traceable under jit and vmap
+    (the serving engine vmaps it over its sessions)."""
+    args = (dynamics, params, code, controls, position, state, memory, memory_mask, key)
+    if dynamics.cfg.dynamics.objective == "maskgit":
+        return cached_maskgit_step(*args, sampling.temperature)
+    return cached_step(*args, sampling)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 9))
@@ -498,10 +524,11 @@ def token_frames(
     maskgit = dynamics.cfg.dynamics.objective == "maskgit"
     if temperature and key is None:
         raise ValueError("a rollout with temperature > 0 needs a key")
-    sampling = Sampling(0.0 if maskgit else float(temperature), int(top_k), float(guidance))
+    sampling = Sampling(float(temperature), int(top_k), float(guidance))
     if maskgit and sampling.guided:
         raise ValueError("classifier-free guidance is for the causal objective")
-    temperature = float(temperature) if maskgit else 0.0
+    # A MaskGIT context frame needs only its all-masked pass, committed: a greedy `cached_step`.
+    context_sampling = Sampling() if maskgit else sampling
     frames = c + horizon
     controls = controls.at(slice(0, frames - 1))
     rows = context_codes.shape[0]
@@ -527,13 +554,10 @@ def token_frames(
 
     codes = [context_codes[:, i] for i in range(c)]
     for p in range(frames - 1):  # input frame p predicts frame p + 1
-        if cached and maskgit and p >= c - 1:
-            nxt, state = _cached_maskgit_step(
-                dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state, *memory, key, temperature
-            )
-        elif cached:  # (a MaskGIT context frame: its all-masked pass, committed, is all it needs)
-            nxt, state = cached_step(
-                dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state, *memory, key, sampling
+        if cached:
+            step, how = (cached_token_step, sampling) if p >= c - 1 else (cached_step, context_sampling)
+            nxt, state = step(
+                dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state, *memory, key, how
             )
         elif p >= c - 1:
             first = max(0, p + 1 - span)
@@ -547,7 +571,11 @@ def token_frames(
             )
             pos = jnp.pad(all_pos[:, idx], ((0, 0), (0, span - all_pos[:, idx].shape[1])), constant_values=frames)
             args = (dynamics, params, buf, ctrl, pos, jnp.int32(p - first), reference_codes, reference_mask)
-            nxt = _uncached_maskgit_step(*args, key, temperature) if maskgit else _uncached_step(*args, key, sampling)
+            nxt = (
+                _uncached_maskgit_step(*args, key, sampling.temperature)
+                if maskgit
+                else _uncached_step(*args, key, sampling)
+            )
         if p >= c - 1:
             codes.append(nxt)
             yield nxt[:rows]

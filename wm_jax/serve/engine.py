@@ -2,7 +2,7 @@
 
 Each session owns one row of a fixed batch of S rows: its own temporal key/value cache (a
 ring of W slots), position, shot (segment), camera pose and input frame. `Engine.step`
-advances every requested session by one frame in one jitted call: `rollout.cached_step`
+advances every requested session by one frame in one jitted call: `rollout.cached_token_step`
 vmapped over the rows, so rows at different positions and ring slots share one compiled
 program, and rows without a request keep their state (the padding of the fixed batch).
 Each new frame is then decoded alone against a key/value cache of the tokenizer decoder
@@ -19,8 +19,10 @@ oldest slot: the model sees the last W frames, exactly as a model with `temporal
 would, and a step costs the same at frame 10 and at frame 10,000. Temporal positions are
 rotary (relative), so they may grow without limit.
 
-Only the causal objective is served (MaskGIT's cached step is not public in rollout.py),
-greedy or with a fixed temperature, without classifier-free guidance.
+The token objectives are served (`SERVED_OBJECTIVES`): "causal", one pass per frame, and
+"maskgit", K = `maskgit_steps` passes per frame (the first commits the frame to the cache),
+greedy or with a fixed temperature, without classifier-free guidance. "diffusion" is not:
+it samples continuous latents with its own sampler (`rollout.diffusion_frames`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from wm_jax.models.dynamics import CAMERA_DIM, Controls, DynamicsModel, make_con
 from wm_jax.models.tokenizer import VideoTokenizer, init_decoder_caches, num_tokens
 from wm_jax.inference.rollout import (
     Sampling,
-    cached_step,
+    cached_token_step,
     carry_patches,
     decode_codes,
     encode_frames,
@@ -170,7 +172,7 @@ def _advance(
 
     def row(code, st, ctrl, pos, mem, key):
         key = None if key is None else jax.random.wrap_key_data(key)
-        nxt, st = cached_step(dynamics, params, code[None, None], ctrl, pos, st, *mem, key, sampling)
+        nxt, st = cached_token_step(dynamics, params, code[None, None], ctrl, pos, st, *mem, key, sampling)
         return nxt[0], st
 
     nxt, new = jax.vmap(row)(inputs, state, controls, positions, memory, keys)
@@ -248,11 +250,7 @@ def load_model(workdir: str | Path) -> Model:
     cfg = load_run_config(workdir)
     if get_stage(cfg.train.stage).role is not Role.WORLD_MODEL:
         raise ConfigError(f"{workdir} is a '{cfg.train.stage}' run; serving needs a {names_with(Role.WORLD_MODEL)} run")
-    if cfg.model.dynamics.objective != "causal":
-        raise ConfigError(
-            f"{workdir}: model.dynamics.objective is '{cfg.model.dynamics.objective}'; the serving "
-            "engine runs the 'causal' objective only"
-        )
+    check_objective(cfg, workdir)
     mesh, rules = sharding.make_mesh(MeshConfig()), sharding.logical_rules(cfg.mesh)
     params, _, step = restore_params(workdir, mesh, rules)
     tok_dir = tokenizer_source(workdir, cfg)
@@ -273,6 +271,25 @@ def load_model(workdir: str | Path) -> Model:
         tok_step,
         tok_cfg.data.frames_per_clip,
     )
+
+
+SERVED_OBJECTIVES = ("causal", "maskgit")  # the token objectives: `rollout.cached_token_step`
+
+
+def check_objective(cfg: Any, workdir: str | Path, top_k: int = 0) -> None:
+    """ConfigError unless the run's dynamics objective is served, with these sampling options."""
+    objective = cfg.model.dynamics.objective
+    if objective not in SERVED_OBJECTIVES:
+        raise ConfigError(
+            f"{workdir}: model.dynamics.objective is '{objective}'; the serving engine runs the "
+            f"token objectives {SERVED_OBJECTIVES} only ('diffusion' samples continuous latents "
+            "with its own sampler: use `wm generate`)"
+        )
+    if objective == "maskgit" and top_k:
+        raise ConfigError(
+            f"{workdir}: top_k={top_k} is for the 'causal' objective; 'maskgit' samples only through "
+            "its temperature (Gumbel noise on the unmasking order)"
+        )
 
 
 def default_window(cfg: Any) -> int:
@@ -317,6 +334,7 @@ class Engine:
         self.context_frames = _integer(context_frames or cfg.eval.context_frames, "context_frames", 1)
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ConfigError(f"temperature must be >= 0, got {temperature}")
+        check_objective(cfg, self.model.workdir, top_k)
         self.sampling = Sampling(float(temperature), int(top_k))
         self.render = check_render(cfg, render, self.model.workdir)
         self.idle_timeout_s, self.record_frames, self.clock = float(idle_timeout_s), int(record_frames), clock
