@@ -35,19 +35,39 @@ class Stop(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def tokenizer_run(tiny_dataset, tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("latent_cache") / "tok"
-    overrides = TINY_OVERRIDES + [f"data.dir={tiny_dataset}", "train.steps=2", "data.frames_per_clip=5"]
+def _trained_tokenizer(tiny_dataset, tmp_path_factory, name: str, extra: list[str] = ()) -> Path:
+    """A tiny tokenizer run of 2 steps on 5-frame clips (the cache's windows)."""
+    workdir = tmp_path_factory.mktemp("latent_cache") / name
+    overrides = TINY_OVERRIDES + list(extra) + [f"data.dir={tiny_dataset}", "train.steps=2", "data.frames_per_clip=5"]
     train(config_lib.load(PRESET, overrides), workdir)
     return workdir
 
 
+def _built_cache(tiny_dataset, tokenizer: Path, tmp_path_factory, name: str) -> Path:
+    out = tmp_path_factory.mktemp("latent_cache") / name
+    build_cache(tiny_dataset, tokenizer, out, log=lambda _: None, **BUILD)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tiny_dataset, tmp_path_factory) -> Path:
+    return _trained_tokenizer(tiny_dataset, tmp_path_factory, "tok")
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tiny_dataset, tokenizer_run, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("latent_cache") / "cache"
-    build_cache(tiny_dataset, tokenizer_run, out, log=lambda _: None, **BUILD)
-    return out
+    return _built_cache(tiny_dataset, tokenizer_run, tmp_path_factory, "cache")
+
+
+def _assert_verify_names_a_flipped_byte(cache: Path, chunk: Path) -> None:
+    """One bit of the chunk file `chunk` of split train flipped: `verify_cache` names the split and the file."""
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(
+        DatasetError, match=re.escape(f"split 'train' of latent cache {cache}: ") + ".*" + re.escape(str(chunk))
+    ):
+        latent_cache.verify_cache(cache)
 
 
 def _chunk_bytes(cache: Path) -> dict[str, bytes]:
@@ -170,14 +190,7 @@ def test_mismatches_and_corruption_are_named(tiny_dataset, tokenizer_run, cache_
     flipped = tmp_path / "flipped"
     shutil.copytree(cache_dir, flipped)
     assert latent_cache.verify_cache(flipped)["splits"].keys() == {"train", "val", "test"}
-    chunk = flipped / "train.zarr" / "c" / "2" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 1
-    chunk.write_bytes(bytes(data))
-    with pytest.raises(
-        DatasetError, match=re.escape(f"split 'train' of latent cache {flipped}: ") + ".*" + re.escape(str(chunk))
-    ):
-        latent_cache.verify_cache(flipped)
+    _assert_verify_names_a_flipped_byte(flipped, flipped / "train.zarr" / "c" / "2" / "0")
 
 
 def test_cli_builds_the_same_cache_and_exits_2_without_a_tokenizer(
@@ -263,17 +276,12 @@ LOSS_RTOL = 1e-3
 
 @pytest.fixture(scope="module")
 def continuous_run(tiny_dataset, tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("latent_cache") / "continuous_tok"
-    overrides = TINY_OVERRIDES + CONTINUOUS + [f"data.dir={tiny_dataset}", "train.steps=2", "data.frames_per_clip=5"]
-    train(config_lib.load(PRESET, overrides), workdir)
-    return workdir
+    return _trained_tokenizer(tiny_dataset, tmp_path_factory, "continuous_tok", CONTINUOUS)
 
 
 @pytest.fixture(scope="module")
 def latents_dir(tiny_dataset, continuous_run, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("latent_cache") / "latents"
-    build_cache(tiny_dataset, continuous_run, out, log=lambda _: None, **BUILD)
-    return out
+    return _built_cache(tiny_dataset, continuous_run, tmp_path_factory, "latents")
 
 
 def test_latents_equal_the_continuous_tokenizers_encoding_to_float16(tiny_dataset, continuous_run, latents_dir):
@@ -317,14 +325,7 @@ def test_latents_build_resumes_to_the_same_bytes_and_verify_names_a_flipped_byte
     assert _chunk_bytes(out) == _chunk_bytes(latents_dir)
 
     assert latent_cache.verify_cache(out)["kind"] == "latents"
-    chunk = out / "train.zarr" / "c" / "2" / "0" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 1
-    chunk.write_bytes(bytes(data))
-    with pytest.raises(
-        DatasetError, match=re.escape(f"split 'train' of latent cache {out}: ") + ".*" + re.escape(str(chunk))
-    ):
-        latent_cache.verify_cache(out)
+    _assert_verify_names_a_flipped_byte(out, out / "train.zarr" / "c" / "2" / "0" / "0")
 
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["splits"]["val"]["dtype"] = "float32"

@@ -220,12 +220,12 @@ def cached_step(
     code: jax.Array,
     controls: Controls,
     position: jax.Array,
-    state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array],
+    state: CacheState,
     memory: Any,
     memory_mask: Any,
     key: Any,
     sampling: Sampling,
-) -> tuple[jax.Array, tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]]:
+) -> tuple[jax.Array, CacheState]:
     """Frame `position` (codes [B,1,N,L]) through the model against the cache state
     (caches, slot positions int32 [W], slot segments int32 [B,W]) -> codes [B,N,L] of the
     next frame (`sampling`), and the state with this frame written into slot position % W."""
@@ -307,12 +307,12 @@ def cached_maskgit_step(
     code: jax.Array,
     controls: Controls,
     position: jax.Array,
-    state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array],
+    state: CacheState,
     memory: Any,
     memory_mask: Any,
     key: Any,
     temperature: float,
-) -> tuple[jax.Array, tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]]:
+) -> tuple[jax.Array, CacheState]:
     """`cached_step` for the MaskGIT objective (same arguments and result; `temperature`
     noises the unmasking order, `_maskgit_frame`): the all-masked pass writes frame
     `position` into the cache (once); the K - 1 refinement passes run against it without
@@ -349,12 +349,12 @@ def cached_token_step(
     code: jax.Array,
     controls: Controls,
     position: jax.Array,
-    state: tuple[list[dict[str, jax.Array]], jax.Array, jax.Array],
+    state: CacheState,
     memory: Any,
     memory_mask: Any,
     key: Any,
     sampling: Sampling,
-) -> tuple[jax.Array, tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]]:
+) -> tuple[jax.Array, CacheState]:
     """One generated frame of a token objective, cached: `cached_step` ("causal") or
     `cached_maskgit_step` ("maskgit", K passes at `sampling.temperature`; guidance and
     top_k do not apply). Codes [B,1,N,L] of frame `position` -> (codes [B,N,L] of the next
