@@ -282,7 +282,8 @@ def test_report_tabulates_and_plots_per_step_metrics(tmp_path, capsys):
     assert set(series) < set(names)
     for name, psnr in series.items():
         (tmp_path / "sweep" / "runs" / name / "eval").mkdir(parents=True)
-        metrics = {"rollout": {"psnr": psnr}, "tokenizer": {"psnr": 25.0}}
+        # Equal tokenizer PSNRs up to float rounding (one ulp apart)
+        metrics = {"rollout": {"psnr": psnr}, "tokenizer": {"psnr": 25.0 if name.endswith("0") else 25.000000000000004}}
         (tmp_path / "sweep" / "runs" / name / "eval" / "metrics.json").write_text(json.dumps(metrics))
     assert _wm(capsys, "sweep", "report", path)[0] == 0
     md = (tmp_path / "sweep" / "results.md").read_text()
@@ -291,5 +292,6 @@ def test_report_tabulates_and_plots_per_step_metrics(tmp_path, capsys):
     assert "| train.learning_rate=0.001 | 21 ± 1.4 (2/2) | 19 ± 1.4 (2/2) | 16 ± 1.4 (2/2) |" in table
     assert "| train.learning_rate=0.002 | 19 (1/2) | 17 (1/2) | missing (0/2) |" in table
     assert "tokenizer.psnr` per step" not in md  # a scalar has no per-step table
+    assert "| 25 ± 0 (2/2) |" in md  # equal values: std 0, not rounding noise
     assert (tmp_path / "sweep" / "rollout.psnr_per_step.png").stat().st_size > 1000
     assert "![rollout.psnr_per_step.png](rollout.psnr_per_step.png)" in md

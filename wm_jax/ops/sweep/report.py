@@ -103,9 +103,11 @@ def summarize(values: list[float | None]) -> str:
     present = [v for v in values if v is not None]
     if not present:
         return f"missing (0/{len(values)})"
-    text = f"{np.mean(present):.4g}"
+    mean = float(np.mean(present))
+    text = f"{mean:.4g}"
     if len(present) > 1:
-        text += f" ± {np.std(present, ddof=1):.2g}"
+        std = float(np.std(present, ddof=1))
+        text += f" ± {0.0 if std <= 1e-9 * max(1.0, abs(mean)) else std:.2g}"  # equal values: 0, not rounding noise
     return text + (f" ({len(present)}/{len(values)})" if len(present) < len(values) or len(values) > 1 else "")
 
 
