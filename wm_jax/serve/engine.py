@@ -52,6 +52,7 @@ from wm_jax.models.dynamics import CAMERA_DIM, Controls, DynamicsModel, make_con
 from wm_jax.models.tokenizer import VideoTokenizer, init_decoder_caches, num_tokens
 from wm_jax.inference.rollout import (
     Sampling,
+    cached_step,
     cached_token_step,
     carry_patches,
     decode_codes,
@@ -153,7 +154,7 @@ class Session:
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
 def _advance(
     dynamics: DynamicsModel,
-    sampling: Sampling,
+    sampling: Sampling | None,
     params: Any,
     inputs: jax.Array,
     state: Any,
@@ -168,11 +169,14 @@ def _advance(
     segments int32 [S, 1, W]), controls of [S, 1, 1, ...], positions int32 [S], memory
     ([S, 1, M, D], bool [S, 1]) or (None, None), keys uint32 [S, 2] key data (threefry) or None,
     active bool [S] -> (inputs: each active row's next frame codes, the others' unchanged;
-    state: the active rows' input frames written)."""
+    state: the active rows' input frames written). sampling None: context frames, whose
+    next frame is not wanted: one greedy pass writes each (a MaskGIT frame's all-masked
+    pass, not its K passes)."""
 
     def row(code, st, ctrl, pos, mem, key):
         key = None if key is None else jax.random.wrap_key_data(key)
-        nxt, st = cached_token_step(dynamics, params, code[None, None], ctrl, pos, st, *mem, key, sampling)
+        args = (dynamics, params, code[None, None], ctrl, pos, st, *mem, key)
+        nxt, st = cached_step(*args, Sampling()) if sampling is None else cached_token_step(*args, sampling)
         return nxt[0], st
 
     nxt, new = jax.vmap(row)(inputs, state, controls, positions, memory, keys)
@@ -510,7 +514,7 @@ class Engine:
             self._inputs = self._inputs.at[row].set(codes[0, p])
             self._inputs, self._state = _advance(
                 m.dynamics,
-                self.sampling,
+                None,  # only the frame's write into the cache is wanted
                 m.params,
                 self._inputs,
                 self._state,
