@@ -232,6 +232,18 @@ def test_cli_builds_the_same_cache_and_exits_2_without_a_tokenizer(
     assert f"{missing} is not a run directory" in capsys.readouterr().err
 
 
+def _train_on_frames_and_cache(common: list[str], cache: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """The run of `common` overrides trained twice, encoding frames and reading `cache`
+    -> ({"frames", "cache"}: its configs, the same keys: its logged losses)."""
+    cfgs = {
+        "frames": config_lib.load(PRESET, common),
+        "cache": config_lib.load(PRESET, common + [f"data.latent_cache={cache}"]),
+    }
+    for run, cfg in cfgs.items():
+        train(cfg, tmp_path / run)
+    return cfgs, {run: [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl")] for run in cfgs}
+
+
 def test_dynamics_trains_on_cached_codes_as_on_frames(tiny_dataset, tokenizer_run, cache_dir, tmp_path):
     """The same batches give the same losses whether the step encodes frames or reads the
     cache; windows the cache does not hold whole are refused."""
@@ -243,14 +255,8 @@ def test_dynamics_trains_on_cached_codes_as_on_frames(tiny_dataset, tokenizer_ru
         "data.frames_per_clip=5",
         "data.window_stride=5",
     ]
-    cfgs = {
-        "frames": config_lib.load(PRESET, common),
-        "cache": config_lib.load(PRESET, common + [f"data.latent_cache={cache_dir}"]),
-    }
-    for run, cfg in cfgs.items():
-        train(cfg, tmp_path / run)
-    rows = {run: read_metrics(tmp_path / run / "metrics.jsonl") for run in cfgs}
-    np.testing.assert_allclose([r["loss"] for r in rows["cache"]], [r["loss"] for r in rows["frames"]], rtol=1e-5)
+    cfgs, losses = _train_on_frames_and_cache(common, cache_dir, tmp_path)
+    np.testing.assert_allclose(losses["cache"], losses["frames"], rtol=1e-5)
     encode = 8 * flops.tokenizer_encode_flops(cfgs["frames"].model, 5)  # the frames' encode, not run from the cache
     assert DYNAMICS.train_step_flops(cfgs["frames"]) - DYNAMICS.train_step_flops(cfgs["cache"]) == encode
     for bad in ("data.window_stride=1", "data.frames_per_clip=6"):
@@ -366,14 +372,7 @@ def test_diffusion_trains_on_cached_latents_as_on_frames(tiny_dataset, continuou
             "model.dynamics.use_actions=false",  # no action-sensitivity program to compile: ~7 s
         ]
     )
-    cfgs = {
-        "frames": config_lib.load(PRESET, common),
-        "cache": config_lib.load(PRESET, common + [f"data.latent_cache={latents_dir}"]),
-    }
-    for run, cfg in cfgs.items():
-        train(cfg, tmp_path / run)
-    rows = {run: read_metrics(tmp_path / run / "metrics.jsonl") for run in cfgs}
-    losses = {run: [r["loss"] for r in rows[run]] for run in cfgs}
+    cfgs, losses = _train_on_frames_and_cache(common, latents_dir, tmp_path)
     assert len(losses["cache"]) == 3
     np.testing.assert_allclose(losses["cache"], losses["frames"], rtol=LOSS_RTOL)
     encode = 8 * flops.tokenizer_encode_flops(cfgs["frames"].model, 5)

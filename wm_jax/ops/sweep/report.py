@@ -55,11 +55,10 @@ def _evaluation(run: Run) -> dict | None:
         return None
 
 
-def collect(run: Run, metrics: list[str]) -> dict[str, float | None]:
+def collect(run: Run, metrics: list[str], evaluation: dict | None) -> dict[str, float | None]:
     """Each metric of a run: `train.<col>` from metrics.jsonl (last logged value), others from
-    eval/metrics.json. None: missing."""
+    its `evaluation` (eval/metrics.json, `_evaluation`). None: missing."""
     rows = telemetry.read_metrics(Path(run.workdir) / "metrics.jsonl")
-    evaluation = _evaluation(run)
     values = {}
     for m in metrics:
         if m.startswith("train."):
@@ -71,10 +70,9 @@ def collect(run: Run, metrics: list[str]) -> dict[str, float | None]:
     return values
 
 
-def collect_series(run: Run, metric: str) -> list[float] | None:
-    """A per-step eval metric of a run (a list of numbers in eval/metrics.json, e.g. PSNR per
-    horizon step), or None where it is missing or not a list."""
-    evaluation = _evaluation(run)
+def collect_series(evaluation: dict | None, metric: str) -> list[float] | None:
+    """A per-step eval metric of a run's `evaluation` (a list of numbers in eval/metrics.json,
+    e.g. PSNR per horizon step), or None where it is missing or not a list."""
     value = lookup(evaluation, metric) if evaluation is not None else None
     if not isinstance(value, list) or not value:
         return None
@@ -160,10 +158,11 @@ def results_markdown(
     return "\n".join(lines) + "\n"
 
 
-def series_groups(p: Plan, metric: str) -> dict[str, list[list[float] | None]]:
+def series_groups(p: Plan, metric: str, evaluations: dict[str, dict | None]) -> dict[str, list[list[float] | None]]:
     """Per setting (`_groups`), the per-step values of `metric` of each of its runs
-    (`collect_series`, None where missing); settings where no run has it are left out."""
-    grouped = {label: [collect_series(r, metric) for r in runs] for label, runs in _groups(p).items()}
+    (`collect_series` of `evaluations`, by run name; None where missing); settings where no
+    run has it are left out."""
+    grouped = {label: [collect_series(evaluations[r.name], metric) for r in runs] for label, runs in _groups(p).items()}
     return {label: found for label, found in grouped.items() if any(found)}
 
 
@@ -312,6 +311,7 @@ def write_report(p: Plan) -> dict[str, Any]:
     metrics = list(p.spec.get("metrics", []))
     with_eval = bool(p.spec.get("eval", False))
     keys = p.varied_keys
+    evaluations = {run.name: _evaluation(run) for run in p.runs}  # read once, for every metric
     rows = []
     for run in p.runs:
         rows.append(
@@ -319,7 +319,7 @@ def write_report(p: Plan) -> dict[str, Any]:
                 "run": run.name,
                 "status": _run_status(run, with_eval),
                 **{k: run.varied.get(k) for k in keys},
-                **collect(run, metrics),
+                **collect(run, metrics, evaluations[run.name]),
             }
         )
     p.out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +335,7 @@ def write_report(p: Plan) -> dict[str, Any]:
                     *["" if row[m] is None else repr(row[m]) for m in metrics],
                 ]
             )
-    per_step = {m: g for m in metrics if not m.startswith("train.") and (g := series_groups(p, m))}
+    per_step = {m: g for m in metrics if not m.startswith("train.") and (g := series_groups(p, m, evaluations))}
     (p.out / "results.md").write_text(results_markdown(p, rows, metrics, per_step))
     files = ["results.csv", "results.md", "loss_curves.png"]
     for m, groups in per_step.items():
