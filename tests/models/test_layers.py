@@ -126,8 +126,8 @@ def test_scan_layers_decodes_with_per_layer_caches(stack_params):
     b, _, n, d = x.shape
     caches = [
         {
-            "key": jax.random.normal(jax.random.key(10 + i), (b * n, 4, 2, d // 2)),
-            "value": jax.random.normal(jax.random.key(20 + i), (b * n, 4, 2, d // 2)),
+            "key": jax.random.normal(jax.random.key(10 + i), (b * n, 2, 4, d // 2)),  # [rows, heads, slots, K]
+            "value": jax.random.normal(jax.random.key(20 + i), (b * n, 2, 4, d // 2)),
         }
         for i in range(_L)
     ]
@@ -171,3 +171,16 @@ def test_bad_remat_policy_is_rejected():
 
     with pytest.raises(config_lib.ConfigError, match="model.remat_policy"):
         config_lib.replace(config_lib.Config(), ["model.remat_policy=dots"])
+
+
+def test_decode_attention_on_a_heads_first_cache_equals_dot_product_attention():
+    q, k, v = (jax.random.normal(jax.random.key(i), (3, 1, 2, 8)) for i in range(3))
+    cache_k, cache_v = (jax.random.normal(jax.random.key(5 + i), (3, 5, 2, 8)) for i in range(2))
+    keys, values = jnp.concatenate([cache_k, k], 1), jnp.concatenate([cache_v, v], 1)  # [B, W, heads, K]
+    mask = jnp.asarray([[1, 1, 0, 1, 0, 1], [0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1]], bool)[:, None, None]
+    want = jax.nn.dot_product_attention(q, keys, values, mask=mask)
+    got = layers.decode_attention(q, layers.heads_first(keys), layers.heads_first(values), mask)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # A masked slot's contents do not matter.
+    changed = layers.decode_attention(q, layers.heads_first(keys.at[1, :5].set(9.0)), layers.heads_first(values), mask)
+    np.testing.assert_array_equal(changed[1], got[1])

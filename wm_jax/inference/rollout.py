@@ -161,7 +161,7 @@ def cache_slots(cfg: Any, frames: int) -> int:
 
 
 def init_caches(cfg: Any, batch: int, slots: int) -> list[dict[str, jax.Array]]:
-    """Empty per-layer temporal key/value caches: {"key", "value": [B*N, slots, heads, K]}."""
+    """Empty per-layer temporal key/value caches: {"key", "value": [B*N, heads, slots, K]}."""
     dc = cfg.dynamics
     return layers.kv_caches(
         batch * sequence_tokens(cfg),

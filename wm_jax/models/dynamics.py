@@ -578,7 +578,7 @@ class DynamicsModel(nn.Module):
         """One new frame against the cached past (see `wm_jax/rollout.py`).
 
         codes float [B, 1, N, L] of frame `position` (int32 scalar), its controls (T = 1);
-        caches: per layer {"key", "value": [B*N, W, heads, K]}; key_positions int32 [W] /
+        caches: per layer {"key", "value": [B*N, heads, W, K]}; key_positions int32 [W] /
         key_segments int32 [B, W]: what each cache slot holds once this frame is written
         at slot position % W (-1: empty); memory [B, M, D] from `embed_memory` with
         memory_mask bool [B] (ignored without an identity bank). Returns (logits

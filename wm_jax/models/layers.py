@@ -157,7 +157,8 @@ class Attention(nn.Module):
         is_causal: position i attends to sequence positions <= i only.
         memory: [B', M, D] with B' dividing B; row b of x sees memory row b // (B / B').
         positions: int [B, S] rotary positions of the sequence (None: no rotary embedding).
-        cache: {"key", "value": [B, W, heads, K]}; x holds S=1 new step, written at slot.
+        cache: {"key", "value": [B, heads, W, K]} (`kv_caches`); x holds S=1 new step,
+          written at slot; attended with `decode_attention`.
         """
         d = x.shape[-1]
         head_dim = d // self.num_heads
@@ -176,21 +177,51 @@ class Attention(nn.Module):
         q, k, v = proj("query", x), proj("key", x), proj("value", x)
         if positions is not None:
             q, k = rotary(q, positions), rotary(k, positions)
-        new_cache = None
+        # Project the memory once per memory row, then share it among its B/B' rows.
+        shared = lambda name: jnp.repeat(proj(name, memory), x.shape[0] // memory.shape[0], axis=0)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), slot, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), slot, axis=1)
+            # Heads first: the step's new key/value [B, 1, heads, K] goes in as [B, heads, 1, K].
+            write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(
+                c, heads_first(new).astype(c.dtype), slot, axis=2
+            )
+            k, v = write(cache["key"], k), write(cache["value"], v)
             new_cache = {"key": k, "value": v}
-        if memory is not None:
-            # Project the memory once per memory row, then share it among its B/B' rows.
-            repeat = x.shape[0] // memory.shape[0]
-            k = jnp.concatenate([k, jnp.repeat(proj("key", memory), repeat, axis=0)], axis=1)
-            v = jnp.concatenate([v, jnp.repeat(proj("value", memory), repeat, axis=0)], axis=1)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation)
+            if memory is not None:
+                k = jnp.concatenate([k, heads_first(shared("key"))], axis=2)
+                v = jnp.concatenate([v, heads_first(shared("value"))], axis=2)
+            out = decode_attention(q, k, v, mask)
+        else:
+            if memory is not None:
+                k = jnp.concatenate([k, shared("key")], axis=1)
+                v = jnp.concatenate([v, shared("value")], axis=1)
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation
+            )
         out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
         kernel = self.param("out", partitioned(out_init, ("heads", "kv", "embed")), (self.num_heads, head_dim, d))
         out = jnp.einsum("bshk,hkd->bsd", out, kernel.astype(self.dtype))
         return out if cache is None else (out, new_cache)
+
+
+def heads_first(x: jax.Array) -> jax.Array:
+    """Keys or values [B, S, heads, K] -> [B, heads, S, K]: the layout of `kv_caches`."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Attention of a decoding step against a heads-first cache: q [B, S, heads, K], keys
+    and values [B, heads, W, K], mask bool broadcastable to [B, heads, S, W] (True = may
+    attend) -> [B, S, heads, K] in q's dtype.
+
+    The arithmetic of `jax.nn.dot_product_attention`'s XLA path (logits and softmax in
+    fp32, masked logits at its large negative), but both products read the cache as
+    stored: with slots first, XLA transposed every layer's whole cache at every step."""
+    logits = jnp.einsum("bshk,bhwk->bhsw", q, keys, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    logits *= jnp.asarray(q.shape[-1] ** -0.5, logits.dtype)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits.dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(keys.dtype)
+    return jnp.einsum("bhsw,bhwk->bshk", probs, values).astype(q.dtype)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -253,7 +284,7 @@ class SpatioTemporalBlock(nn.Module):
         memory: [B, M, D] tokens attended to by every frame, where memory_mask bool [B] is
           True (None: all). temporal_mask: bool [B, T, K] over the K temporal keys (the
           frames, or the cache's slots), replacing the plain causal mask. positions: int
-          [B, T] rotary frame positions. cache: {"key", "value": [B*N, W, heads, K]} for
+          [B, T] rotary frame positions. cache: {"key", "value": [B*N, heads, W, K]} for
           decoding one frame (T = 1) at `slot`. cond: [B, T, D] per-frame conditioning (adaLN).
         """
         b, t, n, d = x.shape
@@ -299,8 +330,9 @@ class SpatioTemporalBlock(nn.Module):
 def kv_caches(
     rows: int, slots: int, num_heads: int, head_dim: int, num_layers: int, dtype: Dtype
 ) -> list[dict[str, jax.Array]]:
-    """Empty per-layer key/value caches {"key", "value": [rows, slots, heads, K]} (zeros)."""
-    shape = (rows, slots, num_heads, head_dim)
+    """Empty per-layer key/value caches {"key", "value": [rows, heads, slots, K]} (zeros;
+    heads first, the layout `decode_attention` reads without a transpose)."""
+    shape = (rows, num_heads, slots, head_dim)
     # Separate buffers per layer: a decode step donates (updates in place) each of them.
     return [{"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for _ in range(num_layers)]
 

@@ -183,7 +183,7 @@ class VideoTokenizer(nn.Module):
     ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
         """The decoder on one new frame against a key/value cache of the earlier frames of its
         time chunk: codes float [B, N, L] of the frame at chunk index `index` (int32 scalar),
-        caches per decoder layer {"key", "value": [B*N, T, heads, K]} (`init_decoder_caches`;
+        caches per decoder layer {"key", "value": [B*N, heads, T, K]} (`init_decoder_caches`;
         slots past `index` ignored) -> (frames float32 [B, H, W, 3] in [-1, 1], caches with this
         frame written at slot `index`). Equals `decode` of the chunk at that index: the decoder
         is causal in time."""
@@ -191,7 +191,7 @@ class VideoTokenizer(nn.Module):
         spatial = self.dec_pos.variables["params"]["spatial"]  # dec_pos's table, read at `index`
         pos = spatial[None, :, :] + layers.sinusoidal_embedding(index[None], x.shape[-1])[:, None, :]
         x = (x + pos[None]).astype(layers.dtype_of(self.cfg.dtype))
-        slots = caches[0]["key"].shape[1]
+        slots = caches[0]["key"].shape[2]
         mask = jnp.broadcast_to(jnp.arange(slots) <= index, (codes.shape[0], 1, slots))
         x, caches = self.decoder(x, None, None, mask, None, caches, index, None)
         patches = self.to_patch(self.dec_norm(x)).astype(jnp.float32)
@@ -207,7 +207,7 @@ class VideoTokenizer(nn.Module):
 
 def init_decoder_caches(cfg: ModelConfig, batch: int, slots: int) -> list[dict[str, jax.Array]]:
     """Empty per-layer caches of the decoder for `VideoTokenizer.decode_step`:
-    {"key", "value": [B*N, slots, heads, K]}."""
+    {"key", "value": [B*N, heads, slots, K]}."""
     tc = cfg.tokenizer
     return layers.kv_caches(
         batch * num_tokens(cfg),

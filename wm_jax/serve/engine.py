@@ -165,13 +165,17 @@ def _advance(
     active: jax.Array,
 ) -> tuple[jax.Array, Any]:
     """One frame for every row: inputs float [S, N, L] (each row's input frame), state
-    (per layer {"key", "value": [S, N', W, heads, K]}, slot positions int32 [S, W], slot
+    (per layer {"key", "value": [S, N', heads, W, K]}, slot positions int32 [S, W], slot
     segments int32 [S, 1, W]), controls of [S, 1, 1, ...], positions int32 [S], memory
     ([S, 1, M, D], bool [S, 1]) or (None, None), keys uint32 [S, 2] key data (threefry) or None,
     active bool [S] -> (inputs: each active row's next frame codes, the others' unchanged;
     state: the active rows' input frames written). sampling None: context frames, whose
     next frame is not wanted: one greedy pass writes each (a MaskGIT frame's all-masked
-    pass, not its K passes)."""
+    pass, not its K passes).
+
+    An idle row (active False) is given its own next position (`Engine._next_places`): its
+    caches get a throwaway write at the slot its next step overwrites before reading it, so
+    only the slots' bookkeeping is selected per row, never a copy of every row's caches."""
 
     def row(code, st, ctrl, pos, mem, key):
         key = None if key is None else jax.random.wrap_key_data(key)
@@ -179,26 +183,27 @@ def _advance(
         nxt, st = cached_step(*args, Sampling()) if sampling is None else cached_token_step(*args, sampling)
         return nxt[0], st
 
-    nxt, new = jax.vmap(row)(inputs, state, controls, positions, memory, keys)
+    nxt, (caches, slot_positions, slot_segments) = jax.vmap(row)(inputs, state, controls, positions, memory, keys)
     keep = lambda n, o: jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-    return keep(nxt, inputs), jax.tree.map(keep, new, state)
+    return keep(nxt, inputs), (caches, keep(slot_positions, state[1]), keep(slot_segments, state[2]))
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
 def _show(
-    tokenizer: VideoTokenizer, params: Any, caches: Any, codes: jax.Array, index: jax.Array, write: jax.Array
+    tokenizer: VideoTokenizer, params: Any, caches: Any, codes: jax.Array, index: jax.Array
 ) -> tuple[Any, jax.Array]:
     """Each row's new frame decoded (`VideoTokenizer.decode_step` vmapped over rows): caches per layer
-    {"key", "value": [S, N, T, heads, K]}, codes [S, N, L] of frames at chunk index int32
-    [S], written where write bool [S] -> (caches, uint8 frames [S, H, W, 3])."""
+    {"key", "value": [S, N, heads, T, K]}, codes [S, N, L] of frames at chunk index int32
+    [S] -> (caches with each row's frame written at its index, uint8 frames [S, H, W, 3]).
+    An idle row's index is its next one (`Engine._next_places`): a throwaway write that its
+    next frame overwrites before reading, as in `_advance`."""
 
     def row(code, cache, j):
         frame, cache = tokenizer.apply({"params": params}, code[None], j, cache, method=VideoTokenizer.decode_step)
         return frame[0], cache
 
     frames, new = jax.vmap(row)(codes, caches, index)
-    keep = lambda n, o: jnp.where(write.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-    return jax.tree.map(keep, new, caches), float_to_frames(frames)
+    return new, float_to_frames(frames)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -224,7 +229,7 @@ def _batched_controls(batch: int, rows: dict[int, dict[str, Any]]) -> Controls:
     for r, values in rows.items():
         for name, value in values.items():
             arrays[name][r, 0, 0] = value
-    return Controls(**{k: jnp.asarray(v) for k, v in arrays.items()})
+    return Controls(**arrays)  # numpy leaves: the jitted step takes them in one transfer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,7 +512,7 @@ class Engine:
             self._set_memory(row, fields)
         if self._keys is not None:
             self._keys = self._keys.at[row].set(jax.random.key_data(jax.random.key(seed)))
-        active, positions = np.arange(s) == row, np.zeros(s, np.int32)
+        active, (positions, index) = np.arange(s) == row, self._next_places()
         for p in range(c - 1):
             positions[row] = p
             values = {f.name: getattr(controls, f.name)[0, p] for f in dataclasses.fields(Controls)}
@@ -519,22 +524,16 @@ class Engine:
                 self._inputs,
                 self._state,
                 _batched_controls(s, {row: values}),
-                jnp.asarray(positions),
+                positions.copy(),  # (changed below while the step may still be running)
                 self._memory,
                 self._keys,
-                jnp.asarray(active),
+                active,
             )
         self._inputs = self._inputs.at[row].set(codes[0, c - 1])
-        index = np.zeros(s, np.int32)
         for t in range((c - 1) // m.chunk * m.chunk, c):  # the last context frame's time chunk, decoded
             index[row] = t % m.chunk
             self._decoder, _ = _show(
-                m.tokenizer,
-                m.tok_params,
-                self._decoder,
-                self._inputs.at[row].set(codes[0, t]),
-                jnp.asarray(index),
-                jnp.asarray(active),
+                m.tokenizer, m.tok_params, self._decoder, self._inputs.at[row].set(codes[0, t]), index.copy()
             )
         return decode_codes(m.tokenizer, m.tok_params, codes, m.chunk)[0]
 
@@ -610,7 +609,7 @@ class Engine:
 
     def _tick(self, chosen: dict[int, tuple[int, Session, StepRequest]], out: list) -> None:
         m, s, before = self.model, self.max_sessions, self._inputs
-        active, positions, index = np.zeros(s, bool), np.zeros(s, np.int32), np.zeros(s, np.int32)
+        active, (positions, index) = np.zeros(s, bool), self._next_places()
         rows, poses = {}, {}
         for row, (_, session, r) in chosen.items():
             pose = session.pose.copy()
@@ -623,8 +622,7 @@ class Engine:
                 "next_cut": r.cut,
                 "segment": session.segment,
             }
-            active[row], positions[row], poses[row] = True, session.frame, pose
-            index[row] = (session.frame + 1) % m.chunk  # the new frame's place in its tokenizer time chunk
+            active[row], poses[row] = True, pose
         self._inputs, self._state = _advance(
             m.dynamics,
             self.sampling,
@@ -632,14 +630,12 @@ class Engine:
             self._inputs,
             self._state,
             _batched_controls(s, rows),
-            jnp.asarray(positions),
+            positions,
             self._memory,
             self._keys,
-            jnp.asarray(active),
+            active,
         )
-        self._decoder, images = _show(
-            m.tokenizer, m.tok_params, self._decoder, self._inputs, jnp.asarray(index), jnp.asarray(active)
-        )
+        self._decoder, images = _show(m.tokenizer, m.tok_params, self._decoder, self._inputs, index)
         images, now = np.asarray(images), self.clock()
         if self.render == "carry":
             images = self._carry(chosen, images, before)
@@ -653,6 +649,16 @@ class Engine:
             session.shown = images[row]
             session.steps.append({"frame": session.frame, "action": r.action, "move": list(r.move), "cut": r.cut})
             out[i] = Frame(session.id, session.frame, images[row])
+
+    def _next_places(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each held row's next step: the position of its input frame (`session.frame`) and
+        the decoder's time-chunk index of the frame it makes, int32 [S] each (free rows 0).
+        A step writes its idle rows there too (`_advance`, `_show`)."""
+        positions, index = np.zeros(self.max_sessions, np.int32), np.zeros(self.max_sessions, np.int32)
+        for session in self._sessions.values():
+            positions[session.row] = session.frame
+            index[session.row] = (session.frame + 1) % self.model.chunk
+        return positions, index
 
     def _carry(
         self, chosen: dict[int, tuple[int, Session, StepRequest]], images: np.ndarray, before: Any
