@@ -12,6 +12,7 @@ import pytest
 
 from data_pipelines.datasets import make_dataset
 from wm_jax import config as config_lib
+from wm_jax import huge_pages
 from wm_jax.presets import preset_path
 from wm_jax.train.loop import train
 
@@ -45,6 +46,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+# Huge pages for XLA's buffers in the xdist workers and every child process, as `wm` gives
+# itself (wm_jax/huge_pages.py); the workers inherit the variable at their start.
+HUGE_PAGE_TUNABLES = huge_pages.tunables_with_huge_pages(os.environ, huge_pages.glibc_version(), huge_pages.thp_mode())
+if HUGE_PAGE_TUNABLES:
+    os.environ["GLIBC_TUNABLES"] = HUGE_PAGE_TUNABLES
 
 
 def optimized_xla_env() -> dict[str, str]:

@@ -18,11 +18,12 @@ import warnings
 
 # What parsing the command line needs (no JAX: `wm --help` and `wm launch` stay fast); each
 # command imports the rest.
+from wm_jax import huge_pages
 from wm_jax.cli import bench, data, demo, eval, export, generate, launch, serve, sweep, train
 from wm_jax.cli.common import EXIT_INTERRUPTED, EXIT_NUMERICS, EXIT_USAGE
 from wm_jax.config import ConfigError
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NUMERICS", "EXIT_USAGE", "build_parser", "main"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NUMERICS", "EXIT_USAGE", "build_parser", "main", "run"]
 
 # In `wm --help` order.
 COMMAND_GROUPS = (data, train, eval, export, bench, generate, serve, demo, launch, sweep)
@@ -52,6 +53,13 @@ def usage_errors() -> tuple[type[Exception], ...]:
     from wm_jax.train.lock import RunLocked
 
     return DatasetError, CheckpointError, RunLocked
+
+
+def run() -> None:
+    """The `wm` program (console script and `python -m wm_jax.cli`): re-executed with huge
+    pages for XLA:CPU's buffers where that is possible (`wm_jax.huge_pages`), then `main`."""
+    huge_pages.reexec()
+    sys.exit(main())
 
 
 def main(argv: list[str] | None = None) -> int:

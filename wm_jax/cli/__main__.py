@@ -1,7 +1,5 @@
 """`python -m wm_jax.cli ...`: what `wm launch` and `wm sweep` start in each process."""
 
-import sys
+from wm_jax.cli import run
 
-from wm_jax.cli import main
-
-sys.exit(main())
+run()
