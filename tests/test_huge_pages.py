@@ -100,3 +100,13 @@ def test_wm_runs_through_the_reexecution():
         [sys.executable, "-m", "wm_jax.cli", "launch", "--help"], env=env, capture_output=True, text=True
     )
     assert out.returncode == 0 and "slurm" in out.stdout
+
+
+def test_bench_rows_say_whether_huge_pages_were_asked_for(monkeypatch):
+    from wm_jax.bench.results import machine
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    assert huge_pages.requested(os.environ) and machine("cpu").endswith("(%d cores, cpu, huge pages)" % os.cpu_count())
+    for off in ("glibc.malloc.hugetlb=0", "glibc.malloc.arena_max=2", ""):
+        monkeypatch.setenv("GLIBC_TUNABLES", off)
+        assert not huge_pages.requested(os.environ) and machine("cpu").endswith("cores, cpu)")

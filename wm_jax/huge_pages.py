@@ -61,6 +61,13 @@ def tunables_with_huge_pages(environ: Mapping[str, str], libc: tuple[int, int] |
     return f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
 
 
+def requested(environ: Mapping[str, str]) -> bool:
+    """Whether GLIBC_TUNABLES asks glibc for huge pages (`glibc.malloc.hugetlb` 1 or 2):
+    what a benchmark row records beside its figures."""
+    items = dict(item.partition("=")[::2] for item in environ.get("GLIBC_TUNABLES", "").split(":"))
+    return items.get(TUNABLE) in ("1", "2")
+
+
 def reexec() -> None:
     """Re-execute this process (same interpreter, options and arguments as
     `sys.orig_argv`, same pid) with huge pages on, where `tunables_with_huge_pages` says so; else return.
