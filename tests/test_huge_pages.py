@@ -110,3 +110,17 @@ def test_bench_rows_say_whether_huge_pages_were_asked_for(monkeypatch):
     for off in ("glibc.malloc.hugetlb=0", "glibc.malloc.arena_max=2", ""):
         monkeypatch.setenv("GLIBC_TUNABLES", off)
         assert not huge_pages.requested(os.environ) and machine("cpu").endswith("cores, cpu)")
+
+
+def test_a_process_that_cannot_reexecute_runs_on_unchanged(monkeypatch):
+    def refuse(path, argv):
+        raise PermissionError("exec forbidden here")
+
+    monkeypatch.setattr(huge_pages, "tunables_with_huge_pages", lambda *args: "glibc.malloc.hugetlb=1")
+    monkeypatch.setattr(huge_pages.os, "execv", refuse)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    huge_pages.reexec()
+    assert "GLIBC_TUNABLES" not in os.environ
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    huge_pages.reexec()
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"

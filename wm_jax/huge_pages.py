@@ -73,11 +73,18 @@ def reexec() -> None:
     `sys.orig_argv`, same pid) with huge pages on, where `tunables_with_huge_pages` says so; else return.
     Call it first thing in a program's entry point, never from a library function."""
     value = tunables_with_huge_pages(os.environ, glibc_version(), thp_mode())
-    if value is None or not getattr(sys, "orig_argv", None):
+    if value is None or not sys.executable or not getattr(sys, "orig_argv", None):
         return
+    before = os.environ.get("GLIBC_TUNABLES")
     os.environ["GLIBC_TUNABLES"] = value
     sys.stdout.flush()
     sys.stderr.flush()
-    # argv[0] is the interpreter's full path: a bare "python" there could resolve to another
-    # interpreter than this venv's.
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    try:
+        # argv[0] is the interpreter's full path: a bare "python" there could resolve to
+        # another interpreter than this venv's.
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError:  # cannot re-execute (e.g. a sandbox forbids exec): run as we are
+        if before is None:
+            del os.environ["GLIBC_TUNABLES"]
+        else:
+            os.environ["GLIBC_TUNABLES"] = before
