@@ -50,7 +50,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 # Huge pages for XLA's buffers in the xdist workers and every child process, as `wm` gives
 # itself (wm_jax/huge_pages.py); the workers inherit the variable at their start.
-HUGE_PAGE_TUNABLES = huge_pages.tunables_with_huge_pages(os.environ, huge_pages.glibc_version(), huge_pages.thp_mode())
+HUGE_PAGE_TUNABLES = huge_pages.tunables_for_this_process()
 if HUGE_PAGE_TUNABLES:
     os.environ["GLIBC_TUNABLES"] = HUGE_PAGE_TUNABLES
 

@@ -49,30 +49,40 @@ def thp_mode(path: Path = THP_MODE_FILE) -> str | None:
     return text[start + 1 : end] if 0 <= start < end else None
 
 
+def tunable_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """GLIBC_TUNABLES (`name=value:name=value`) as {name: value}."""
+    current = environ.get("GLIBC_TUNABLES", "")
+    return dict(item.partition("=")[::2] for item in current.split(":")) if current else {}
+
+
 def tunables_with_huge_pages(environ: Mapping[str, str], libc: tuple[int, int] | None, mode: str | None) -> str | None:
     """The GLIBC_TUNABLES value to re-execute with, or None to run as is: when glibc is
     older than 2.35 or absent, the kernel's THP mode is `never` or unknown, or the
     environment already says what `glibc.malloc.hugetlb` is."""
-    current = environ.get("GLIBC_TUNABLES", "")
     if libc is None or libc < MIN_GLIBC or mode not in ("always", "madvise"):
         return None
-    if any(item.split("=")[0] == TUNABLE for item in current.split(":")):
+    if TUNABLE in tunable_settings(environ):
         return None
+    current = environ.get("GLIBC_TUNABLES", "")
     return f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
+
+
+def tunables_for_this_process() -> str | None:
+    """`tunables_with_huge_pages` for this process's environment, C library and kernel."""
+    return tunables_with_huge_pages(os.environ, glibc_version(), thp_mode())
 
 
 def requested(environ: Mapping[str, str]) -> bool:
     """Whether GLIBC_TUNABLES asks glibc for huge pages (`glibc.malloc.hugetlb` 1 or 2):
     what a benchmark row records beside its figures."""
-    items = dict(item.partition("=")[::2] for item in environ.get("GLIBC_TUNABLES", "").split(":"))
-    return items.get(TUNABLE) in ("1", "2")
+    return tunable_settings(environ).get(TUNABLE) in ("1", "2")
 
 
 def reexec() -> None:
     """Re-execute this process (same interpreter, options and arguments as
     `sys.orig_argv`, same pid) with huge pages on, where `tunables_with_huge_pages` says so; else return.
     Call it first thing in a program's entry point, never from a library function."""
-    value = tunables_with_huge_pages(os.environ, glibc_version(), thp_mode())
+    value = tunables_for_this_process()
     if value is None or not sys.executable or not getattr(sys, "orig_argv", None):
         return
     before = os.environ.get("GLIBC_TUNABLES")
