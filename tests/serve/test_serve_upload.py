@@ -5,6 +5,7 @@ request is served; a recording of such a session names the image's sha256 and ve
 
 import base64
 import hashlib
+import io
 import json
 import struct
 import textwrap
@@ -64,6 +65,35 @@ def test_read_image_crops_the_centre_and_makes_rgb():
     assert (read_image(as_png(np.full((6, 6), 30000, np.uint16)), 4) == 30000 >> 8).all()  # 16-bit grey, scaled
     jpeg = read_image(iio.imwrite("<bytes>", np.full((64, 64, 3), (200, 30, 30), np.uint8), extension=".jpg"), 8)
     assert np.abs(jpeg.astype(int) - (200, 30, 30)).max() < 8
+
+
+@pytest.mark.parametrize(
+    "orientation, turned",
+    [(1, lambda a: a), (3, lambda a: a[::-1, ::-1]), (6, lambda a: np.rot90(a, -1)), (8, np.rot90)],
+)
+def test_a_photo_is_turned_upright_by_its_exif_orientation(orientation, turned):
+    """A phone stores its sensor's pixels and an EXIF orientation tag (0x0112) saying how to
+    turn them for display (6: 90 degrees clockwise); the context is the picture as shown."""
+    from PIL import Image
+
+    stored = np.zeros((24, 48, 3), np.uint8)  # wide: red left half, blue right half, green top-left corner
+    stored[:, :24], stored[:, 24:], stored[:6, :6] = (255, 0, 0), (0, 0, 255), (0, 255, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "JPEG", quality=95, exif=exif)
+    shown = turned(stored)  # what a viewer shows: the upright picture
+    side = min(shown.shape[:2])
+    top, left = (shown.shape[0] - side) // 2, (shown.shape[1] - side) // 2
+    expected = np.asarray(
+        Image.fromarray(np.ascontiguousarray(shown[top : top + side, left : left + side])).resize((8, 8), Image.LANCZOS)
+    )
+    got = read_image(buffer.getvalue(), 8)
+    assert np.abs(got.astype(int) - expected).max() < 40, (got[..., 0], expected[..., 0])
+    # Not the same picture turned otherwise: the colours' places tell the orientation apart.
+    assert (np.abs(got.astype(int) - expected).mean() < 8) and np.abs(
+        got.astype(int) - np.rot90(expected, 2)
+    ).mean() > 30
 
 
 def test_grey_alpha_and_jpeg_uploads_are_made_rgb(client):

@@ -86,9 +86,10 @@ IMAGE_FORMATS = ("PNG", "JPEG")  # the only decoders an upload reaches
 
 
 def read_image(data: bytes, size: int) -> np.ndarray:
-    """A PNG or JPEG file's bytes -> uint8 [size, size, 3] RGB: alpha dropped, grey made
-    RGB, the centre square cropped and resized (Lanczos). RequestError saying what is wrong."""
-    from PIL import Image, UnidentifiedImageError
+    """A PNG or JPEG file's bytes -> uint8 [size, size, 3] RGB: turned upright by its EXIF
+    orientation (as a phone's photo is shown), alpha dropped, grey made RGB, the centre
+    square cropped and resized (Lanczos). RequestError saying what is wrong."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not isinstance(data, (bytes, bytearray)):
         raise RequestError(f"the image must be a PNG or JPEG file's bytes, got {type(data).__name__}")
@@ -103,15 +104,18 @@ def read_image(data: bytes, size: int) -> np.ndarray:
     w, h = image.size
     if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE):
         raise RequestError(f"the image is {w}x{h} px; each side must be 1..{MAX_IMAGE_SIDE} px")
-    side = min(w, h)
-    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    kind = image.format
     try:
+        image = ImageOps.exif_transpose(image)  # a 90-degree turn swaps the sides
         if image.mode.startswith("I"):  # 16-bit grey: PIL's RGB conversion would clip it, not scale it
             image = Image.fromarray((np.asarray(image, np.int64) >> 8).clip(0, 255).astype(np.uint8))
+        w, h = image.size
+        side = min(w, h)
+        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
         square = image.convert("RGB").crop(box)
         return np.asarray(square.resize((size, size), Image.LANCZOS), np.uint8)
     except Exception as e:  # noqa: BLE001 — a truncated or corrupt file fails here, while decoding
-        raise RequestError(f"the {image.format} image cannot be decoded ({type(e).__name__}: {e})") from None
+        raise RequestError(f"the {kind} image cannot be decoded ({type(e).__name__}: {e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
