@@ -2,6 +2,7 @@
 Python API; no browser download): keys steer the session, different keys give different
 frames, and the frames shown are the server's own engine's for the same controls."""
 
+import base64
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import imageio.v3 as iio
 import numpy as np
 import pytest
 
@@ -96,10 +98,11 @@ def play(page, inputs):
     return page.evaluate("window.wm.history")
 
 
-def replay(url, history):
-    """The frames the server's engine gives a fresh session for the same controls."""
+def replay(url, history, start=None):
+    """The frames the server's engine gives a fresh session (`start`: the session body,
+    default clip 0, seed 0) for the same controls."""
     with httpx.Client(base_url=url, timeout=60) as c:
-        created = c.post("/v1/sessions", json={"clip": 0, "seed": 0}).json()
+        created = c.post("/v1/sessions", json=start or {"clip": 0, "seed": 0}).json()
         frames = [decode_frame(created["frame"])]
         for h in history[1:]:
             body = {"action": h["action"], "camera": h["camera"], "cut": h["cut"]}
@@ -137,6 +140,26 @@ def test_keys_steer_and_match_the_engine(page, play_server, tmp_path):
             np.testing.assert_array_equal(mine, np.asarray(theirs, int), f"frame {k} differs from the engine's")
     assert page.inner_text("#fps") != "–" and float(page.inner_text("#latency")) >= 0
     page.screenshot(path=str(os.environ.get("WM_PLAY_SCREENSHOT") or tmp_path / "play.png"))
+
+
+def test_a_picture_chosen_in_the_file_input_starts_a_session_the_keys_steer(page, play_server, tmp_path):
+    picture = np.zeros((40, 56, 3), np.uint8)
+    picture[:, :28] = (250, 250, 250)  # a white left half: unlike any clip's context
+    path = tmp_path / "photo.png"
+    iio.imwrite(path, picture)
+    page.evaluate("window.wm.history = []")
+    page.set_input_files("#image", str(path))
+    page.wait_for_function("window.wm.history.length === 1 && !window.wm.busy", timeout=60_000)
+    page.keyboard.press("ArrowRight")  # the keys steer again once the picture is chosen
+    page.wait_for_function("window.wm.history.length === 2 && !window.wm.busy", timeout=60_000)
+    history = page.evaluate("window.wm.history")
+    assert history[1]["action"] == 4 and not page.inner_text("#error")
+    frames = np.asarray(shown(history), int)
+    uploaded = {"image": base64.b64encode(path.read_bytes()).decode(), "seed": 0}
+    for k, (mine, theirs) in enumerate(zip(frames, replay(play_server[0], history, uploaded))):
+        np.testing.assert_array_equal(mine, np.asarray(theirs, int), f"frame {k} differs from the engine's")
+    clip = np.asarray(replay(play_server[0], history[:1])[0], int)
+    assert np.abs(frames[0] - clip).mean() > 0, "the page started from a clip, not the picture"
 
 
 def test_record_button_writes_a_recording(page, play_server):
