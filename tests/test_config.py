@@ -119,6 +119,12 @@ def test_training_shares_outside_0_1_are_refused(key, value):
         config_lib.load(PRESET, [f"{key}={value}"])
 
 
+def test_a_negative_motion_weight_is_refused():
+    with pytest.raises(config_lib.ConfigError, match="'model.dynamics.motion_weight' must be >= 0; got -1"):
+        config_lib.load(PRESET, ["model.dynamics.motion_weight=-1"])
+    assert config_lib.load(PRESET, ["model.dynamics.motion_weight=5"]).model.dynamics.motion_weight == 5
+
+
 @pytest.mark.parametrize(
     "overrides, words",
     [

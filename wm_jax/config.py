@@ -140,6 +140,13 @@ class DynamicsConfig:
     # from the errors its own rollouts feed it, not random ones. Costs one more forward
     # pass per step (counted in the FLOPs). 0: off.
     scheduled_sampling: float = 0.0
+    # Training: each target token's cross-entropy weighs 1 + motion_weight * m / mean(m), m
+    # the mean absolute pixel change of its patch from the frame before (the batch's mean
+    # in the denominator; `models.dynamics.motion_weights`). Under a panning camera the
+    # background's change is spread thin while a small moving agent's is concentrated, so
+    # the few tokens the actions decide get more of the gradient. Reads the frames (also
+    # from a latent cache). 0: off (every token weighs 1).
+    motion_weight: float = 0.0
     # Leave the first frame of a new shot out of the loss: after a cut the new framing is
     # not predictable from the past, and its tokens would dominate the loss. A cut whose
     # framing the model is told (cut_framing / cut_framing_shift) stays in the loss.
@@ -647,6 +654,10 @@ def _check_ranges(cfg: Config) -> None:
     for key, v in unit.items():
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"config key '{key}' must be in [0, 1); got {v}")
+    if not cfg.model.dynamics.motion_weight >= 0:
+        raise ConfigError(
+            f"config key 'model.dynamics.motion_weight' must be >= 0; got {cfg.model.dynamics.motion_weight}"
+        )
     if cfg.eval.temperature < 0 or cfg.eval.top_k < 0 or not cfg.eval.guidance >= 0:
         raise ConfigError(
             f"config keys 'eval.temperature', 'eval.top_k' and 'eval.guidance' must be >= 0; got "

@@ -37,8 +37,9 @@ TOKEN_OBJECTIVE = ObjectiveRules("fsq", latent_cache="ids")
 MASKGIT_OBJECTIVE = ObjectiveRules("fsq", latent_cache="ids", refused=("scheduled_sampling",))
 # cut_framing_shift moves the tokens of the frame before a cut; a diffusion frame's tokens are
 # the noisy frame being generated.
+# motion_weight weighs token cross-entropies; the diffusion loss is a latent regression.
 DIFFUSION_OBJECTIVE = ObjectiveRules(
-    "continuous", latent_cache="latents", refused=("cut_framing_shift", "scheduled_sampling")
+    "continuous", latent_cache="latents", refused=("cut_framing_shift", "scheduled_sampling", "motion_weight")
 )
 OBJECTIVES = {"causal": TOKEN_OBJECTIVE, "maskgit": MASKGIT_OBJECTIVE, "diffusion": DIFFUSION_OBJECTIVE}
 

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
@@ -443,6 +444,59 @@ def test_token_loss_over_masked_tokens_only():
     assert float(accuracy) == 0.0 and float(loss) > 10
     loss, accuracy = token_loss(logits, codes, CFG, ~mask)
     assert float(accuracy) == 1.0 and float(loss) < 1e-6
+
+
+def test_token_loss_weights_each_token_and_leaves_the_accuracy_unweighted():
+    codes, _, _ = _inputs()
+    perfect = jnp.where(jax.nn.one_hot(code_targets(codes, CFG), V) > 0, 30.0, -30.0)
+    wrong = jnp.broadcast_to(jnp.arange(N) == 0, (B, T, N))
+    logits = jnp.where(wrong[..., None], jnp.roll(perfect, 1, axis=-1), perfect)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, code_targets(codes, CFG))
+    weights = jnp.where(wrong, 3.0, 1.0)
+    loss, accuracy = token_loss(logits, codes, CFG, weights=weights)
+    np.testing.assert_allclose(float(loss), float((weights * per_token).sum() / weights.sum()), rtol=1e-6)
+    assert float(accuracy) == 1 - 1 / N
+    # With a mask: the weighted mean over the masked tokens; weights of unmasked ones ignored.
+    keep = jnp.broadcast_to(jnp.arange(N) < 2, (B, T, N))
+    loss, accuracy = token_loss(logits, codes, CFG, keep, weights)
+    np.testing.assert_allclose(float(loss), float(per_token[..., 0].mean() * 3 / 4), rtol=1e-6)
+    assert float(accuracy) == 0.5
+    np.testing.assert_allclose(
+        float(token_loss(logits, codes, CFG, keep, jnp.ones((B, T, N)))[0]), float(per_token[..., :2].mean()), rtol=1e-6
+    )
+
+
+def test_motion_weights_follow_each_patchs_pixel_change():
+    from wm_jax.models.dynamics import motion_weights
+
+    frames = np.zeros((1, 3, 8, 8, 3), np.uint8)  # 2x2 patches of 4 px, row-major
+    frames[0, 1, :4, :4] = 255  # t=1: top-left patch turns white
+    frames[0, 1, :4, 4:6] = 255  # and half of the top-right one
+    frames[0, 2] = frames[0, 1]  # t=2: nothing moves
+    w = np.asarray(motion_weights(jnp.asarray(frames), 4, 2.0))
+    assert w.shape == (1, 2, 4)
+    change = np.array([[1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # per target patch
+    np.testing.assert_allclose(w[0], 1 + 2.0 * change / change.mean(), rtol=1e-5)
+    # A static clip weighs every token 1.
+    np.testing.assert_allclose(np.asarray(motion_weights(jnp.asarray(frames[:, 1:]), 4, 2.0)), 1.0)
+
+
+def test_motion_weight_weighs_the_loss_by_the_frames_change(with_actions):
+    from wm_jax.models.dynamics import motion_weights
+    from wm_jax.stages.dynamics import dynamics_loss
+
+    _, variables = with_actions
+    codes, actions, _ = _inputs()
+    codes = jnp.concatenate([codes, codes[:, :1]], axis=1)  # T + 1 frames
+    frames = jax.random.randint(jax.random.key(9), (B, T + 1, 8, 8, 3), 0, 256).astype(jnp.uint8)
+    batch = {"action": jnp.pad(actions, ((0, 0), (0, 1))), "frame": frames}
+    cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, motion_weight=2.0))
+    logits = DynamicsModel(cfg).apply(variables, codes[:, :-1], make_controls(batch))
+    expected, _ = token_loss(logits, codes[:, 1:], cfg, weights=motion_weights(frames, 4, 2.0))
+    loss, _ = dynamics_loss(variables["params"], DynamicsModel(cfg), batch, codes)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+    plain, _ = dynamics_loss(variables["params"], _model(), batch, codes)
+    assert float(loss) != float(plain)
 
 
 @pytest.mark.parametrize(

@@ -172,6 +172,14 @@ def test_each_objective_has_its_model_inputs_flops_and_bottleneck():
             ["model.dynamics.objective=maskgit", "model.dynamics.scheduled_sampling=0.2"],
             "config key 'model.dynamics.scheduled_sampling' is not supported by the 'maskgit' objective",
         ),
+        (
+            [
+                "model.dynamics.objective=diffusion",
+                "model.tokenizer.bottleneck=continuous",
+                "model.dynamics.motion_weight=2",
+            ],
+            "config key 'model.dynamics.motion_weight' is not supported by the 'diffusion' objective",
+        ),
     ],
 )
 def test_the_objective_and_the_tokenizer_bottleneck_must_agree(overrides, message):
@@ -201,6 +209,9 @@ def test_dynamics_reads_a_latent_action_model_and_the_fields_its_options_use():
         "data.latent_cache=/cache",
     )
     assert DYNAMICS.batch_fields(steered, None) == ["codes", "action", "action_valid", "cut", "reference"]
+    # Motion weights read the frames, from a latent cache too.
+    weighted = load("train.stage=dynamics", "data.latent_cache=/cache", "model.dynamics.motion_weight=2")
+    assert DYNAMICS.batch_fields(weighted, None)[:2] == ["codes", "frame"]
     with pytest.raises(ValueError, match="the dynamics stage needs the dataset field 'action'"):
         DYNAMICS.batch_fields(plain, ["frame"])
 

@@ -139,10 +139,16 @@ def guide_logits(logits: jax.Array, guidance: float) -> jax.Array:
 
 
 def token_loss(
-    logits: jax.Array, target_codes: jax.Array, cfg: ModelConfig, mask: jax.Array | None = None
+    logits: jax.Array,
+    target_codes: jax.Array,
+    cfg: ModelConfig,
+    mask: jax.Array | None = None,
+    weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Mean cross-entropy and exact-token accuracy of logits [B,T,N,*] against codes [B,T,N,L],
     over the tokens where `mask` bool [B,T,N] is True (None: all; MaskGIT: the masked ones).
+    weights float32 [B,T,N] (None: 1): the loss is the weighted mean over those tokens
+    (`motion_weights`); the accuracy stays unweighted.
 
     Factorized: the loss sums the per-dimension cross-entropies of a token; a token is
     correct when every dimension is."""
@@ -151,10 +157,27 @@ def token_loss(
     hit = jnp.argmax(logits, axis=-1) == targets
     if cfg.dynamics.head == "factorized":
         ce, hit = ce.sum(axis=-1), hit.all(axis=-1)
-    if mask is None:
+    if mask is None and weights is None:
         return jnp.mean(ce), jnp.mean(hit)
+    mask = jnp.ones(ce.shape, bool) if mask is None else mask
+    w = mask.astype(jnp.float32) if weights is None else jnp.where(mask, weights, 0.0)
     count = jnp.maximum(jnp.sum(mask), 1)
-    return jnp.sum(jnp.where(mask, ce, 0.0)) / count, jnp.sum(mask & hit) / count
+    return jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-6), jnp.sum(mask & hit) / count
+
+
+def motion_weights(frames: jax.Array, patch: int, strength: float) -> jax.Array:
+    """Loss weights of the next-frame targets from pixel motion: uint8 frames [B,T,H,W,3]
+    -> float32 [B,T-1,N], N = (H/patch)(W/patch) row-major patches (the tokenizer's).
+
+    Target t+1's token n weighs 1 + strength * m / mean(m), m its patch's mean absolute
+    change from frame t (over pixels and channels, in [0, 1]) and mean(m) the batch's.
+    Small things that move (an agent: a few of 64 tokens) weigh more than a panned
+    background, whose change is spread thin; static patches keep weight 1."""
+    f = frames.astype(jnp.float32) / 255.0
+    change = jnp.abs(f[:, 1:] - f[:, :-1]).mean(axis=-1)  # [B, T-1, H, W]
+    b, t, h, w = change.shape
+    m = change.reshape(b, t, h // patch, patch, w // patch, patch).mean(axis=(3, 5)).reshape(b, t, -1)
+    return 1.0 + strength * m / (jnp.mean(m) + 1e-6)
 
 
 # --- MaskGIT: masks for training, the cosine decoding schedule, one decoding step -------

@@ -28,6 +28,7 @@ from wm_jax.models.dynamics import (
     drop_actions,
     framed_cuts,
     make_controls,
+    motion_weights,
     predict_codes,
     sample_maskgit_mask,
     token_loss,
@@ -79,7 +80,8 @@ def dynamics_loss(
     `action_dropout` > 0 (needs `rng`), that share of the steps loses its action; with
     `context_corruption` > 0 (needs `rng`), the input frames are corrupted (`corrupt_codes`);
     with `scheduled_sampling` > 0 (needs `rng`), some are the model's own predictions
-    (`with_own_predictions`).
+    (`with_own_predictions`); with `motion_weight` > 0 (needs the batch's `frame`), each
+    target token's loss is weighted by its patch's pixel change (`motion_weights`).
     """
     dc = model.cfg.dynamics
     controls = make_controls(batch)
@@ -106,15 +108,20 @@ def dynamics_loss(
         # A cut whose framing the model is told (`framed_cuts`) is predictable: it is scored.
         framed = controls.camera_mask if framed_cuts(model.cfg) else False
         scored = jnp.broadcast_to((~controls.next_cut | framed)[..., None], scored.shape)
+    weights = (
+        motion_weights(batch["frame"], model.cfg.tokenizer.patch_size, dc.motion_weight)
+        if dc.motion_weight > 0
+        else None
+    )
     if dc.objective != "maskgit":
         logits = model.apply({"params": params}, context, controls, *reference)
-        loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg, scored)
+        loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg, scored, weights)
         return loss, {"loss": loss, "token_accuracy": accuracy}
     if rng is None:
         raise ValueError("the maskgit objective needs an rng for its masks")
     mask = sample_maskgit_mask(rng, (b, t - 1, n))
     logits = model.apply({"params": params}, context, controls, *reference, None, codes[:, 1:], mask)
-    loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg, mask & scored)
+    loss, accuracy = token_loss(logits, codes[:, 1:], model.cfg, mask & scored, weights)
     return loss, {"loss": loss, "token_accuracy": accuracy, "mask_fraction": jnp.mean(mask)}
 
 
@@ -150,12 +157,17 @@ def action_sensitivity(
     """Loss with shuffled actions − loss with the true ones (float32 scalar) on one batch:
     > 0 when the model uses its actions. Shuffled: each clip gets the next clip's actions
     (a roll over the batch, so their distribution is unchanged); action dropout, context
-    corruption and scheduled sampling are off, so the figure compares across training settings."""
+    corruption, scheduled sampling and motion weights are off, so the figure compares across
+    training settings."""
     model = model.clone(
         cfg=dataclasses.replace(
             model.cfg,
             dynamics=dataclasses.replace(
-                model.cfg.dynamics, action_dropout=0.0, context_corruption=0.0, scheduled_sampling=0.0
+                model.cfg.dynamics,
+                action_dropout=0.0,
+                context_corruption=0.0,
+                scheduled_sampling=0.0,
+                motion_weight=0.0,
             ),
         )
     )
@@ -240,12 +252,12 @@ def token_example_inputs(cfg: Config) -> tuple[jax.Array, ...]:
 def batch_fields(cfg: Config, available: Collection[str] | None = None) -> list[str]:
     """`action`, unless a latent action model infers them; the latent cache's field
     (`cache_field`: `codes`, or `latents` for diffusion) instead of `frame` from a latent
-    cache (frames still, when a latent action model reads them); the conditioning fields it
+    cache (frames still, when a latent action model or motion weights read them); the conditioning fields it
     uses, which are optional (absent means unknown: masked)."""
     dc, names = cfg.model.dynamics, ["frame"]
     inferred = bool(cfg.train.latent_actions_workdir)
-    if cfg.data.latent_cache:
-        names = [cache_field(cfg)] + (["frame"] if inferred else [])
+    if cfg.data.latent_cache:  # frames still, for a latent action model or motion weights
+        names = [cache_field(cfg)] + (["frame"] if inferred or dc.motion_weight > 0 else [])
     names += [] if inferred else ["action", "action_valid"]
     names += ["camera", "camera_valid"] if dc.use_camera else []
     names += ["cut"] if dc.use_cuts else []
