@@ -272,7 +272,14 @@ def test_action_following_is_zero_for_identical_videos_and_grows_with_displaceme
     path = np.array([[[4 + 2 * t, 10 + t] for t in range(6)]])  # [B=1, T=6, 2]
     truth = _agent_video(path)
     same = M.action_following(truth, truth)
-    assert same == {"mean_distance_px": 0.0, "within_1.5px": 1.0, "agent_found": 1.0, "num_steps": 6}
+    assert same == {
+        "mean_distance_px": 0.0,
+        "within_1.5px": 1.0,
+        "agent_found": 1.0,
+        "num_steps": 6,
+        "mean_distance_px_per_step": [0.0] * 6,
+        "within_1.5px_per_step": [1.0] * 6,
+    }
     distances = []
     for d in (1, 2, 4):
         off = M.action_following(_agent_video(path + [d, 0]), truth)
@@ -284,6 +291,11 @@ def test_action_following_is_zero_for_identical_videos_and_grows_with_displaceme
     lost[0, :3] = 0  # no agent in the first half: those steps are misses
     partial = M.action_following(lost, truth)
     assert partial["agent_found"] == 0.5 and partial["within_1.5px"] == 0.5 and partial["mean_distance_px"] == 0.0
+    assert partial["within_1.5px_per_step"] == [0.0] * 3 + [1.0] * 3
+    assert np.isnan(partial["mean_distance_px_per_step"][:3]).all()  # no agent: no distance
+    drifting = M.action_following(_agent_video(path + np.array([[[t, 0] for t in range(6)]])), truth)
+    assert drifting["mean_distance_px_per_step"] == pytest.approx(list(range(6)))
+    assert drifting["within_1.5px_per_step"] == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 # ------------------------------------------------------------------------------- errors
@@ -357,6 +369,7 @@ def test_counterfactual_following_scalars_and_baselines_on_agent_videos():
     assert r["psnr_vs_counterfactual"] == 100.0 and r["psnr_vs_factual"] < 100.0
     assert r["margin_db"] == pytest.approx(r["psnr_vs_counterfactual"] - r["psnr_vs_factual"]) and r["margin_db"] > 0
     assert r["agent_within_1.5px"] == 1.0 and r["num_agent_steps"] == 5
+    assert r["agent_within_1.5px_per_step"] == [1.0, 1.0, 1.0]
     assert r["copy_last"]["agent_within_1.5px"] == 0.0 and r["action_blind"]["agent_within_1.5px"] == 0.0
     assert r["copy_last"]["psnr_vs_counterfactual"] == pytest.approx(M.psnr(counterfactual, copy_last).mean())
     assert r["action_blind"]["psnr_vs_counterfactual"] == pytest.approx(M.psnr(counterfactual, factual).mean())

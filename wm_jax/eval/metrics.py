@@ -503,8 +503,9 @@ def action_following(generated: np.ndarray, truth: np.ndarray, mask: np.ndarray 
     Returns {"mean_distance_px": mean Euclidean distance between generated and true
     positions where both are found, "within_1.5px": fraction of steps whose distance is
     below 1.5 px (a generated frame without the agent counts as a miss), "agent_found":
-    fraction of steps where the generated frame shows the agent, "num_steps"}. NaN scores
-    if no step.
+    fraction of steps where the generated frame shows the agent, "num_steps", and
+    "mean_distance_px_per_step" / "within_1.5px_per_step": the first two per step t of the
+    video, lists [T] (how the agent drifts along a rollout)}. NaN scores if no step.
     """
     g, tr = np.asarray(generated), np.asarray(truth)
     _check_same_shape(tr, g, ("truth", "generated"))
@@ -517,11 +518,15 @@ def action_following(generated: np.ndarray, truth: np.ndarray, mask: np.ndarray 
         in_truth &= mask
     found = ~np.isnan(pos_g).any(axis=-1) & in_truth
     dist = np.linalg.norm(pos_g - pos_t, axis=-1)
+    within = found & (np.nan_to_num(dist, nan=np.inf) < AGENT_TOLERANCE_PX)
+    per_step = lambda x, mask: [_masked_mean(x[:, t], mask[:, t]) for t in range(x.shape[1])]
     return {
         "mean_distance_px": _masked_mean(dist, found),
-        "within_1.5px": _masked_mean(found & (np.nan_to_num(dist, nan=np.inf) < AGENT_TOLERANCE_PX), in_truth),
+        "within_1.5px": _masked_mean(within, in_truth),
         "agent_found": _masked_mean(found, in_truth),
         "num_steps": int(in_truth.sum()),
+        "mean_distance_px_per_step": per_step(dist, found),
+        "within_1.5px_per_step": per_step(within, in_truth),
     }
 
 
@@ -562,7 +567,7 @@ def counterfactual_following(
     agent_steps bool [B, H] (procedural worlds, optional): the steps where the agent's place
     is predictable (e.g. `before_first_cut`). Adds "agent_within_1.5px" (`action_following`
     against the counterfactual truth over those steps) for the model and each baseline,
-    and their count "num_agent_steps".
+    the model's per horizon ("agent_within_1.5px_per_step" [H]), and their count "num_agent_steps".
     """
     g, cf, fa, cl = (np.asarray(x) for x in (generated, counterfactual, factual, copy_last))
     for name, x in (("counterfactual", cf), ("factual", fa), ("copy_last", cl)):
@@ -582,7 +587,13 @@ def counterfactual_following(
     }
     if agent_steps is not None:
         model = action_following(g, cf, agent_steps)
-        out.update({"agent_within_1.5px": model["within_1.5px"], "num_agent_steps": model["num_steps"]})
+        out.update(
+            {
+                "agent_within_1.5px": model["within_1.5px"],
+                "agent_within_1.5px_per_step": model["within_1.5px_per_step"],
+                "num_agent_steps": model["num_steps"],
+            }
+        )
         for name, prediction in (("copy_last", cl), ("action_blind", fa)):
             out[name]["agent_within_1.5px"] = action_following(prediction, cf, agent_steps)["within_1.5px"]
     return out
