@@ -120,18 +120,25 @@ def tokenizer_run(tmp_path_factory, tiny_dataset) -> Path:
     return run
 
 
-@pytest.fixture(scope="session")
-def dynamics_run(tiny_dataset, tokenizer_run) -> Path:
-    """The tiny dynamics model trained 2 steps on `tokenizer_run` (checkpoint 2)."""
-    run = tokenizer_run.parent / "dynamics"
+def train_tiny_dynamics(name: str, tiny_dataset: Path, tokenizer_run: Path, extra: list[str] = ()) -> Path:
+    """A tiny dynamics run `name` (beside `tokenizer_run`) trained 2 steps on it, with the
+    `extra` overrides (checkpoint 2)."""
+    run = tokenizer_run.parent / name
     overrides = [
         f"data.dir={tiny_dataset}",
         "train.steps=2",
         "train.stage=dynamics",
         f"train.tokenizer_workdir={tokenizer_run}",
+        *extra,
     ]
     train(config_lib.load(PRESET, TINY_OVERRIDES + overrides), run)
     return run
+
+
+@pytest.fixture(scope="session")
+def dynamics_run(tiny_dataset, tokenizer_run) -> Path:
+    """The tiny dynamics model trained 2 steps on `tokenizer_run` (checkpoint 2)."""
+    return train_tiny_dynamics("dynamics", tiny_dataset, tokenizer_run)
 
 
 # Serving (tests/serve): one conftest per test tree, since the tests import this one by name.
@@ -187,14 +194,11 @@ def client(server):
 def maskgit_dynamics_run(tiny_dataset, tokenizer_run) -> Path:
     """The tiny dynamics model with the MaskGIT objective (4 decoding passes per frame),
     trained 2 steps on `tokenizer_run` (checkpoint 2)."""
-    run = tokenizer_run.parent / "maskgit_dynamics"
-    overrides = [
-        f"data.dir={tiny_dataset}",
-        "train.steps=2",
-        "train.stage=dynamics",
-        f"train.tokenizer_workdir={tokenizer_run}",
-        "model.dynamics.objective=maskgit",
-        "model.dynamics.maskgit_steps=4",
-    ]
-    train(config_lib.load(PRESET, TINY_OVERRIDES + overrides), run)
-    return run
+    maskgit = ["model.dynamics.objective=maskgit", "model.dynamics.maskgit_steps=4"]
+    return train_tiny_dynamics("maskgit_dynamics", tiny_dataset, tokenizer_run, maskgit)
+
+
+@pytest.fixture(scope="session")
+def bank_dynamics_run(tiny_dataset, tokenizer_run) -> Path:
+    """The tiny dynamics model with an identity bank, trained 2 steps on `tokenizer_run`."""
+    return train_tiny_dynamics("bank_dynamics", tiny_dataset, tokenizer_run, ["model.dynamics.use_identity_bank=true"])

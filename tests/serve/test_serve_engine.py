@@ -3,8 +3,10 @@ rollout generates, batched or alone, slides past its window without recompiling,
 idle sessions, bounds their count and writes recordings `wm verify` accepts."""
 
 import dataclasses
+import hashlib
 import logging
 
+import imageio.v3 as iio
 import jax
 import numpy as np
 import pytest
@@ -15,7 +17,15 @@ from wm_jax.models.dynamics import DynamicsModel, make_controls
 from wm_jax import config as config_lib
 from wm_jax.config import ConfigError
 from wm_jax.inference.rollout import carry_unchanged, decode_codes, encode_frames, rollout_frames
-from wm_jax.serve.engine import CapacityError, Engine, RequestError, SessionNotFound, StepRequest, load_model
+from wm_jax.serve.engine import (
+    CapacityError,
+    Engine,
+    RequestError,
+    SessionNotFound,
+    StepRequest,
+    load_model,
+    read_image,
+)
 
 from conftest import PRESET, TINY_OVERRIDES
 
@@ -36,9 +46,10 @@ def reference_frames(engine, clip, requests, seed=0):
     return reference_rollout(engine, clip, requests, seed)[1]
 
 
-def reference_rollout(engine, clip, requests, seed=0):
+def reference_rollout(engine, clip, requests, seed=0, reference=None):
     """(codes [1, C + H, N, L]: the context's, then each generated frame's; their frames
-    decoded, uint8 [H, S, S, 3]): `reference_frames`'s rollout."""
+    decoded, uint8 [H, S, S, 3]): `reference_frames`'s rollout. A model with an identity
+    bank holds `reference` there (uint8 [1, S, S, 3]; default the episode's reference)."""
     m, fields = engine.model, context_fields(engine, clip)
     c, h = engine.context_frames, len(requests)
     pose = np.asarray(fields["camera"][-1], np.float64)
@@ -59,11 +70,15 @@ def reference_rollout(engine, clip, requests, seed=0):
         m.cfg.model, dynamics=dataclasses.replace(m.cfg.model.dynamics, temporal_window=engine.window)
     )
     codes, _ = encode_frames(m.tokenizer, m.tok_params, fields["frame"][None], m.chunk)
+    bank = None
+    if m.cfg.model.dynamics.use_identity_bank:
+        frame = fields["reference"][:1] if reference is None else reference
+        bank = encode_frames(m.tokenizer, m.tok_params, frame[None], m.chunk)[0][:, 0]
     temperature = engine.sampling.temperature
     key = jax.random.key(seed) if temperature else None
     new = list(
         rollout_frames(
-            DynamicsModel(windowed), m.params, codes, make_controls(steps), h, key=key, temperature=temperature
+            DynamicsModel(windowed), m.params, codes, make_controls(steps), h, bank, key=key, temperature=temperature
         )
     )
     codes = np.concatenate([codes, np.stack(new, axis=1)], axis=1)
@@ -269,6 +284,38 @@ def test_maskgit_sessions_generate_what_the_cached_rollout_generates(maskgit_mod
             another = np.any(np.stack(codes[k]) != reference_rollout(engine, k, plans[k], 7)[0][0, c:], axis=-1)
             print(f"session {k}: tokens differing from seed 7's rollout {another.mean():.4f}")
             assert another.mean() > max(tokens, 0.01)
+
+
+def test_an_uploaded_reference_fills_the_identity_bank(bank_dynamics_run, serve_model):
+    """A model with an identity bank: a session given an uploaded reference frame generates
+    the library's rollout with that frame in the bank (not the episode's), and its
+    provenance names the upload; a model without a bank refuses one."""
+    engine = Engine(load_model(bank_dynamics_run), max_sessions=2)
+    size = engine.image_size
+    picture = np.zeros((size, size, 3), np.uint8)
+    picture[::2, ::2], picture[1::2, 1::2] = (255, 40, 40), (40, 40, 255)  # unlike any episode's sprite sheet
+    upload = iio.imwrite("<bytes>", picture, extension=".png")
+    ids = [engine.create(clip=0)[0], engine.create(clip=0, reference=upload)[0]]
+    plans = [random_requests(s, 3, 5, engine.num_actions) for s in ids]
+    rows = [engine._sessions[s].row for s in ids]  # each session's newest codes, read from inside
+    codes = ([], [])
+    for step in zip(*plans):
+        engine.step(list(step))
+        for k in range(2):
+            codes[k].append(np.asarray(engine._inputs[rows[k]]))
+    c = engine.context_frames
+    episode = reference_rollout(engine, 0, plans[0])[0][0, c:]
+    uploaded = reference_rollout(engine, 0, plans[1], reference=read_image(upload, size)[None])[0][0, c:]
+    assert np.any(episode != uploaded), "the bank's frame changed no token: this model cannot tell them apart"
+    for got, want in zip(codes, (episode, uploaded)):
+        assert np.any(np.stack(got) != want, axis=-1).mean() <= 0.02
+    sha = hashlib.sha256(upload).hexdigest()
+    assert (
+        engine._sessions[ids[1]].context["reference_sha256"] == sha
+        and "reference_sha256" not in engine._sessions[ids[0]].context
+    )
+    with pytest.raises(RequestError, match="this model has none"):
+        Engine(serve_model, max_sessions=1).create(clip=0, reference=upload)
 
 
 def test_a_diffusion_run_is_refused_naming_its_objective(serve_model, tmp_path):

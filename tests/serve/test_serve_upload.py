@@ -129,6 +129,11 @@ PNG = iio.imwrite("<bytes>", np.random.default_rng(0).integers(0, 255, (32, 32, 
         ({"image": encoded(np.zeros((8, 8, 3), np.uint8)), "clip": 0}, ("'clip'", "'image'", "not both")),
         ({"image": encoded(np.zeros((8, 8, 3), np.uint8)), "seed": -1}, ("'seed'",)),
         ({"image": encoded(np.zeros((8, 8, 3), np.uint8)), "path": "/etc"}, ("unknown key 'path'",)),
+        ({"reference": 3}, ("'reference'", "base64 string", "int")),
+        ({"reference": "not base64!"}, ("'reference'", "not valid base64")),
+        ({"clip": 0, "reference": ""}, ("'reference'", "empty")),
+        ({"reference": base64.b64encode(b"hello, world").decode()}, ("identity bank",)),  # this model has none
+        ({"clip": 0, "reference": encoded(np.zeros((8, 8, 3), np.uint8))}, ("identity bank", "use_identity_bank")),
     ],
 )
 def test_bad_uploads_are_400_with_the_reason(client, body, words):

@@ -3,7 +3,9 @@
     GET    /                          the play page (static/play.html; no token needed: it holds no data)
     GET    /v1/health                 {"ok": true, "queue": pending steps, **Engine.info()}
     POST   /v1/sessions               {"clip": 0, "seed": 0} -> {"session", "index", "context_frames", "frame"}
-                                      or {"image": base64 PNG/JPEG, "seed": 0}: that picture held still as the context
+                                      or {"image": base64 PNG/JPEG, "seed": 0}: that picture held still as the context;
+                                      either with "reference": base64 PNG/JPEG, the identity bank's frame
+                                      (a model with an identity bank; else 400)
     POST   /v1/sessions/{id}/step     {"action": 0, "camera": {"pan": [dx, dy], "tilt": dy, "dolly": dz},
                                        "cut": false, "format": "png" | "rgb"} -> {"session", "index", "frame"}
     DELETE /v1/sessions/{id}          -> {"deleted": id}
@@ -56,7 +58,7 @@ from wm_jax.serve.engine import CapacityError, Engine, EngineError, Frame, StepR
 
 STEP_KEYS = ("action", "camera", "cut", "format")
 CAMERA_KEYS = ("pan", "tilt", "dolly")
-SESSION_KEYS = ("clip", "image", "seed")
+SESSION_KEYS = ("clip", "image", "reference", "seed")
 GENERATE_KEYS = ("script", "seed")
 FORMATS = ("png", "rgb")
 
@@ -118,24 +120,30 @@ def _keys(body: dict[str, Any], allowed: tuple[str, ...], what: str) -> dict[str
 
 
 def parse_session(body: dict[str, Any]) -> dict[str, Any]:
-    """A session body -> `Engine.create`'s keyword arguments, the image's base64 decoded to
-    the file's bytes (a string, never a path: nothing is read from the server's disk)."""
+    """A session body -> `Engine.create`'s keyword arguments, the uploads' base64 decoded to
+    the files' bytes (strings, never paths: nothing is read from the server's disk)."""
     _keys(body, SESSION_KEYS, "a session")
     if "clip" in body and "image" in body:
         raise HTTPError(400, "give 'clip' (a test episode) or 'image' (an uploaded picture), not both")
     args = {"seed": body.get("seed", 0)}
+    if "reference" in body:
+        args["reference"] = _upload(body["reference"], "reference")
     if "image" not in body:
         return {**args, "clip": body.get("clip", 0)}
-    text = body["image"]
+    return {**args, "image": _upload(body["image"], "image")}
+
+
+def _upload(text: Any, name: str) -> bytes:
+    """The bytes of an uploaded file sent as base64 text in field `name`; 400 naming it."""
     if not isinstance(text, str):
-        raise HTTPError(400, f"'image' must be a base64 string of a PNG or JPEG file, got {type(text).__name__}")
+        raise HTTPError(400, f"'{name}' must be a base64 string of a PNG or JPEG file, got {type(text).__name__}")
     try:  # whitespace allowed: `base64 FILE` wraps its lines
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as e:
-        raise HTTPError(400, f"'image' is not valid base64 ({e})") from None
+        raise HTTPError(400, f"'{name}' is not valid base64 ({e})") from None
     if not data:
-        raise HTTPError(400, "'image' is empty")
-    return {**args, "image": data}
+        raise HTTPError(400, f"'{name}' is empty")
+    return data
 
 
 def _number(value: Any, name: str) -> float:

@@ -420,18 +420,29 @@ class Engine:
 
     # ------------------------------------------------------------------ sessions
 
-    def create(self, clip: int | None = None, seed: int = 0, image: bytes | None = None) -> tuple[str, np.ndarray]:
+    def create(
+        self, clip: int | None = None, seed: int = 0, image: bytes | None = None, reference: bytes | None = None
+    ) -> tuple[str, np.ndarray]:
         """A new session whose context is the first `context_frames` frames of episode `clip`
         (default 0) of the dataset's test split, or, given `image` (a PNG or JPEG file's
         bytes), that image held still (`_still`), sampling (temperature > 0) from `seed` ->
         (its id, its context frames decoded, uint8 [C, H, W, 3]: the last is the next step's
-        input). CapacityError when every row is taken (after expiring idle sessions)."""
+        input). `reference` (a PNG or JPEG file's bytes; a model with an identity bank only)
+        replaces the episode's reference frame in the bank: the entities to keep through
+        cuts (`_with_reference`). CapacityError when every row is taken (after expiring
+        idle sessions)."""
         if clip is not None and image is not None:
             raise RequestError("give 'clip' (a test episode) or 'image' (an uploaded picture), not both")
+        if reference is not None and self._memory[0] is None:
+            raise RequestError(
+                "'reference' fills the identity bank, and this model has none (model.dynamics.use_identity_bank: false)"
+            )
         if image is None:
             clip = _integer(0 if clip is None else clip, "clip", 0, len(self._episodes) - 1)
         seed = _integer(seed, "seed", 0, 2**31 - 1)
-        still = None if image is None else self._still(image)  # decoded before the lock is taken
+        # Uploads are decoded before the lock is taken.
+        still = None if image is None else self._still(image)
+        uploaded = None if reference is None else self._reference(reference)
         with self._lock:
             self._expire()
             if not self._free:
@@ -440,6 +451,8 @@ class Engine:
                     f"one to expire ({self.idle_timeout_s:g} s)"
                 )
             fields, context = still or self._context(clip)
+            if uploaded is not None:
+                fields, context = {**fields, "reference": uploaded[0]}, {**context, **uploaded[1]}
             row = self._free.pop()
             try:
                 frames = self._prefill(row, fields, seed)
@@ -499,6 +512,12 @@ class Engine:
             "frames": self.context_frames,
         }
         return fields, info
+
+    def _reference(self, data: bytes) -> tuple[np.ndarray, dict[str, Any]]:
+        """An uploaded reference frame: uint8 [1, S, S, 3] (as a record's `reference`, one
+        frame) and its provenance (its sha256)."""
+        frame = read_image(data, self.image_size)
+        return frame[None], {"reference_sha256": hashlib.sha256(data).hexdigest(), "reference_bytes": len(data)}
 
     def _prefill(self, row: int, fields: dict[str, np.ndarray], seed: int) -> np.ndarray:
         """Row `row` emptied, then given the context: its frames' codes written into the
