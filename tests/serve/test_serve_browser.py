@@ -3,6 +3,8 @@ Python API; no browser download): keys steer the session, different keys give di
 frames, and the frames shown are the server's own engine's for the same controls."""
 
 import base64
+import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -16,7 +18,8 @@ import numpy as np
 import pytest
 
 from wm_jax.serve.app import BackgroundServer, create_app, decode_frame
-from wm_jax.serve.engine import Engine
+from wm_jax.inference import watermark
+from wm_jax.serve.engine import Engine, load_model
 
 CHROMIUM = Path("/usr/bin/chromium")
 sync_api = pytest.importorskip(
@@ -160,6 +163,37 @@ def test_a_picture_chosen_in_the_file_input_starts_a_session_the_keys_steer(page
         np.testing.assert_array_equal(mine, np.asarray(theirs, int), f"frame {k} differs from the engine's")
     clip = np.asarray(replay(play_server[0], history[:1])[0], int)
     assert np.abs(frames[0] - clip).mean() > 0, "the page started from a clip, not the picture"
+
+
+def test_the_reference_input_is_off_for_a_model_without_an_identity_bank(page):
+    assert page.is_disabled("#reference") and "no identity bank" in page.inner_text("#referenceName")
+
+
+def test_a_reference_chosen_on_the_page_fills_the_identity_bank(browser, bank_dynamics_run, tmp_path):
+    """A model with an identity bank: the reference picture chosen on the page starts a
+    session with it in the bank, and the session's recording names it (its sha256)."""
+    picture = np.zeros((16, 16, 3), np.uint8)
+    picture[::2, ::2] = (255, 40, 40)
+    path = tmp_path / "sprites.png"
+    iio.imwrite(path, picture)
+    engine = Engine(load_model(bank_dynamics_run), max_sessions=2)
+    with BackgroundServer(create_app(engine, record_dir=tmp_path)) as server:
+        tab = browser.new_page()
+        tab.goto(server.url)
+        tab.wait_for_function("window.wm && window.wm.ready", timeout=60_000)
+        assert not tab.is_disabled("#reference")
+        tab.evaluate("window.wm.history = []")
+        tab.set_input_files("#reference", str(path))
+        tab.wait_for_function("window.wm.history.length === 1 && !window.wm.busy", timeout=60_000)
+        assert tab.inner_text("#referenceName") == "sprites.png" and not tab.inner_text("#error")
+        tab.keyboard.press("ArrowUp")
+        tab.wait_for_function("window.wm.history.length === 2 && !window.wm.busy", timeout=60_000)
+        tab.click("#record")
+        tab.wait_for_function("window.wm.recorded", timeout=60_000)
+        video = tmp_path / "recordings" / tab.evaluate("window.wm.recorded")
+        tab.close()
+    start = json.loads(watermark.sidecar_path(video).read_text())["provenance"]["start"]
+    assert start["reference_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and start["episode"] == 0
 
 
 def test_record_button_writes_a_recording(page, play_server):

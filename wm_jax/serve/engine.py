@@ -410,6 +410,7 @@ class Engine:
             "step": self.model.step,
             "temperature": self.sampling.temperature,
             "render": self.render,
+            "identity_bank": self._memory[0] is not None,
             "idle_timeout_s": self.idle_timeout_s,
         }
 
