@@ -119,6 +119,12 @@ def test_training_shares_outside_0_1_are_refused(key, value):
         config_lib.load(PRESET, [f"{key}={value}"])
 
 
+def test_a_cut_framing_residual_needs_the_shift():
+    with pytest.raises(config_lib.ConfigError, match="needs 'model.dynamics.cut_framing_shift: true'"):
+        config_lib.load(PRESET, ["model.dynamics.cut_framing_residual=true"])
+    config_lib.load(PRESET, ["model.dynamics.cut_framing_residual=true", "model.dynamics.cut_framing_shift=true"])
+
+
 def test_a_negative_motion_weight_is_refused():
     with pytest.raises(config_lib.ConfigError, match="'model.dynamics.motion_weight' must be >= 0; got -1"):
         config_lib.load(PRESET, ["model.dynamics.motion_weight=-1"])

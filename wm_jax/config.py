@@ -161,6 +161,10 @@ class DynamicsConfig:
     # (whole patches; a 2-D pan camera in pixels), tokens that were out of view replaced by a
     # learned vector, so the model re-draws what stays in view. Needs use_cuts and use_camera.
     cut_framing_shift: bool = False
+    # With cut_framing_shift: the part of the jump that whole patches leave (up to half a
+    # patch per axis) reaches the model as the cut step's pan, the move a pan step's
+    # embedding already reads; False: the pan is zero at a cut.
+    cut_framing_residual: bool = False
 
 
 @dataclass(frozen=True)
@@ -639,6 +643,11 @@ def _check_model(cfg: Config) -> None:
             )
     if any(level < 2 for level in cfg.model.tokenizer.fsq_levels) or not cfg.model.tokenizer.fsq_levels:
         raise ConfigError("config key 'model.tokenizer.fsq_levels' needs levels >= 2")
+    if cfg.model.dynamics.cut_framing_residual and not cfg.model.dynamics.cut_framing_shift:
+        raise ConfigError(
+            "config key 'model.dynamics.cut_framing_residual' is what the token shift leaves of a cut's "
+            "jump: it needs 'model.dynamics.cut_framing_shift: true'"
+        )
 
 
 def _check_ranges(cfg: Config) -> None:

@@ -266,6 +266,31 @@ def test_a_cut_framing_steers_the_first_frame_of_its_shot_only(embed, shift):
     assert ("framing_embed" in variables["params"]) == embed and ("unseen_embed" in variables["params"]) == shift
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_jump_a_shift_leaves_reaches_the_model_as_the_cuts_pan(residual):
+    """With 4-px patches, jumps of 4 and 5 px both shift the tokens one patch; only with
+    `cut_framing_residual` does the 1 px left over reach the model (as the cut step's pan)."""
+    from wm_jax.models.dynamics import residual_jump
+
+    np.testing.assert_allclose(
+        residual_jump(jnp.array([[5.0, -6.0, 0.5], [4.0, 2.0, 0.0]]), 4), [[1, 2, 0.5], [0, -2, 0]]
+    )
+    dynamics = dataclasses.replace(STEERED.dynamics, cut_framing_shift=True, cut_framing_residual=residual)
+    model = DynamicsModel(dataclasses.replace(STEERED, dynamics=dynamics))
+    codes, steps = _inputs()[0], _steps(cut_at=3)
+    jumps = []
+    for jump in (4.0, 5.0):
+        camera = steps["camera"].copy()
+        camera[:, 3:, 0] += jump - (camera[:, 3, 0] - camera[:, 2, 0])[:, None]  # the cut's x jump, later pans kept
+        jumps.append(dict(steps, camera=camera))
+    variables = jax.jit(model.init)(jax.random.key(2), codes, make_controls(jumps[0]))
+    apply = jax.jit(model.apply)
+    changed = _changed(
+        apply(variables, codes, make_controls(jumps[0])), apply(variables, codes, make_controls(jumps[1]))
+    )
+    np.testing.assert_array_equal(changed, [False, False, residual, False, False, False])
+
+
 def test_shift_tokens_moves_the_view_with_the_camera():
     from wm_jax.models.dynamics import shift_tokens
 

@@ -374,6 +374,13 @@ def shift_tokens(x: jax.Array, jump: jax.Array, grid: int, patch: int) -> tuple[
     return jnp.take_along_axis(x, source[..., None], axis=2), in_view
 
 
+def residual_jump(jump: jax.Array, patch: int) -> jax.Array:
+    """float [..., 3] camera position jumps (x, y, z px) -> what `shift_tokens`' whole-patch
+    shift leaves of them: x and y minus patch * round(./patch) (in [-patch/2, patch/2]), z as is."""
+    xy = jump[..., :2]
+    return jnp.concatenate([xy - patch * jnp.round(xy / patch), jump[..., 2:]], axis=-1)
+
+
 class FramingEmbedding(nn.Module):
     """A cut's framing, the camera position jump [B, T, 3], -> embeddings [B, T, D].
 
@@ -457,9 +464,11 @@ class DynamicsModel(nn.Module):
         """controls of T positions -> one conditioning vector per position [B, T, D]."""
         cond = self.action_embed(controls.action, controls.action_mask)
         cut = controls.next_cut[..., None]
-        # A cut's position jump is a framing, not a pan: the pan embedding sees no move there.
+        # A cut's position jump is a framing, not a pan: the pan embedding sees no move there,
+        # or only what the token shift leaves of it (`cut_framing_residual`).
         jump = controls.camera[..., :3]
-        pan = jnp.concatenate([jnp.where(cut, 0.0, jump), controls.camera[..., 3:]], axis=-1)
+        at_cut = residual_jump(jump, self.cfg.tokenizer.patch_size) if self._residual_at_cuts() else 0.0
+        pan = jnp.concatenate([jnp.where(cut, at_cut, jump), controls.camera[..., 3:]], axis=-1)
         cond = cond + self.camera_embed(pan, controls.camera_mask)
         if self.cfg.dynamics.use_cuts:
             cond = cond + jnp.where(cut, self.cut_embed.astype(cond.dtype), 0)
@@ -467,6 +476,10 @@ class DynamicsModel(nn.Module):
             framed = cut & controls.camera_mask[..., None]
             cond = cond + jnp.where(framed, self.framing_embed(jump), 0)
         return cond
+
+    def _residual_at_cuts(self) -> bool:
+        dc = self.cfg.dynamics
+        return dc.cut_framing_shift and dc.cut_framing_residual and framed_cuts(self.cfg)
 
     def _shift_at_cuts(self, x: jax.Array, controls: Controls) -> jax.Array:
         """`cut_framing_shift`: code embeddings x [B, T, N, D] with those of each position
