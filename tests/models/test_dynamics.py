@@ -273,7 +273,8 @@ def test_the_jump_a_shift_leaves_reaches_the_model_as_the_cuts_pan(residual):
     from wm_jax.models.dynamics import residual_jump
 
     np.testing.assert_allclose(
-        residual_jump(jnp.array([[5.0, -6.0, 0.5], [4.0, 2.0, 0.0]]), 4), [[1, 2, 0.5], [0, -2, 0]]
+        residual_jump(jnp.array([[5.0, -6.0, 0.5], [4.0, 2.0, 0.0]]), 4),
+        [[1, 2, 0.5], [0, 2, 0]],  # halves round to even, as in shift_tokens
     )
     dynamics = dataclasses.replace(STEERED.dynamics, cut_framing_shift=True, cut_framing_residual=residual)
     model = DynamicsModel(dataclasses.replace(STEERED, dynamics=dynamics))
