@@ -430,7 +430,7 @@ class Engine:
         (its id, its context frames decoded, uint8 [C, H, W, 3]: the last is the next step's
         input). `reference` (a PNG or JPEG file's bytes; a model with an identity bank only)
         replaces the episode's reference frame in the bank: the entities to keep through
-        cuts (`_with_reference`). CapacityError when every row is taken (after expiring
+        cuts (`_reference`). CapacityError when every row is taken (after expiring
         idle sessions)."""
         if clip is not None and image is not None:
             raise RequestError("give 'clip' (a test episode) or 'image' (an uploaded picture), not both")

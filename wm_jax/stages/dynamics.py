@@ -252,11 +252,11 @@ def token_example_inputs(cfg: Config) -> tuple[jax.Array, ...]:
 def batch_fields(cfg: Config, available: Collection[str] | None = None) -> list[str]:
     """`action`, unless a latent action model infers them; the latent cache's field
     (`cache_field`: `codes`, or `latents` for diffusion) instead of `frame` from a latent
-    cache (frames still, when a latent action model or motion weights read them); the conditioning fields it
-    uses, which are optional (absent means unknown: masked)."""
+    cache (frames still, when a latent action model or motion weights read them); the
+    conditioning fields it uses, which are optional (absent means unknown: masked)."""
     dc, names = cfg.model.dynamics, ["frame"]
     inferred = bool(cfg.train.latent_actions_workdir)
-    if cfg.data.latent_cache:  # frames still, for a latent action model or motion weights
+    if cfg.data.latent_cache:
         names = [cache_field(cfg)] + (["frame"] if inferred or dc.motion_weight > 0 else [])
     names += [] if inferred else ["action", "action_valid"]
     names += ["camera", "camera_valid"] if dc.use_camera else []
