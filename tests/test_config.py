@@ -119,6 +119,12 @@ def test_training_shares_outside_0_1_are_refused(key, value):
         config_lib.load(PRESET, [f"{key}={value}"])
 
 
+def test_spatial_rope_refuses_the_control_token():
+    with pytest.raises(config_lib.ConfigError, match="spatial_rope.*'token'"):
+        config_lib.load(PRESET, ["model.dynamics.spatial_rope=true", "model.dynamics.action_conditioning=token"])
+    config_lib.load(PRESET, ["model.dynamics.spatial_rope=true", "model.dynamics.action_conditioning=adaln"])
+
+
 def test_a_cut_framing_residual_needs_the_shift():
     with pytest.raises(config_lib.ConfigError, match="needs 'model.dynamics.cut_framing_shift: true'"):
         config_lib.load(PRESET, ["model.dynamics.cut_framing_residual=true"])

@@ -165,6 +165,11 @@ class DynamicsConfig:
     # patch per axis) reaches the model as the cut step's pan, the move a pan step's
     # embedding already reads; False: the pan is zero at a cut.
     cut_framing_residual: bool = False
+    # Spatial attention with 2-D rotary positions (row and column of each patch) besides the
+    # learned absolute ones: attention weights that depend on two tokens' offset on the grid,
+    # the same at every position, as a camera pan's shift of the whole frame is. Not with
+    # the "token" conditioning (its control token has no place on the grid).
+    spatial_rope: bool = False
 
 
 @dataclass(frozen=True)
@@ -643,6 +648,11 @@ def _check_model(cfg: Config) -> None:
             )
     if any(level < 2 for level in cfg.model.tokenizer.fsq_levels) or not cfg.model.tokenizer.fsq_levels:
         raise ConfigError("config key 'model.tokenizer.fsq_levels' needs levels >= 2")
+    if cfg.model.dynamics.spatial_rope and cfg.model.dynamics.action_conditioning == "token":
+        raise ConfigError(
+            "config key 'model.dynamics.spatial_rope' puts every token on the patch grid; the 'token' "
+            "conditioning's control token has no place there: use 'adaln' or 'add'"
+        )
     if cfg.model.dynamics.cut_framing_residual and not cfg.model.dynamics.cut_framing_shift:
         raise ConfigError(
             "config key 'model.dynamics.cut_framing_residual' is what the token shift leaves of a cut's "

@@ -108,6 +108,19 @@ def test_cut_framing_rolls_out_the_same_cached_and_follows_the_framing():
     assert same[:9].all() and not same[9:].all()
 
 
+def test_spatial_rope_rolls_out_the_same_cached_and_changes_the_tokens():
+    cfg = dataclasses.replace(CFG, dynamics=dataclasses.replace(CFG.dynamics, action_conditioning="adaln"))
+    roped = dataclasses.replace(cfg, dynamics=dataclasses.replace(cfg.dynamics, spatial_rope=True))
+    model, params, context, controls, reference = _case(roped)
+    key = jax.random.key(5)
+    _, cached = rollout(model, params, context, controls, H, reference, cached=True, key=key, temperature=1.0)
+    _, uncached = rollout(model, params, context, controls, H, reference, cached=False, key=key, temperature=1.0)
+    np.testing.assert_array_equal(cached, uncached)
+    # The same parameters without the rotary positions give other tokens: the positions are read.
+    _, plain = rollout(DynamicsModel(cfg), params, context, controls, H, reference, key=key, temperature=1.0)
+    assert (np.asarray(plain) != np.asarray(cached)).any()
+
+
 @pytest.mark.parametrize("conditioning", ["add", "adaln", "token"])
 def test_rollout_follows_its_controls_and_reference(conditioning):
     model, params, context, controls, reference = _case(

@@ -30,6 +30,32 @@ def test_sinusoidal_embedding_shape_and_distinct_rows():
     assert len(np.unique(np.asarray(emb).round(5), axis=0)) == 10
 
 
+def test_rotary_2d_scores_depend_on_the_grid_offset_only():
+    q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, 8))
+    score = lambda a, b: float(jnp.sum(layers.rotary_2d(q, jnp.array([[a]])) * layers.rotary_2d(k, jnp.array([[b]]))))
+    base = score((1, 2), (3, 0))
+    assert score((5, 7), (7, 5)) == pytest.approx(base, rel=1e-5)  # both moved by (4, 5)
+    assert score((1, 2), (3, 1)) != pytest.approx(base, rel=1e-3)  # another column offset
+    assert score((1, 2), (2, 0)) != pytest.approx(base, rel=1e-3)  # another row offset
+
+
+def test_grid_positions_are_row_major_and_need_a_square_grid():
+    np.testing.assert_array_equal(layers.grid_positions(4), [[0, 0], [0, 1], [1, 0], [1, 1]])
+    with pytest.raises(ValueError, match="square token grid"):
+        layers.grid_positions(6)
+
+
+def test_spatial_rope_block_is_still_causal_in_time():
+    block = layers.SpatioTemporalBlock(num_heads=2, mlp_dim=32, spatial_rope=True)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 4, 16))  # a 2x2 token grid
+    variables = block.init(jax.random.key(2), x)
+    base = block.apply(variables, x)
+    later = block.apply(variables, x.at[:, 3:].set(0.0))
+    np.testing.assert_array_equal(later[:, :3], base[:, :3])
+    plain = layers.SpatioTemporalBlock(num_heads=2, mlp_dim=32).apply(variables, x)
+    assert np.abs(np.asarray(plain - base)).max() > 1e-4  # the positions change the output
+
+
 @pytest.fixture(scope="module")
 def block_vars():
     """Variables of one small causal block; the block variants below share them."""

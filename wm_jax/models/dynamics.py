@@ -438,6 +438,7 @@ class DynamicsModel(nn.Module):
             remat=self.cfg.remat,
             remat_policy=self.cfg.remat_policy,
             scan_layers=self.cfg.scan_layers,
+            spatial_rope=dc.spatial_rope,
         )
         self.final_norm = layers.RMSNorm(dtype)
         if dc.action_conditioning == "adaln":

@@ -9,6 +9,7 @@ Parameters and activations use disjoint logical names (`MeshConfig.param_rules` 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -111,20 +112,45 @@ class Mlp(nn.Module):
         return Dense(x.shape[-1], ("mlp", "embed"), self.dtype, name="wo")(h)
 
 
-def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
+def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
     """Rotary position embedding (Su et al. 2021) of x [B, S, H, K] at int positions [B, S].
 
-    Pairs (i, i + K/2) of each head are rotated by angle position * 10000^(-2i/K), so a
+    Pairs (i, i + K/2) of each head are rotated by angle position * base^(-2i/K), so a
     query-key product depends on the positions' difference only: a model trained on short
     clips sees the same attention pattern at frame 1000 of a rollout as at frame 10.
     """
     half = x.shape[-1] // 2
-    freqs = jnp.exp(-np.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp(-np.log(base) * jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [B, S, 1, half]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half : 2 * half].astype(jnp.float32)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * half :]], axis=-1)
     return rotated.astype(x.dtype)
+
+
+# Spatial grids are a few to a few tens of tokens on a side: the slowest of the default
+# base's frequencies would hardly turn across them, so 2-D rotary uses a smaller base.
+GRID_ROTARY_BASE = 100.0
+
+
+def rotary_2d(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Axial 2-D rotary embedding of x [B, S, H, K] at int grid positions [B, S, 2] (row,
+    column): the first half of each head turns with the row, the second with the column, so
+    a query-key product depends on the two tokens' offset on the grid only. Attention can
+    then fetch "the neighbour one to the left" with the same weights at every position,
+    which is what a camera pan asks of a frame's tokens."""
+    half = x.shape[-1] // 2
+    rows = rotary(x[..., :half], positions[..., 0], GRID_ROTARY_BASE)
+    cols = rotary(x[..., half:], positions[..., 1], GRID_ROTARY_BASE)
+    return jnp.concatenate([rows, cols], axis=-1)
+
+
+def grid_positions(tokens: int) -> jax.Array:
+    """int32 [tokens, 2]: (row, column) of each token of a square, row-major patch grid."""
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"2-D positions need a square token grid; got {tokens} tokens")
+    return jnp.stack(jnp.divmod(jnp.arange(tokens, dtype=jnp.int32), side), axis=-1)
 
 
 class Attention(nn.Module):
@@ -156,7 +182,8 @@ class Attention(nn.Module):
           are the sequence (or the cache's W slots), then the memory tokens.
         is_causal: position i attends to sequence positions <= i only.
         memory: [B', M, D] with B' dividing B; row b of x sees memory row b // (B / B').
-        positions: int [B, S] rotary positions of the sequence (None: no rotary embedding).
+        positions: int [B, S] rotary positions of the sequence, or int [B, S, 2] grid
+          positions for 2-D rotary (`rotary_2d`) (None: no rotary embedding).
         cache: {"key", "value": [B, heads, W, K]} (`kv_caches`); x holds S=1 new step,
           written at slot; attended with `decode_attention`.
         """
@@ -176,7 +203,8 @@ class Attention(nn.Module):
 
         q, k, v = proj("query", x), proj("key", x), proj("value", x)
         if positions is not None:
-            q, k = rotary(q, positions), rotary(k, positions)
+            rotate = rotary if positions.ndim == 2 else rotary_2d
+            q, k = rotate(q, positions), rotate(k, positions)
         # Project the memory once per memory row, then share it among its B/B' rows.
         shared = lambda name: jnp.repeat(proj(name, memory), x.shape[0] // memory.shape[0], axis=0)
         if cache is not None:
@@ -266,6 +294,7 @@ class SpatioTemporalBlock(nn.Module):
     causal: bool = True
     dtype: Dtype = jnp.float32
     attention: str = "xla"
+    spatial_rope: bool = False  # 2-D rotary positions in spatial attention (`rotary_2d`)
 
     @nn.compact
     def __call__(
@@ -306,7 +335,9 @@ class SpatioTemporalBlock(nn.Module):
                     [jnp.ones((b, n), bool), jnp.broadcast_to(memory_mask[:, None], (b, memory.shape[1]))], 1
                 )
                 mask = jnp.repeat(keys, t, axis=0)[:, None, None, :]
-        h = Attention(self.num_heads, self.dtype, self.attention, name="spatial_attn")(h, mask=mask, memory=memory)
+        grid = jnp.broadcast_to(grid_positions(n), (b * t, n, 2)) if self.spatial_rope else None
+        spatial_attn = Attention(self.num_heads, self.dtype, self.attention, name="spatial_attn")
+        h = spatial_attn(h, mask=mask, memory=memory, positions=grid)
         x = constrain_video(x + gated(h.reshape(b, t, n, d), mods[0]))
 
         h = pre(RMSNorm(self.dtype, name="temporal_norm")(x), mods[1])
@@ -383,6 +414,7 @@ class Transformer(nn.Module):
     one `nn.scan` over parameters stacked on a leading "layers" axis (`blocks/...`
     instead of `block_0/...`, ...): one compiled block, so deep stacks compile faster.
     Decoding caches are stacked along that axis and scanned with the layers.
+    spatial_rope: spatial attention reads 2-D rotary grid positions (`rotary_2d`).
     """
 
     num_layers: int
@@ -394,6 +426,7 @@ class Transformer(nn.Module):
     remat: bool = False
     remat_policy: str = "full"
     scan_layers: bool = False
+    spatial_rope: bool = False
 
     @nn.compact
     def __call__(
@@ -416,7 +449,15 @@ class Transformer(nn.Module):
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy])
         new_caches = []
         for i in range(self.num_layers):
-            layer = block(self.num_heads, self.mlp_dim, self.causal, self.dtype, self.attention, name=f"block_{i}")
+            layer = block(
+                self.num_heads,
+                self.mlp_dim,
+                self.causal,
+                self.dtype,
+                self.attention,
+                self.spatial_rope,
+                name=f"block_{i}",
+            )
             if caches is None:
                 x = layer(x, memory, memory_mask, temporal_mask, positions, None, None, cond)
             else:
@@ -436,7 +477,7 @@ class Transformer(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
             length=self.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(self.num_heads, self.mlp_dim, self.causal, self.dtype, self.attention, name="blocks")
+        )(self.num_heads, self.mlp_dim, self.causal, self.dtype, self.attention, self.spatial_rope, name="blocks")
         stacked = None if caches is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
         x, stacked = stack(x, memory, memory_mask, temporal_mask, positions, stacked, slot, cond)
         if caches is None:
