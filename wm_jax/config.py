@@ -64,6 +64,10 @@ class TokenizerConfig:
     # (-1, 1) (no code index: what the diffusion dynamics denoises; no latent cache).
     bottleneck: str = "fsq"
     latent_dim: int = 8  # "continuous": values per token (small: the dynamics models them)
+    # Encoder and decoder spatial attention with 2-D rotary grid positions besides the
+    # learned absolute ones (as model.dynamics.spatial_rope): content is read the same way
+    # wherever it sits, so a pan changes a patch's code less arbitrarily.
+    spatial_rope: bool = False
 
 
 @dataclass(frozen=True)

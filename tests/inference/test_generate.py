@@ -215,7 +215,8 @@ def test_demo_script_parses():
 # ------------------------------------------------------------------------ decoding
 
 
-def test_decode_stream_matches_decode_codes():
+@pytest.mark.parametrize("spatial_rope", [False, True], ids=["absolute", "spatial_rope"])
+def test_decode_stream_matches_decode_codes(spatial_rope):
     import jax
     import jax.numpy as jnp
 
@@ -226,7 +227,13 @@ def test_decode_stream_matches_decode_codes():
     cfg = ModelConfig(
         image_size=8,
         tokenizer=TokenizerConfig(
-            patch_size=4, embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32, fsq_levels=(4, 3, 3)
+            patch_size=4,
+            embed_dim=16,
+            num_layers=1,
+            num_heads=2,
+            mlp_dim=32,
+            fsq_levels=(4, 3, 3),
+            spatial_rope=spatial_rope,
         ),
     )
     tok = VideoTokenizer(cfg)

@@ -143,6 +143,7 @@ class VideoTokenizer(nn.Module):
             remat=self.cfg.remat,
             remat_policy=self.cfg.remat_policy,
             scan_layers=self.cfg.scan_layers,
+            spatial_rope=tc.spatial_rope,
         )
         self.patch_embed = layers.Dense(tc.embed_dim, ("patch", "embed"), dtype)
         self.enc_pos = layers.PositionEmbedding(dtype)
