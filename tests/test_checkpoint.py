@@ -256,6 +256,24 @@ def test_garbage_checksums_are_named_and_the_step_set_aside_by_every_reader(toke
     assert "Expecting value" not in err.split("(")[0]
 
 
+def test_the_loop_never_writes_a_non_finite_state(tokenizer_run, tmp_path):
+    """`save_finite` (the training loop's save) refuses a NaN state and writes nothing; a
+    finite one it saves."""
+    run = _copy(tokenizer_run, tmp_path)
+    cfg = config_lib.load(run / "config.yaml")
+    mesh = sharding.make_mesh(cfg.mesh)
+    abstract, _ = state_shardings(cfg, mesh, sharding.logical_rules(cfg.mesh))
+    manager = ckpt.make_manager(run, cfg.checkpoint)
+    state, data = ckpt.restore(manager, 4, abstract)
+    poisoned = state.replace(params=jax.tree.map(lambda x: x.at[..., 0].set(np.inf), state.params))
+    with pytest.raises(ckpt.CheckpointError, match="refused to save: the train state for .*6 holds non-finite"):
+        ckpt.save_finite(manager, 6, poisoned, data, cfg, {"step": 6})
+    assert ckpt.save_finite(manager, 8, state, data, cfg, {"step": 8})
+    manager.wait_until_finished()
+    manager.close()
+    assert not (run / "checkpoints" / "6").exists() and ckpt.finished_steps(run) == [2, 4, 8]
+
+
 def test_a_non_finite_checkpoint_is_never_good(tokenizer_run, tmp_path, capsys):
     """A NaN state on disk (written by code without the state guard) is skipped by readers
     and set aside by resume, like a damaged one."""

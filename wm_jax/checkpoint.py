@@ -61,6 +61,16 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
     )
 
 
+def save_finite(
+    manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict, cfg: Config, manifest: dict
+) -> bool:
+    """`save` after `require_finite` on `state`: a non-finite state is never written
+    (CheckpointError). The check is the program a restore runs, so the run that saves first
+    also compiles it into the persistent compilation cache, and a restart loads it."""
+    require_finite(state, Path(str(manager.directory)) / str(step), what="refused to save: the train state for")
+    return save(manager, step, state, data_state, cfg, manifest)
+
+
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
@@ -222,14 +232,14 @@ def verify_step(step_dir: Path) -> None:
         )
 
 
-def require_finite(tree: Any, step_dir: Path) -> Any:
-    """`tree` when every value is finite; CheckpointError otherwise (a checkpoint written
-    before the state guard, or by other code: never "good")."""
+def require_finite(tree: Any, step_dir: Path, what: str = "checkpoint") -> Any:
+    """`tree` when every value is finite; CheckpointError naming `what` at `step_dir`
+    otherwise (a checkpoint written before the state guard, or by other code: never "good")."""
     # One compiled program: eager per-leaf reductions over sharded arrays dispatch one
     # small collective program each, and a queue of those deadlocked XLA's CPU runtime
     # (a device's launch waited on its in-flight slot while the others sat in an all-reduce).
     if not bool(jax.jit(all_finite)(tree)):
-        raise CheckpointError(f"checkpoint {step_dir} holds non-finite (NaN/inf) values")
+        raise CheckpointError(f"{what} {step_dir} holds non-finite (NaN/inf) values")
     return tree
 
 

@@ -482,7 +482,7 @@ def _save_or_stop(
         minutes = cfg.checkpoint.every_minutes
         due = due or (minutes > 0 and distributed.any_process(time.monotonic() - c.last_save >= 60 * minutes))
     if due or preempted:
-        ckpt.save(
+        ckpt.save_finite(
             manager,
             c.step,
             state,
