@@ -630,8 +630,7 @@ def denoise_frame(estimate: Any, noise: jax.Array, steps: int, guidance: float) 
     return jax.lax.fori_loop(0, steps, body, noise)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(5,))
-def diffusion_write(
+def _write_frame(
     model: DiffusionDynamics,
     params: Any,
     latents: jax.Array,
@@ -665,8 +664,7 @@ def diffusion_write(
     return caches, slot_pos, slot_seg
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8))
-def diffusion_sample(
+def _sample_frame(
     model: DiffusionDynamics,
     params: Any,
     controls: Controls,
@@ -700,6 +698,63 @@ def diffusion_sample(
         return x_hat[:, 0]
 
     return denoise_frame(estimate, noise, model.cfg.dynamics.sampling_steps, guidance)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(5,))
+def diffusion_write(
+    model: DiffusionDynamics,
+    params: Any,
+    latents: jax.Array,
+    controls: Controls,
+    position: jax.Array,
+    state: CacheState,
+    memory: Any,
+    memory_mask: Any,
+    key: jax.Array,
+    copies: int,
+) -> CacheState:
+    """`_write_frame` of frame `position` (a context frame; latents [B, N, W]) with the
+    controls of every frame ([B, F]) and its cache noise drawn from `key` (`frame_noise`
+    stream 1) inside the one compiled call."""
+    noise = frame_noise(key, position, 1, latents.shape, copies)
+    return _write_frame(model, params, latents, controls.at(position), position, state, memory, memory_mask, noise)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(5,))
+def diffusion_advance(
+    model: DiffusionDynamics,
+    params: Any,
+    latents: jax.Array,
+    controls: Controls,
+    position: jax.Array,
+    state: CacheState,
+    memory: Any,
+    memory_mask: Any,
+    key: jax.Array,
+    guidance: float,
+) -> tuple[jax.Array, CacheState]:
+    """One generated frame in one compiled call: writes frame `position` - 1 (latents
+    [B, N, W], finished) into the cache, then samples frame `position` against it. controls
+    of every frame [B, F]; both noises drawn from `key` (`frame_noise`). Returns frame
+    `position`'s latents [B, N, W] and the cache state. (A frame per call: per-frame host
+    dispatches, not the K passes, were what a small model's sampler spent its time on.)"""
+    copies = 2 if guidance != 1.0 else 1
+    prev = position - 1
+    state = _write_frame(
+        model,
+        params,
+        latents,
+        controls.at(prev),
+        prev,
+        state,
+        memory,
+        memory_mask,
+        frame_noise(key, prev, 1, latents.shape, copies),
+    )
+    noise = frame_noise(key, position, 0, latents.shape, copies)
+    return _sample_frame(
+        model, params, controls.at(position), position, state, memory, memory_mask, noise, guidance
+    ), state
 
 
 @functools.partial(jax.jit, static_argnums=(0, 8))
@@ -762,36 +817,40 @@ def diffusion_frames(
             context_codes, controls, reference_codes, reference_mask
         )
     b, _, n, width = context_codes.shape
-    level = dynamics.cfg.dynamics.sample_context_noise
-    noise = lambda p, stream: frame_noise(key, p, stream, (b, n, width), copies)
-    if cached:
-        memory = identity_memory(model, params, reference_codes, reference_mask, b, n, width)
-        window = dynamics.cfg.dynamics.temporal_window
-        slots = min(window, frames) if window else frames  # a frame being sampled holds its own slot
-        state = (
-            init_caches(dynamics.cfg, b, slots),
-            jnp.full((slots,), -1, jnp.int32),
-            jnp.zeros((b, slots), jnp.int32),
-        )
-    else:
+    if not cached:
+        level = dynamics.cfg.dynamics.sample_context_noise
         buffer = jnp.zeros((b, frames, n, width), jnp.float32)
-    for p in range(frames):
-        if p < c:
-            latents = context_codes[:, p]
-        elif cached:
-            latents = diffusion_sample(
-                model, params, controls.at(p), jnp.int32(p), state, *memory, noise(p, 0), guidance
-            )
-        else:
-            latents = uncached_diffusion_sample(
-                model, params, buffer, controls, jnp.int32(p), reference_codes, reference_mask, noise(p, 0), guidance
-            )
-        if p >= c:
-            yield latents[:rows] / scale
-        if cached and p < frames - 1:
-            state = diffusion_write(model, params, latents, controls.at(p), jnp.int32(p), state, *memory, noise(p, 1))
-        elif not cached:
-            buffer = buffer.at[:, p].set(context_latents(latents, noise(p, 1), level))
+        shape = (b, n, width)
+        for p in range(frames):
+            if p < c:
+                latents = context_codes[:, p]
+            else:
+                latents = uncached_diffusion_sample(
+                    model,
+                    params,
+                    buffer,
+                    controls,
+                    jnp.int32(p),
+                    reference_codes,
+                    reference_mask,
+                    frame_noise(key, p, 0, shape, copies),
+                    guidance,
+                )
+                yield latents[:rows] / scale
+            buffer = buffer.at[:, p].set(context_latents(latents, frame_noise(key, p, 1, shape, copies), level))
+        return
+    memory = identity_memory(model, params, reference_codes, reference_mask, b, n, width)
+    window = dynamics.cfg.dynamics.temporal_window
+    slots = min(window, frames) if window else frames  # a frame being sampled holds its own slot
+    state = (init_caches(dynamics.cfg, b, slots), jnp.full((slots,), -1, jnp.int32), jnp.zeros((b, slots), jnp.int32))
+    for p in range(c - 1):
+        state = diffusion_write(model, params, context_codes[:, p], controls, jnp.int32(p), state, *memory, key, copies)
+    latents = context_codes[:, c - 1]
+    for p in range(c, frames):
+        latents, state = diffusion_advance(
+            model, params, latents, controls, jnp.int32(p), state, *memory, key, guidance
+        )
+        yield latents[:rows] / scale
 
 
 FRAME_ENGINES = {"diffusion": diffusion_frames}  # objective -> its `rollout_frames` engine (default: token_frames)

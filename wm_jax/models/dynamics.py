@@ -262,10 +262,14 @@ class Controls:
     next_cut: jax.Array
     segment: jax.Array
 
-    def at(self, index: slice | int) -> "Controls":
-        """The controls of positions `index` (a slice, or one position kept as length 1)."""
-        index = slice(index, index + 1) if isinstance(index, int) else index
-        return jax.tree.map(lambda a: a[:, index], self)
+    def at(self, index: slice | int | jax.Array) -> "Controls":
+        """The controls of positions `index`: a slice, or one position (an int, or an int32
+        scalar that may be traced: inside a jitted step) kept as length 1."""
+        if isinstance(index, slice):
+            return jax.tree.map(lambda a: a[:, index], self)
+        if isinstance(index, int):
+            return jax.tree.map(lambda a: a[:, index : index + 1], self)
+        return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, index, 1, axis=1), self)
 
 
 def make_controls(steps: dict[str, jax.Array]) -> Controls:
