@@ -366,6 +366,30 @@ def cached_token_step(
     return cached_step(*args, sampling)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 9, 10), donate_argnums=(5,))
+def rollout_token_step(
+    dynamics: DynamicsModel,
+    params: Any,
+    code: jax.Array,
+    controls: Controls,
+    position: jax.Array,
+    state: CacheState,
+    memory: Any,
+    memory_mask: Any,
+    key: Any,
+    sampling: Sampling,
+    generate: bool,
+) -> tuple[jax.Array, CacheState]:
+    """An input frame of `token_frames`' cached engine in one compiled call: codes [B,N,L]
+    of frame `position` and the controls of every transition [B, F-1], sliced here (on the
+    host, each slice was a dispatch of its own, per frame) -> `cached_token_step` when the
+    next frame is generated, else `cached_step` with `sampling` (a context frame)."""
+    step = cached_token_step if generate else cached_step
+    return step(
+        dynamics, params, code[:, None], controls.at(position), position, state, memory, memory_mask, key, sampling
+    )
+
+
 @functools.partial(jax.jit, static_argnums=(0, 9))
 def _uncached_maskgit_step(
     dynamics: DynamicsModel,
@@ -555,9 +579,9 @@ def token_frames(
     codes = [context_codes[:, i] for i in range(c)]
     for p in range(frames - 1):  # input frame p predicts frame p + 1
         if cached:
-            step, how = (cached_token_step, sampling) if p >= c - 1 else (cached_step, context_sampling)
-            nxt, state = step(
-                dynamics, params, codes[p][:, None], controls.at(p), jnp.int32(p), state, *memory, key, how
+            how = sampling if p >= c - 1 else context_sampling
+            nxt, state = rollout_token_step(
+                dynamics, params, codes[p], controls, jnp.int32(p), state, *memory, key, how, p >= c - 1
             )
         elif p >= c - 1:
             first = max(0, p + 1 - span)
