@@ -115,8 +115,10 @@ def diffusion_config(cfg: Config, steps: int, max_steps: int | None = None) -> C
             "model.tokenizer.bottleneck=continuous",
             f"model.dynamics.sampling_steps={steps}",
             f"model.dynamics.shortcut_max_steps={max_steps}",
+            # the token objectives' settings that diffusion refuses, and their token cache
             "model.dynamics.cut_framing_shift=false",
-            "data.latent_cache=",  # neither is for diffusion
+            "model.dynamics.motion_weight=0",
+            "data.latent_cache=",
         ],
     )
 
