@@ -25,7 +25,9 @@ FIGURES = {  # row label -> the figure of one run's metrics
     "rollout PSNR, mean of t=1-8 (dB)": lambda m: float(np.mean(m["rollout"]["psnr"])),
     "identity before a cut": lambda m: m["identity_persistence"]["before_cut"],
     "identity after a cut": lambda m: m["identity_persistence"]["after_cut"],
-    "identity after ÷ before": lambda m: m["identity_persistence"]["after_cut"] / m["identity_persistence"]["before_cut"],
+    "identity after ÷ before": lambda m: (
+        m["identity_persistence"]["after_cut"] / m["identity_persistence"]["before_cut"]
+    ),
     "identity swap margin after a cut": lambda m: m["identity_persistence"]["swap_margin_after_cut"],
 }
 
@@ -35,7 +37,14 @@ def main(root: str) -> None:
     for path in sorted(Path(root).glob("steps*_seed-*.json")):
         runs[path.name.split("_seed-")[0]].append(json.loads(path.read_text()))
     budgets = sorted(runs, key=lambda b: -int(b[len("steps") :]))
-    print("| figure | " + " | ".join(f"{b[len('steps'):]} + {b[len('steps'):]} steps ({len(runs[b])} seeds)" for b in budgets) + " |")
+    print(
+        "| figure | "
+        + " | ".join(
+            f"{b[len('steps') :]} + {b[len('steps') :]} steps ({len(runs[b])} seed{'s' * (len(runs[b]) > 1)})"
+            for b in budgets
+        )
+        + " |"
+    )
     print("|---" * (len(budgets) + 1) + "|")
     for label, figure in FIGURES.items():
         cells = []
