@@ -256,15 +256,21 @@ def test_garbage_checksums_are_named_and_the_step_set_aside_by_every_reader(toke
     assert "Expecting value" not in err.split("(")[0]
 
 
-def test_the_loop_never_writes_a_non_finite_state(tokenizer_run, tmp_path):
-    """`save_finite` (the training loop's save) refuses a NaN state and writes nothing; a
-    finite one it saves."""
-    run = _copy(tokenizer_run, tmp_path)
+def _step_4(run):
+    """(config, abstract state, checkpoint manager, state, data state) of `run`'s step 4."""
     cfg = config_lib.load(run / "config.yaml")
     mesh = sharding.make_mesh(cfg.mesh)
     abstract, _ = state_shardings(cfg, mesh, sharding.logical_rules(cfg.mesh))
     manager = ckpt.make_manager(run, cfg.checkpoint)
     state, data = ckpt.restore(manager, 4, abstract)
+    return cfg, abstract, manager, state, data
+
+
+def test_the_loop_never_writes_a_non_finite_state(tokenizer_run, tmp_path):
+    """`save_finite` (the training loop's save) refuses a NaN state and writes nothing; a
+    finite one it saves."""
+    run = _copy(tokenizer_run, tmp_path)
+    cfg, abstract, manager, state, data = _step_4(run)
     poisoned = state.replace(params=jax.tree.map(lambda x: x.at[..., 0].set(np.inf), state.params))
     with pytest.raises(ckpt.CheckpointError, match="refused to save: the train state for .*6 holds non-finite"):
         ckpt.save_finite(manager, 6, poisoned, data, cfg, {"step": 6})
@@ -278,11 +284,7 @@ def test_a_non_finite_checkpoint_is_never_good(tokenizer_run, tmp_path, capsys):
     """A NaN state on disk (written by code without the state guard) is skipped by readers
     and set aside by resume, like a damaged one."""
     run = _copy(tokenizer_run, tmp_path)
-    cfg = config_lib.load(run / "config.yaml")
-    mesh = sharding.make_mesh(cfg.mesh)
-    abstract, _ = state_shardings(cfg, mesh, sharding.logical_rules(cfg.mesh))
-    manager = ckpt.make_manager(run, cfg.checkpoint)
-    state, data = ckpt.restore(manager, 4, abstract)
+    cfg, abstract, manager, state, data = _step_4(run)
     poisoned = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
     ckpt.save(manager, 6, poisoned, data, cfg, {"step": 6})
     manager.wait_until_finished()
