@@ -737,7 +737,8 @@ def diffusion_write(
     key: jax.Array,
     copies: int,
 ) -> CacheState:
-    """`_write_frame` of frame `position` (a context frame; latents [B, N, W]) with the
+    """`_write_frame` of frame `position` (latents [B, N, W]: a context frame, or the one
+    just sampled, inside `diffusion_advance`) with the
     controls of every frame ([B, F]) and its cache noise drawn from `key` (`frame_noise`
     stream 1) inside the one compiled call."""
     noise = frame_noise(key, position, 1, latents.shape, copies)
@@ -763,18 +764,7 @@ def diffusion_advance(
     `position`'s latents [B, N, W] and the cache state. (A frame per call: per-frame host
     dispatches, not the K passes, were what a small model's sampler spent its time on.)"""
     copies = 2 if guidance != 1.0 else 1
-    prev = position - 1
-    state = _write_frame(
-        model,
-        params,
-        latents,
-        controls.at(prev),
-        prev,
-        state,
-        memory,
-        memory_mask,
-        frame_noise(key, prev, 1, latents.shape, copies),
-    )
+    state = diffusion_write(model, params, latents, controls, position - 1, state, memory, memory_mask, key, copies)
     noise = frame_noise(key, position, 0, latents.shape, copies)
     return _sample_frame(
         model, params, controls.at(position), position, state, memory, memory_mask, noise, guidance
